@@ -1,0 +1,146 @@
+//! The command line: one clap definition that is the single source of
+//! `--help`, the dispatch in `main.rs` and the man page consistency test.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "interlude",
+    version,
+    about = "Zero-downtime proxy for TCP and UNIX sockets: pause, hold, resume, reload",
+    long_about = "interlude forwards TCP and UNIX socket connections to backends. While paused \
+it accepts and holds new connections without contacting any backend; on resume every held \
+client carries on. Without a subcommand it runs the daemon (same as `interlude run`)."
+)]
+pub struct Cli {
+    /// Configuration file
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        env = "INTERLUDE_CONFIG",
+        value_name = "FILE",
+        default_value = crate::config::DEFAULT_CONFIG_PATH
+    )]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (the default)
+    Run,
+    /// Validate the configuration file; print each problem as file:line:column
+    Check,
+    /// Show what the daemon is doing
+    Status {
+        /// Print the /status JSON document
+        #[arg(long)]
+        json: bool,
+        /// Only this proxy
+        proxy: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Pause all proxies, or the named ones
+    Pause {
+        proxies: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resume all proxies, or the named ones
+    Resume {
+        proxies: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Block until no forwarded connection is open; exit 1 on timeout
+    WaitIdle {
+        proxies: Vec<String>,
+        /// Give up after this long (e.g. 30s)
+        #[arg(long, value_name = "DUR")]
+        timeout: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Reload the configuration file and report whether it was applied
+    Reload {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Replace a proxy's backends: add the new, wait until healthy, drain the old
+    Deploy {
+        /// How long the new backends may take to become healthy
+        #[arg(long, value_name = "DUR", default_value = "60s")]
+        timeout: String,
+        proxy: String,
+        #[arg(required = true, value_name = "ADDR")]
+        addresses: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add backends to a proxy
+    Add {
+        proxy: String,
+        #[arg(required = true, value_name = "ADDR")]
+        addresses: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove backends from a proxy (their connections drain)
+    Rm {
+        proxy: String,
+        #[arg(required = true, value_name = "ADDR")]
+        addresses: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List backends: proxy, address, state, active connections
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// Only this proxy
+        proxy: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// How a client command reaches the daemon.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Control socket address (default: the config's control.listen)
+    #[arg(long, value_name = "ADDR")]
+    pub control: Option<String>,
+    /// Bearer token for a TCP control listener (default: the config's control.token)
+    #[arg(
+        long,
+        env = "INTERLUDE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_subcommand_means_run() {
+        let cli = Cli::try_parse_from(["interlude", "-c", "/x.yaml"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.config, PathBuf::from("/x.yaml"));
+    }
+}

@@ -1,0 +1,152 @@
+//! Where each node of a YAML document starts, keyed by the same path syntax
+//! serde_yaml uses in its errors (`proxies[1].backends[0]`).
+//!
+//! serde reports type errors with a location, but rules that span several
+//! values (duplicate names, overlapping listeners) are checked after parsing,
+//! when locations are gone; this index gives them back.
+
+use std::collections::HashMap;
+
+use saphyr_parser::{Event, Parser};
+
+/// 1-based line and column.
+pub type Position = (usize, usize);
+
+#[derive(Debug, Default)]
+pub struct Locations {
+    by_path: HashMap<String, Position>,
+}
+
+enum Frame {
+    Mapping { path: String, key: Option<String> },
+    Sequence { path: String, next_index: usize },
+}
+
+impl Locations {
+    /// Indexes `text`; a document that does not parse yields an empty index
+    /// (serde has already reported why, with its own location).
+    pub fn index(text: &str) -> Locations {
+        let mut by_path = HashMap::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        for item in Parser::new_from_str(text) {
+            let Ok((event, span)) = item else { break };
+            let position = (span.start.line(), span.start.col() + 1);
+            let starts_node = matches!(
+                event,
+                Event::Scalar(..)
+                    | Event::Alias(_)
+                    | Event::SequenceStart(..)
+                    | Event::MappingStart(..)
+            );
+            if starts_node {
+                let path = match stack.last_mut() {
+                    None => String::new(),
+                    Some(Frame::Sequence { path, next_index }) => {
+                        *next_index += 1;
+                        format!("{path}[{}]", *next_index - 1)
+                    }
+                    Some(Frame::Mapping { path, key }) => match key.take() {
+                        Some(key) if path.is_empty() => key,
+                        Some(key) => format!("{path}.{key}"),
+                        None => {
+                            // This node is a key: remember it; a complex key gets a
+                            // placeholder so its own children do not pollute the index.
+                            *key = Some(match &event {
+                                Event::Scalar(value, ..) => value.to_string(),
+                                _ => "?".to_string(),
+                            });
+                            if let Event::MappingStart(..) | Event::SequenceStart(..) = event {
+                                stack.push(placeholder_frame(&event));
+                            }
+                            continue;
+                        }
+                    },
+                };
+                by_path.entry(path.clone()).or_insert(position);
+                match event {
+                    Event::MappingStart(..) => stack.push(Frame::Mapping { path, key: None }),
+                    Event::SequenceStart(..) => stack.push(Frame::Sequence {
+                        path,
+                        next_index: 0,
+                    }),
+                    _ => {}
+                }
+            } else if matches!(event, Event::MappingEnd | Event::SequenceEnd) {
+                stack.pop();
+            }
+        }
+        Locations { by_path }
+    }
+
+    /// The position of `path`, or of its nearest ancestor present in the file
+    /// (a key left to its default has no position of its own).
+    pub fn find(&self, path: &str) -> Option<Position> {
+        let mut path = path;
+        loop {
+            if let Some(position) = self.by_path.get(path) {
+                return Some(*position);
+            }
+            let cut = path.rfind(['.', '['])?;
+            path = &path[..cut];
+        }
+    }
+}
+
+fn placeholder_frame(event: &Event) -> Frame {
+    let path = "\u{0}complex-key".to_string();
+    match event {
+        Event::SequenceStart(..) => Frame::Sequence {
+            path,
+            next_index: 0,
+        },
+        _ => Frame::Mapping { path, key: None },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "\
+log:
+  level: info
+proxies:
+  - name: web
+    listen: 127.0.0.1:80
+    backends:
+      - tcp://127.0.0.1:1
+      - address: unix:/x.sock
+        weight: 2
+  - {name: db, listen: '127.0.0.1:81', backends: [a:1]}
+";
+
+    #[test]
+    fn finds_block_and_flow_nodes() {
+        let locations = Locations::index(DOC);
+        assert_eq!(locations.find("log.level"), Some((2, 10)));
+        assert_eq!(locations.find("proxies[0]"), Some((4, 5)));
+        assert_eq!(locations.find("proxies[0].listen"), Some((5, 13)));
+        assert_eq!(
+            locations.find("proxies[0].backends[1].weight"),
+            Some((9, 17))
+        );
+        assert_eq!(locations.find("proxies[1].name"), Some((10, 12)));
+        assert_eq!(locations.find("proxies[1].backends[0]"), Some((10, 51)));
+    }
+
+    #[test]
+    fn missing_keys_fall_back_to_their_parent() {
+        let locations = Locations::index(DOC);
+        assert_eq!(
+            locations.find("proxies[0].health_check.interval"),
+            Some((4, 5))
+        );
+        assert_eq!(locations.find("stats.interval"), None);
+    }
+
+    #[test]
+    fn broken_documents_index_what_they_can() {
+        let locations = Locations::index("a: [1, 2\nb: 3");
+        assert_eq!(locations.find("b"), None);
+    }
+}

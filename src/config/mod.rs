@@ -1,0 +1,234 @@
+//! The configuration file: reading it, parsing it into typed values and
+//! validating it, with every problem located as `file:line:column`.
+//!
+//! A `Config` that comes out of `load` is valid: the rest of the daemon never
+//! re-checks it.
+
+mod address;
+mod locate;
+mod schema;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use address::{Address, TcpTarget};
+pub use schema::*;
+
+use locate::{Locations, Position};
+
+/// Where the daemon looks when neither `-c` nor `INTERLUDE_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/interlude/interlude.yaml";
+
+/// Everything wrong with one config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug)]
+pub struct Problem {
+    pub position: Option<Position>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, problem) in self.problems.iter().enumerate() {
+            if index > 0 {
+                writeln!(f)?;
+            }
+            match problem.position {
+                Some((line, column)) => write!(f, "{}:{line}:{column}: ", self.file.display())?,
+                None => write!(f, "{}: ", self.file.display())?,
+            }
+            f.write_str(&problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn single(file: &Path, position: Option<Position>, message: String) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![Problem { position, message }],
+        }
+    }
+}
+
+/// Reads, parses and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::single(path, None, format!("cannot read config file: {e}")))?;
+    parse(&text, path)
+}
+
+/// Parses and validates `text`, naming `file` in errors.
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError::single(
+            file,
+            None,
+            "config file is empty (write `proxies: []` for a daemon with no proxies)".into(),
+        ));
+    }
+    let config: Config = serde_yaml::from_str(text).map_err(|e| {
+        let position = e.location().map(|l| (l.line(), l.column()));
+        ConfigError::single(file, position, strip_location(&e.to_string()))
+    })?;
+    let issues = validate::validate(&config);
+    if issues.is_empty() {
+        return Ok(config);
+    }
+    let locations = Locations::index(text);
+    let problems = issues
+        .into_iter()
+        .map(|issue| Problem {
+            position: locations.find(&issue.path),
+            message: format!("{}: {}", issue.path, issue.message),
+        })
+        .collect();
+    Err(ConfigError {
+        file: file.to_path_buf(),
+        problems,
+    })
+}
+
+/// serde_yaml appends " at line L column C" to its messages; we print the
+/// location up front instead, in the `file:line:column:` form editors follow.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(cut) => message[..cut].to_string(),
+        None => message.to_string(),
+    }
+}
+
+impl Config {
+    /// One line for `interlude check` and the start-up log.
+    pub fn summary(&self) -> String {
+        let names: Vec<&str> = self.proxies.iter().map(|p| p.name.as_str()).collect();
+        let backends: usize = self.proxies.iter().map(|p| p.backends.len()).sum();
+        format!(
+            "{} prox{} ({}), {} backend{}",
+            names.len(),
+            if names.len() == 1 { "y" } else { "ies" },
+            names.join(", "),
+            backends,
+            if backends == 1 { "" } else { "s" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(yaml: &str) -> String {
+        parse(yaml, Path::new("/etc/x.yaml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_fill_an_almost_empty_proxy() {
+        let config = parse(
+            "proxies: [{name: a, listen: '127.0.0.1:1', backends: ['unix:/b.sock']}]",
+            Path::new("x"),
+        )
+        .unwrap();
+        let proxy = &config.proxies[0];
+        assert_eq!(proxy.connect_timeout, Dur::secs(3));
+        assert_eq!(proxy.drain_timeout, Dur::secs(300));
+        assert_eq!(proxy.pause.max_held, 10_000);
+        assert_eq!(
+            proxy.health_check.expect_status,
+            StatusRange {
+                low: 200,
+                high: 399
+            }
+        );
+        assert_eq!(config.shutdown.grace_period, Dur::secs(30));
+        assert_eq!(
+            config.control.listen.to_string(),
+            "unix:/run/interlude/control.sock"
+        );
+        assert_eq!(config.summary(), "1 proxy (a), 1 backend");
+    }
+
+    #[test]
+    fn type_errors_carry_the_node_location() {
+        let yaml = "proxies:\n  - name: a\n    listen: 127.0.0.1\n    backends: []\n";
+        assert_eq!(
+            errors(yaml),
+            "/etc/x.yaml:3:13: proxies[0].listen: invalid address \"127.0.0.1\": missing :PORT"
+        );
+        let yaml = "stats:\n  interval: fast\n";
+        assert!(
+            errors(yaml).starts_with("/etc/x.yaml:2:13: stats.interval: invalid duration \"fast\"")
+        );
+        let yaml = "stats:\n  interval: 5\n";
+        assert!(errors(yaml).contains("has no unit"));
+        let yaml = "proxies:\n  - name: a\n    listen: 127.0.0.1:1\n    backends: [127.0.0.1:2]\n    health_check: {expect_status: 600}\n";
+        assert!(errors(yaml).contains("5:35: proxies[0].health_check.expect_status"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_location() {
+        let message = errors("log:\n  levle: debug\n");
+        assert!(
+            message.starts_with("/etc/x.yaml:2:3: log: unknown field `levle`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn rule_violations_are_all_located() {
+        let yaml = "\
+proxies:
+  - name: a
+    listen: 127.0.0.1:1
+    backends: [127.0.0.1:2]
+  - name: a
+    listen: 127.0.0.1:1
+    connect_timeout: 0s
+    backends: []
+";
+        let message = errors(yaml);
+        let lines: Vec<&str> = message.lines().collect();
+        assert_eq!(lines.len(), 4, "{message}");
+        assert!(
+            lines[0]
+                .starts_with("/etc/x.yaml:8:15: proxies[1].backends: proxy \"a\" has no backends")
+        );
+        assert!(lines[1].starts_with("/etc/x.yaml:7:22: proxies[1].connect_timeout"));
+        assert!(lines[2].starts_with("/etc/x.yaml:5:11: proxies[1].name"));
+        assert!(lines[3].starts_with("/etc/x.yaml:6:13: proxies[1].listen"));
+    }
+
+    #[test]
+    fn an_empty_file_is_an_error_not_zero_proxies() {
+        assert!(errors("  \n").contains("empty"));
+        assert_eq!(
+            parse("proxies: []", Path::new("x")).unwrap().proxies.len(),
+            0
+        );
+    }
+
+    #[test]
+    fn backends_take_both_forms() {
+        let config = parse(
+            "proxies: [{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2', {address: 'unix:/b', weight: 5}]}]",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(config.proxies[0].backends[1].weight, 5);
+        assert!(
+            errors("proxies: [{name: a, listen: '127.0.0.1:1', backends: [{adress: 'unix:/b'}]}]")
+                .contains("unknown field `adress`")
+        );
+    }
+}

@@ -1,0 +1,429 @@
+//! The YAML schema of `interlude.yaml` as serde types, with the defaults of
+//! INTERFACE.md. Everything here only parses: cross-field rules live in
+//! `validate.rs`, so a type error and a rule violation are reported alike.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+use super::address::Address;
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub log: LogConfig,
+    pub stats: StatsConfig,
+    pub control: ControlConfig,
+    pub shutdown: ShutdownConfig,
+    pub state_dir: Option<PathBuf>,
+    pub proxies: Vec<ProxyConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub target: LogTarget,
+    pub file: PathBuf,
+    pub rotation: Rotation,
+    pub syslog: String,
+    pub level: LogLevel,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            target: LogTarget::Stderr,
+            file: PathBuf::from("/var/log/interlude/interlude.log"),
+            rotation: Rotation::Daily,
+            syslog: "unix:/dev/log".into(),
+            level: LogLevel::Info,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    Stderr,
+    File,
+    Syslog,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rotation {
+    Daily,
+    Hourly,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsConfig {
+    pub interval: Dur,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            interval: Dur::secs(60),
+        }
+    }
+}
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/interlude/control.sock";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub listen: Address,
+    pub token: Option<String>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: Address::Unix(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    pub grace_period: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub name: String,
+    pub listen: Address,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub paused: bool,
+    #[serde(default)]
+    pub pause: PauseConfig,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default)]
+    pub idle_timeout: Dur,
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur::secs(3)
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur::secs(300)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+fn default_handshake_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PauseConfig {
+    pub when_paused: WhenPaused,
+    pub max_duration: Dur,
+    pub max_held: u32,
+    pub release_rate: u32,
+    pub reject_with: RejectWith,
+    pub retry_after: Dur,
+    pub bypass: BypassConfig,
+}
+
+impl Default for PauseConfig {
+    fn default() -> Self {
+        PauseConfig {
+            when_paused: WhenPaused::Hold,
+            max_duration: Dur::secs(300),
+            max_held: 10_000,
+            release_rate: 0,
+            reject_with: RejectWith::Close,
+            retry_after: Dur::secs(3),
+            bypass: BypassConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenPaused {
+    Hold,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectWith {
+    Close,
+    Http503,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BypassConfig {
+    pub paths: Vec<String>,
+    pub user_agents: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    Fallback,
+    RoundRobin,
+    Random,
+    P2c,
+}
+
+/// A backend is written either as a bare address or as a mapping with options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub address: Address,
+    pub weight: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendMapping {
+    address: Address,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BackendVisitor;
+        impl<'de> Visitor<'de> for BackendVisitor {
+            type Value = BackendConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address or a mapping with `address` and `weight`")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<BackendConfig, E> {
+                Ok(BackendConfig {
+                    address: Address::parse(text).map_err(E::custom)?,
+                    weight: default_weight(),
+                })
+            }
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<BackendConfig, M::Error> {
+                let mapping =
+                    BackendMapping::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(BackendConfig {
+                    address: mapping.address,
+                    weight: mapping.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(BackendVisitor)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    pub interval: Dur,
+    pub timeout: Dur,
+    pub rise: u32,
+    pub fall: u32,
+    pub path: String,
+    pub expect_status: StatusRange,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            kind: HealthCheckKind::Tcp,
+            interval: Dur::secs(2),
+            timeout: Dur::secs(1),
+            rise: 2,
+            fall: 3,
+            path: "/".into(),
+            expect_status: StatusRange {
+                low: 200,
+                high: 399,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    Tcp,
+    Http,
+    None,
+}
+
+/// An inclusive range of HTTP status codes, written `200-399` or `204`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl StatusRange {
+    pub fn parse(text: &str) -> Result<StatusRange, String> {
+        let code = |s: &str| -> Result<u16, String> {
+            match s.trim().parse::<u16>() {
+                Ok(n) if (100..=599).contains(&n) => Ok(n),
+                _ => Err(format!("{s:?} is not an HTTP status code (100-599)")),
+            }
+        };
+        let (low, high) = match text.split_once('-') {
+            Some((low, high)) => (code(low)?, code(high)?),
+            None => (code(text)?, code(text)?),
+        };
+        if low > high {
+            return Err(format!("status range {text:?} is empty (low above high)"));
+        }
+        Ok(StatusRange { low, high })
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // YAML reads `204` as a number and `200-399` as a string: take both.
+        deserializer.deserialize_any(ScalarVisitor {
+            expecting: "a status code or a range such as 200-399",
+            parse: StatusRange::parse,
+        })
+    }
+}
+
+/// Parses a scalar (string or number) with `parse`, inside the visitor, so that
+/// serde_yaml attaches this node's own line, column and path to the error.
+pub(super) struct ScalarVisitor<T> {
+    pub expecting: &'static str,
+    pub parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T> Visitor<'_> for ScalarVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+        (self.parse)(text).map_err(E::custom)
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<T, E> {
+        (self.parse)(&n.to_string()).map_err(E::custom)
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<T, E> {
+        (self.parse)(&n.to_string()).map_err(E::custom)
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<T, E> {
+        (self.parse)(&n.to_string()).map_err(E::custom)
+    }
+}
+
+/// A duration written the human way (`100ms`, `3s`, `5m`); `0s` where allowed means "none".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(n: u64) -> Dur {
+        Dur(Duration::from_secs(n))
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0.is_zero()
+    }
+
+    /// `None` for zero: the "0s disables" convention of the config file.
+    pub fn non_zero(self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Dur {
+    pub fn parse(text: &str) -> Result<Dur, String> {
+        let text = text.trim();
+        if text == "0" {
+            return Ok(Dur::default());
+        }
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(format!(
+                "duration {text} has no unit: write it as {text}s or {text}ms"
+            ));
+        }
+        humantime::parse_duration(text)
+            .map(Dur)
+            .map_err(|e| format!("invalid duration {text:?}: {e} (write e.g. 100ms, 3s, 5m)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ScalarVisitor {
+            expecting: "a duration such as 100ms, 3s or 5m",
+            parse: Dur::parse,
+        })
+    }
+}

@@ -1,0 +1,403 @@
+//! Rules a config must follow beyond its types: unique names and listeners,
+//! sane durations, options that only make sense together. Every rule reports
+//! the path of the offending value; `mod.rs` turns paths into line:column.
+
+use std::collections::HashMap;
+
+use super::address::Address;
+use super::schema::{Config, HealthCheckKind, LogTarget, Mode, ProxyConfig};
+
+/// One broken rule: where (a serde_yaml-style path) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub path: String,
+    pub message: String,
+}
+
+/// All the problems of `config`, in file order; empty when it is valid.
+pub fn validate(config: &Config) -> Vec<Issue> {
+    let mut issues = Issues::default();
+    check_globals(config, &mut issues);
+    for (index, proxy) in config.proxies.iter().enumerate() {
+        check_proxy(proxy, &format!("proxies[{index}]"), &mut issues);
+    }
+    check_uniqueness(config, &mut issues);
+    issues.0
+}
+
+#[derive(Default)]
+struct Issues(Vec<Issue>);
+
+impl Issues {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Issue {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn check_globals(config: &Config, issues: &mut Issues) {
+    if config.log.target == LogTarget::File && !config.log.file.is_absolute() {
+        issues.add(
+            "log.file",
+            format!("log file {:?} must be an absolute path", config.log.file),
+        );
+    }
+    if config.log.target == LogTarget::Syslog {
+        let syslog = &config.log.syslog;
+        let valid = syslog
+            .strip_prefix("unix:")
+            .is_some_and(|p| p.starts_with('/'))
+            || ["udp://", "tcp://"].iter().any(|scheme| {
+                syslog
+                    .strip_prefix(scheme)
+                    .is_some_and(|rest| Address::parse(rest).is_ok())
+            });
+        if !valid {
+            issues.add(
+                "log.syslog",
+                format!("syslog address {syslog:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"),
+            );
+        }
+    }
+    if let Address::Tcp(target) = &config.control.listen
+        && !target.is_loopback()
+        && config.control.token.as_deref().is_none_or(str::is_empty)
+    {
+        issues.add(
+            "control.token",
+            format!(
+                "control.listen {} is reachable beyond loopback: set control.token",
+                config.control.listen
+            ),
+        );
+    }
+    if let Some(dir) = &config.state_dir
+        && !dir.is_absolute()
+    {
+        issues.add(
+            "state_dir",
+            format!("state_dir {dir:?} must be an absolute path"),
+        );
+    }
+}
+
+fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
+    let valid_name = !proxy.name.is_empty()
+        && proxy
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid_name {
+        issues.add(
+            format!("{at}.name"),
+            format!(
+                "proxy name {:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                proxy.name
+            ),
+        );
+    }
+    let name = &proxy.name;
+    if proxy.backends.is_empty() {
+        issues.add(
+            format!("{at}.backends"),
+            format!("proxy {name:?} has no backends"),
+        );
+    }
+    let mut seen: HashMap<&Address, usize> = HashMap::new();
+    for (index, backend) in proxy.backends.iter().enumerate() {
+        let here = format!("{at}.backends[{index}]");
+        if backend.address.port() == Some(0) {
+            issues.add(&here, format!("backend {} has port 0", backend.address));
+        }
+        if !(1..=1000).contains(&backend.weight) {
+            issues.add(
+                format!("{here}.weight"),
+                format!("weight {} is out of range 1-1000", backend.weight),
+            );
+        }
+        if let Some(first) = seen.insert(&backend.address, index) {
+            issues.add(
+                &here,
+                format!(
+                    "backend {} is listed twice in proxy {name:?} (also backends[{first}])",
+                    backend.address
+                ),
+            );
+        }
+    }
+    if proxy.connect_timeout.is_zero() {
+        issues.add(
+            format!("{at}.connect_timeout"),
+            "connect_timeout must be more than 0s",
+        );
+    }
+    if proxy.mode == Mode::Tcp {
+        if !proxy.hosts.is_empty() {
+            issues.add(format!("{at}.hosts"), "hosts applies to mode: http only");
+        }
+        let bypass = &proxy.pause.bypass;
+        if !bypass.paths.is_empty() || !bypass.user_agents.is_empty() {
+            issues.add(
+                format!("{at}.pause.bypass"),
+                "pause.bypass applies to mode: http only",
+            );
+        }
+    }
+    for (index, host) in proxy.hosts.iter().enumerate() {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        let valid = !bare.is_empty()
+            && bare
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        if !valid {
+            issues.add(
+                format!("{at}.hosts[{index}]"),
+                format!("{host:?} is not a host name or *.suffix pattern"),
+            );
+        }
+    }
+    for (index, path) in proxy.pause.bypass.paths.iter().enumerate() {
+        if !path.starts_with('/') {
+            issues.add(
+                format!("{at}.pause.bypass.paths[{index}]"),
+                format!("bypass path {path:?} must start with /"),
+            );
+        }
+    }
+    if let Some(tls) = &proxy.tls {
+        if tls.handshake_timeout.is_zero() {
+            issues.add(
+                format!("{at}.tls.handshake_timeout"),
+                "handshake_timeout must be more than 0s",
+            );
+        }
+        let files = [
+            ("cert", Some(&tls.cert)),
+            ("key", Some(&tls.key)),
+            ("client_ca", tls.client_ca.as_ref()),
+        ];
+        for (key, file) in files {
+            if let Some(file) = file
+                && let Err(e) = std::fs::metadata(file)
+            {
+                issues.add(
+                    format!("{at}.tls.{key}"),
+                    format!("cannot read {}: {e}", file.display()),
+                );
+            }
+        }
+    }
+    let health = &proxy.health_check;
+    if health.kind != HealthCheckKind::None {
+        let hc = format!("{at}.health_check");
+        if health.interval.is_zero() {
+            issues.add(format!("{hc}.interval"), "interval must be more than 0s");
+        }
+        if health.timeout.is_zero() {
+            issues.add(format!("{hc}.timeout"), "timeout must be more than 0s");
+        } else if health.timeout.0 > health.interval.0 && !health.interval.is_zero() {
+            issues.add(
+                format!("{hc}.timeout"),
+                format!(
+                    "timeout {} is longer than interval {}",
+                    health.timeout, health.interval
+                ),
+            );
+        }
+        if health.rise == 0 {
+            issues.add(format!("{hc}.rise"), "rise must be at least 1");
+        }
+        if health.fall == 0 {
+            issues.add(format!("{hc}.fall"), "fall must be at least 1");
+        }
+        if health.kind == HealthCheckKind::Http && !health.path.starts_with('/') {
+            issues.add(
+                format!("{hc}.path"),
+                format!("path {:?} must start with /", health.path),
+            );
+        }
+    }
+}
+
+/// Names are unique; a listen address is used once, except by http proxies
+/// that split it by disjoint `hosts` (at most one of them without hosts).
+fn check_uniqueness(config: &Config, issues: &mut Issues) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut listeners: HashMap<&Address, Vec<usize>> = HashMap::new();
+    for (index, proxy) in config.proxies.iter().enumerate() {
+        if let Some(first) = names.insert(&proxy.name, index) {
+            issues.add(
+                format!("proxies[{index}].name"),
+                format!(
+                    "proxy name {:?} is already used by proxies[{first}]",
+                    proxy.name
+                ),
+            );
+        }
+        if proxy.listen == config.control.listen {
+            issues.add(
+                format!("proxies[{index}].listen"),
+                format!("{} is also control.listen", proxy.listen),
+            );
+        }
+        let sharing = listeners.entry(&proxy.listen).or_default();
+        for &other in sharing.iter() {
+            if let Some(why) = sharing_conflict(&config.proxies[other], proxy) {
+                issues.add(
+                    format!("proxies[{index}].listen"),
+                    format!(
+                        "{} is also the listener of proxies[{other}] ({why})",
+                        proxy.listen
+                    ),
+                );
+                break;
+            }
+        }
+        sharing.push(index);
+    }
+}
+
+fn sharing_conflict(first: &ProxyConfig, second: &ProxyConfig) -> Option<String> {
+    if first.mode != Mode::Http || second.mode != Mode::Http {
+        return Some("only mode: http proxies with disjoint hosts may share a listener".into());
+    }
+    if first.hosts.is_empty() && second.hosts.is_empty() {
+        return Some("both take every host; give one of them hosts".into());
+    }
+    if first.tls != second.tls {
+        return Some("proxies sharing a listener need the same tls settings".into());
+    }
+    let overlap = second
+        .hosts
+        .iter()
+        .find(|h| first.hosts.iter().any(|g| g.eq_ignore_ascii_case(h)))?;
+    Some(format!("both list host {overlap:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issues(yaml: &str) -> Vec<Issue> {
+        let config: Config = serde_yaml::from_str(yaml).expect("test YAML parses");
+        validate(&config)
+    }
+
+    fn paths(yaml: &str) -> Vec<String> {
+        issues(yaml).into_iter().map(|i| i.path).collect()
+    }
+
+    const TWO: &str = "
+proxies:
+  - name: a
+    listen: 127.0.0.1:1000
+    backends: [127.0.0.1:2000]
+  - name: b
+    listen: 127.0.0.1:1001
+    backends: [127.0.0.1:2000]
+";
+
+    #[test]
+    fn a_valid_config_has_no_issues() {
+        assert_eq!(issues(TWO), vec![]);
+    }
+
+    #[test]
+    fn duplicate_names_and_listeners() {
+        let yaml = TWO.replace("name: b", "name: a").replace("1001", "1000");
+        assert_eq!(paths(&yaml), ["proxies[1].name", "proxies[1].listen"]);
+    }
+
+    #[test]
+    fn every_problem_of_a_proxy_is_reported() {
+        let yaml = "
+proxies:
+  - name: 'bad name'
+    listen: 127.0.0.1:1
+    connect_timeout: 0s
+    hosts: [x.example]
+    backends: []
+    health_check: {timeout: 5s, interval: 1s, rise: 0, fall: 0}
+";
+        assert_eq!(
+            paths(yaml),
+            [
+                "proxies[0].name",
+                "proxies[0].backends",
+                "proxies[0].connect_timeout",
+                "proxies[0].hosts",
+                "proxies[0].health_check.timeout",
+                "proxies[0].health_check.rise",
+                "proxies[0].health_check.fall",
+            ]
+        );
+    }
+
+    #[test]
+    fn backends_are_unique_weighted_and_not_port_zero() {
+        let yaml = "
+proxies:
+  - name: a
+    listen: 127.0.0.1:1
+    backends: [127.0.0.1:2, 'tcp://127.0.0.1:2', 127.0.0.1:0, {address: 'unix:/x', weight: 0}]
+";
+        assert_eq!(
+            paths(yaml),
+            [
+                "proxies[0].backends[1]",
+                "proxies[0].backends[2]",
+                "proxies[0].backends[3].weight"
+            ]
+        );
+    }
+
+    #[test]
+    fn http_proxies_share_a_listener_by_disjoint_hosts() {
+        let shared = "
+proxies:
+  - {name: a, mode: http, listen: 127.0.0.1:1, hosts: [a.example], backends: [127.0.0.1:2]}
+  - {name: b, mode: http, listen: 127.0.0.1:1, hosts: ['*.b.example'], backends: [127.0.0.1:2]}
+  - {name: rest, mode: http, listen: 127.0.0.1:1, backends: [127.0.0.1:2]}
+";
+        assert_eq!(issues(shared), vec![]);
+        let overlap = shared.replace("*.b.example", "A.example");
+        assert!(
+            issues(&overlap)[0]
+                .message
+                .to_lowercase()
+                .contains("a.example")
+        );
+        let tcp = shared.replace("name: a, mode: http", "name: a");
+        assert_eq!(
+            paths(&tcp),
+            ["proxies[0].hosts", "proxies[1].listen", "proxies[2].listen"]
+        );
+    }
+
+    #[test]
+    fn control_beyond_loopback_needs_a_token() {
+        let yaml = "control: {listen: 'tcp://0.0.0.0:9'}";
+        assert_eq!(paths(yaml), ["control.token"]);
+        assert_eq!(
+            issues("control: {listen: 'tcp://0.0.0.0:9', token: s3cret}"),
+            vec![]
+        );
+        assert_eq!(issues("control: {listen: 'tcp://127.0.0.1:9'}"), vec![]);
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let yaml = "
+proxies:
+  - name: a
+    listen: 127.0.0.1:1
+    tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}
+    backends: [127.0.0.1:2]
+";
+        let found = issues(yaml);
+        assert_eq!(found.len(), 2);
+        assert!(found[0].message.contains("/nonexistent/c.pem"));
+    }
+}

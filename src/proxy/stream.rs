@@ -1,0 +1,246 @@
+//! Socket kinds behind one type: listeners that accept and streams that carry
+//! bytes, over TCP or UNIX sockets alike, so every listener kind can forward
+//! to every backend kind.
+//!
+//! `Stream` exposes readiness (`readable`/`try_read`, ...) rather than
+//! `AsyncRead`, so the copy path borrows a buffer only while bytes are in
+//! flight: an idle connection owns no buffer at all.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+
+use crate::config::{Address, TcpTarget};
+
+/// Pending connections the kernel queues per listener (capped by somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A connected socket of either kind.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `address`; TCP streams get TCP_NODELAY.
+    pub async fn connect(address: &Address) -> io::Result<Stream> {
+        match address {
+            Address::Tcp(TcpTarget::Ip(addr)) => tcp(TcpStream::connect(addr).await?),
+            Address::Tcp(TcpTarget::Name { host, port }) => {
+                tcp(TcpStream::connect((host.as_str(), *port)).await?)
+            }
+            Address::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+        }
+    }
+
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+        }
+    }
+
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_read(buf),
+            Stream::Unix(s) => s.try_read(buf),
+        }
+    }
+
+    pub async fn writable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.writable().await,
+            Stream::Unix(s) => s.writable().await,
+        }
+    }
+
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(buf),
+            Stream::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    /// Sends FIN (half-close): the peer reads EOF, and can still send to us.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        // SAFETY: the fd is owned by `self` and open for the duration of the call.
+        let rc = unsafe { libc::shutdown(self.fd(), libc::SHUT_WR) };
+        match rc {
+            0 => Ok(()),
+            _ => match io::Error::last_os_error() {
+                // The peer already went away: nothing left to tell it.
+                e if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+fn tcp(stream: TcpStream) -> io::Result<Stream> {
+    stream.set_nodelay(true)?;
+    Ok(Stream::Tcp(stream))
+}
+
+/// A bound listening socket. A UNIX listener removes its socket file when
+/// dropped, unless another process has replaced it meanwhile.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, OwnedSocketFile),
+}
+
+/// Who connected, for logs.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "{addr}"),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+impl Listener {
+    /// Binds `address`. Errors are one line naming the address and the cause.
+    pub async fn bind(address: &Address) -> Result<Listener, String> {
+        let fail = |e: io::Error| {
+            format!(
+                "cannot listen on {address}: {}",
+                describe_bind_error(&e, address)
+            )
+        };
+        match address {
+            Address::Tcp(target) => {
+                let addr = match target {
+                    TcpTarget::Ip(addr) => *addr,
+                    TcpTarget::Name { host, port } => {
+                        tokio::net::lookup_host((host.as_str(), *port))
+                            .await
+                            .map_err(fail)?
+                            .next()
+                            .ok_or_else(|| {
+                                format!("cannot listen on {address}: {host} resolves to no address")
+                            })?
+                    }
+                };
+                let socket = if addr.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(fail)?;
+                socket.set_reuseaddr(true).map_err(fail)?;
+                socket.bind(addr).map_err(fail)?;
+                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG).map_err(fail)?))
+            }
+            Address::Unix(path) => {
+                remove_stale_socket(path)
+                    .await
+                    .map_err(|why| format!("cannot listen on {address}: {why}"))?;
+                let listener = UnixListener::bind(path).map_err(fail)?;
+                let meta = std::fs::metadata(path).map_err(fail)?;
+                Ok(Listener::Unix(
+                    listener,
+                    OwnedSocketFile {
+                        path: path.clone(),
+                        identity: (meta.dev(), meta.ino()),
+                    },
+                ))
+            }
+        }
+    }
+
+    /// The address actually bound (a TCP port 0 becomes the chosen port).
+    pub fn local_address(&self) -> Address {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(addr) => Address::Tcp(TcpTarget::Ip(addr)),
+                Err(_) => Address::Tcp(TcpTarget::Ip(([0, 0, 0, 0], 0).into())),
+            },
+            Listener::Unix(_, file) => Address::Unix(file.path.clone()),
+        }
+    }
+
+    pub async fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                Ok((tcp(stream)?, Peer::Tcp(peer)))
+            }
+            Listener::Unix(l, _) => {
+                let (stream, _) = l.accept().await?;
+                Ok((Stream::Unix(stream), Peer::Unix))
+            }
+        }
+    }
+}
+
+/// The socket file a UNIX listener created, identified by device and inode.
+#[derive(Debug)]
+pub struct OwnedSocketFile {
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl Drop for OwnedSocketFile {
+    fn drop(&mut self) {
+        let still_ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.identity);
+        if still_ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A socket file nobody listens on is left over from a previous run: remove
+/// it. Anything else at that path is not ours to delete.
+async fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ));
+    }
+    let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await;
+    match probe {
+        Ok(Ok(_)) | Err(_) => Err(format!(
+            "address already in use: another process listens on {}",
+            path.display()
+        )),
+        Ok(Err(_)) => std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display())),
+    }
+}
+
+fn describe_bind_error(e: &io::Error, address: &Address) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "address already in use".into(),
+        io::ErrorKind::PermissionDenied if address.port().is_some_and(|p| p < 1024) => {
+            "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".into()
+        }
+        io::ErrorKind::AddrNotAvailable => "address not available on this host".into(),
+        _ => e.to_string(),
+    }
+}
