@@ -118,12 +118,7 @@ pub struct ClientArgs {
     #[arg(long, value_name = "ADDR")]
     pub control: Option<String>,
     /// Bearer token for a TCP control listener (default: the config's control.token)
-    #[arg(
-        long,
-        env = "INTERLUDE_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "INTERLUDE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
 

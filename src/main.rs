@@ -4,6 +4,7 @@
 mod backends;
 mod cli;
 mod config;
+mod control;
 mod daemon;
 mod proxy;
 mod telemetry;
@@ -16,19 +17,10 @@ use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    match &cli.command {
         None | Some(Command::Run) => daemon::run(&cli.config),
         Some(Command::Check) => check(&cli),
-        Some(other) => {
-            let name = format!("{other:?}");
-            let name = name
-                .split([' ', '{'])
-                .next()
-                .unwrap_or("this command")
-                .to_lowercase();
-            eprintln!("interlude: `{name}` is not implemented yet");
-            ExitCode::from(daemon::EXIT_RUNTIME)
-        }
+        Some(client_command) => control::client::run(client_command, &cli.config),
     }
 }
 

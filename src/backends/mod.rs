@@ -15,6 +15,7 @@ use crate::proxy::stream::Stream;
 #[derive(Debug)]
 pub struct Backend {
     pub address: Address,
+    pub weight: u32,
     /// Cleared by a failed connect, set by a successful one; the log says
     /// when it flips, not at every failure.
     reachable: AtomicBool,
@@ -30,11 +31,16 @@ impl Backend {
     pub fn new(config: &BackendConfig) -> Backend {
         Backend {
             address: config.address.clone(),
+            weight: config.weight,
             reachable: AtomicBool::new(true),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
         }
+    }
+
+    pub fn is_reachable(&self) -> bool {
+        self.reachable.load(Relaxed)
     }
 
     fn mark(&self, reachable: bool, proxy: &str, why: &dyn std::fmt::Display) {
@@ -76,8 +82,7 @@ impl BackendSet {
     /// and returns the first that accepts; `None` once all have failed.
     pub async fn connect(&self, proxy: &str, connect_timeout: Duration) -> Option<Connected> {
         for backend in &self.backends {
-            let attempt =
-                tokio::time::timeout(connect_timeout, Stream::connect(&backend.address)).await;
+            let attempt = tokio::time::timeout(connect_timeout, Stream::connect(&backend.address)).await;
             match attempt {
                 Ok(Ok(stream)) => {
                     backend.mark(true, proxy, &"connected");

@@ -93,15 +93,11 @@ fn parse_unix(path: &str) -> Result<PathBuf, String> {
 
 fn parse_tcp(hostport: &str) -> Result<TcpTarget, String> {
     let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
-        let (v6, after) = rest
-            .split_once(']')
-            .ok_or("missing ']' after an IPv6 address")?;
+        let (v6, after) = rest.split_once(']').ok_or("missing ']' after an IPv6 address")?;
         let port = after
             .strip_prefix(':')
             .ok_or("missing :PORT after the IPv6 address")?;
-        let ip: IpAddr = v6
-            .parse()
-            .map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
+        let ip: IpAddr = v6.parse().map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
         if !ip.is_ipv6() {
             return Err(format!("{v6:?} in brackets must be an IPv6 address"));
         }
@@ -122,9 +118,9 @@ fn parse_tcp(hostport: &str) -> Result<TcpTarget, String> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(TcpTarget::Ip(SocketAddr::new(ip, port)));
     }
-    let valid_name = host.split('.').all(|label| {
-        !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    });
+    let valid_name = host
+        .split('.')
+        .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     if !valid_name {
         return Err(format!("{host:?} is neither an IP address nor a host name"));
     }

@@ -15,6 +15,8 @@ pub type Position = (usize, usize);
 #[derive(Debug, Default)]
 pub struct Locations {
     by_path: HashMap<String, Position>,
+    /// Where the key of each mapping entry is (an unknown key is reported there).
+    keys: HashMap<String, Position>,
 }
 
 enum Frame {
@@ -27,16 +29,14 @@ impl Locations {
     /// (serde has already reported why, with its own location).
     pub fn index(text: &str) -> Locations {
         let mut by_path = HashMap::new();
+        let mut keys = HashMap::new();
         let mut stack: Vec<Frame> = Vec::new();
         for item in Parser::new_from_str(text) {
             let Ok((event, span)) = item else { break };
             let position = (span.start.line(), span.start.col() + 1);
             let starts_node = matches!(
                 event,
-                Event::Scalar(..)
-                    | Event::Alias(_)
-                    | Event::SequenceStart(..)
-                    | Event::MappingStart(..)
+                Event::Scalar(..) | Event::Alias(_) | Event::SequenceStart(..) | Event::MappingStart(..)
             );
             if starts_node {
                 let path = match stack.last_mut() {
@@ -51,10 +51,17 @@ impl Locations {
                         None => {
                             // This node is a key: remember it; a complex key gets a
                             // placeholder so its own children do not pollute the index.
-                            *key = Some(match &event {
+                            let name = match &event {
                                 Event::Scalar(value, ..) => value.to_string(),
                                 _ => "?".to_string(),
-                            });
+                            };
+                            let entry = if path.is_empty() {
+                                name.clone()
+                            } else {
+                                format!("{path}.{name}")
+                            };
+                            keys.entry(entry).or_insert(position);
+                            *key = Some(name);
                             if let Event::MappingStart(..) | Event::SequenceStart(..) = event {
                                 stack.push(placeholder_frame(&event));
                             }
@@ -65,17 +72,19 @@ impl Locations {
                 by_path.entry(path.clone()).or_insert(position);
                 match event {
                     Event::MappingStart(..) => stack.push(Frame::Mapping { path, key: None }),
-                    Event::SequenceStart(..) => stack.push(Frame::Sequence {
-                        path,
-                        next_index: 0,
-                    }),
+                    Event::SequenceStart(..) => stack.push(Frame::Sequence { path, next_index: 0 }),
                     _ => {}
                 }
             } else if matches!(event, Event::MappingEnd | Event::SequenceEnd) {
                 stack.pop();
             }
         }
-        Locations { by_path }
+        Locations { by_path, keys }
+    }
+
+    /// The position of the key of the mapping entry at `path`.
+    pub fn find_key(&self, path: &str) -> Option<Position> {
+        self.keys.get(path).copied().or_else(|| self.find(path))
     }
 
     /// The position of `path`, or of its nearest ancestor present in the file
@@ -95,10 +104,7 @@ impl Locations {
 fn placeholder_frame(event: &Event) -> Frame {
     let path = "\u{0}complex-key".to_string();
     match event {
-        Event::SequenceStart(..) => Frame::Sequence {
-            path,
-            next_index: 0,
-        },
+        Event::SequenceStart(..) => Frame::Sequence { path, next_index: 0 },
         _ => Frame::Mapping { path, key: None },
     }
 }
@@ -126,21 +132,17 @@ proxies:
         assert_eq!(locations.find("log.level"), Some((2, 10)));
         assert_eq!(locations.find("proxies[0]"), Some((4, 5)));
         assert_eq!(locations.find("proxies[0].listen"), Some((5, 13)));
-        assert_eq!(
-            locations.find("proxies[0].backends[1].weight"),
-            Some((9, 17))
-        );
+        assert_eq!(locations.find("proxies[0].backends[1].weight"), Some((9, 17)));
         assert_eq!(locations.find("proxies[1].name"), Some((10, 12)));
         assert_eq!(locations.find("proxies[1].backends[0]"), Some((10, 51)));
+        assert_eq!(locations.find_key("proxies[0].backends[1].weight"), Some((9, 9)));
+        assert_eq!(locations.find_key("log"), Some((1, 1)));
     }
 
     #[test]
     fn missing_keys_fall_back_to_their_parent() {
         let locations = Locations::index(DOC);
-        assert_eq!(
-            locations.find("proxies[0].health_check.interval"),
-            Some((4, 5))
-        );
+        assert_eq!(locations.find("proxies[0].health_check.interval"), Some((4, 5)));
         assert_eq!(locations.find("stats.interval"), None);
     }
 

@@ -6,6 +6,7 @@
 
 mod address;
 mod locate;
+mod recover;
 mod schema;
 mod validate;
 
@@ -76,34 +77,36 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             "config file is empty (write `proxies: []` for a daemon with no proxies)".into(),
         ));
     }
-    let config: Config = serde_yaml::from_str(text).map_err(|e| {
-        let position = e.location().map(|l| (l.line(), l.column()));
-        ConfigError::single(file, position, strip_location(&e.to_string()))
-    })?;
-    let issues = validate::validate(&config);
-    if issues.is_empty() {
-        return Ok(config);
-    }
     let locations = Locations::index(text);
-    let problems = issues
+    let recovered = recover::deserialize(text, &locations);
+    let mut problems: Vec<Problem> = recovered
+        .errors
         .into_iter()
-        .map(|issue| Problem {
-            position: locations.find(&issue.path),
-            message: format!("{}: {}", issue.path, issue.message),
+        .map(|e| Problem {
+            position: e.position,
+            message: e.message,
         })
         .collect();
-    Err(ConfigError {
-        file: file.to_path_buf(),
-        problems,
-    })
-}
-
-/// serde_yaml appends " at line L column C" to its messages; we print the
-/// location up front instead, in the `file:line:column:` form editors follow.
-fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(cut) => message[..cut].to_string(),
-        None => message.to_string(),
+    if let Some(config) = &recovered.config {
+        let placeholders = &recovered.placeholders;
+        for issue in validate::validate(config) {
+            if placeholders.iter().any(|p| issue.path.starts_with(p.as_str())) {
+                continue;
+            }
+            problems.push(Problem {
+                position: locations.find(&issue.path),
+                message: format!("{}: {}", issue.path, issue.message),
+            });
+        }
+    }
+    // File order, as an editor's list of errors would show them.
+    problems.sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
+    match recovered.config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigError {
+            file: file.to_path_buf(),
+            problems,
+        }),
     }
 }
 
@@ -128,9 +131,7 @@ mod tests {
     use super::*;
 
     fn errors(yaml: &str) -> String {
-        parse(yaml, Path::new("/etc/x.yaml"))
-            .unwrap_err()
-            .to_string()
+        parse(yaml, Path::new("/etc/x.yaml")).unwrap_err().to_string()
     }
 
     #[test]
@@ -146,10 +147,7 @@ mod tests {
         assert_eq!(proxy.pause.max_held, 10_000);
         assert_eq!(
             proxy.health_check.expect_status,
-            StatusRange {
-                low: 200,
-                high: 399
-            }
+            StatusRange { low: 200, high: 399 }
         );
         assert_eq!(config.shutdown.grace_period, Dur::secs(30));
         assert_eq!(
@@ -164,12 +162,11 @@ mod tests {
         let yaml = "proxies:\n  - name: a\n    listen: 127.0.0.1\n    backends: []\n";
         assert_eq!(
             errors(yaml),
-            "/etc/x.yaml:3:13: proxies[0].listen: invalid address \"127.0.0.1\": missing :PORT"
+            "/etc/x.yaml:3:13: proxies[0].listen: invalid address \"127.0.0.1\": missing :PORT\n\
+             /etc/x.yaml:4:15: proxies[0].backends: proxy \"a\" has no backends"
         );
         let yaml = "stats:\n  interval: fast\n";
-        assert!(
-            errors(yaml).starts_with("/etc/x.yaml:2:13: stats.interval: invalid duration \"fast\"")
-        );
+        assert!(errors(yaml).starts_with("/etc/x.yaml:2:13: stats.interval: invalid duration \"fast\""));
         let yaml = "stats:\n  interval: 5\n";
         assert!(errors(yaml).contains("has no unit"));
         let yaml = "proxies:\n  - name: a\n    listen: 127.0.0.1:1\n    backends: [127.0.0.1:2]\n    health_check: {expect_status: 600}\n";
@@ -200,22 +197,19 @@ proxies:
         let message = errors(yaml);
         let lines: Vec<&str> = message.lines().collect();
         assert_eq!(lines.len(), 4, "{message}");
-        assert!(
-            lines[0]
-                .starts_with("/etc/x.yaml:8:15: proxies[1].backends: proxy \"a\" has no backends")
-        );
-        assert!(lines[1].starts_with("/etc/x.yaml:7:22: proxies[1].connect_timeout"));
-        assert!(lines[2].starts_with("/etc/x.yaml:5:11: proxies[1].name"));
-        assert!(lines[3].starts_with("/etc/x.yaml:6:13: proxies[1].listen"));
+        // In file order, whatever order the rules ran in.
+        assert!(lines[0].starts_with("/etc/x.yaml:5:11: proxies[1].name"));
+        assert!(lines[1].starts_with(
+            "/etc/x.yaml:6:13: proxies[1].listen: listen address tcp://127.0.0.1:1 is already used"
+        ));
+        assert!(lines[2].starts_with("/etc/x.yaml:7:22: proxies[1].connect_timeout"));
+        assert!(lines[3].starts_with("/etc/x.yaml:8:15: proxies[1].backends: proxy \"a\" has no backends"));
     }
 
     #[test]
     fn an_empty_file_is_an_error_not_zero_proxies() {
         assert!(errors("  \n").contains("empty"));
-        assert_eq!(
-            parse("proxies: []", Path::new("x")).unwrap().proxies.len(),
-            0
-        );
+        assert_eq!(parse("proxies: []", Path::new("x")).unwrap().proxies.len(), 0);
     }
 
     #[test]

@@ -266,8 +266,7 @@ impl<'de> Deserialize<'de> for BackendConfig {
                 })
             }
             fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<BackendConfig, M::Error> {
-                let mapping =
-                    BackendMapping::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let mapping = BackendMapping::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(BackendConfig {
                     address: mapping.address,
                     weight: mapping.weight,
@@ -299,10 +298,7 @@ impl Default for HealthCheckConfig {
             rise: 2,
             fall: 3,
             path: "/".into(),
-            expect_status: StatusRange {
-                low: 200,
-                high: 399,
-            },
+            expect_status: StatusRange { low: 200, high: 399 },
         }
     }
 }

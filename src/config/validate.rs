@@ -46,9 +46,7 @@ fn check_globals(config: &Config, issues: &mut Issues) {
     }
     if config.log.target == LogTarget::Syslog {
         let syslog = &config.log.syslog;
-        let valid = syslog
-            .strip_prefix("unix:")
-            .is_some_and(|p| p.starts_with('/'))
+        let valid = syslog.strip_prefix("unix:").is_some_and(|p| p.starts_with('/'))
             || ["udp://", "tcp://"].iter().any(|scheme| {
                 syslog
                     .strip_prefix(scheme)
@@ -76,10 +74,7 @@ fn check_globals(config: &Config, issues: &mut Issues) {
     if let Some(dir) = &config.state_dir
         && !dir.is_absolute()
     {
-        issues.add(
-            "state_dir",
-            format!("state_dir {dir:?} must be an absolute path"),
-        );
+        issues.add("state_dir", format!("state_dir {dir:?} must be an absolute path"));
     }
 }
 
@@ -230,10 +225,7 @@ fn check_uniqueness(config: &Config, issues: &mut Issues) {
         if let Some(first) = names.insert(&proxy.name, index) {
             issues.add(
                 format!("proxies[{index}].name"),
-                format!(
-                    "proxy name {:?} is already used by proxies[{first}]",
-                    proxy.name
-                ),
+                format!("proxy name {:?} is already used by proxies[{first}]", proxy.name),
             );
         }
         if proxy.listen == config.control.listen {
@@ -248,7 +240,7 @@ fn check_uniqueness(config: &Config, issues: &mut Issues) {
                 issues.add(
                     format!("proxies[{index}].listen"),
                     format!(
-                        "{} is also the listener of proxies[{other}] ({why})",
+                        "listen address {} is already used by proxies[{other}] ({why})",
                         proxy.listen
                     ),
                 );
@@ -363,12 +355,7 @@ proxies:
 ";
         assert_eq!(issues(shared), vec![]);
         let overlap = shared.replace("*.b.example", "A.example");
-        assert!(
-            issues(&overlap)[0]
-                .message
-                .to_lowercase()
-                .contains("a.example")
-        );
+        assert!(issues(&overlap)[0].message.to_lowercase().contains("a.example"));
         let tcp = shared.replace("name: a, mode: http", "name: a");
         assert_eq!(
             paths(&tcp),

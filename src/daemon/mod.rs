@@ -1,24 +1,36 @@
-//! The daemon's life: start-up (config, listeners), the signal loop, and the
-//! graceful stop. This loop is the only owner of the running proxies.
+//! The daemon's life: start-up (config, state, listeners, control socket),
+//! the event loop, and the graceful stop.
+//!
+//! The loop is the only owner of the running proxies. Signals and the
+//! control API do not touch them: they send a `Command` (or a signal event)
+//! and the loop applies it, persists runtime overrides and answers.
 
+pub mod commands;
 mod signals;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{self, Config};
+use crate::config::{self, Address, Config, Mode};
+use crate::control;
 use crate::proxy::Proxy;
+use crate::proxy::gate::RuntimePause;
 use crate::proxy::listener::accept_loop;
 use crate::proxy::stream::Listener;
 use crate::telemetry;
+use commands::{Command, PauseReport, UnknownProxy};
 use signals::{Signal, Signals};
+use state::{PauseRecord, State, StateWriter};
 
 /// How long connections get to close after being killed at the end of the
 /// grace period, before the process exits regardless.
@@ -28,6 +40,35 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit status for a failure at run time (a port in use, ...).
 pub const EXIT_RUNTIME: u8 = 1;
+
+/// What the control API may read, and how it asks for changes.
+pub struct Shared {
+    pub commands: mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub config_path: PathBuf,
+    pub started_at: Instant,
+}
+
+/// The running configuration as the control API sees it.
+pub struct Snapshot {
+    pub generation: u64,
+    pub last_reload: ReloadRecord,
+    pub proxies: Vec<ProxyEntry>,
+}
+
+pub struct ProxyEntry {
+    pub proxy: Arc<Proxy>,
+    /// The address actually bound (a port 0 shows the chosen port).
+    pub listen: Address,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReloadRecord {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub at: SystemTime,
+}
 
 /// Runs the daemon in the foreground until a stop signal; returns the exit code.
 pub fn run(config_path: &Path) -> ExitCode {
@@ -74,67 +115,296 @@ pub fn run(config_path: &Path) -> ExitCode {
 struct Daemon {
     config: Config,
     proxies: Vec<RunningProxy>,
+    commands: mpsc::Receiver<Command>,
+    state_writer: StateWriter,
+    control_task: JoinHandle<()>,
+    stop_control: CancellationToken,
+    snapshot: watch::Sender<Arc<Snapshot>>,
 }
 
 struct RunningProxy {
     proxy: Arc<Proxy>,
+    listen: Address,
+    mode: Mode,
+    /// Fail-safe bound of a runtime pause (`None`: unbounded).
+    max_duration: Option<Duration>,
     listener_task: JoinHandle<()>,
 }
 
 impl Daemon {
-    /// Binds every listener, then starts accepting on all of them; one bind
-    /// failure stops the start-up before any connection is accepted.
+    /// Binds every listener and the control socket, then starts accepting;
+    /// one bind failure stops the start-up before any connection is accepted.
     async fn start(config: Config, config_path: PathBuf) -> Result<Daemon, String> {
+        let state_dir = state::state_dir(config.state_dir.as_deref());
+        let saved = state::load(&state_dir);
         let mut bound = Vec::with_capacity(config.proxies.len());
         for proxy_config in &config.proxies {
             let listener = Listener::bind(&proxy_config.listen).await?;
             bound.push((proxy_config, listener));
         }
+        if let Address::Unix(path) = &config.control.listen
+            && let Some(parent) = path.parent()
+        {
+            // systemd's RuntimeDirectory makes it; by hand it may be missing.
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let control_listener = Listener::bind(&config.control.listen)
+            .await
+            .map_err(|e| format!("control socket: {e} (set control.listen in the config)"))?;
+        control::restrict_socket_mode(&config.control.listen);
+
         let kill_all = CancellationToken::new();
         let mut proxies = Vec::with_capacity(bound.len());
         for (proxy_config, listener) in bound {
-            let proxy = Proxy::new(proxy_config, kill_all.child_token());
-            info!(proxy = %proxy.name, address = %listener.local_address(), "listening");
+            let restored = saved
+                .paused
+                .get(&proxy_config.name)
+                .and_then(PauseRecord::to_pause);
+            let proxy = Proxy::new(proxy_config, kill_all.child_token(), restored.clone());
+            let listen = listener.local_address();
+            info!(proxy = %proxy.name, address = %listen, "listening");
+            if proxy_config.paused {
+                info!(proxy = %proxy.name, by = "config", "paused");
+            }
+            if let Some(pause) = &restored {
+                info!(proxy = %proxy.name, by = %pause.by, since = %humantime::format_rfc3339_seconds(pause.since), "paused (restored from the state file)");
+            }
             let listener_task = tokio::spawn(accept_loop(proxy.clone(), listener));
             proxies.push(RunningProxy {
                 proxy,
+                listen,
+                mode: proxy_config.mode,
+                max_duration: proxy_config.pause.max_duration.non_zero(),
                 listener_task,
             });
         }
+        for name in saved.paused.keys() {
+            if !config.proxies.iter().any(|p| &p.name == name) {
+                warn!(proxy = %name, "the state file pauses a proxy the config does not have; dropping that pause");
+            }
+        }
+
+        let (command_sender, commands) = mpsc::channel(64);
+        let started = SystemTime::now();
+        let (snapshot, snapshot_receiver) = watch::channel(Arc::new(Snapshot {
+            generation: 1,
+            last_reload: ReloadRecord {
+                ok: true,
+                error: None,
+                at: started,
+            },
+            proxies: Vec::new(),
+        }));
+        let shared = Arc::new(Shared {
+            commands: command_sender,
+            snapshot: snapshot_receiver,
+            config_path: config_path.clone(),
+            started_at: Instant::now(),
+        });
+        let stop_control = CancellationToken::new();
+        let control_task = tokio::spawn(control::serve(
+            control_listener,
+            control::Access::from_config(&config.control),
+            shared,
+            stop_control.clone(),
+        ));
+        info!(address = %config.control.listen, "control socket listening");
+
+        let daemon = Daemon {
+            state_writer: StateWriter::start(state_dir, saved),
+            config,
+            proxies,
+            commands,
+            control_task,
+            stop_control,
+            snapshot,
+        };
+        daemon.publish();
+        daemon.persist();
         info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %config_path.display(),
             "started: {}",
-            config.summary()
+            daemon.config.summary()
         );
-        Ok(Daemon { config, proxies })
+        Ok(daemon)
     }
 
-    async fn run(self, mut signals: Signals) -> ExitCode {
+    async fn run(mut self, mut signals: Signals) -> ExitCode {
         loop {
-            match signals.next().await {
-                Signal::Stop(name) => {
-                    info!("{name} received: stopping");
-                    break;
+            let failsafe = self.next_failsafe();
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    Signal::Stop(name) => {
+                        info!("{name} received: stopping");
+                        break;
+                    }
+                    Signal::Reload => warn!("SIGHUP received: reload is not implemented yet; the running config stays"),
+                    Signal::Pause => {
+                        let _ = self.pause(&[], "signal SIGUSR1");
+                    }
+                    Signal::Resume => {
+                        let _ = self.resume(&[], "signal SIGUSR2");
+                    }
+                },
+                Some(command) = self.commands.recv() => self.handle(command),
+                () = sleep_until(failsafe.as_ref().map(|(at, _)| *at)) => {
+                    if let Some((_, index)) = failsafe {
+                        self.failsafe_resume(index);
+                    }
                 }
-                Signal::Reload => warn!(
-                    "SIGHUP received: reload is not implemented yet; the running config stays"
-                ),
-                Signal::Pause => warn!("SIGUSR1 received: pause is not implemented yet"),
-                Signal::Resume => warn!("SIGUSR2 received: resume is not implemented yet"),
             }
         }
         self.stop(&mut signals).await;
         ExitCode::SUCCESS
     }
 
-    /// Stops accepting at once, lets forwarded connections finish within the
-    /// grace period, then closes what is left. A second stop signal cuts the
-    /// grace period short.
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Pause { proxies, by, reply } => {
+                let _ = reply.send(self.pause(&proxies, &by));
+            }
+            Command::Resume { proxies, by, reply } => {
+                let _ = reply.send(self.resume(&proxies, &by));
+            }
+        }
+    }
+
+    /// Indexes of the named proxies (all when `names` is empty); an unknown
+    /// name fails the whole request, so nothing changes.
+    fn select(&self, names: &[String]) -> Result<Vec<usize>, UnknownProxy> {
+        if names.is_empty() {
+            return Ok((0..self.proxies.len()).collect());
+        }
+        names
+            .iter()
+            .map(|name| {
+                self.proxies
+                    .iter()
+                    .position(|p| &*p.proxy.name == name)
+                    .ok_or_else(|| UnknownProxy(name.clone()))
+            })
+            .collect()
+    }
+
+    fn pause(&mut self, names: &[String], by: &str) -> Result<Vec<PauseReport>, UnknownProxy> {
+        let selected = self.select(names)?;
+        for &index in &selected {
+            let proxy = &self.proxies[index].proxy;
+            if proxy.gate.state().runtime.is_some() {
+                continue;
+            }
+            let pause = RuntimePause {
+                since: SystemTime::now(),
+                by: by.to_string(),
+            };
+            proxy.gate.set_runtime(Some(pause));
+            info!(proxy = %proxy.name, by, "paused");
+        }
+        self.persist();
+        Ok(self.reports(&selected))
+    }
+
+    fn resume(&mut self, names: &[String], by: &str) -> Result<Vec<PauseReport>, UnknownProxy> {
+        let selected = self.select(names)?;
+        for &index in &selected {
+            let proxy = &self.proxies[index].proxy;
+            if proxy.gate.state().runtime.is_none() {
+                continue;
+            }
+            let held = proxy.gate.held();
+            if proxy.gate.set_runtime(None) {
+                info!(proxy = %proxy.name, by, held, "resumed; releasing held connections");
+            } else {
+                info!(proxy = %proxy.name, by, "runtime pause cleared; the proxy stays paused by the config");
+            }
+        }
+        self.persist();
+        Ok(self.reports(&selected))
+    }
+
+    fn reports(&self, selected: &[usize]) -> Vec<PauseReport> {
+        selected
+            .iter()
+            .map(|&index| {
+                let proxy = &self.proxies[index].proxy;
+                let state = proxy.gate.state();
+                PauseReport {
+                    name: proxy.name.to_string(),
+                    paused: state.paused(),
+                    paused_by: state.paused_by().into_iter().map(String::from).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// The runtime pause that reaches its `max_duration` first.
+    fn next_failsafe(&self) -> Option<(Instant, usize)> {
+        self.proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(index, running)| {
+                let limit = running.max_duration?;
+                let since = running.proxy.gate.state().runtime?.since;
+                let elapsed = SystemTime::now().duration_since(since).unwrap_or_default();
+                Some((Instant::now() + limit.saturating_sub(elapsed), index))
+            })
+            .min_by_key(|(at, _)| *at)
+    }
+
+    fn failsafe_resume(&mut self, index: usize) {
+        let running = &self.proxies[index];
+        let limit = running.max_duration.map(humantime::format_duration);
+        warn!(
+            proxy = %running.proxy.name,
+            "fail-safe: the runtime pause lasted pause.max_duration ({}); resuming",
+            limit.map(|l| l.to_string()).unwrap_or_default()
+        );
+        let name = running.proxy.name.to_string();
+        let _ = self.resume(&[name], "fail-safe");
+    }
+
+    /// Writes the runtime overrides (in the background, latest wins).
+    fn persist(&self) {
+        let mut state = State::default();
+        for running in &self.proxies {
+            if let Some(pause) = running.proxy.gate.state().runtime {
+                state
+                    .paused
+                    .insert(running.proxy.name.to_string(), PauseRecord::from_pause(&pause));
+            }
+        }
+        self.state_writer.save(state);
+    }
+
+    /// Publishes the running proxies to the control API.
+    fn publish(&self) {
+        let proxies = self
+            .proxies
+            .iter()
+            .map(|running| ProxyEntry {
+                proxy: running.proxy.clone(),
+                listen: running.listen.clone(),
+                mode: running.mode,
+            })
+            .collect();
+        self.snapshot.send_modify(|snapshot| {
+            *snapshot = Arc::new(Snapshot {
+                generation: snapshot.generation,
+                last_reload: snapshot.last_reload.clone(),
+                proxies,
+            });
+        });
+    }
+
+    /// Stops accepting at once and closes held connections, lets forwarded
+    /// connections finish within the grace period, then closes what is left.
+    /// A second stop signal cuts the grace period short.
     async fn stop(mut self, signals: &mut Signals) {
         let grace = self.config.shutdown.grace_period.0;
         for running in &self.proxies {
             running.proxy.stop_accepting.cancel();
+            running.proxy.gate.close_held.cancel();
             running.proxy.connections.close();
         }
         for running in &mut self.proxies {
@@ -161,28 +431,28 @@ impl Daemon {
                 }
             }
         };
-        tokio::select! {
-            () = &mut drained => {
-                info!("all connections finished; exiting");
-                return;
+        let finished = tokio::select! {
+            () = &mut drained => true,
+            () = tokio::time::sleep(grace) => {
+                warn!(connections = self.active_connections(), "grace period over: closing the remaining connections");
+                false
             }
-            () = tokio::time::sleep(grace) => warn!(
-                connections = self.active_connections(),
-                "grace period over: closing the remaining connections"
-            ),
-            name = hurry => warn!(
-                connections = self.active_connections(),
-                "{name} received again: closing the remaining connections now"
-            ),
+            name = hurry => {
+                warn!(connections = self.active_connections(), "{name} received again: closing the remaining connections now");
+                false
+            }
+        };
+        if !finished {
+            for running in &self.proxies {
+                running.proxy.kill.cancel();
+            }
+            if tokio::time::timeout(KILL_WAIT, &mut drained).await.is_err() {
+                warn!("some connections did not close in time");
+            }
         }
-        for running in &self.proxies {
-            running.proxy.kill.cancel();
-        }
-        if tokio::time::timeout(KILL_WAIT, drained).await.is_err() {
-            warn!("some connections did not close in time; exiting anyway");
-        } else {
-            info!("exiting");
-        }
+        self.stop_control.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.control_task).await;
+        info!("stopped");
     }
 
     fn active_connections(&self) -> u64 {
@@ -190,6 +460,13 @@ impl Daemon {
             .iter()
             .map(|r| r.proxy.stats.active.load(Relaxed))
             .sum()
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -202,8 +479,7 @@ fn raise_fd_limit() {
     };
     // SAFETY: plain syscalls on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

@@ -45,6 +45,7 @@ pub struct Traffic<'a> {
 pub async fn forward(
     client: &Stream,
     backend: &Stream,
+    early: &[u8],
     idle_timeout: Option<Duration>,
     kill: &CancellationToken,
     traffic: Traffic<'_>,
@@ -56,19 +57,14 @@ pub async fn forward(
         last: &last_activity,
     });
     let both_ways = async {
+        // What a held client sent while waiting goes first.
+        if !early.is_empty() {
+            write_all(backend, early).await?;
+            traffic.client_to_backend.fetch_add(early.len() as u64, Relaxed);
+        }
         tokio::try_join!(
-            pump(
-                client,
-                backend,
-                traffic.client_to_backend,
-                activity.as_ref()
-            ),
-            pump(
-                backend,
-                client,
-                traffic.backend_to_client,
-                activity.as_ref()
-            ),
+            pump(client, backend, traffic.client_to_backend, activity.as_ref()),
+            pump(backend, client, traffic.backend_to_client, activity.as_ref()),
         )
     };
     tokio::select! {
@@ -137,7 +133,7 @@ async fn pump(
     }
 }
 
-async fn write_all(to: &Stream, mut bytes: &[u8]) -> io::Result<()> {
+pub async fn write_all(to: &Stream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match to.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -213,6 +209,7 @@ mod tests {
             forward(
                 &Stream::Unix(client_near),
                 &Stream::Unix(backend_near),
+                b"",
                 idle,
                 &task_kill,
                 traffic,

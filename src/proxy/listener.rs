@@ -54,9 +54,7 @@ pub async fn accept_loop(proxy: Arc<Proxy>, listener: Listener) {
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
     ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 

@@ -6,6 +6,8 @@
 //! later change never alters a connection already running.
 
 pub mod forward;
+pub mod gate;
+pub mod hold;
 pub mod listener;
 pub mod stream;
 
@@ -13,14 +15,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backends::BackendSet;
-use crate::config::ProxyConfig;
+use crate::config::{Mode, ProxyConfig, RejectWith};
 use forward::{Ended, Traffic};
+use gate::{Admission, Gate, RejectReason, RuntimePause};
+use hold::{Hold, hold};
 use stream::{Peer, Stream};
 
 /// What a new connection needs from the config, shared read-only.
@@ -29,14 +33,19 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub backends: Arc<BackendSet>,
+    /// A rejected connection gets `HTTP/1.1 503` with this Retry-After, or
+    /// is just closed when `None`.
+    pub reject_with_503: Option<Duration>,
 }
 
 impl ProxySettings {
     pub fn from_config(config: &ProxyConfig) -> ProxySettings {
+        let answer_503 = config.pause.reject_with == RejectWith::Http503 || config.mode == Mode::Http;
         ProxySettings {
             connect_timeout: config.connect_timeout.0,
             idle_timeout: config.idle_timeout.non_zero(),
             backends: Arc::new(BackendSet::new(&config.backends)),
+            reject_with_503: answer_503.then_some(config.pause.retry_after.0),
         }
     }
 }
@@ -45,6 +54,9 @@ impl ProxySettings {
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub dropped_while_held: AtomicU64,
+    /// Forwarded connections open now (held ones are not counted).
     pub active: AtomicU64,
     pub connect_failures: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -52,7 +64,6 @@ pub struct ProxyStats {
 }
 
 /// The state of one proxy that its connection tasks share.
-#[derive(Debug)]
 pub struct Proxy {
     pub name: Arc<str>,
     pub stats: ProxyStats,
@@ -64,11 +75,19 @@ pub struct Proxy {
     /// Cancelled to close every connection at once (grace or drain over).
     pub kill: CancellationToken,
     pub settings: watch::Sender<Arc<ProxySettings>>,
+    pub gate: Arc<Gate>,
+    /// Woken when the last forwarded connection closes (wait-idle).
+    pub idle: Notify,
 }
 
 impl Proxy {
-    pub fn new(config: &ProxyConfig, kill: CancellationToken) -> Arc<Proxy> {
+    pub fn new(
+        config: &ProxyConfig,
+        kill: CancellationToken,
+        runtime_pause: Option<RuntimePause>,
+    ) -> Arc<Proxy> {
         let (settings, _) = watch::channel(Arc::new(ProxySettings::from_config(config)));
+        let gate = Gate::new(&config.pause, config.paused, runtime_pause, kill.child_token());
         Arc::new(Proxy {
             name: config.name.as_str().into(),
             stats: ProxyStats::default(),
@@ -76,12 +95,53 @@ impl Proxy {
             stop_accepting: CancellationToken::new(),
             kill,
             settings,
+            gate: Arc::new(gate),
+            idle: Notify::new(),
         })
     }
 
-    /// Serves one accepted client to its end.
+    /// Waits until no forwarded connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a close in between is not missed.
+            notified.as_mut().enable();
+            if self.stats.active.load(Relaxed) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Serves one accepted client to its end: through the gate (forward,
+    /// hold or reject), then to a backend.
     pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer) {
-        let _active = Gauge::up(&self.stats.active);
+        let mut early = Vec::new();
+        match self.gate.admit() {
+            Admission::Forward => {}
+            Admission::Reject(reason) => {
+                self.stats.rejected.fetch_add(1, Relaxed);
+                debug!(proxy = %self.name, %peer, ?reason, "rejected while paused");
+                let retry_after = self.settings.borrow().reject_with_503;
+                if let Some(retry_after) = retry_after {
+                    answer_503(&client, retry_after, reason).await;
+                }
+                return;
+            }
+            Admission::Hold(mut ticket) => {
+                match hold(&client, &mut ticket, &mut early, &self.gate.close_held).await {
+                    Hold::Released => {}
+                    Hold::ClientLeft => {
+                        self.stats.dropped_while_held.fetch_add(1, Relaxed);
+                        debug!(proxy = %self.name, %peer, "held client left before the resume");
+                        return;
+                    }
+                    Hold::Closed => return,
+                }
+            }
+        }
+        let _active = ActiveGuard::up(&self);
         let settings = self.settings.borrow().clone();
         let Some(backend) = settings
             .backends
@@ -99,6 +159,7 @@ impl Proxy {
         let result = forward::forward(
             &client,
             &backend.stream,
+            &early,
             settings.idle_timeout,
             &self.kill,
             traffic,
@@ -117,18 +178,38 @@ impl Proxy {
     }
 }
 
-/// Increments a gauge now and decrements it when dropped, on every path.
-struct Gauge<'a>(&'a AtomicU64);
+/// Counts a forwarded connection as active until dropped, on every path,
+/// and wakes wait-idle when the last one closes.
+struct ActiveGuard<'a>(&'a Proxy);
 
-impl<'a> Gauge<'a> {
-    fn up(gauge: &'a AtomicU64) -> Gauge<'a> {
-        gauge.fetch_add(1, Relaxed);
-        Gauge(gauge)
+impl<'a> ActiveGuard<'a> {
+    fn up(proxy: &'a Proxy) -> ActiveGuard<'a> {
+        proxy.stats.active.fetch_add(1, Relaxed);
+        ActiveGuard(proxy)
     }
 }
 
-impl Drop for Gauge<'_> {
+impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        if self.0.stats.active.fetch_sub(1, Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
+}
+
+/// The TCPause answer to a refused connection, for clients that speak HTTP.
+async fn answer_503(client: &Stream, retry_after: Duration, reason: RejectReason) {
+    let why = match reason {
+        RejectReason::Paused => "paused for maintenance",
+        RejectReason::TooManyHeld => "too many connections waiting",
+    };
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Type: text/plain\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{why}\n",
+        retry_after.as_secs().max(1),
+        why.len() + 1
+    );
+    let write = forward::write_all(client, response.as_bytes());
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    let _ = client.shutdown_write();
 }

@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 
 use crate::config::{Address, TcpTarget};
@@ -64,6 +65,26 @@ impl Stream {
             Stream::Tcp(s) => s.try_write(buf),
             Stream::Unix(s) => s.try_write(buf),
         }
+    }
+
+    /// Waits for the next readiness event without reading: `true` when the
+    /// peer has closed or reset (EPOLLRDHUP/HUP/ERR), `false` otherwise (new
+    /// data arrived, which is left unread).
+    pub async fn wait_hang_up(&self) -> io::Result<bool> {
+        let ready = match self {
+            Stream::Tcp(s) => s.ready(Interest::READABLE).await?,
+            Stream::Unix(s) => s.ready(Interest::READABLE).await?,
+        };
+        if ready.is_read_closed() || ready.is_error() {
+            return Ok(true);
+        }
+        // Clear the readiness we saw so the next wait sleeps until a new event.
+        let clear = || -> io::Result<()> { Err(io::ErrorKind::WouldBlock.into()) };
+        let _ = match self {
+            Stream::Tcp(s) => s.try_io(Interest::READABLE, clear),
+            Stream::Unix(s) => s.try_io(Interest::READABLE, clear),
+        };
+        Ok(false)
     }
 
     /// Sends FIN (half-close): the peer reads EOF, and can still send to us.
@@ -120,25 +141,18 @@ impl std::fmt::Display for Peer {
 impl Listener {
     /// Binds `address`. Errors are one line naming the address and the cause.
     pub async fn bind(address: &Address) -> Result<Listener, String> {
-        let fail = |e: io::Error| {
-            format!(
-                "cannot listen on {address}: {}",
-                describe_bind_error(&e, address)
-            )
-        };
+        let fail = |e: io::Error| format!("cannot listen on {address}: {}", describe_bind_error(&e, address));
         match address {
             Address::Tcp(target) => {
                 let addr = match target {
                     TcpTarget::Ip(addr) => *addr,
-                    TcpTarget::Name { host, port } => {
-                        tokio::net::lookup_host((host.as_str(), *port))
-                            .await
-                            .map_err(fail)?
-                            .next()
-                            .ok_or_else(|| {
-                                format!("cannot listen on {address}: {host} resolves to no address")
-                            })?
-                    }
+                    TcpTarget::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+                        .await
+                        .map_err(fail)?
+                        .next()
+                        .ok_or_else(|| {
+                            format!("cannot listen on {address}: {host} resolves to no address")
+                        })?,
                 };
                 let socket = if addr.is_ipv4() {
                     TcpSocket::new_v4()
@@ -201,8 +215,8 @@ pub struct OwnedSocketFile {
 
 impl Drop for OwnedSocketFile {
     fn drop(&mut self) {
-        let still_ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.identity);
+        let still_ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.identity);
         if still_ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -242,5 +256,53 @@ fn describe_bind_error(e: &io::Error, address: &Address) -> String {
         }
         io::ErrorKind::AddrNotAvailable => "address not available on this host".into(),
         _ => e.to_string(),
+    }
+}
+
+/// Byte-stream access for protocol code (the control API's HTTP, TLS);
+/// the copy path uses the readiness methods above instead.
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

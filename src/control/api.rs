@@ -1,0 +1,293 @@
+//! Routes of the control API. Errors are JSON `{"error": "..."}` with a
+//! 4xx/5xx status; an unknown proxy is a 404 and changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use super::Access;
+use super::status;
+use crate::config::Dur;
+use crate::daemon::commands::{Command, PauseReport, UnknownProxy};
+use crate::daemon::{Shared, Snapshot};
+
+type Reply = Response<Full<Bytes>>;
+
+pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared) -> Reply {
+    let authorization = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !access.allows(authorization) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let query = Query::parse(request.uri().query().unwrap_or(""));
+    let method = request.method().clone();
+    let path = request.uri().path().trim_end_matches('/').to_string();
+    let snapshot = shared.snapshot.borrow().clone();
+    let proxies = query.all("proxy");
+    if let Some(unknown) = proxies
+        .iter()
+        .find(|name| !snapshot.proxies.iter().any(|p| *p.proxy.name == **name))
+    {
+        return error(StatusCode::NOT_FOUND, &UnknownProxy(unknown.clone()).to_string());
+    }
+    match (&method, path.as_str()) {
+        (&Method::GET, "/status") => {
+            if proxies.len() > 1 {
+                return error(StatusCode::BAD_REQUEST, "status takes at most one proxy");
+            }
+            let doc = status::build(shared, &snapshot, proxies.first().map(String::as_str));
+            ok_json(StatusCode::OK, &doc)
+        }
+        (&Method::POST, "/pause") => match ask_pause(shared, proxies, "api", true).await {
+            Ok(reports) => ok_json(StatusCode::OK, &json!({ "proxies": reports })),
+            Err(reply) => reply,
+        },
+        (&Method::POST, "/resume") => match ask_pause(shared, proxies, "api", false).await {
+            Ok(reports) => ok_json(StatusCode::OK, &json!({ "proxies": reports })),
+            Err(reply) => reply,
+        },
+        (&Method::GET, "/wait-idle") | (&Method::GET, "/paused/block-until-idle") => {
+            let timeout = match query.first("timeout").map(Dur::parse).transpose() {
+                Ok(timeout) => timeout.and_then(Dur::non_zero),
+                Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+            };
+            wait_idle(&snapshot, &proxies, timeout).await
+        }
+        (&Method::GET, "/paused") => {
+            let selected = select(&snapshot, &proxies);
+            let paused =
+                !selected.is_empty() && selected.iter().all(|entry| entry.proxy.gate.state().paused());
+            ok_json(StatusCode::OK, &json!({ "paused": paused }))
+        }
+        (&Method::PUT, "/paused") => match ask_pause(shared, proxies, "api", true).await {
+            Ok(_) => ok_json(StatusCode::CREATED, &json!({ "paused": true })),
+            Err(reply) => reply,
+        },
+        (&Method::DELETE, "/paused") => match ask_pause(shared, proxies, "api", false).await {
+            Ok(_) => empty(StatusCode::NO_CONTENT),
+            Err(reply) => reply,
+        },
+        (&Method::POST, "/reload") | (&Method::GET, "/metrics") => error(
+            StatusCode::NOT_IMPLEMENTED,
+            &format!("{path} is not implemented yet"),
+        ),
+        (&Method::PUT, p) if p.starts_with("/proxies/") && p.ends_with("/backends") => {
+            error(StatusCode::NOT_IMPLEMENTED, "deploy is not implemented yet")
+        }
+        (
+            _,
+            "/status"
+            | "/pause"
+            | "/resume"
+            | "/wait-idle"
+            | "/paused"
+            | "/paused/block-until-idle"
+            | "/reload"
+            | "/metrics",
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{method} is not allowed on {path}"),
+        ),
+        _ => error(StatusCode::NOT_FOUND, &format!("no such route: {method} {path}")),
+    }
+}
+
+/// Sends a pause or resume to the daemon loop and waits for its answer.
+async fn ask_pause(
+    shared: &Shared,
+    proxies: Vec<String>,
+    by: &str,
+    pause: bool,
+) -> Result<Vec<PauseReport>, Reply> {
+    let (reply, answer) = oneshot::channel();
+    let by = by.to_string();
+    let command = if pause {
+        Command::Pause { proxies, by, reply }
+    } else {
+        Command::Resume { proxies, by, reply }
+    };
+    if shared.commands.send(command).await.is_err() {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"));
+    }
+    match answer.await {
+        Ok(Ok(reports)) => Ok(reports),
+        Ok(Err(unknown)) => Err(error(StatusCode::NOT_FOUND, &unknown.to_string())),
+        Err(_) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping")),
+    }
+}
+
+/// 204 once no forwarded connection is open on the selected proxies (held
+/// ones do not count); 408 when `timeout` passes first.
+async fn wait_idle(snapshot: &Arc<Snapshot>, names: &[String], timeout: Option<Duration>) -> Reply {
+    let selected = select(snapshot, names);
+    let all_idle = async {
+        // Waiting on each in turn, then checking all again, ends only at a
+        // moment when every one of them is idle.
+        loop {
+            for entry in &selected {
+                entry.proxy.wait_idle().await;
+            }
+            if selected
+                .iter()
+                .all(|e| e.proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed) == 0)
+            {
+                return;
+            }
+        }
+    };
+    match timeout {
+        None => {
+            all_idle.await;
+            empty(StatusCode::NO_CONTENT)
+        }
+        Some(limit) => match tokio::time::timeout(limit, all_idle).await {
+            Ok(()) => empty(StatusCode::NO_CONTENT),
+            Err(_) => {
+                let open: u64 = selected
+                    .iter()
+                    .map(|e| e.proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed))
+                    .sum();
+                error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!(
+                        "still {open} forwarded connection(s) open after {}",
+                        humantime::format_duration(limit)
+                    ),
+                )
+            }
+        },
+    }
+}
+
+fn select<'a>(snapshot: &'a Snapshot, names: &[String]) -> Vec<&'a crate::daemon::ProxyEntry> {
+    snapshot
+        .proxies
+        .iter()
+        .filter(|entry| names.is_empty() || names.iter().any(|n| *entry.proxy.name == **n))
+        .collect()
+}
+
+fn ok_json<T: serde::Serialize>(status: StatusCode, body: &T) -> Reply {
+    match serde_json::to_vec_pretty(body) {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            respond(status, bytes)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Reply {
+    let mut bytes = json!({ "error": message }).to_string().into_bytes();
+    bytes.push(b'\n');
+    respond(status, bytes)
+}
+
+fn empty(status: StatusCode) -> Reply {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}
+
+fn respond(status: StatusCode, body: Vec<u8>) -> Reply {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The query string as ordered pairs (`proxy` may repeat).
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: &str) -> Query {
+        Query(
+            query
+                .split('&')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(key), percent_decode(value))
+                })
+                .collect(),
+        )
+    }
+
+    fn all(&self, key: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn first(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(byte), _) => {
+                out.push(byte);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, byte) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_repeat_and_decode() {
+        let query = Query::parse("proxy=web&proxy=db%2D1&timeout=30s&x");
+        assert_eq!(query.all("proxy"), ["web", "db-1"]);
+        assert_eq!(query.first("timeout"), Some("30s"));
+        assert_eq!(query.first("x"), Some(""));
+        assert_eq!(percent_decode("a%"), "a%");
+        assert_eq!(percent_decode("a%4"), "a%4");
+        assert_eq!(percent_decode("%41b"), "Ab");
+    }
+
+    #[test]
+    fn bearer_tokens_compare_exactly() {
+        let access = Access {
+            token: Some("s3cret".into()),
+        };
+        assert!(access.allows(Some("Bearer s3cret")));
+        assert!(!access.allows(Some("Bearer s3cre")));
+        assert!(!access.allows(Some("s3cret")));
+        assert!(!access.allows(None));
+        assert!(Access { token: None }.allows(None));
+    }
+}

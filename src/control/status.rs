@@ -1,0 +1,190 @@
+//! The `/status` document: built by the daemon from live counters, read back
+//! by `interlude status`. Field names are fixed by the interface contract;
+//! new fields may be added, none renamed.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::{ProxyEntry, Shared, Snapshot};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub version: String,
+    pub pid: u32,
+    pub config: String,
+    pub generation: u64,
+    pub last_reload: LastReload,
+    pub uptime_s: u64,
+    pub proxies: Vec<ProxyStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LastReload {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    pub name: String,
+    pub listen: String,
+    pub mode: String,
+    pub paused: bool,
+    pub paused_by: Vec<String>,
+    /// When the runtime pause began (RFC 3339), if there is one.
+    #[serde(default)]
+    pub paused_since: Option<String>,
+    pub held: u64,
+    pub active: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub dropped_while_held: u64,
+    #[serde(default)]
+    pub connect_failures: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub up: bool,
+    pub state: String,
+    pub active: u64,
+    pub total: u64,
+    pub weight: u32,
+    pub draining: bool,
+    pub last_check: Option<String>,
+}
+
+pub fn build(shared: &Shared, snapshot: &Snapshot, only: Option<&str>) -> StatusDoc {
+    StatusDoc {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        config: shared.config_path.display().to_string(),
+        generation: snapshot.generation,
+        last_reload: LastReload {
+            ok: snapshot.last_reload.ok,
+            error: snapshot.last_reload.error.clone(),
+            at: rfc3339(snapshot.last_reload.at),
+        },
+        uptime_s: shared.started_at.elapsed().as_secs(),
+        proxies: snapshot
+            .proxies
+            .iter()
+            .filter(|entry| only.is_none_or(|name| *entry.proxy.name == *name))
+            .map(proxy_status)
+            .collect(),
+    }
+}
+
+fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
+    let proxy = &entry.proxy;
+    let stats = &proxy.stats;
+    let pause = proxy.gate.state();
+    let settings = proxy.settings.borrow().clone();
+    ProxyStatus {
+        name: proxy.name.to_string(),
+        listen: entry.listen.to_string(),
+        mode: format!("{:?}", entry.mode).to_lowercase(),
+        paused: pause.paused(),
+        paused_by: pause.paused_by().into_iter().map(String::from).collect(),
+        paused_since: pause.runtime.as_ref().map(|p| rfc3339(p.since)),
+        held: proxy.gate.held(),
+        active: stats.active.load(Relaxed),
+        accepted: stats.accepted.load(Relaxed),
+        rejected: stats.rejected.load(Relaxed),
+        dropped_while_held: stats.dropped_while_held.load(Relaxed),
+        connect_failures: stats.connect_failures.load(Relaxed),
+        bytes_in: stats.bytes_in.load(Relaxed),
+        bytes_out: stats.bytes_out.load(Relaxed),
+        backends: settings
+            .backends
+            .backends
+            .iter()
+            .map(|backend| {
+                let up = backend.is_reachable();
+                BackendStatus {
+                    address: backend.address.to_string(),
+                    up,
+                    state: if up { "healthy" } else { "unhealthy" }.to_string(),
+                    active: backend.active.load(Relaxed),
+                    total: backend.total.load(Relaxed),
+                    weight: backend.weight,
+                    draining: false,
+                    last_check: None,
+                }
+            })
+            .collect(),
+    }
+}
+
+pub fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// The human form of `interlude status`: one row per proxy.
+pub fn table(doc: &StatusDoc) -> String {
+    let mut rows = vec![[
+        "PROXY".to_string(),
+        "LISTEN".to_string(),
+        "MODE".to_string(),
+        "STATE".to_string(),
+        "HELD".to_string(),
+        "ACTIVE".to_string(),
+        "ACCEPTED".to_string(),
+        "REJECTED".to_string(),
+        "BACKENDS UP".to_string(),
+    ]];
+    for proxy in &doc.proxies {
+        let state = if proxy.paused {
+            format!("paused ({})", proxy.paused_by.join("+"))
+        } else {
+            "serving".to_string()
+        };
+        let up = proxy.backends.iter().filter(|b| b.up).count();
+        rows.push([
+            proxy.name.clone(),
+            proxy.listen.clone(),
+            proxy.mode.clone(),
+            state,
+            proxy.held.to_string(),
+            proxy.active.to_string(),
+            proxy.accepted.to_string(),
+            proxy.rejected.to_string(),
+            format!("{up}/{}", proxy.backends.len()),
+        ]);
+    }
+    let mut widths = [0usize; 9];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = format!(
+        "interlude {} (pid {}), config {} generation {}, up {}s{}\n",
+        doc.version,
+        doc.pid,
+        doc.config,
+        doc.generation,
+        doc.uptime_s,
+        match (&doc.last_reload.ok, &doc.last_reload.error) {
+            (false, Some(error)) => format!("\nlast reload FAILED at {}: {error}", doc.last_reload.at),
+            _ => String::new(),
+        }
+    );
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,381 @@
+//! The pause gate of one proxy: whether a new connection is forwarded, held
+//! or rejected, and the release of held connections on resume.
+//!
+//! While open the gate costs one atomic load per connection. While paused or
+//! releasing, admissions and the resume take one small mutex, so a connection
+//! is never queued after the queue was drained. Held connections wait on a
+//! oneshot in a FIFO queue: released in arrival order, all at once or
+//! `release_rate` per second; during a paced release newcomers queue behind
+//! the held ones instead of jumping the line.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{PauseConfig, WhenPaused};
+
+/// A pause set at run time (signal, API, CLI), as opposed to one the config declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimePause {
+    pub since: SystemTime,
+    pub by: String,
+}
+
+/// What the gate decided for a new connection.
+pub enum Admission {
+    Forward,
+    Hold(HeldTicket),
+    Reject(RejectReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// `when_paused: reject`
+    Paused,
+    /// More than `max_held` connections already wait.
+    TooManyHeld,
+}
+
+/// A held connection's place in the queue; resolves when it is released.
+pub struct HeldTicket {
+    released: oneshot::Receiver<()>,
+    held: Arc<AtomicU64>,
+}
+
+impl HeldTicket {
+    /// Waits for the release. `false` if the gate went away without one
+    /// (the proxy was removed or the daemon is stopping).
+    pub async fn released(&mut self) -> bool {
+        (&mut self.released).await.is_ok()
+    }
+}
+
+impl Drop for HeldTicket {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A snapshot of the gate for status and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseState {
+    pub declared: bool,
+    pub runtime: Option<RuntimePause>,
+}
+
+impl PauseState {
+    pub fn paused(&self) -> bool {
+        self.declared || self.runtime.is_some()
+    }
+
+    /// Who holds the pause: `config`, `runtime`, both or neither.
+    pub fn paused_by(&self) -> Vec<&'static str> {
+        let mut by = Vec::new();
+        if self.declared {
+            by.push("config");
+        }
+        if self.runtime.is_some() {
+            by.push("runtime");
+        }
+        by
+    }
+}
+
+pub struct Gate {
+    /// False only when open with nothing queued: then a new connection is
+    /// forwarded after this one atomic load, without the lock.
+    slow_path: AtomicBool,
+    inner: Mutex<Inner>,
+    /// Connections waiting now (the queue may also hold tickets of clients
+    /// that already left; this counts only those still waiting).
+    held: Arc<AtomicU64>,
+    /// Cancelled on stop: held connections close instead of being forwarded.
+    pub close_held: CancellationToken,
+}
+
+struct Inner {
+    state: PauseState,
+    policy: PauseConfig,
+    queue: VecDeque<oneshot::Sender<()>>,
+    /// Bumped on every release, so a pacing task of an earlier resume stops.
+    release_generation: u64,
+}
+
+impl Gate {
+    pub fn new(
+        policy: &PauseConfig,
+        declared: bool,
+        runtime: Option<RuntimePause>,
+        close_held: CancellationToken,
+    ) -> Gate {
+        let state = PauseState { declared, runtime };
+        Gate {
+            slow_path: AtomicBool::new(state.paused()),
+            inner: Mutex::new(Inner {
+                state,
+                policy: policy.clone(),
+                queue: VecDeque::new(),
+                release_generation: 0,
+            }),
+            held: Arc::new(AtomicU64::new(0)),
+            close_held,
+        }
+    }
+
+    /// Decides for one new connection.
+    pub fn admit(&self) -> Admission {
+        if !self.slow_path.load(Relaxed) {
+            return Admission::Forward;
+        }
+        let mut inner = self.lock();
+        if inner.state.paused() {
+            if inner.policy.when_paused == WhenPaused::Reject {
+                return Admission::Reject(RejectReason::Paused);
+            }
+            if self.held.load(Relaxed) >= u64::from(inner.policy.max_held) {
+                return Admission::Reject(RejectReason::TooManyHeld);
+            }
+        } else if inner.queue.is_empty() {
+            return Admission::Forward;
+        }
+        let (release, released) = oneshot::channel();
+        // Tickets of clients that left stay queued until a release skips
+        // them; keep that garbage bounded during a long pause.
+        if inner.queue.len() >= 2 * inner.policy.max_held.max(64) as usize {
+            inner.queue.retain(|sender| !sender.is_closed());
+        }
+        inner.queue.push_back(release);
+        self.held.fetch_add(1, Relaxed);
+        Admission::Hold(HeldTicket {
+            released,
+            held: self.held.clone(),
+        })
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held.load(Relaxed)
+    }
+
+    pub fn state(&self) -> PauseState {
+        self.lock().state.clone()
+    }
+
+    /// The policy for new pauses and admissions (a reload may change it).
+    #[allow(dead_code)] // applied by config reload (issue 4)
+    pub fn set_policy(self: &Arc<Self>, policy: &PauseConfig) {
+        self.lock().policy = policy.clone();
+    }
+
+    /// Sets the config's pause; returns true if the proxy changed between
+    /// paused and open.
+    #[allow(dead_code)] // applied by config reload (issue 4)
+    pub fn set_declared(self: &Arc<Self>, declared: bool) -> bool {
+        self.update(|state| state.declared = declared)
+    }
+
+    /// Sets or clears the runtime pause; returns true if the proxy changed
+    /// between paused and open.
+    pub fn set_runtime(self: &Arc<Self>, runtime: Option<RuntimePause>) -> bool {
+        self.update(|state| state.runtime = runtime)
+    }
+
+    fn update(self: &Arc<Self>, change: impl FnOnce(&mut PauseState)) -> bool {
+        let mut inner = self.lock();
+        let was_paused = inner.state.paused();
+        change(&mut inner.state);
+        let paused = inner.state.paused();
+        if paused {
+            self.slow_path.store(true, Relaxed);
+        }
+        if was_paused && !paused {
+            self.release(inner);
+        }
+        was_paused != paused
+    }
+
+    /// Releases the queue: everything now, or paced by `release_rate` from
+    /// a task that stops if the proxy is paused again.
+    fn release(self: &Arc<Self>, mut inner: MutexGuard<'_, Inner>) {
+        inner.release_generation += 1;
+        let rate = inner.policy.release_rate;
+        if rate == 0 {
+            let queue = std::mem::take(&mut inner.queue);
+            self.slow_path.store(false, Relaxed);
+            drop(inner);
+            for sender in queue {
+                let _ = sender.send(());
+            }
+            return;
+        }
+        let generation = inner.release_generation;
+        drop(inner);
+        let gate = self.clone();
+        let period = Duration::from_secs(1) / rate;
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let mut inner = gate.lock();
+                if inner.release_generation != generation || inner.state.paused() {
+                    return;
+                }
+                // Skip clients that already left: they cost no release slot.
+                loop {
+                    match inner.queue.pop_front() {
+                        None => {
+                            gate.slow_path.store(false, Relaxed);
+                            return;
+                        }
+                        Some(sender) => {
+                            if sender.send(()).is_ok() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves consistent data behind
+        // (every update is a single assignment): keep serving.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PauseConfig;
+
+    fn gate(policy: PauseConfig) -> Arc<Gate> {
+        Arc::new(Gate::new(&policy, false, None, CancellationToken::new()))
+    }
+
+    fn runtime() -> Option<RuntimePause> {
+        Some(RuntimePause {
+            since: SystemTime::now(),
+            by: "test".into(),
+        })
+    }
+
+    fn held(admission: Admission) -> HeldTicket {
+        match admission {
+            Admission::Hold(ticket) => ticket,
+            _ => panic!("expected the connection to be held"),
+        }
+    }
+
+    #[tokio::test]
+    async fn open_forwards_paused_holds_resume_releases() {
+        let gate = gate(PauseConfig::default());
+        assert!(matches!(gate.admit(), Admission::Forward));
+        assert!(gate.set_runtime(runtime()));
+        let mut first = held(gate.admit());
+        let mut second = held(gate.admit());
+        assert_eq!(gate.held(), 2);
+        assert!(gate.set_runtime(None));
+        assert!(first.released().await);
+        assert!(second.released().await);
+        drop((first, second));
+        assert_eq!(gate.held(), 0);
+        assert!(matches!(gate.admit(), Admission::Forward));
+    }
+
+    #[tokio::test]
+    async fn both_sources_must_clear() {
+        let gate = gate(PauseConfig::default());
+        assert!(gate.set_declared(true));
+        assert!(!gate.set_runtime(runtime()));
+        assert_eq!(gate.state().paused_by(), ["config", "runtime"]);
+        assert!(!gate.set_runtime(None));
+        assert!(gate.state().paused());
+        assert!(gate.set_declared(false));
+        assert!(!gate.state().paused());
+    }
+
+    #[test]
+    fn reject_policy_and_max_held() {
+        let gate = gate(PauseConfig {
+            max_held: 1,
+            ..PauseConfig::default()
+        });
+        gate.set_runtime(runtime());
+        let _ticket = held(gate.admit());
+        assert!(matches!(
+            gate.admit(),
+            Admission::Reject(RejectReason::TooManyHeld)
+        ));
+        gate.set_policy(&PauseConfig {
+            when_paused: WhenPaused::Reject,
+            ..PauseConfig::default()
+        });
+        assert!(matches!(gate.admit(), Admission::Reject(RejectReason::Paused)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_rate_paces_in_arrival_order_and_skips_departed() {
+        let gate = gate(PauseConfig {
+            release_rate: 10,
+            ..PauseConfig::default()
+        });
+        gate.set_runtime(runtime());
+        let mut tickets: Vec<HeldTicket> = (0..5).map(|_| held(gate.admit())).collect();
+        drop(tickets.remove(1)); // this client left while held
+        let start = tokio::time::Instant::now();
+        gate.set_runtime(None);
+        let mut released_at = Vec::new();
+        for ticket in &mut tickets {
+            assert!(ticket.released().await);
+            released_at.push(start.elapsed());
+        }
+        let ms: Vec<u128> = released_at.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [0, 100, 200, 300]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn newcomers_queue_behind_a_paced_release() {
+        let gate = gate(PauseConfig {
+            release_rate: 10,
+            ..PauseConfig::default()
+        });
+        gate.set_runtime(runtime());
+        let mut early = held(gate.admit());
+        let mut also_early = held(gate.admit());
+        gate.set_runtime(None);
+        let mut newcomer = held(gate.admit());
+        assert!(early.released().await);
+        assert!(also_early.released().await);
+        assert!(newcomer.released().await);
+        drop((early, also_early, newcomer));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            matches!(gate.admit(), Admission::Forward),
+            "drained: back to the fast path"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_pause_stops_a_paced_release() {
+        let gate = gate(PauseConfig {
+            release_rate: 10,
+            ..PauseConfig::default()
+        });
+        gate.set_runtime(runtime());
+        let mut first = held(gate.admit());
+        let mut second = held(gate.admit());
+        gate.set_runtime(None);
+        assert!(first.released().await);
+        gate.set_runtime(runtime());
+        let waited = tokio::time::timeout(Duration::from_secs(5), second.released()).await;
+        assert!(waited.is_err(), "a paused gate must not release");
+        gate.set_runtime(None);
+        assert!(second.released().await);
+    }
+}

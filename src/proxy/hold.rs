@@ -1,0 +1,68 @@
+//! A held connection: accepted, not forwarded. It waits for its release
+//! while watching the client, so bytes the client sends are kept (up to a
+//! small bound, then the client is back-pressured) and a client that leaves
+//! is noticed at once, before any backend is contacted.
+
+use std::io;
+
+use super::gate::HeldTicket;
+use super::stream::Stream;
+
+/// Bytes kept per held connection; beyond this the client waits for us.
+pub const HELD_BUFFER_LIMIT: usize = 16 * 1024;
+
+/// How a hold ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Resumed: forward now, sending the kept bytes first.
+    Released,
+    /// The client closed or reset its connection while held.
+    ClientLeft,
+    /// The daemon is stopping or the proxy went away: close, never forward.
+    Closed,
+}
+
+/// Waits for the release of `ticket`, keeping what the client sends in `early`.
+pub async fn hold(
+    client: &Stream,
+    ticket: &mut HeldTicket,
+    early: &mut Vec<u8>,
+    closing: &tokio_util::sync::CancellationToken,
+) -> Hold {
+    tokio::select! {
+        biased;
+        () = closing.cancelled() => Hold::Closed,
+        released = ticket.released() => if released { Hold::Released } else { Hold::Closed },
+        _ = client_leaves(client, early) => Hold::ClientLeft,
+    }
+}
+
+/// Returns when the client closes or resets; meanwhile reads what it sends
+/// into `early` until the bound, then only listens for a hang-up.
+async fn client_leaves(client: &Stream, early: &mut Vec<u8>) -> io::Result<()> {
+    loop {
+        if early.len() < HELD_BUFFER_LIMIT {
+            client.readable().await?;
+            match read_into(client, early) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                }
+                Err(e) => return Err(e),
+            }
+        } else if client.wait_hang_up().await? {
+            return Ok(());
+        }
+    }
+}
+
+/// One read through a stack buffer, so an idle held connection owns no
+/// heap buffer and a chatty one owns only what it sent.
+fn read_into(client: &Stream, early: &mut Vec<u8>) -> io::Result<usize> {
+    let mut chunk = [0u8; 4096];
+    let room = (HELD_BUFFER_LIMIT - early.len()).min(chunk.len());
+    let n = client.try_read(&mut chunk[..room])?;
+    early.reserve_exact(n);
+    early.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}

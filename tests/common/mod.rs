@@ -1,0 +1,861 @@
+//! Integration-test harness: runs the real `interlude` binary against real
+//! sockets (loopback TCP on port 0, UNIX sockets in a temp dir).
+//!
+//! - [`Daemon`] spawns the binary, drains its stderr and stdout on background
+//!   threads (a full pipe would block the daemon), and offers bounded waits:
+//!   [`Daemon::wait_for_line`], [`Daemon::listen_addr`], [`Daemon::wait_exit`].
+//!   Dropping it kills the child; a test that panics prints the captured stderr.
+//! - [`run_cli`] runs a short-lived command (`check`, a failing start) to its end.
+//! - [`TestServer`] is a threaded backend (echo or a custom handler) on TCP
+//!   port 0 or a UNIX socket, counting the connections it accepted.
+//! - [`Blackhole`] is a TCP listener whose accept queue is full: a connect to it
+//!   neither succeeds nor is refused (the SYN is dropped), so only a connect
+//!   timeout ends it.
+//!
+//! Every wait here is bounded. Set `INTERLUDE_TEST_BINARY` to run the suite
+//! against another build (e.g. `target/release/interlude`).
+#![allow(dead_code)]
+
+use std::cell::Cell;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// The default bound for anything the tests wait for.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The binary under test.
+pub fn binary() -> PathBuf {
+    match std::env::var_os("INTERLUDE_TEST_BINARY") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_interlude")),
+    }
+}
+
+/// A fresh temp dir with a short path (UNIX socket paths are limited to 107 bytes).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("interlude-test-")
+        .tempdir_in("/tmp")
+        .expect("create temp dir")
+}
+
+/// Writes `yaml` as `DIR/interlude.yaml` and returns its path.
+pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
+    let path = dir.join("interlude.yaml");
+    fs::write(&path, yaml).expect("write config");
+    path
+}
+
+/// The top of every daemon config in these tests: logging to stderr at info
+/// level, and everything the daemon keeps on disk or listens on besides the
+/// proxies (state, control socket) inside the test's own `dir`, so tests
+/// running in parallel never share them.
+pub fn preamble(dir: &Path, grace: &str) -> String {
+    format!(
+        "log:\n  target: stderr\n  level: info\nstate_dir: {d}\ncontrol:\n  listen: unix:{d}/control.sock\nshutdown:\n  grace_period: {grace}\n",
+        d = dir.display()
+    )
+}
+
+/// One proxy entry (for a `proxies:` list) named `name`, with
+/// `connect_timeout: 1s` and no active health checks (so a backend's
+/// connection count is what clients caused). `extra` holds more proxy keys,
+/// one per line, without indentation (e.g. `"idle_timeout: 500ms"`).
+pub fn proxy_entry(name: &str, listen: &str, backends: &[String], extra: &str) -> String {
+    let mut yaml = format!(
+        "  - name: {name}\n    listen: {listen}\n    connect_timeout: 1s\n    health_check:\n      kind: none\n"
+    );
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        yaml.push_str("    ");
+        yaml.push_str(line);
+        yaml.push('\n');
+    }
+    yaml.push_str("    backends:\n");
+    for backend in backends {
+        yaml.push_str(&format!("      - {backend}\n"));
+    }
+    yaml
+}
+
+/// A whole config ([`preamble`]) with one proxy named `p` ([`proxy_entry`]).
+pub fn one_proxy_config(dir: &Path, grace: &str, listen: &str, backends: &[String], extra: &str) -> String {
+    format!(
+        "{}proxies:\n{}",
+        preamble(dir, grace),
+        proxy_entry("p", listen, backends, extra)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Output capture
+
+#[derive(Default)]
+struct Captured {
+    lines: Vec<String>,
+    eof: bool,
+}
+
+/// Lines read from a child's pipe by a background thread, with a condvar so a
+/// waiter wakes as soon as a line arrives.
+#[derive(Clone, Default)]
+struct Capture(Arc<(Mutex<Captured>, Condvar)>);
+
+impl Capture {
+    fn drain<R: Read + Send + 'static>(pipe: R) -> (Capture, JoinHandle<()>) {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let handle = thread::spawn(move || {
+            let mut reader = BufReader::new(pipe);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_string();
+                        let (lock, cond) = &*writer.0;
+                        lock.lock().unwrap().lines.push(line);
+                        cond.notify_all();
+                    }
+                }
+            }
+            let (lock, cond) = &*writer.0;
+            lock.lock().unwrap().eof = true;
+            cond.notify_all();
+        });
+        (capture, handle)
+    }
+
+    fn text(&self) -> String {
+        let captured = self.0.0.lock().unwrap();
+        let mut text = captured.lines.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.0.0.lock().unwrap().lines.clone()
+    }
+
+    /// The first line containing `pattern`; `Err(true)` if the pipe closed
+    /// without one, `Err(false)` on timeout.
+    fn wait_for(&self, pattern: &str, timeout: Duration) -> Result<String, bool> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.0;
+        let mut captured = lock.lock().unwrap();
+        loop {
+            if let Some(line) = captured.lines.iter().find(|l| l.contains(pattern)) {
+                return Ok(line.clone());
+            }
+            if captured.eof {
+                return Err(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(false);
+            }
+            captured = cond.wait_timeout(captured, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits (bounded) until the writer side closed.
+    fn wait_eof(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.0;
+        let mut captured = lock.lock().unwrap();
+        while !captured.eof {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            captured = cond.wait_timeout(captured, deadline - now).unwrap().0;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon process
+
+/// A running `interlude` process. Killed (SIGKILL) on drop if still running.
+pub struct Daemon {
+    child: Child,
+    stderr: Capture,
+    stdout: Capture,
+    status: Option<ExitStatus>,
+    pub config: Option<PathBuf>,
+    started: Instant,
+    /// Set once a failure message carried the captured output.
+    reported: Cell<bool>,
+}
+
+impl Daemon {
+    /// Writes `yaml` into `dir` and runs `interlude run -c DIR/interlude.yaml`.
+    pub fn start(dir: &Path, yaml: &str) -> Daemon {
+        let config = write_config(dir, yaml);
+        let mut daemon = Daemon::spawn([OsStr::new("run"), OsStr::new("-c"), config.as_os_str()]);
+        daemon.config = Some(config);
+        daemon
+    }
+
+    /// Runs the binary with `args`, stdin closed, stdout and stderr captured,
+    /// and an environment that cannot steer it elsewhere.
+    pub fn spawn<I, S>(args: I) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env_remove("INTERLUDE_CONFIG")
+            .env_remove("INTERLUDE_TOKEN")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary().display()));
+        let (stderr, _) = Capture::drain(child.stderr.take().unwrap());
+        let (stdout, _) = Capture::drain(child.stdout.take().unwrap());
+        Daemon {
+            child,
+            stderr,
+            stdout,
+            status: None,
+            config: None,
+            started: Instant::now(),
+            reported: Cell::new(false),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lines()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.text()
+    }
+
+    /// Panics with the captured output attached.
+    pub fn fail(&self, message: &str) -> ! {
+        self.reported.set(true);
+        panic!(
+            "{message}\n----- interlude stderr -----\n{}----- interlude stdout -----\n{}----------------------------",
+            self.stderr(),
+            self.stdout()
+        )
+    }
+
+    /// The first stderr line containing `pattern`, waiting up to `timeout`.
+    /// Fails at once if the process closes stderr (exits) without printing it.
+    pub fn wait_for_line(&self, pattern: &str, timeout: Duration) -> String {
+        match self.stderr.wait_for(pattern, timeout) {
+            Ok(line) => line,
+            Err(true) => self.fail(&format!(
+                "interlude closed stderr (exited?) without a line containing {pattern:?}"
+            )),
+            Err(false) => self.fail(&format!(
+                "no stderr line containing {pattern:?} within {timeout:?}"
+            )),
+        }
+    }
+
+    /// The actual address of proxy `proxy`, read from its
+    /// `listening proxy=NAME address=ADDR` line.
+    pub fn listen_addr(&self, proxy: &str) -> Endpoint {
+        let pattern = format!("listening proxy={proxy} address=");
+        let line = self.wait_for_line(&pattern, WAIT);
+        let start = line.find(&pattern).unwrap() + pattern.len();
+        let address = line[start..].split_whitespace().next().unwrap_or("");
+        Endpoint::parse(address).unwrap_or_else(|e| self.fail(&e))
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; the child is not reaped
+        // until `wait_exit`/`drop`, so the pid cannot have been reused.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid(),
+            io::Error::last_os_error()
+        );
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_status().is_none()
+    }
+
+    /// Asserts the process is still running, with its stderr if not.
+    pub fn assert_running(&mut self, context: &str) {
+        if let Some(status) = self.try_status() {
+            self.stderr.wait_eof(Duration::from_secs(2));
+            self.fail(&format!("interlude exited ({status}) {context}"));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; fails if it does not.
+    /// Once it has exited, waits (bounded) for its output pipes to drain.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                self.stderr.wait_eof(Duration::from_secs(2));
+                self.stdout.wait_eof(Duration::from_secs(2));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.fail(&format!("interlude did not exit within {timeout:?}"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How long since the process was spawned.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() && !self.reported.get() {
+            eprintln!(
+                "----- interlude stderr (test failed) -----\n{}------------------------------------------",
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// The outcome of a command run to its end.
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "status: {}\n----- stdout -----\n{}----- stderr -----\n{}------------------",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the binary with `args` to its end (bounded by [`WAIT`]).
+pub fn run_cli<I, S>(args: I) -> CliOutput
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut daemon = Daemon::spawn(args);
+    let status = daemon.wait_exit(WAIT);
+    CliOutput {
+        status,
+        stdout: daemon.stdout(),
+        stderr: daemon.stderr(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Endpoints and client streams
+
+/// A listener or backend address as the daemon prints and the config writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses `tcp://IP:PORT` or `unix:/path`.
+    pub fn parse(text: &str) -> Result<Endpoint, String> {
+        if let Some(rest) = text.strip_prefix("tcp://") {
+            rest.parse()
+                .map(Endpoint::Tcp)
+                .map_err(|e| format!("bad tcp address {text:?}: {e}"))
+        } else if let Some(path) = text.strip_prefix("unix:") {
+            Ok(Endpoint::Unix(PathBuf::from(path)))
+        } else {
+            Err(format!(
+                "unexpected address form {text:?} (want tcp://IP:PORT or unix:/path)"
+            ))
+        }
+    }
+
+    /// The config form: `tcp://IP:PORT` or `unix:/path`.
+    pub fn config(&self) -> String {
+        match self {
+            Endpoint::Tcp(addr) => format!("tcp://{addr}"),
+            Endpoint::Unix(path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    pub fn connect(&self) -> io::Result<Stream> {
+        match self {
+            Endpoint::Tcp(addr) => TcpStream::connect_timeout(addr, WAIT).map(Stream::Tcp),
+            Endpoint::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
+        }
+    }
+
+    /// Connects or fails the test; the stream gets `WAIT` read/write timeouts.
+    pub fn must_connect(&self) -> Stream {
+        let stream = self
+            .connect()
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.config()));
+        stream.set_timeouts(WAIT);
+        stream
+    }
+}
+
+/// A client-side stream of either kind.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+
+    pub fn set_read_timeout(&self, timeout: Duration) {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(Some(timeout)).unwrap(),
+            Stream::Unix(s) => s.set_read_timeout(Some(timeout)).unwrap(),
+        }
+    }
+
+    pub fn set_timeouts(&self, timeout: Duration) {
+        self.set_read_timeout(timeout);
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(Some(timeout)).unwrap(),
+            Stream::Unix(s) => s.set_write_timeout(Some(timeout)).unwrap(),
+        }
+    }
+
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// True for the errors a peer's close or reset shows up as.
+pub fn is_closed_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// True for a read/write that gave up on its timeout.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// Reads until EOF or a reset, for at most `timeout` in total. Returns the
+/// bytes read and how long it took; `Err` if the stream was still open at the
+/// deadline (or failed otherwise).
+pub fn read_until_closed(stream: &mut Stream, timeout: Duration) -> Result<(Vec<u8>, Duration), String> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "still open after {timeout:?} (read {} bytes: {:?})",
+                data.len(),
+                String::from_utf8_lossy(&data)
+            ));
+        }
+        stream.set_read_timeout(deadline - now);
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok((data, start.elapsed())),
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e) if is_closed_error(&e) => return Ok((data, start.elapsed())),
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+    }
+}
+
+/// Sends `msg` and reads exactly as many bytes back; `Err` on close, reset or
+/// timeout.
+pub fn roundtrip(stream: &mut Stream, msg: &[u8]) -> Result<Vec<u8>, String> {
+    stream.write_all(msg).map_err(|e| format!("write: {e}"))?;
+    let mut reply = vec![0u8; msg.len()];
+    stream.read_exact(&mut reply).map_err(|e| format!("read: {e}"))?;
+    Ok(reply)
+}
+
+/// Sends `msg` and asserts the same bytes come back (through an echo backend).
+pub fn assert_echo(stream: &mut Stream, msg: &[u8]) {
+    match roundtrip(stream, msg) {
+        Ok(reply) => assert_eq!(reply, msg, "echo reply differs"),
+        Err(e) => panic!("echo of {:?} failed: {e}", String::from_utf8_lossy(msg)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backends
+
+/// A threaded test server: each accepted connection runs `handler` on its own
+/// thread. Counts accepted connections. Stops accepting on drop (a UNIX
+/// server also removes its socket file).
+pub struct TestServer {
+    endpoint: Endpoint,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+type Handler = Arc<dyn Fn(Stream) + Send + Sync + 'static>;
+
+impl TestServer {
+    /// A server on `127.0.0.1:0`.
+    pub fn tcp<F>(handler: F) -> TestServer
+    where
+        F: Fn(Stream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind test backend");
+        let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+        TestServer::serve(endpoint, Arc::new(handler), move || {
+            listener.accept().map(|(s, _)| Stream::Tcp(s))
+        })
+    }
+
+    /// A server on a UNIX socket at `path`.
+    pub fn unix<F>(path: &Path, handler: F) -> TestServer
+    where
+        F: Fn(Stream) + Send + Sync + 'static,
+    {
+        let listener =
+            UnixListener::bind(path).unwrap_or_else(|e| panic!("bind test backend {}: {e}", path.display()));
+        let endpoint = Endpoint::Unix(path.to_path_buf());
+        TestServer::serve(endpoint, Arc::new(handler), move || {
+            listener.accept().map(|(s, _)| Stream::Unix(s))
+        })
+    }
+
+    pub fn echo_tcp() -> TestServer {
+        TestServer::tcp(echo)
+    }
+
+    pub fn echo_unix(path: &Path) -> TestServer {
+        TestServer::unix(path, echo)
+    }
+
+    fn serve<A>(endpoint: Endpoint, handler: Handler, accept: A) -> TestServer
+    where
+        A: Fn() -> io::Result<Stream> + Send + 'static,
+    {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let accepted = accepted.clone();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                loop {
+                    let result = accept();
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match result {
+                        Ok(stream) => {
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                            let handler = handler.clone();
+                            thread::spawn(move || handler(stream));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        };
+        TestServer {
+            endpoint,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The address in config form.
+    pub fn address(&self) -> String {
+        self.endpoint.config()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = self.endpoint.connect();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Endpoint::Unix(path) = &self.endpoint {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Echo handler: sends back every byte; on EOF shuts down its write side.
+pub fn echo(mut stream: Stream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                let _ = stream.shutdown_write();
+                return;
+            }
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// A TCP address with nothing listening (connects are refused).
+pub fn dead_tcp_address() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("tcp://{addr}")
+}
+
+/// A TCP listener that never accepts and whose accept queue is full: a new
+/// connect to it hangs (its SYN is dropped) until the connector gives up.
+pub struct Blackhole {
+    listener: TcpListener,
+    fillers: Vec<TcpStream>,
+}
+
+impl Blackhole {
+    pub fn new() -> Blackhole {
+        // std has no way to set the backlog; listen(fd, 0) by hand.
+        // SAFETY: plain socket syscalls on a descriptor we own; it is handed
+        // to TcpListener (which closes it) right after listen().
+        let listener = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+            let listener = TcpListener::from_raw_fd(fd);
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = 0;
+            sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+            let rc = libc::bind(
+                fd,
+                &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            assert_eq!(libc::listen(fd, 0), 0, "listen: {}", io::Error::last_os_error());
+            listener
+        };
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..32 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(stream) => fillers.push(stream),
+                Err(e) if is_timeout(&e) => return Blackhole { listener, fillers },
+                Err(e) => panic!("filling blackhole backlog: {e}"),
+            }
+        }
+        panic!("the accept queue of a listen(0) socket never filled up");
+    }
+
+    pub fn address(&self) -> String {
+        format!("tcp://{}", self.listener.local_addr().unwrap())
+    }
+}
+
+impl Default for Blackhole {
+    fn default() -> Self {
+        Blackhole::new()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Payloads
+
+/// A deterministic pseudo-random byte stream, cheap to produce and to check
+/// even in a debug build: a random block of prime length repeated, so chunk
+/// boundaries never line up with it and a lost, repeated or reordered chunk,
+/// or bytes from another client (another seed), show up as a mismatch.
+pub struct Pattern {
+    block: Vec<u8>,
+}
+
+const PATTERN_PERIOD: usize = 65521;
+/// Largest slice [`Pattern::slice`] hands out.
+pub const PATTERN_CHUNK: usize = 32 * 1024;
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut block = Vec::with_capacity(PATTERN_PERIOD * 2);
+        while block.len() < PATTERN_PERIOD {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            block.extend_from_slice(&x.to_le_bytes());
+        }
+        block.truncate(PATTERN_PERIOD);
+        block.extend_from_within(..PATTERN_PERIOD);
+        Pattern { block }
+    }
+
+    /// The `len` (at most [`PATTERN_CHUNK`]) bytes at stream offset `pos`.
+    pub fn slice(&self, pos: u64, len: usize) -> &[u8] {
+        assert!(len <= PATTERN_CHUNK);
+        let start = (pos % PATTERN_PERIOD as u64) as usize;
+        &self.block[start..start + len]
+    }
+
+    /// Writes the first `size` bytes of the stream.
+    pub fn write_to<W: Write>(&self, out: &mut W, size: u64) -> io::Result<()> {
+        let mut pos = 0u64;
+        while pos < size {
+            let len = (size - pos).min(PATTERN_CHUNK as u64) as usize;
+            out.write_all(self.slice(pos, len))?;
+            pos += len as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads to EOF and checks the input is exactly the first `size` bytes.
+    pub fn verify_from<R: Read>(&self, input: &mut R, size: u64) -> Result<(), String> {
+        let mut buf = vec![0u8; PATTERN_CHUNK];
+        let mut pos = 0u64;
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("read failed at byte {pos} of {size}: {e}")),
+            };
+            if n == 0 {
+                return if pos == size {
+                    Ok(())
+                } else {
+                    Err(format!("EOF after {pos} of {size} bytes"))
+                };
+            }
+            if pos + n as u64 > size {
+                return Err(format!("more than the {size} bytes sent came back"));
+            }
+            let expected = self.slice(pos, n);
+            if &buf[..n] != expected {
+                let i = buf[..n].iter().zip(expected).position(|(a, b)| a != b).unwrap();
+                return Err(format!("corrupt data at byte {} of {size}", pos + i as u64));
+            }
+            pos += n as u64;
+        }
+    }
+}
+
+/// Finds the 1-based (line, column) of the `nth` (0-based) occurrence of
+/// `needle` in `text`.
+pub fn position_of(text: &str, needle: &str, nth: usize) -> (usize, usize) {
+    let offset = text
+        .match_indices(needle)
+        .nth(nth)
+        .unwrap_or_else(|| panic!("{needle:?} occurs fewer than {} times", nth + 1))
+        .0;
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
