@@ -44,7 +44,9 @@ impl Backend {
     }
 
     fn mark(&self, reachable: bool, proxy: &str, why: &dyn std::fmt::Display) {
-        if self.reachable.swap(reachable, Relaxed) != reachable {
+        // Read first: the usual case changes nothing and must not write to a
+        // cache line every connection of this backend shares.
+        if self.reachable.load(Relaxed) != reachable && self.reachable.swap(reachable, Relaxed) != reachable {
             if reachable {
                 tracing::info!(proxy, backend = %self.address, "backend reachable again");
             } else {

@@ -402,6 +402,10 @@ impl Daemon {
     /// A second stop signal cuts the grace period short.
     async fn stop(mut self, signals: &mut Signals) {
         let grace = self.config.shutdown.grace_period.0;
+        // The API keeps answering status during the grace period, but changes
+        // are refused (503) rather than left waiting for a loop that is gone.
+        self.commands.close();
+        while self.commands.try_recv().is_ok() {}
         for running in &self.proxies {
             running.proxy.stop_accepting.cancel();
             running.proxy.gate.close_held.cancel();

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::stream::Stream;
+use super::wake::PollWhenWoken;
 
 /// Size of one copy buffer: large enough that bulk transfers make few
 /// syscalls, and only ever held while bytes are in flight.
@@ -68,9 +69,10 @@ pub async fn forward(
         )
     };
     tokio::select! {
+        biased;
         result = both_ways => result.map(|_| Ended::Closed),
         () = idle_expired(idle_timeout, started, &last_activity) => Ok(Ended::Idle),
-        () = kill.cancelled() => Ok(Ended::Killed),
+        () = PollWhenWoken::new(kill.cancelled()) => Ok(Ended::Killed),
     }
 }
 
@@ -117,9 +119,9 @@ async fn pump(
         from.readable().await?;
         let mut buffer = PooledBuffer::take();
         loop {
-            let n = match from.try_read(buffer.as_mut()) {
-                Ok(0) => return to.shutdown_write(),
-                Ok(n) => n,
+            let (n, drained) = match from.try_read_draining(buffer.as_mut()) {
+                Ok((0, _)) => return to.shutdown_write(),
+                Ok(read) => read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -128,6 +130,9 @@ async fn pump(
             counter.fetch_add(n as u64, Relaxed);
             if let Some(activity) = activity {
                 activity.touch();
+            }
+            if drained {
+                break;
             }
         }
     }

@@ -7,6 +7,7 @@ use std::io;
 
 use super::gate::HeldTicket;
 use super::stream::Stream;
+use super::wake::PollWhenWoken;
 
 /// Bytes kept per held connection; beyond this the client waits for us.
 pub const HELD_BUFFER_LIMIT: usize = 16 * 1024;
@@ -31,7 +32,7 @@ pub async fn hold(
 ) -> Hold {
     tokio::select! {
         biased;
-        () = closing.cancelled() => Hold::Closed,
+        () = PollWhenWoken::new(closing.cancelled()) => Hold::Closed,
         released = ticket.released() => if released { Hold::Released } else { Hold::Closed },
         _ = client_leaves(client, early) => Hold::ClientLeft,
     }

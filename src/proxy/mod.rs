@@ -10,6 +10,7 @@ pub mod gate;
 pub mod hold;
 pub mod listener;
 pub mod stream;
+mod wake;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

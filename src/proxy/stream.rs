@@ -53,6 +53,39 @@ impl Stream {
         }
     }
 
+    /// Reads once, and says whether the socket is now drained: a short read
+    /// (fewer bytes than asked) means the receive queue was empty at that
+    /// moment. Then the readiness observed *before* the read is cleared, so
+    /// the next `readable()` sleeps without paying a read that returns
+    /// EAGAIN; data arriving after the read carries a newer readiness event,
+    /// which this does not clear, so no wakeup is lost.
+    pub fn try_read_draining(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        let fd = self.fd();
+        let mut short_read = None;
+        let read = || -> io::Result<usize> {
+            // SAFETY: `buf` is valid for `buf.len()` bytes; the fd is open.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            if n > 0 && n < buf.len() {
+                short_read = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        };
+        let result = match self {
+            Stream::Tcp(s) => s.try_io(Interest::READABLE, read),
+            Stream::Unix(s) => s.try_io(Interest::READABLE, read),
+        };
+        match (result, short_read) {
+            (_, Some(n)) => Ok((n, true)),
+            (Ok(n), None) => Ok((n, false)),
+            (Err(e), None) => Err(e),
+        }
+    }
+
     pub async fn writable(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.writable().await,
