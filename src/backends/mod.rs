@@ -74,9 +74,21 @@ impl Drop for Connected {
 }
 
 impl BackendSet {
-    pub fn new(configs: &[BackendConfig]) -> BackendSet {
+    /// The set for `configs`, reusing the live `Backend`s of `previous`
+    /// that are unchanged, so their counters and state carry over a reload.
+    pub fn new(configs: &[BackendConfig], previous: Option<&BackendSet>) -> BackendSet {
+        let reuse = |config: &BackendConfig| {
+            previous?
+                .backends
+                .iter()
+                .find(|b| b.address == config.address && b.weight == config.weight)
+                .cloned()
+        };
         BackendSet {
-            backends: configs.iter().map(|c| Arc::new(Backend::new(c))).collect(),
+            backends: configs
+                .iter()
+                .map(|c| reuse(c).unwrap_or_else(|| Arc::new(Backend::new(c))))
+                .collect(),
         }
     }
 

@@ -63,9 +63,13 @@ impl ConfigError {
 
 /// Reads, parses and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::single(path, None, format!("cannot read config file: {e}")))?;
-    parse(&text, path)
+    parse(&read(path)?, path)
+}
+
+/// The text of the config file, or an error naming it.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::single(path, None, format!("cannot read config file: {e}")))
 }
 
 /// Parses and validates `text`, naming `file` in errors.
@@ -108,6 +112,24 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             problems,
         }),
     }
+}
+
+/// `control.listen` and `control.token` as far as they can be read from the
+/// file at `path`, even when the rest of it is invalid: `interlude reload`
+/// must reach the daemon precisely when the file has a mistake in it.
+pub fn control_settings(path: &Path) -> (Option<Address>, Option<String>) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (None, None);
+    };
+    let Ok(document) = serde_yaml::from_str::<serde_yaml::Value>(&text) else {
+        return (None, None);
+    };
+    let control = document.get("control");
+    let field = |key: &str| control.and_then(|c| c.get(key)).and_then(|v| v.as_str());
+    (
+        field("listen").and_then(|text| Address::parse(text).ok()),
+        field("token").map(String::from),
+    )
 }
 
 impl Config {
@@ -210,6 +232,21 @@ proxies:
     fn an_empty_file_is_an_error_not_zero_proxies() {
         assert!(errors("  \n").contains("empty"));
         assert_eq!(parse("proxies: []", Path::new("x")).unwrap().proxies.len(), 0);
+    }
+
+    #[test]
+    fn control_settings_survive_mistakes_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "control: {listen: 'unix:/run/x.sock', token: t}\nbogus: 1\n",
+        )
+        .unwrap();
+        let (address, token) = control_settings(&path);
+        assert_eq!(address.unwrap().to_string(), "unix:/run/x.sock");
+        assert_eq!(token.as_deref(), Some("t"));
+        assert_eq!(control_settings(&dir.path().join("missing")), (None, None));
     }
 
     #[test]

@@ -234,6 +234,9 @@ fn check_uniqueness(config: &Config, issues: &mut Issues) {
                 format!("{} is also control.listen", proxy.listen),
             );
         }
+        if proxy.listen.port() == Some(0) {
+            continue; // port 0: each proxy gets its own ephemeral port
+        }
         let sharing = listeners.entry(&proxy.listen).or_default();
         for &other in sharing.iter() {
             if let Some(why) = sharing_conflict(&config.proxies[other], proxy) {

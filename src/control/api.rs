@@ -74,7 +74,18 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
             Ok(_) => empty(StatusCode::NO_CONTENT),
             Err(reply) => reply,
         },
-        (&Method::POST, "/reload") | (&Method::GET, "/metrics") => error(
+        (&Method::POST, "/reload") => {
+            let (reply, answer) = oneshot::channel();
+            if shared.commands.send(Command::Reload { reply }).await.is_err() {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
+            }
+            match answer.await {
+                Ok(Ok(generation)) => ok_json(StatusCode::OK, &json!({ "generation": generation })),
+                Ok(Err(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+                Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
+            }
+        }
+        (&Method::GET, "/metrics") => error(
             StatusCode::NOT_IMPLEMENTED,
             &format!("{path} is not implemented yet"),
         ),

@@ -106,6 +106,16 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
             println!("idle: no forwarded connection is open");
             Ok(())
         }
+        Command::Reload { client } => {
+            let daemon = Daemon::locate(client, config_path)?;
+            let body = daemon.call(Method::POST, "/reload").await?;
+            let generation = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
+                .ok_or_else(|| Failure::runtime("unexpected /reload answer"))?;
+            println!("reload applied: config generation {generation}");
+            Ok(())
+        }
         Command::Run | Command::Check => Err(Failure::usage("not a client command")),
         _ => Err(Failure::runtime(format!(
             "`{}` is not implemented yet",
@@ -168,18 +178,15 @@ struct Daemon {
 impl Daemon {
     /// `--control`/`--token` first, then the config file, then the defaults.
     fn locate(client: &ClientArgs, config_path: &Path) -> Result<Daemon, Failure> {
-        let config = config::load(config_path).ok();
+        let (configured_address, configured_token) = config::control_settings(config_path);
         let address = match &client.control {
             Some(text) => Address::parse(text).map_err(|e| Failure::usage(format!("--control: {e}")))?,
-            None => match &config {
-                Some(config) => config.control.listen.clone(),
-                None => Address::Unix(DEFAULT_CONTROL_SOCKET.into()),
-            },
+            None => configured_address.unwrap_or_else(|| Address::Unix(DEFAULT_CONTROL_SOCKET.into())),
         };
         let token = client
             .token
             .clone()
-            .or_else(|| config.and_then(|c| c.control.token))
+            .or(configured_token)
             .filter(|t| !t.is_empty());
         Ok(Daemon { address, token })
     }

@@ -16,6 +16,10 @@ pub enum Command {
         by: String,
         reply: oneshot::Sender<Result<Vec<PauseReport>, UnknownProxy>>,
     },
+    /// Reload the config file: the new generation, or why it was rejected.
+    Reload {
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
 }
 
 /// A proxy's pause state after a command.

@@ -1,13 +1,17 @@
 //! The daemon's life: start-up (config, state, listeners, control socket),
 //! the event loop, and the graceful stop.
 //!
-//! The loop is the only owner of the running proxies. Signals and the
-//! control API do not touch them: they send a `Command` (or a signal event)
-//! and the loop applies it, persists runtime overrides and answers.
+//! The loop is the only owner of the running proxies. Signals, the config
+//! file watcher and the control API do not touch them: they send an event or
+//! a `Command`, and the loop applies it (reload: `reload.rs`; pause and
+//! resume: here), persists runtime overrides and answers.
 
 pub mod commands;
+mod reconcile;
+mod reload;
 mod signals;
 pub mod state;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,19 +19,20 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch as latest};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{self, Address, Config, Mode};
+use crate::config::{self, Address, Config, Mode, ProxyConfig};
 use crate::control;
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
 use crate::proxy::listener::accept_loop;
 use crate::proxy::stream::Listener;
-use crate::telemetry;
+use crate::telemetry::{self, Logging};
 use commands::{Command, PauseReport, UnknownProxy};
 use signals::{Signal, Signals};
 use state::{PauseRecord, State, StateWriter};
@@ -44,7 +49,7 @@ pub const EXIT_RUNTIME: u8 = 1;
 /// What the control API may read, and how it asks for changes.
 pub struct Shared {
     pub commands: mpsc::Sender<Command>,
-    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub snapshot: latest::Receiver<Arc<Snapshot>>,
     pub config_path: PathBuf,
     pub started_at: Instant,
 }
@@ -72,14 +77,21 @@ pub struct ReloadRecord {
 
 /// Runs the daemon in the foreground until a stop signal; returns the exit code.
 pub fn run(config_path: &Path) -> ExitCode {
-    let config = match config::load(config_path) {
+    let text = match config::read(config_path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match config::parse(&text, config_path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let _log = telemetry::init(&config.log);
+    let logging = telemetry::init(&config.log);
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,7 +112,14 @@ pub fn run(config_path: &Path) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        match Daemon::start(config, config_path.to_path_buf()).await {
+        match Daemon::start(
+            config,
+            config_path.to_path_buf(),
+            reload::fingerprint(&text),
+            logging,
+        )
+        .await
+        {
             Ok(daemon) => daemon.run(signals).await,
             Err(e) => {
                 eprintln!("interlude: {e}");
@@ -114,27 +133,71 @@ pub fn run(config_path: &Path) -> ExitCode {
 
 struct Daemon {
     config: Config,
+    config_path: PathBuf,
+    /// Fingerprint of the config text last read, so a file event that
+    /// changed nothing (or a change already applied) does not reload.
+    config_fingerprint: u64,
+    logging: Logging,
     proxies: Vec<RunningProxy>,
+    /// Proxies removed by a reload while their connections drain.
+    retiring: TaskTracker,
+    /// Parent of every proxy's kill token: cancelled at the end of the grace period.
+    kill_all: CancellationToken,
     commands: mpsc::Receiver<Command>,
+    watcher: Option<watch::ConfigWatcher>,
     state_writer: StateWriter,
     control_task: JoinHandle<()>,
     stop_control: CancellationToken,
-    snapshot: watch::Sender<Arc<Snapshot>>,
+    snapshot: latest::Sender<Arc<Snapshot>>,
 }
 
 struct RunningProxy {
     proxy: Arc<Proxy>,
-    listen: Address,
-    mode: Mode,
-    /// Fail-safe bound of a runtime pause (`None`: unbounded).
-    max_duration: Option<Duration>,
-    listener_task: JoinHandle<()>,
+    config: ProxyConfig,
+    /// `None` only while a reload hands this proxy's socket to another.
+    listener: Option<RunningListener>,
+}
+
+/// An accept loop and the socket it owns; stopping it gives the socket back.
+struct RunningListener {
+    bound: Address,
+    stop: CancellationToken,
+    task: JoinHandle<Listener>,
+}
+
+impl RunningListener {
+    fn start(proxy: &Arc<Proxy>, listener: Listener) -> RunningListener {
+        let bound = listener.local_address();
+        info!(proxy = %proxy.name, address = %bound, "listening");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(proxy.clone(), listener, stop.clone()));
+        RunningListener { bound, stop, task }
+    }
+
+    /// Stops accepting and returns the socket (still bound: the kernel keeps
+    /// queueing connections until it is dropped or accepted from again).
+    async fn stop(self) -> Option<Listener> {
+        self.stop.cancel();
+        self.task.await.ok()
+    }
+
+    /// Stops accepting and closes the socket.
+    async fn close(self, proxy: &str) {
+        let bound = self.bound.clone();
+        drop(self.stop().await);
+        info!(%proxy, address = %bound, "listener closed");
+    }
 }
 
 impl Daemon {
     /// Binds every listener and the control socket, then starts accepting;
     /// one bind failure stops the start-up before any connection is accepted.
-    async fn start(config: Config, config_path: PathBuf) -> Result<Daemon, String> {
+    async fn start(
+        config: Config,
+        config_path: PathBuf,
+        fingerprint: u64,
+        logging: Logging,
+    ) -> Result<Daemon, String> {
         let state_dir = state::state_dir(config.state_dir.as_deref());
         let saved = state::load(&state_dir);
         let mut bound = Vec::with_capacity(config.proxies.len());
@@ -161,21 +224,16 @@ impl Daemon {
                 .get(&proxy_config.name)
                 .and_then(PauseRecord::to_pause);
             let proxy = Proxy::new(proxy_config, kill_all.child_token(), restored.clone());
-            let listen = listener.local_address();
-            info!(proxy = %proxy.name, address = %listen, "listening");
             if proxy_config.paused {
                 info!(proxy = %proxy.name, by = "config", "paused");
             }
             if let Some(pause) = &restored {
                 info!(proxy = %proxy.name, by = %pause.by, since = %humantime::format_rfc3339_seconds(pause.since), "paused (restored from the state file)");
             }
-            let listener_task = tokio::spawn(accept_loop(proxy.clone(), listener));
             proxies.push(RunningProxy {
+                listener: Some(RunningListener::start(&proxy, listener)),
                 proxy,
-                listen,
-                mode: proxy_config.mode,
-                max_duration: proxy_config.pause.max_duration.non_zero(),
-                listener_task,
+                config: proxy_config.clone(),
             });
         }
         for name in saved.paused.keys() {
@@ -185,13 +243,12 @@ impl Daemon {
         }
 
         let (command_sender, commands) = mpsc::channel(64);
-        let started = SystemTime::now();
-        let (snapshot, snapshot_receiver) = watch::channel(Arc::new(Snapshot {
+        let (snapshot, snapshot_receiver) = latest::channel(Arc::new(Snapshot {
             generation: 1,
             last_reload: ReloadRecord {
                 ok: true,
                 error: None,
-                at: started,
+                at: SystemTime::now(),
             },
             proxies: Vec::new(),
         }));
@@ -209,12 +266,25 @@ impl Daemon {
             stop_control.clone(),
         ));
         info!(address = %config.control.listen, "control socket listening");
+        let watcher = match watch::watch(&config_path) {
+            Ok(watcher) => Some(watcher),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the config file; reload with SIGHUP or `interlude reload`");
+                None
+            }
+        };
 
         let daemon = Daemon {
             state_writer: StateWriter::start(state_dir, saved),
             config,
+            config_path,
+            config_fingerprint: fingerprint,
+            logging,
             proxies,
+            retiring: TaskTracker::new(),
+            kill_all,
             commands,
+            watcher,
             control_task,
             stop_control,
             snapshot,
@@ -223,7 +293,7 @@ impl Daemon {
         daemon.persist();
         info!(
             version = env!("CARGO_PKG_VERSION"),
-            config = %config_path.display(),
+            config = %daemon.config_path.display(),
             "started: {}",
             daemon.config.summary()
         );
@@ -231,15 +301,24 @@ impl Daemon {
     }
 
     async fn run(mut self, mut signals: Signals) -> ExitCode {
+        let mut file_settles: Option<(Instant, Instant)> = None;
         loop {
             let failsafe = self.next_failsafe();
+            let file_changed = async {
+                match self.watcher.as_mut() {
+                    Some(watcher) => watcher.changes.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 signal = signals.next() => match signal {
                     Signal::Stop(name) => {
                         info!("{name} received: stopping");
                         break;
                     }
-                    Signal::Reload => warn!("SIGHUP received: reload is not implemented yet; the running config stays"),
+                    Signal::Reload => {
+                        let _ = self.reload("SIGHUP").await;
+                    }
                     Signal::Pause => {
                         let _ = self.pause(&[], "signal SIGUSR1");
                     }
@@ -247,7 +326,12 @@ impl Daemon {
                         let _ = self.resume(&[], "signal SIGUSR2");
                     }
                 },
-                Some(command) = self.commands.recv() => self.handle(command),
+                Some(command) = self.commands.recv() => self.handle(command).await,
+                Some(()) = file_changed => file_settles = Some(reload::debounce(file_settles)),
+                () = sleep_until(file_settles.map(|(_, at)| at)) => {
+                    file_settles = None;
+                    self.reload_if_changed().await;
+                }
                 () = sleep_until(failsafe.as_ref().map(|(at, _)| *at)) => {
                     if let Some((_, index)) = failsafe {
                         self.failsafe_resume(index);
@@ -259,13 +343,16 @@ impl Daemon {
         ExitCode::SUCCESS
     }
 
-    fn handle(&mut self, command: Command) {
+    async fn handle(&mut self, command: Command) {
         match command {
             Command::Pause { proxies, by, reply } => {
                 let _ = reply.send(self.pause(&proxies, &by));
             }
             Command::Resume { proxies, by, reply } => {
                 let _ = reply.send(self.resume(&proxies, &by));
+            }
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload("the control API").await);
             }
         }
     }
@@ -344,7 +431,7 @@ impl Daemon {
             .iter()
             .enumerate()
             .filter_map(|(index, running)| {
-                let limit = running.max_duration?;
+                let limit = running.config.pause.max_duration.non_zero()?;
                 let since = running.proxy.gate.state().runtime?.since;
                 let elapsed = SystemTime::now().duration_since(since).unwrap_or_default();
                 Some((Instant::now() + limit.saturating_sub(elapsed), index))
@@ -354,11 +441,10 @@ impl Daemon {
 
     fn failsafe_resume(&mut self, index: usize) {
         let running = &self.proxies[index];
-        let limit = running.max_duration.map(humantime::format_duration);
         warn!(
             proxy = %running.proxy.name,
             "fail-safe: the runtime pause lasted pause.max_duration ({}); resuming",
-            limit.map(|l| l.to_string()).unwrap_or_default()
+            running.config.pause.max_duration
         );
         let name = running.proxy.name.to_string();
         let _ = self.resume(&[name], "fail-safe");
@@ -379,22 +465,32 @@ impl Daemon {
 
     /// Publishes the running proxies to the control API.
     fn publish(&self) {
+        let (generation, last_reload) = {
+            let current = self.snapshot.borrow();
+            (current.generation, current.last_reload.clone())
+        };
+        self.publish_as(generation, last_reload);
+    }
+
+    /// Publishes the running proxies with a reload's outcome, in one step.
+    fn publish_as(&self, generation: u64, last_reload: ReloadRecord) {
         let proxies = self
             .proxies
             .iter()
             .map(|running| ProxyEntry {
                 proxy: running.proxy.clone(),
-                listen: running.listen.clone(),
-                mode: running.mode,
+                listen: running
+                    .listener
+                    .as_ref()
+                    .map_or_else(|| running.config.listen.clone(), |l| l.bound.clone()),
+                mode: running.config.mode,
             })
             .collect();
-        self.snapshot.send_modify(|snapshot| {
-            *snapshot = Arc::new(Snapshot {
-                generation: snapshot.generation,
-                last_reload: snapshot.last_reload.clone(),
-                proxies,
-            });
-        });
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            generation,
+            last_reload,
+            proxies,
+        }));
     }
 
     /// Stops accepting at once and closes held connections, lets forwarded
@@ -406,14 +502,15 @@ impl Daemon {
         // are refused (503) rather than left waiting for a loop that is gone.
         self.commands.close();
         while self.commands.try_recv().is_ok() {}
-        for running in &self.proxies {
-            running.proxy.stop_accepting.cancel();
+        self.watcher = None;
+        for running in &mut self.proxies {
             running.proxy.gate.close_held.cancel();
             running.proxy.connections.close();
+            if let Some(listener) = running.listener.take() {
+                listener.close(&running.proxy.name).await;
+            }
         }
-        for running in &mut self.proxies {
-            let _ = (&mut running.listener_task).await;
-        }
+        self.retiring.close();
         let open = self.active_connections();
         if open > 0 {
             info!(
@@ -426,6 +523,7 @@ impl Daemon {
             for running in &self.proxies {
                 running.proxy.connections.wait().await;
             }
+            self.retiring.wait().await;
         };
         tokio::pin!(drained);
         let hurry = async {
@@ -447,9 +545,7 @@ impl Daemon {
             }
         };
         if !finished {
-            for running in &self.proxies {
-                running.proxy.kill.cancel();
-            }
+            self.kill_all.cancel();
             if tokio::time::timeout(KILL_WAIT, &mut drained).await.is_err() {
                 warn!("some connections did not close in time");
             }

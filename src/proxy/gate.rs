@@ -165,14 +165,12 @@ impl Gate {
     }
 
     /// The policy for new pauses and admissions (a reload may change it).
-    #[allow(dead_code)] // applied by config reload (issue 4)
     pub fn set_policy(self: &Arc<Self>, policy: &PauseConfig) {
         self.lock().policy = policy.clone();
     }
 
     /// Sets the config's pause; returns true if the proxy changed between
     /// paused and open.
-    #[allow(dead_code)] // applied by config reload (issue 4)
     pub fn set_declared(self: &Arc<Self>, declared: bool) -> bool {
         self.update(|state| state.declared = declared)
     }

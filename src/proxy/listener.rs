@@ -6,20 +6,22 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use super::Proxy;
 use super::stream::Listener;
 
-/// Accepts until `proxy.stop_accepting` is cancelled, then drops the
-/// listener (closing the socket, removing a UNIX socket file).
-pub async fn accept_loop(proxy: Arc<Proxy>, listener: Listener) {
+/// Accepts for `proxy` until `stop` is cancelled, then hands the listening
+/// socket back: the caller closes it, or gives it to another proxy (a
+/// rename on the same address) while the kernel keeps queueing.
+pub async fn accept_loop(proxy: Arc<Proxy>, listener: Listener, stop: CancellationToken) -> Listener {
     let address = listener.local_address();
     let mut backoff = Backoff::default();
     loop {
         let accepted = tokio::select! {
             biased;
-            () = proxy.stop_accepting.cancelled() => break,
+            () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -40,14 +42,13 @@ pub async fn accept_loop(proxy: Arc<Proxy>, listener: Listener) {
                     error!(proxy = %proxy.name, %address, error = %e, "accept failed; retrying");
                 }
                 tokio::select! {
-                    () = proxy.stop_accepting.cancelled() => break,
+                    () = stop.cancelled() => break,
                     () = tokio::time::sleep(pause) => {}
                 }
             }
         }
     }
-    drop(listener);
-    info!(proxy = %proxy.name, %address, "listener closed");
+    listener
 }
 
 /// Errors that concern only the connection being accepted, not the listener.

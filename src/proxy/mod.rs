@@ -40,12 +40,14 @@ pub struct ProxySettings {
 }
 
 impl ProxySettings {
-    pub fn from_config(config: &ProxyConfig) -> ProxySettings {
+    /// Settings for `config`; backends that `previous` already has keep
+    /// their live state (counters, reachability).
+    pub fn from_config(config: &ProxyConfig, previous: Option<&BackendSet>) -> ProxySettings {
         let answer_503 = config.pause.reject_with == RejectWith::Http503 || config.mode == Mode::Http;
         ProxySettings {
             connect_timeout: config.connect_timeout.0,
             idle_timeout: config.idle_timeout.non_zero(),
-            backends: Arc::new(BackendSet::new(&config.backends)),
+            backends: Arc::new(BackendSet::new(&config.backends, previous)),
             reject_with_503: answer_503.then_some(config.pause.retry_after.0),
         }
     }
@@ -68,11 +70,9 @@ pub struct ProxyStats {
 pub struct Proxy {
     pub name: Arc<str>,
     pub stats: ProxyStats,
-    /// Every forwarded connection runs on this tracker: stopping or removing
-    /// the proxy waits on it instead of polling a counter.
+    /// Every connection runs on this tracker: stopping or removing the
+    /// proxy waits on it instead of polling a counter.
     pub connections: TaskTracker,
-    /// Cancelled to stop accepting; the listener is closed when its task ends.
-    pub stop_accepting: CancellationToken,
     /// Cancelled to close every connection at once (grace or drain over).
     pub kill: CancellationToken,
     pub settings: watch::Sender<Arc<ProxySettings>>,
@@ -87,18 +87,28 @@ impl Proxy {
         kill: CancellationToken,
         runtime_pause: Option<RuntimePause>,
     ) -> Arc<Proxy> {
-        let (settings, _) = watch::channel(Arc::new(ProxySettings::from_config(config)));
+        let (settings, _) = watch::channel(Arc::new(ProxySettings::from_config(config, None)));
         let gate = Gate::new(&config.pause, config.paused, runtime_pause, kill.child_token());
         Arc::new(Proxy {
             name: config.name.as_str().into(),
             stats: ProxyStats::default(),
             connections: TaskTracker::new(),
-            stop_accepting: CancellationToken::new(),
             kill,
             settings,
             gate: Arc::new(gate),
             idle: Notify::new(),
         })
+    }
+
+    /// Applies a changed config to new connections; open ones keep the
+    /// settings and backend they started with. Returns true if the change
+    /// paused or resumed the proxy.
+    pub fn update(&self, config: &ProxyConfig) -> bool {
+        let previous = self.settings.borrow().backends.clone();
+        let settings = ProxySettings::from_config(config, Some(&previous));
+        self.settings.send_replace(Arc::new(settings));
+        self.gate.set_policy(&config.pause);
+        self.gate.set_declared(config.paused)
     }
 
     /// Waits until no forwarded connection is open.

@@ -859,3 +859,213 @@ pub fn position_of(text: &str, needle: &str, nth: usize) -> (usize, usize) {
     let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     (line, column)
 }
+
+// ---------------------------------------------------------------------------
+// Control API
+
+/// The control socket [`preamble`] configures for a test's `dir`.
+pub fn control_socket(dir: &Path) -> PathBuf {
+    dir.join("control.sock")
+}
+
+/// Like [`preamble`], but with `control.listen: LISTEN` and, if given,
+/// `control.token: TOKEN` instead of the UNIX socket in `dir`.
+pub fn preamble_with_control(dir: &Path, grace: &str, listen: &str, token: Option<&str>) -> String {
+    let mut yaml = format!(
+        "log:\n  target: stderr\n  level: info\nstate_dir: {d}\ncontrol:\n  listen: {listen}\n",
+        d = dir.display()
+    );
+    if let Some(token) = token {
+        yaml.push_str(&format!("  token: {token}\n"));
+    }
+    yaml.push_str(&format!("shutdown:\n  grace_period: {grace}\n"));
+    yaml
+}
+
+/// A loopback TCP address that was free a moment ago (bound on port 0 and
+/// released): for listeners whose chosen port the daemon does not report.
+pub fn free_tcp_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().unwrap()
+}
+
+/// Starts the daemon ([`Daemon::start`]) and waits (bounded) for its
+/// `started:` line, logged once every listener is bound and the control API
+/// knows the proxies.
+pub fn start_ready(dir: &Path, yaml: &str) -> Daemon {
+    let daemon = Daemon::start(dir, yaml);
+    daemon.wait_for_line("started: ", WAIT);
+    daemon
+}
+
+/// How long a control request may take: longer than any `?timeout=` the
+/// tests pass to wait-idle.
+pub const HTTP_WAIT: Duration = Duration::from_secs(20);
+
+/// One HTTP/1.1 exchange on `stream` with `Connection: close`: the status
+/// code and the body (chunked bodies decoded).
+pub fn http_exchange<S: Read + Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("{method} {path}: write: {e}"))?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_closed_error(&e) && !raw.is_empty() => break,
+            Err(e) => return Err(format!("{method} {path}: read: {e} (after {} bytes)", raw.len())),
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{method} {path}: no complete HTTP head in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| format!("{method} {path}: bad status line in {text:?}"))?;
+    let chunked = head.lines().any(|line| {
+        let line = line.to_ascii_lowercase();
+        line.starts_with("transfer-encoding:") && line.contains("chunked")
+    });
+    let body = if chunked {
+        decode_chunked(body).ok_or_else(|| format!("{method} {path}: bad chunked body {body:?}"))?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn decode_chunked(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size + 2..)?;
+    }
+}
+
+/// `METHOD PATH` on the control socket of the daemon in `dir`: status code
+/// and body. Panics if the exchange itself fails.
+pub fn http(dir: &Path, method: &str, path: &str) -> (u16, String) {
+    let socket = control_socket(dir);
+    let stream = UnixStream::connect(&socket)
+        .unwrap_or_else(|e| panic!("connect to the control socket {}: {e}", socket.display()));
+    stream.set_read_timeout(Some(HTTP_WAIT)).unwrap();
+    stream.set_write_timeout(Some(HTTP_WAIT)).unwrap();
+    http_exchange(stream, method, path, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `METHOD PATH` on a TCP control listener, with extra request headers.
+pub fn http_tcp(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let stream = TcpStream::connect_timeout(&addr, WAIT)
+        .unwrap_or_else(|e| panic!("connect to the control listener {addr}: {e}"));
+    stream.set_read_timeout(Some(HTTP_WAIT)).unwrap();
+    stream.set_write_timeout(Some(HTTP_WAIT)).unwrap();
+    http_exchange(stream, method, path, headers).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Parses a JSON body, failing the test with the body if it is not JSON.
+pub fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
+/// `GET /status` (asserting 200) as JSON.
+pub fn status(dir: &Path) -> serde_json::Value {
+    let (code, body) = http(dir, "GET", "/status");
+    assert_eq!(code, 200, "GET /status answered {code}: {body}");
+    json(&body)
+}
+
+/// The `/status` entry of proxy `name`.
+pub fn proxy_status(dir: &Path, name: &str) -> serde_json::Value {
+    let doc = status(dir);
+    doc["proxies"]
+        .as_array()
+        .and_then(|proxies| proxies.iter().find(|p| p["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no proxy {name:?} in /status: {doc}"))
+}
+
+/// Polls `probe` every 10 ms until it yields a value; panics with `what`
+/// after `timeout`.
+pub fn poll_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `/status` until proxy `name`'s entry satisfies `test` (bounded by
+/// [`WAIT`]); returns that entry. The failure shows the last entry seen.
+pub fn wait_proxy(
+    dir: &Path,
+    name: &str,
+    what: &str,
+    test: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let entry = proxy_status(dir, name);
+        if test(&entry) {
+            return entry;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {WAIT:?} waiting for proxy {name:?}: {what}; last status: {entry}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until proxy `name` holds exactly `n` connections.
+pub fn wait_held(dir: &Path, name: &str, n: u64) -> serde_json::Value {
+    wait_proxy(dir, name, &format!("held == {n}"), |p| p["held"] == n)
+}
+
+/// Waits (bounded) until `stream` has `n` bytes to read, and reads them.
+pub fn read_exactly(stream: &mut Stream, n: usize) -> Result<Vec<u8>, String> {
+    let mut data = vec![0u8; n];
+    stream
+        .read_exact(&mut data)
+        .map_err(|e| format!("read of {n} bytes: {e}"))?;
+    Ok(data)
+}
+
+/// Asserts nothing arrives on `stream` (neither data nor EOF) for `quiet`.
+pub fn assert_silent(stream: &mut Stream, quiet: Duration, context: &str) {
+    stream.set_read_timeout(quiet);
+    let mut buf = [0u8; 256];
+    let result = stream.read(&mut buf);
+    stream.set_read_timeout(WAIT);
+    match result {
+        Err(e) if is_timeout(&e) => {}
+        Ok(0) => panic!("{context}: the connection was closed"),
+        Ok(n) => panic!("{context}: got {:?}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) => panic!("{context}: read failed: {e}"),
+    }
+}

@@ -1,0 +1,248 @@
+//! Applying a new config to the running daemon.
+//!
+//! A reload reads and validates the whole file first (off the runtime); if
+//! anything is wrong nothing changes. Then it plans (`reconcile.rs`), binds
+//! every new socket, and only when all binds succeeded commits: hands
+//! sockets over, updates, adds, and retires removed proxies, whose open
+//! connections drain for their `drain_timeout`.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::reconcile::{self, Action, Running, Source};
+use super::{Daemon, ReloadRecord, RunningListener, RunningProxy};
+use crate::config::{self, Config};
+use crate::proxy::Proxy;
+use crate::proxy::stream::Listener;
+
+/// Quiet time after the last file event before the file is read again.
+const SETTLE: Duration = Duration::from_millis(200);
+/// Longest a stream of file events may delay a reload.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
+
+/// Identifies a config text, so an unchanged file is not reloaded.
+pub fn fingerprint(text: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Next (first event, reload at) after a file event: a burst of events
+/// (an editor's write, rename, chmod) settles into one reload.
+pub fn debounce(pending: Option<(Instant, Instant)>) -> (Instant, Instant) {
+    let now = Instant::now();
+    let first = pending.map_or(now, |(first, _)| first);
+    (first, (now + SETTLE).min(first + SETTLE_AT_MOST))
+}
+
+impl Daemon {
+    /// Reloads after a file event if the file's content changed. A file that
+    /// disappeared is not a config of zero proxies: it is reported and the
+    /// running config stays.
+    pub(super) async fn reload_if_changed(&mut self) {
+        let path = self.config_path.clone();
+        let text = tokio::task::spawn_blocking(move || config::read(&path)).await;
+        match text {
+            Ok(Ok(text)) if fingerprint(&text) == self.config_fingerprint => {}
+            Ok(Ok(_)) => {
+                let _ = self.reload("a change of the config file").await;
+            }
+            Ok(Err(e)) => warn!("{e}; the running config stays"),
+            Err(e) => warn!(error = %e, "cannot read the config file"),
+        }
+    }
+
+    /// Reloads the config file. Ok: the new generation. Err: why it was
+    /// rejected (the running config stays).
+    pub(super) async fn reload(&mut self, trigger: &str) -> Result<u64, String> {
+        let path = self.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let text = config::read(&path)?;
+            // Remember this text even if it is rejected: the watcher then
+            // waits for the next edit instead of re-reporting the same error.
+            Ok((config::parse(&text, &path), fingerprint(&text)))
+        })
+        .await;
+        let result = match loaded {
+            Ok(Ok::<_, config::ConfigError>((parsed, fingerprint))) => {
+                self.config_fingerprint = fingerprint;
+                match parsed {
+                    Ok(config) => self.apply(config).await,
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("reading the config failed: {e}")),
+        };
+        let record = ReloadRecord {
+            ok: result.is_ok(),
+            error: result.as_ref().err().cloned(),
+            at: SystemTime::now(),
+        };
+        let generation = self.snapshot.borrow().generation + u64::from(result.is_ok());
+        match &result {
+            Ok(summary) => info!(generation, trigger, "reload applied: {summary}"),
+            Err(why) => error!(trigger, "reload rejected, the running config stays:\n{why}"),
+        }
+        self.publish_as(generation, record);
+        result.map(|_| generation)
+    }
+
+    /// Converges the running proxies to `config`; returns a summary of what
+    /// changed. Fails, changing nothing, if a new socket cannot be bound.
+    async fn apply(&mut self, config: Config) -> Result<String, String> {
+        let running: Vec<Running> = self
+            .proxies
+            .iter()
+            .map(|r| Running {
+                name: &r.proxy.name,
+                config: &r.config,
+            })
+            .collect();
+        let plan = reconcile::plan(&config.proxies, &running);
+
+        // Bind first: a failure here leaves everything as it was.
+        let mut fresh: HashMap<String, Listener> = HashMap::new();
+        for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
+            if let Action::Add {
+                listener: Source::Bind,
+            }
+            | Action::Move {
+                listener: Source::Bind,
+            } = step.action
+            {
+                let listener = Listener::bind(&wanted.listen)
+                    .await
+                    .map_err(|e| format!("proxy {:?}: {e}", wanted.name))?;
+                fresh.insert(step.name.clone(), listener);
+            }
+        }
+
+        // Commit. Sockets changing hands stop accepting first; the kernel
+        // queues meanwhile, so nothing is refused.
+        let mut taken: HashMap<String, Listener> = HashMap::new();
+        for from in plan.taken_over() {
+            if let Some(owner) = self.proxies.iter_mut().find(|r| *r.proxy.name == *from)
+                && let Some(listener) = owner.listener.take()
+                && let Some(socket) = listener.stop().await
+            {
+                taken.insert(from.to_string(), socket);
+            }
+        }
+        let mut socket_for = |name: &str, source: &Source| match source {
+            Source::Bind => fresh.remove(name),
+            Source::TakeOver(from) => taken.remove(from),
+        };
+        let mut old: HashMap<String, RunningProxy> = self
+            .proxies
+            .drain(..)
+            .map(|r| (r.proxy.name.to_string(), r))
+            .collect();
+        let mut next = Vec::with_capacity(config.proxies.len());
+        for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
+            let current = old.remove(&step.name);
+            let running = match (&step.action, current) {
+                (Action::Unchanged, Some(current)) => current,
+                (Action::Update, Some(mut current)) => {
+                    self.update_proxy(&current.proxy, wanted);
+                    current.config = wanted.clone();
+                    current
+                }
+                (Action::Move { listener }, Some(mut current)) => {
+                    // The new socket accepts before the old one closes.
+                    let socket = socket_for(&step.name, listener);
+                    let previous = current.listener.take();
+                    current.listener = socket.map(|s| RunningListener::start(&current.proxy, s));
+                    if let Some(previous) = previous {
+                        previous.close(&step.name).await;
+                    }
+                    self.update_proxy(&current.proxy, wanted);
+                    current.config = wanted.clone();
+                    current
+                }
+                (Action::Add { listener }, _) => {
+                    let proxy = Proxy::new(wanted, self.kill_all.child_token(), None);
+                    if wanted.paused {
+                        info!(proxy = %proxy.name, by = "config", "paused");
+                    }
+                    let socket = socket_for(&step.name, listener);
+                    RunningProxy {
+                        listener: socket.map(|s| RunningListener::start(&proxy, s)),
+                        proxy,
+                        config: wanted.clone(),
+                    }
+                }
+                (_, None) => unreachable!("the plan keeps only proxies that run"),
+            };
+            next.push(running);
+        }
+        for name in &plan.remove {
+            if let Some(removed) = old.remove(name) {
+                self.retire(removed).await;
+            }
+        }
+        self.proxies = next;
+        self.apply_globals(&config);
+        self.config = config;
+        self.persist();
+        Ok(plan.summary())
+    }
+
+    fn update_proxy(&self, proxy: &Proxy, wanted: &config::ProxyConfig) {
+        let was_paused = proxy.gate.state().paused();
+        if proxy.update(wanted) {
+            let verb = if was_paused { "resumed" } else { "paused" };
+            info!(proxy = %proxy.name, by = "config", "{verb}");
+        }
+    }
+
+    /// A removed proxy: stops accepting, closes its held connections (its
+    /// config is gone, so they are never forwarded), and lets forwarded ones
+    /// run for `drain_timeout` before closing them.
+    async fn retire(&self, removed: RunningProxy) {
+        let RunningProxy {
+            proxy,
+            config,
+            listener,
+        } = removed;
+        if let Some(listener) = listener {
+            listener.close(&proxy.name).await;
+        }
+        proxy.gate.close_held.cancel();
+        proxy.connections.close();
+        let drain = config.drain_timeout.0;
+        let open = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed);
+        info!(proxy = %proxy.name, connections = open, "removed; open connections may finish within drain_timeout {}", config.drain_timeout);
+        self.retiring.spawn(async move {
+            tokio::select! {
+                () = proxy.connections.wait() => info!(proxy = %proxy.name, "removed proxy drained"),
+                () = tokio::time::sleep(drain) => {
+                    warn!(proxy = %proxy.name, connections = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed), "drain_timeout over: closing the removed proxy's connections");
+                    proxy.kill.cancel();
+                }
+            }
+        });
+    }
+
+    /// Settings outside the proxies: the log level applies now; the control
+    /// address and state directory at the next start.
+    fn apply_globals(&mut self, config: &Config) {
+        self.logging.apply(&config.log);
+        if config.log.target != self.config.log.target {
+            warn!("log.target changes take effect at the next start");
+        }
+        if config.control != self.config.control {
+            warn!(
+                "control settings change at the next start; the control socket stays at {}",
+                self.config.control.listen
+            );
+        }
+        if config.state_dir != self.config.state_dir {
+            warn!("state_dir changes take effect at the next start");
+        }
+    }
+}
