@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use address::{Address, TcpTarget};
 pub use schema::*;
+pub use validate::backend_list_problems;
 
 use locate::{Locations, Position};
 
@@ -121,7 +122,11 @@ pub fn control_settings(path: &Path) -> (Option<Address>, Option<String>) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return (None, None);
     };
-    let Ok(document) = serde_yaml::from_str::<serde_yaml::Value>(&text) else {
+    // A syntax error elsewhere must not hide the control block: failing the
+    // whole document, read the top-level `control:` block on its own.
+    let document = serde_yaml::from_str::<serde_yaml::Value>(&text)
+        .or_else(|_| serde_yaml::from_str::<serde_yaml::Value>(&top_level_block(&text, "control")));
+    let Ok(document) = document else {
         return (None, None);
     };
     let control = document.get("control");
@@ -130,6 +135,26 @@ pub fn control_settings(path: &Path) -> (Option<Address>, Option<String>) {
         field("listen").and_then(|text| Address::parse(text).ok()),
         field("token").map(String::from),
     )
+}
+
+/// The lines of the top-level mapping entry `key` (its line and the
+/// indented or blank lines after it).
+fn top_level_block(text: &str, key: &str) -> String {
+    let mut block = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let top_level = !line.starts_with([' ', '\t', '#']) && !line.trim().is_empty();
+        if top_level {
+            inside = line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'));
+        }
+        if inside {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    block
 }
 
 impl Config {
@@ -247,6 +272,12 @@ proxies:
         assert_eq!(address.unwrap().to_string(), "unix:/run/x.sock");
         assert_eq!(token.as_deref(), Some("t"));
         assert_eq!(control_settings(&dir.path().join("missing")), (None, None));
+        std::fs::write(
+            &path,
+            "proxies: [\ncontrol:\n  listen: unix:/run/y.sock\nlog: {level: info}\n",
+        )
+        .unwrap();
+        assert_eq!(control_settings(&path).0.unwrap().to_string(), "unix:/run/y.sock");
     }
 
     #[test]

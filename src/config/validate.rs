@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::address::Address;
-use super::schema::{Config, HealthCheckKind, LogTarget, Mode, ProxyConfig};
+use super::schema::{BackendConfig, Config, HealthCheckKind, LogTarget, Mode, ProxyConfig};
 
 /// One broken rule: where (a serde_yaml-style path) and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,28 +100,7 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
             format!("proxy {name:?} has no backends"),
         );
     }
-    let mut seen: HashMap<&Address, usize> = HashMap::new();
-    for (index, backend) in proxy.backends.iter().enumerate() {
-        let here = format!("{at}.backends[{index}]");
-        if backend.address.port() == Some(0) {
-            issues.add(&here, format!("backend {} has port 0", backend.address));
-        }
-        if !(1..=1000).contains(&backend.weight) {
-            issues.add(
-                format!("{here}.weight"),
-                format!("weight {} is out of range 1-1000", backend.weight),
-            );
-        }
-        if let Some(first) = seen.insert(&backend.address, index) {
-            issues.add(
-                &here,
-                format!(
-                    "backend {} is listed twice in proxy {name:?} (also backends[{first}])",
-                    backend.address
-                ),
-            );
-        }
-    }
+    check_backend_list(&proxy.backends, &format!("{at}.backends"), issues);
     if proxy.connect_timeout.is_zero() {
         issues.add(
             format!("{at}.connect_timeout"),
@@ -214,6 +193,45 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
             );
         }
     }
+}
+
+/// The rules for a list of backends, wherever it comes from (the file or a
+/// deploy through the API).
+fn check_backend_list(backends: &[BackendConfig], at: &str, issues: &mut Issues) {
+    let mut seen: HashMap<&Address, usize> = HashMap::new();
+    for (index, backend) in backends.iter().enumerate() {
+        let here = format!("{at}[{index}]");
+        if backend.address.port() == Some(0) {
+            issues.add(&here, format!("backend {} has port 0", backend.address));
+        }
+        if !(1..=1000).contains(&backend.weight) {
+            issues.add(
+                format!("{here}.weight"),
+                format!("weight {} is out of range 1-1000", backend.weight),
+            );
+        }
+        if let Some(first) = seen.insert(&backend.address, index) {
+            issues.add(
+                &here,
+                format!("backend {} is listed twice (also {at}[{first}])", backend.address),
+            );
+        }
+    }
+}
+
+/// Problems of a backend list given at run time (a deploy): empty when it
+/// may replace a proxy's backends.
+pub fn backend_list_problems(backends: &[BackendConfig]) -> Vec<String> {
+    let mut issues = Issues::default();
+    if backends.is_empty() {
+        issues.add("backends", "at least one backend is needed");
+    }
+    check_backend_list(backends, "backends", &mut issues);
+    issues
+        .0
+        .into_iter()
+        .map(|i| format!("{}: {}", i.path, i.message))
+        .collect()
 }
 
 /// Names are unique; a listen address is used once, except by http proxies

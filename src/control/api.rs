@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 
 use super::Access;
 use super::status;
-use crate::config::Dur;
-use crate::daemon::commands::{Command, PauseReport, UnknownProxy};
+use crate::config::{BackendConfig, Dur, backend_list_problems};
+use crate::daemon::commands::{Command, DeployError, PauseReport, UnknownProxy};
 use crate::daemon::{Shared, Snapshot};
 
 type Reply = Response<Full<Bytes>>;
@@ -90,7 +90,8 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
             &format!("{path} is not implemented yet"),
         ),
         (&Method::PUT, p) if p.starts_with("/proxies/") && p.ends_with("/backends") => {
-            error(StatusCode::NOT_IMPLEMENTED, "deploy is not implemented yet")
+            let name = percent_decode(&p["/proxies/".len()..p.len() - "/backends".len()]);
+            deploy(shared, name, request.into_body()).await
         }
         (
             _,
@@ -109,6 +110,81 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
         _ => error(StatusCode::NOT_FOUND, &format!("no such route: {method} {path}")),
     }
 }
+
+/// The largest deploy request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployRequest {
+    backends: Vec<BackendConfig>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+/// `PUT /proxies/NAME/backends`: answers once the deploy is done (200 with
+/// the new set), refused (422), or rolled back (504).
+async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("cannot read the request body: {e}"),
+            );
+        }
+    };
+    let request: DeployRequest = match serde_json::from_slice(&bytes) {
+        Ok(request) => request,
+        Err(e) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("expected {{\"backends\": [ADDR, ...], \"timeout\": \"60s\"}}: {e}"),
+            );
+        }
+    };
+    let problems = backend_list_problems(&request.backends);
+    if !problems.is_empty() {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, &problems.join("; "));
+    }
+    let timeout = match request.timeout.as_deref().map(Dur::parse).transpose() {
+        Ok(Some(timeout)) if !timeout.is_zero() => timeout.0,
+        Ok(None) => DEFAULT_DEPLOY_TIMEOUT,
+        Ok(Some(_)) => return error(StatusCode::UNPROCESSABLE_ENTITY, "timeout must be more than 0s"),
+        Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+    };
+    let (reply, answer) = oneshot::channel();
+    let command = Command::Deploy {
+        proxy: proxy.clone(),
+        backends: request.backends,
+        timeout,
+        reply,
+    };
+    if shared.commands.send(command).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
+    }
+    match answer.await {
+        Ok(Ok(backends)) => {
+            let backends: Vec<_> = backends
+                .iter()
+                .map(|b| json!({ "address": b.address.to_string(), "weight": b.weight }))
+                .collect();
+            ok_json(StatusCode::OK, &json!({ "proxy": proxy, "backends": backends }))
+        }
+        Ok(Err(e)) => {
+            let status = match e {
+                DeployError::UnknownProxy(_) => StatusCode::NOT_FOUND,
+                DeployError::InProgress(_) => StatusCode::CONFLICT,
+                DeployError::NotHealthy(_) => StatusCode::GATEWAY_TIMEOUT,
+            };
+            error(status, &e.to_string())
+        }
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
+    }
+}
+
+/// How long a deploy waits for its new backends unless told otherwise.
+const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends a pause or resume to the daemon loop and waits for its answer.
 async fn ask_pause(

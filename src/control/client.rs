@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde_json::json;
 
 use super::status::{self, StatusDoc};
 use crate::cli::{ClientArgs, Command};
@@ -62,7 +63,7 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
         Command::Status { json, proxy, client } => {
             let daemon = Daemon::locate(client, config_path)?;
             let query = proxy_query(proxy.iter());
-            let body = daemon.call(Method::GET, &format!("/status{query}")).await?;
+            let body = daemon.call(Method::GET, &format!("/status{query}"), None).await?;
             if *json {
                 print!("{}", String::from_utf8_lossy(&body));
             } else {
@@ -77,7 +78,11 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
             let daemon = Daemon::locate(client, config_path)?;
             let route = if pause { "/pause" } else { "/resume" };
             let body = daemon
-                .call(Method::POST, &format!("{route}{}", proxy_query(proxies.iter())))
+                .call(
+                    Method::POST,
+                    &format!("{route}{}", proxy_query(proxies.iter())),
+                    None,
+                )
                 .await?;
             #[derive(serde::Deserialize)]
             struct Answer {
@@ -102,13 +107,15 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
                 query.push_str(&format!("timeout={timeout}"));
             }
             let daemon = Daemon::locate(client, config_path)?;
-            daemon.call(Method::GET, &format!("/wait-idle{query}")).await?;
+            daemon
+                .call(Method::GET, &format!("/wait-idle{query}"), None)
+                .await?;
             println!("idle: no forwarded connection is open");
             Ok(())
         }
         Command::Reload { client } => {
             let daemon = Daemon::locate(client, config_path)?;
-            let body = daemon.call(Method::POST, "/reload").await?;
+            let body = daemon.call(Method::POST, "/reload", None).await?;
             let generation = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
@@ -116,12 +123,126 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
             println!("reload applied: config generation {generation}");
             Ok(())
         }
+        Command::Deploy {
+            timeout,
+            proxy,
+            addresses,
+            client,
+        } => {
+            let backends = parse_addresses(addresses)?
+                .into_iter()
+                .map(|a| json!(a.to_string()))
+                .collect();
+            Dur::parse(timeout).map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+            let daemon = Daemon::locate(client, config_path)?;
+            deploy(&daemon, proxy, backends, timeout).await
+        }
+        Command::Add {
+            proxy,
+            addresses,
+            client,
+        }
+        | Command::Rm {
+            proxy,
+            addresses,
+            client,
+        } => {
+            let adding = matches!(command, Command::Add { .. });
+            let given = parse_addresses(addresses)?;
+            let daemon = Daemon::locate(client, config_path)?;
+            let doc = daemon.status(Some(proxy)).await?;
+            let current: Vec<(String, u32)> = doc
+                .proxies
+                .iter()
+                .flat_map(|p| &p.backends)
+                .filter(|b| b.state != "draining" && b.state != "adding")
+                .map(|b| (b.address.clone(), b.weight))
+                .collect();
+            let given: Vec<String> = given.iter().map(ToString::to_string).collect();
+            let mut next = current.clone();
+            if adding {
+                for address in &given {
+                    if !next.iter().any(|(a, _)| a == address) {
+                        next.push((address.clone(), 1));
+                    }
+                }
+            } else {
+                if let Some(missing) = given.iter().find(|a| !current.iter().any(|(c, _)| c == *a)) {
+                    return Err(Failure::usage(format!(
+                        "{missing} is not a backend of proxy {proxy:?}"
+                    )));
+                }
+                next.retain(|(a, _)| !given.contains(a));
+                if next.is_empty() {
+                    return Err(Failure::usage(format!(
+                        "that would leave proxy {proxy:?} without backends; use deploy to replace them"
+                    )));
+                }
+            }
+            let backends = next
+                .iter()
+                .map(|(a, w)| json!({ "address": a, "weight": w }))
+                .collect();
+            deploy(&daemon, proxy, backends, "60s").await
+        }
+        Command::List { json, proxy, client } => {
+            let daemon = Daemon::locate(client, config_path)?;
+            let doc = daemon.status(proxy.as_deref()).await?;
+            let rows: Vec<serde_json::Value> = doc
+                .proxies
+                .iter()
+                .flat_map(|p| {
+                    p.backends.iter().map(move |b| {
+                        json!({ "proxy": p.name, "address": b.address, "state": b.state, "active": b.active })
+                    })
+                })
+                .collect();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+            } else {
+                for (p, b) in doc
+                    .proxies
+                    .iter()
+                    .flat_map(|p| p.backends.iter().map(move |b| (p, b)))
+                {
+                    println!("{}\t{}\t{}\t{}", p.name, b.address, b.state, b.active);
+                }
+            }
+            Ok(())
+        }
         Command::Run | Command::Check => Err(Failure::usage("not a client command")),
-        _ => Err(Failure::runtime(format!(
-            "`{}` is not implemented yet",
-            command_name(command)
-        ))),
     }
+}
+
+/// Sends a deploy and reports its outcome.
+async fn deploy(
+    daemon: &Daemon,
+    proxy: &str,
+    backends: Vec<serde_json::Value>,
+    timeout: &str,
+) -> Result<(), Failure> {
+    let body = json!({ "backends": backends, "timeout": timeout }).to_string();
+    let path = format!("/proxies/{}/backends", percent_encode(proxy));
+    let answer = daemon.call(Method::PUT, &path, Some(body)).await?;
+    let set: Vec<String> = serde_json::from_slice::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|v| v.get("backends").and_then(|b| b.as_array()).cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|b| b.get("address").and_then(|a| a.as_str()).map(String::from))
+        .collect();
+    println!(
+        "{proxy}: now serving {}; the previous backends drain",
+        set.join(", ")
+    );
+    Ok(())
+}
+
+fn parse_addresses(addresses: &[String]) -> Result<Vec<Address>, Failure> {
+    addresses
+        .iter()
+        .map(|a| Address::parse(a).map_err(Failure::usage))
+        .collect()
 }
 
 fn describe_pause(report: &PauseReport, pause: bool) -> String {
@@ -133,20 +254,6 @@ fn describe_pause(report: &PauseReport, pause: bool) -> String {
             report.name
         ),
     }
-}
-
-pub fn command_name(command: &Command) -> String {
-    let debug = format!("{command:?}");
-    let name = debug.split([' ', '{']).next().unwrap_or("command");
-    // CamelCase variant to the kebab-case subcommand: WaitIdle -> wait-idle.
-    let mut out = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('-');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
 }
 
 fn proxy_query<'a>(names: impl Iterator<Item = &'a String>) -> String {
@@ -191,9 +298,15 @@ impl Daemon {
         Ok(Daemon { address, token })
     }
 
+    async fn status(&self, proxy: Option<&str>) -> Result<StatusDoc, Failure> {
+        let query = proxy_query(proxy.map(String::from).iter());
+        let body = self.call(Method::GET, &format!("/status{query}"), None).await?;
+        serde_json::from_slice(&body).map_err(|e| Failure::runtime(format!("unexpected /status answer: {e}")))
+    }
+
     /// One request; a non-2xx answer becomes a failure carrying the
     /// daemon's error message.
-    async fn call(&self, method: Method, path: &str) -> Result<Bytes, Failure> {
+    async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<Bytes, Failure> {
         let stream = Stream::connect(&self.address)
             .await
             .map_err(|e| Failure::runtime(format!("no daemon at {}: {}", self.address, describe_io(&e))))?;
@@ -208,8 +321,11 @@ impl Daemon {
         if let Some(token) = &self.token {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
         let request = request
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| Failure::usage(format!("bad request: {e}")))?;
         let response = sender
             .send_request(request)
@@ -252,21 +368,6 @@ fn describe_io(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subcommand_names_match_the_cli() {
-        let client = || ClientArgs {
-            control: None,
-            token: None,
-        };
-        let wait = Command::WaitIdle {
-            proxies: vec![],
-            timeout: None,
-            client: client(),
-        };
-        assert_eq!(command_name(&wait), "wait-idle");
-        assert_eq!(command_name(&Command::Reload { client: client() }), "reload");
-    }
 
     #[test]
     fn proxy_names_are_encoded() {

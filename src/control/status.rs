@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backends::Role;
 use crate::daemon::{ProxyEntry, Shared, Snapshot};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,18 +107,15 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
             .backends
             .backends
             .iter()
-            .map(|backend| {
-                let up = backend.is_reachable();
-                BackendStatus {
-                    address: backend.address.to_string(),
-                    up,
-                    state: if up { "healthy" } else { "unhealthy" }.to_string(),
-                    active: backend.active.load(Relaxed),
-                    total: backend.total.load(Relaxed),
-                    weight: backend.weight,
-                    draining: false,
-                    last_check: None,
-                }
+            .map(|backend| BackendStatus {
+                address: backend.address.to_string(),
+                up: backend.is_up(),
+                state: backend.state_name().to_string(),
+                active: backend.active.load(Relaxed),
+                total: backend.total.load(Relaxed),
+                weight: backend.weight,
+                draining: backend.role() == Role::Draining,
+                last_check: backend.last_check(),
             })
             .collect(),
     }

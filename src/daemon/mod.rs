@@ -7,6 +7,7 @@
 //! resume: here), persists runtime overrides and answers.
 
 pub mod commands;
+mod deploy;
 mod reconcile;
 mod reload;
 mod signals;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{self, Address, Config, Mode, ProxyConfig};
+use crate::config::{self, Address, BackendConfig, Config, Mode, ProxyConfig};
 use crate::control;
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
@@ -35,7 +36,7 @@ use crate::proxy::stream::Listener;
 use crate::telemetry::{self, Logging};
 use commands::{Command, PauseReport, UnknownProxy};
 use signals::{Signal, Signals};
-use state::{PauseRecord, State, StateWriter};
+use state::{BackendRecord, DeployedRecord, PauseRecord, State, StateWriter};
 
 /// How long connections get to close after being killed at the end of the
 /// grace period, before the process exits regardless.
@@ -144,6 +145,8 @@ struct Daemon {
     /// Parent of every proxy's kill token: cancelled at the end of the grace period.
     kill_all: CancellationToken,
     commands: mpsc::Receiver<Command>,
+    /// For tasks that report back to the loop (a deploy's wait).
+    command_sender: mpsc::Sender<Command>,
     watcher: Option<watch::ConfigWatcher>,
     state_writer: StateWriter,
     control_task: JoinHandle<()>,
@@ -153,7 +156,12 @@ struct Daemon {
 
 struct RunningProxy {
     proxy: Arc<Proxy>,
+    /// The proxy as the config file describes it.
     config: ProxyConfig,
+    /// A backend set deployed at run time, overriding the file's list.
+    deployed: Option<Vec<BackendConfig>>,
+    /// A deploy is waiting for its new backends.
+    deploying: bool,
     /// `None` only while a reload hands this proxy's socket to another.
     listener: Option<RunningListener>,
 }
@@ -223,7 +231,15 @@ impl Daemon {
                 .paused
                 .get(&proxy_config.name)
                 .and_then(PauseRecord::to_pause);
-            let proxy = Proxy::new(proxy_config, kill_all.child_token(), restored.clone());
+            let deployed = saved.backends.get(&proxy_config.name).and_then(|record| {
+                let set = record.applies_to(&proxy_config.backends);
+                if set.is_none() {
+                    info!(proxy = %proxy_config.name, "the config file's backends changed since the last deploy: they replace the deployed set");
+                }
+                set
+            });
+            let backends = deployed.as_deref().unwrap_or(&proxy_config.backends);
+            let proxy = Proxy::new(proxy_config, backends, kill_all.child_token(), restored.clone());
             if proxy_config.paused {
                 info!(proxy = %proxy.name, by = "config", "paused");
             }
@@ -234,6 +250,8 @@ impl Daemon {
                 listener: Some(RunningListener::start(&proxy, listener)),
                 proxy,
                 config: proxy_config.clone(),
+                deployed,
+                deploying: false,
             });
         }
         for name in saved.paused.keys() {
@@ -253,7 +271,7 @@ impl Daemon {
             proxies: Vec::new(),
         }));
         let shared = Arc::new(Shared {
-            commands: command_sender,
+            commands: command_sender.clone(),
             snapshot: snapshot_receiver,
             config_path: config_path.clone(),
             started_at: Instant::now(),
@@ -284,6 +302,7 @@ impl Daemon {
             retiring: TaskTracker::new(),
             kill_all,
             commands,
+            command_sender,
             watcher,
             control_task,
             stop_control,
@@ -354,6 +373,19 @@ impl Daemon {
             Command::Reload { reply } => {
                 let _ = reply.send(self.reload("the control API").await);
             }
+            Command::Deploy {
+                proxy,
+                backends,
+                timeout,
+                reply,
+            } => self.deploy(proxy, backends, timeout, reply),
+            Command::DeployDone {
+                proxy,
+                backends,
+                added,
+                outcome,
+                reply,
+            } => self.deploy_done(proxy, backends, added, outcome, reply),
         }
     }
 
@@ -459,6 +491,13 @@ impl Daemon {
                     .paused
                     .insert(running.proxy.name.to_string(), PauseRecord::from_pause(&pause));
             }
+            if let Some(deployed) = &running.deployed {
+                let record = DeployedRecord {
+                    backends: BackendRecord::list(deployed),
+                    file: BackendRecord::list(&running.config.backends),
+                };
+                state.backends.insert(running.proxy.name.to_string(), record);
+            }
         }
         self.state_writer.save(state);
     }
@@ -504,6 +543,7 @@ impl Daemon {
         while self.commands.try_recv().is_ok() {}
         self.watcher = None;
         for running in &mut self.proxies {
+            running.proxy.retired.cancel();
             running.proxy.gate.close_held.cancel();
             running.proxy.connections.close();
             if let Some(listener) = running.listener.take() {

@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::deploy::effective_backends;
 use super::reconcile::{self, Action, Running, Source};
 use super::{Daemon, ReloadRecord, RunningListener, RunningProxy};
 use crate::config::{self, Config};
@@ -148,7 +150,8 @@ impl Daemon {
             let running = match (&step.action, current) {
                 (Action::Unchanged, Some(current)) => current,
                 (Action::Update, Some(mut current)) => {
-                    self.update_proxy(&current.proxy, wanted);
+                    let backends = effective_backends(&mut current.deployed, &current.config, wanted);
+                    self.update_proxy(&current.proxy, wanted, &backends);
                     current.config = wanted.clone();
                     current
                 }
@@ -160,12 +163,13 @@ impl Daemon {
                     if let Some(previous) = previous {
                         previous.close(&step.name).await;
                     }
-                    self.update_proxy(&current.proxy, wanted);
+                    let backends = effective_backends(&mut current.deployed, &current.config, wanted);
+                    self.update_proxy(&current.proxy, wanted, &backends);
                     current.config = wanted.clone();
                     current
                 }
                 (Action::Add { listener }, _) => {
-                    let proxy = Proxy::new(wanted, self.kill_all.child_token(), None);
+                    let proxy = Proxy::new(wanted, &wanted.backends, self.kill_all.child_token(), None);
                     if wanted.paused {
                         info!(proxy = %proxy.name, by = "config", "paused");
                     }
@@ -174,6 +178,8 @@ impl Daemon {
                         listener: socket.map(|s| RunningListener::start(&proxy, s)),
                         proxy,
                         config: wanted.clone(),
+                        deployed: None,
+                        deploying: false,
                     }
                 }
                 (_, None) => unreachable!("the plan keeps only proxies that run"),
@@ -192,9 +198,14 @@ impl Daemon {
         Ok(plan.summary())
     }
 
-    fn update_proxy(&self, proxy: &Proxy, wanted: &config::ProxyConfig) {
+    fn update_proxy(
+        &self,
+        proxy: &Arc<Proxy>,
+        wanted: &config::ProxyConfig,
+        backends: &[config::BackendConfig],
+    ) {
         let was_paused = proxy.gate.state().paused();
-        if proxy.update(wanted) {
+        if proxy.update(wanted, backends) {
             let verb = if was_paused { "resumed" } else { "paused" };
             info!(proxy = %proxy.name, by = "config", "{verb}");
         }
@@ -208,10 +219,12 @@ impl Daemon {
             proxy,
             config,
             listener,
+            ..
         } = removed;
         if let Some(listener) = listener {
             listener.close(&proxy.name).await;
         }
+        proxy.retired.cancel();
         proxy.gate.close_held.cancel();
         proxy.connections.close();
         let drain = config.drain_timeout.0;

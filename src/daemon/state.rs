@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::config::{Address, BackendConfig};
 use crate::proxy::gate::RuntimePause;
 
 const FILE_NAME: &str = "state.json";
@@ -25,6 +26,53 @@ pub struct State {
     /// Runtime pauses by proxy name.
     #[serde(default)]
     pub paused: BTreeMap<String, PauseRecord>,
+    /// Deployed backend sets by proxy name.
+    #[serde(default)]
+    pub backends: BTreeMap<String, DeployedRecord>,
+}
+
+/// A backend set deployed at run time, with the config file's list it
+/// replaced: once the file's list changes, the file wins again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployedRecord {
+    pub backends: Vec<BackendRecord>,
+    pub file: Vec<BackendRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendRecord {
+    pub address: String,
+    pub weight: u32,
+}
+
+impl BackendRecord {
+    pub fn list(backends: &[BackendConfig]) -> Vec<BackendRecord> {
+        backends
+            .iter()
+            .map(|b| BackendRecord {
+                address: b.address.to_string(),
+                weight: b.weight,
+            })
+            .collect()
+    }
+}
+
+impl DeployedRecord {
+    /// The deployed set, if it still applies to a file listing `file`.
+    pub fn applies_to(&self, file: &[BackendConfig]) -> Option<Vec<BackendConfig>> {
+        if self.file != BackendRecord::list(file) {
+            return None;
+        }
+        self.backends
+            .iter()
+            .map(|record| {
+                Some(BackendConfig {
+                    address: Address::parse(&record.address).ok()?,
+                    weight: record.weight,
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

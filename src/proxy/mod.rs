@@ -5,6 +5,7 @@
 //! an immutable snapshot of the config a connection was accepted under, so a
 //! later change never alters a connection already running.
 
+mod changes;
 pub mod forward;
 pub mod gate;
 pub mod hold;
@@ -21,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::backends::BackendSet;
-use crate::config::{Mode, ProxyConfig, RejectWith};
+use crate::backends::{BackendSet, Role};
+use crate::config::{BackendConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, RejectReason, RuntimePause};
 use hold::{Hold, hold};
@@ -37,18 +38,32 @@ pub struct ProxySettings {
     /// A rejected connection gets `HTTP/1.1 503` with this Retry-After, or
     /// is just closed when `None`.
     pub reject_with_503: Option<Duration>,
+    pub health: HealthCheckConfig,
+    pub drain_timeout: Duration,
 }
 
 impl ProxySettings {
-    /// Settings for `config`; backends that `previous` already has keep
-    /// their live state (counters, reachability).
-    pub fn from_config(config: &ProxyConfig, previous: Option<&BackendSet>) -> ProxySettings {
+    pub fn new(config: &ProxyConfig, backends: BackendSet) -> ProxySettings {
         let answer_503 = config.pause.reject_with == RejectWith::Http503 || config.mode == Mode::Http;
         ProxySettings {
             connect_timeout: config.connect_timeout.0,
             idle_timeout: config.idle_timeout.non_zero(),
-            backends: Arc::new(BackendSet::new(&config.backends, previous)),
+            backends: Arc::new(backends),
             reject_with_503: answer_503.then_some(config.pause.retry_after.0),
+            health: config.health_check.clone(),
+            drain_timeout: config.drain_timeout.0,
+        }
+    }
+
+    /// The same settings over another backend set.
+    fn with_backends(&self, backends: BackendSet) -> ProxySettings {
+        ProxySettings {
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            backends: Arc::new(backends),
+            reject_with_503: self.reject_with_503,
+            health: self.health.clone(),
+            drain_timeout: self.drain_timeout,
         }
     }
 }
@@ -79,17 +94,29 @@ pub struct Proxy {
     pub gate: Arc<Gate>,
     /// Woken when the last forwarded connection closes (wait-idle).
     pub idle: Notify,
+    /// Woken when a health check moves a backend up or down.
+    pub health_changed: Notify,
+    /// Asks the health checker for a round now (a deploy added backends).
+    pub probe_now: Notify,
+    /// Cancelled when the proxy is removed or the daemon stops: its
+    /// background tasks (health checks) end.
+    pub retired: CancellationToken,
 }
 
 impl Proxy {
+    /// A proxy for `config`, serving `backends` (the config's, or a deployed
+    /// set restored from the state file); starts its health checker.
     pub fn new(
         config: &ProxyConfig,
+        backends: &[BackendConfig],
         kill: CancellationToken,
         runtime_pause: Option<RuntimePause>,
     ) -> Arc<Proxy> {
-        let (settings, _) = watch::channel(Arc::new(ProxySettings::from_config(config, None)));
+        let live = BackendSet::reuse_or_create(backends, None, Role::Serving, &kill);
+        let settings = ProxySettings::new(config, BackendSet::new(live, config.balance));
+        let (settings, _) = watch::channel(Arc::new(settings));
         let gate = Gate::new(&config.pause, config.paused, runtime_pause, kill.child_token());
-        Arc::new(Proxy {
+        let proxy = Arc::new(Proxy {
             name: config.name.as_str().into(),
             stats: ProxyStats::default(),
             connections: TaskTracker::new(),
@@ -97,18 +124,12 @@ impl Proxy {
             settings,
             gate: Arc::new(gate),
             idle: Notify::new(),
-        })
-    }
-
-    /// Applies a changed config to new connections; open ones keep the
-    /// settings and backend they started with. Returns true if the change
-    /// paused or resumed the proxy.
-    pub fn update(&self, config: &ProxyConfig) -> bool {
-        let previous = self.settings.borrow().backends.clone();
-        let settings = ProxySettings::from_config(config, Some(&previous));
-        self.settings.send_replace(Arc::new(settings));
-        self.gate.set_policy(&config.pause);
-        self.gate.set_declared(config.paused)
+            health_changed: Notify::new(),
+            probe_now: Notify::new(),
+            retired: CancellationToken::new(),
+        });
+        tokio::spawn(crate::backends::health::run(proxy.clone()));
+        proxy
     }
 
     /// Waits until no forwarded connection is open.
@@ -172,7 +193,7 @@ impl Proxy {
             &backend.stream,
             &early,
             settings.idle_timeout,
-            &self.kill,
+            &backend.backend.kill,
             traffic,
         )
         .await;

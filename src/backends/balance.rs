@@ -1,0 +1,160 @@
+//! Choosing a backend: the strategies of `balance`, as plain functions over
+//! a slice of candidates, so each is tested on its own.
+//!
+//! Everything here is lock-free: round robin walks a schedule computed once
+//! per backend set with an atomic cursor; random and p2c draw from a
+//! per-thread generator.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// A smooth weighted round-robin order (nginx's algorithm, run ahead of
+/// time): weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
+pub fn smooth_schedule(weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += i64::from(w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        schedule.push(best);
+    }
+    schedule
+}
+
+/// Round robin: the next scheduled index for which `usable` holds.
+pub fn round_robin(
+    schedule: &[usize],
+    cursor: &AtomicUsize,
+    usable: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    if schedule.is_empty() {
+        return None;
+    }
+    let start = cursor.fetch_add(1, Relaxed);
+    (0..schedule.len())
+        .map(|step| schedule[(start + step) % schedule.len()])
+        .find(|&index| usable(index))
+}
+
+/// Weighted random among the `usable` indexes.
+pub fn random(weights: &[u32], usable: impl Fn(usize) -> bool) -> Option<usize> {
+    let total: u64 = (0..weights.len())
+        .filter(|&i| usable(i))
+        .map(|i| u64::from(weights[i]))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = next_random() % total;
+    for (index, &weight) in weights.iter().enumerate() {
+        if !usable(index) {
+            continue;
+        }
+        if ticket < u64::from(weight) {
+            return Some(index);
+        }
+        ticket -= u64::from(weight);
+    }
+    None
+}
+
+/// Power of two choices: two usable indexes at random, the one with fewer
+/// active connections per unit of weight wins.
+pub fn p2c(weights: &[u32], load: impl Fn(usize) -> u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
+    let count = (0..weights.len()).filter(|&i| usable(i)).count() as u64;
+    let nth = |n: u64| (0..weights.len()).filter(|&i| usable(i)).nth(n as usize);
+    match count {
+        0 => None,
+        1 => nth(0),
+        _ => {
+            let first = next_random() % count;
+            let second = (first + 1 + next_random() % (count - 1)) % count;
+            let (a, b) = (nth(first)?, nth(second)?);
+            // Compare load/weight without division: la * wb vs lb * wa.
+            let cost = |x: usize, y: usize| u128::from(load(x)) * u128::from(weights[y].max(1));
+            Some(if cost(a, b) <= cost(b, a) { a } else { b })
+        }
+    }
+}
+
+thread_local! {
+    static STATE: Cell<u64> = Cell::new(seed());
+}
+
+/// xorshift64*: plenty for spreading load, and no lock or syscall per pick.
+fn next_random() -> u64 {
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_usize(&hasher as *const _ as usize);
+    hasher.finish() | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_is_smooth_and_weighted() {
+        assert_eq!(smooth_schedule(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_schedule(&[1, 1, 1]), [0, 1, 2]);
+        assert_eq!(smooth_schedule(&[2, 1]).iter().filter(|&&i| i == 0).count(), 2);
+    }
+
+    #[test]
+    fn round_robin_is_even_and_skips_unusable() {
+        let schedule = smooth_schedule(&[1, 1, 1]);
+        let cursor = AtomicUsize::new(0);
+        let picks: Vec<usize> = (0..6)
+            .map(|_| round_robin(&schedule, &cursor, |_| true).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        let picks: Vec<usize> = (0..4)
+            .map(|_| round_robin(&schedule, &cursor, |i| i != 1).unwrap())
+            .collect();
+        assert!(!picks.contains(&1));
+        assert_eq!(round_robin(&schedule, &cursor, |_| false), None);
+    }
+
+    #[test]
+    fn random_follows_weights() {
+        let mut counts = [0u32; 2];
+        for _ in 0..40_000 {
+            counts[random(&[3, 1], |_| true).unwrap()] += 1;
+        }
+        let share = f64::from(counts[0]) / 40_000.0;
+        assert!((0.72..0.78).contains(&share), "{share}");
+        assert_eq!(random(&[3, 1], |i| i == 1), Some(1));
+    }
+
+    #[test]
+    fn p2c_avoids_the_loaded_backend() {
+        let load = |i: usize| if i == 0 { 100 } else { 1 };
+        let mut to_loaded = 0;
+        for _ in 0..1000 {
+            if p2c(&[1, 1, 1], load, |_| true) == Some(0) {
+                to_loaded += 1;
+            }
+        }
+        assert_eq!(to_loaded, 0, "a loaded backend loses every comparison");
+        assert_eq!(p2c(&[1, 1], load, |i| i == 0), Some(0));
+        assert_eq!(p2c(&[1], load, |_| false), None);
+    }
+}

@@ -1,0 +1,182 @@
+//! Active health checks of one proxy's backends: every `interval`, each
+//! backend is probed (a TCP or UNIX connect, or an HTTP GET of `path`) with
+//! `timeout`; `rise` passes in a row bring a backend up, `fall` failures in
+//! a row take it down. With `kind: none` only backends a failed connect
+//! marked down are probed (by connect), so they come back by themselves.
+//!
+//! Checks run off the connection path, one task per proxy; the settings are
+//! re-read every round, so a reload or deploy applies at the next one.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::{Backend, Role};
+use crate::config::{Address, HealthCheckConfig, HealthCheckKind, StatusRange};
+use crate::proxy::Proxy;
+use crate::proxy::stream::Stream;
+
+/// Probes until the proxy is retired.
+pub async fn run(proxy: Arc<Proxy>) {
+    loop {
+        let settings = proxy.settings.borrow().clone();
+        let check = settings.health.clone();
+        let mut probes = JoinSet::new();
+        for backend in &settings.backends.backends {
+            let wanted = match check.kind {
+                HealthCheckKind::None => !backend.is_up() && backend.role() != Role::Draining,
+                _ => backend.role() != Role::Draining,
+            };
+            if wanted {
+                let (backend, check) = (backend.clone(), check.clone());
+                probes.spawn(async move {
+                    let result = probe(&backend.address, &check).await;
+                    (backend, result)
+                });
+            }
+        }
+        let mut changed = false;
+        while let Some(Ok((backend, result))) = probes.join_next().await {
+            let ok = result.is_ok();
+            let detail = result.unwrap_or_else(|e| e);
+            if let Some(up) = backend.record_check(ok, detail.clone(), check.rise, check.fall) {
+                changed = true;
+                log_change(&proxy.name, &backend, up, &detail);
+            }
+        }
+        if changed {
+            proxy.health_changed.notify_waiters();
+        }
+        tokio::select! {
+            () = proxy.retired.cancelled() => return,
+            () = tokio::time::sleep(check.interval.0) => {}
+            () = proxy.probe_now.notified() => {}
+        }
+    }
+}
+
+fn log_change(proxy: &str, backend: &Backend, up: bool, detail: &str) {
+    if up {
+        info!(%proxy, backend = %backend.address, check = detail, "backend up");
+    } else {
+        warn!(%proxy, backend = %backend.address, check = detail, "backend down");
+    }
+}
+
+/// One check. Ok: a short description of the pass; Err: of the failure.
+pub async fn probe(address: &Address, check: &HealthCheckConfig) -> Result<String, String> {
+    let timeout = check.timeout.0;
+    let attempt = async {
+        let stream = Stream::connect(address).await.map_err(|e| e.to_string())?;
+        match check.kind {
+            HealthCheckKind::Http => http_get(stream, address, &check.path, check.expect_status).await,
+            _ => Ok("connect ok".to_string()),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+async fn http_get(
+    mut stream: Stream,
+    address: &Address,
+    path: &str,
+    expect: StatusRange,
+) -> Result<String, String> {
+    let host = match address {
+        Address::Tcp(target) => target.to_string(),
+        Address::Unix(_) => "localhost".to_string(),
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: interlude-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    // The status line is all we need; read until it is complete.
+    let mut head = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/"))
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| "no HTTP status line in the answer".to_string())?;
+    if (expect.low..=expect.high).contains(&status) {
+        Ok(format!("HTTP {status}"))
+    } else {
+        Err(format!("HTTP {status}, expected {}-{}", expect.low, expect.high))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+    use std::time::Duration;
+
+    fn check(kind: HealthCheckKind) -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind,
+            timeout: Dur(Duration::from_secs(2)),
+            path: "/up".into(),
+            ..HealthCheckConfig::default()
+        }
+    }
+
+    async fn http_server(answer: &'static str) -> Address {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 1024];
+                let n = socket.read(&mut request).await.unwrap_or(0);
+                assert!(String::from_utf8_lossy(&request[..n]).starts_with("GET /up HTTP/1.1\r\n"));
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn http_checks_honour_the_expected_status() {
+        let good = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(
+            probe(&good, &check(HealthCheckKind::Http)).await,
+            Ok("HTTP 204".into())
+        );
+        let bad = http_server("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(
+            probe(&bad, &check(HealthCheckKind::Http)).await,
+            Err("HTTP 500, expected 200-399".into())
+        );
+        let garbage = http_server("SSH-2.0-OpenSSH\r\n").await;
+        assert!(probe(&garbage, &check(HealthCheckKind::Http)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn tcp_checks_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        assert!(probe(&address, &check(HealthCheckKind::Tcp)).await.is_ok());
+        drop(listener);
+        assert!(probe(&address, &check(HealthCheckKind::Tcp)).await.is_err());
+    }
+}

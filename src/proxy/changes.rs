@@ -1,0 +1,193 @@
+//! Changing a proxy's backends while it runs: a reload's new list, a
+//! deploy (add, wait until healthy, then switch and drain), and the drain
+//! of backends that leave.
+//!
+//! Every change is one atomic read-modify-write of the proxy's settings
+//! (`send_modify`), so a drain ending and a deploy starting compose. Open
+//! connections are never moved: they hold their backend until they close,
+//! or until the backend's drain timeout closes them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::{Proxy, ProxySettings};
+use crate::backends::{Backend, BackendSet, Role};
+use crate::config::{BackendConfig, ProxyConfig};
+
+impl Proxy {
+    /// Applies a changed config to new connections; open ones keep the
+    /// settings and backend they started with. `backends` is the list to
+    /// serve (the config's, or a deployed set that overrides it). Returns
+    /// true if the change paused or resumed the proxy.
+    pub fn update(self: &Arc<Self>, config: &ProxyConfig, backends: &[BackendConfig]) -> bool {
+        let mut leaving = Vec::new();
+        self.settings.send_modify(|settings| {
+            let current = &settings.backends;
+            let staying = BackendSet::reuse_or_create(backends, Some(current), Role::Serving, &self.kill);
+            leaving = departing(current, &staying);
+            let mut next = staying;
+            next.extend(leaving.iter().cloned());
+            *settings = Arc::new(ProxySettings::new(config, BackendSet::new(next, config.balance)));
+        });
+        let drain_timeout = config.drain_timeout.0;
+        for backend in leaving {
+            self.drain(backend, drain_timeout);
+        }
+        self.gate.set_policy(&config.pause);
+        self.gate.set_declared(config.paused)
+    }
+
+    /// First step of a deploy: the backends of `wanted` the proxy lacks are
+    /// added as `adding` (no traffic until healthy) and probed at once.
+    /// Returns them.
+    pub fn begin_deploy(&self, wanted: &[BackendConfig]) -> Vec<Arc<Backend>> {
+        let mut added = Vec::new();
+        self.settings.send_modify(|settings| {
+            let current = &settings.backends;
+            added = wanted
+                .iter()
+                .filter(|config| current.find(config).is_none())
+                .map(|config| Arc::new(Backend::new(config, Role::Adding, self.kill.child_token())))
+                .collect();
+            let mut next = current.backends.clone();
+            next.extend(added.iter().cloned());
+            *settings = Arc::new(settings.with_backends(BackendSet::new(next, current.balance())));
+        });
+        self.probe_now.notify_one();
+        added
+    }
+
+    /// Waits until every backend in `added` passed its health checks, or
+    /// `timeout`; the error names those still failing.
+    pub async fn wait_healthy(&self, added: &[Arc<Backend>], timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.health_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if added.iter().all(|b| b.is_up()) {
+                return Ok(());
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    let failing: Vec<String> = added
+                        .iter()
+                        .filter(|b| !b.is_up())
+                        .map(|b| format!("{} ({})", b.address, b.last_check().unwrap_or_else(|| "not checked yet".into())))
+                        .collect();
+                    return Err(format!(
+                        "not healthy within {}: {}",
+                        humantime::format_duration(timeout),
+                        failing.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Last step of a successful deploy: exactly `wanted` serves, in its
+    /// order; every other backend drains.
+    pub fn commit_deploy(self: &Arc<Self>, wanted: &[BackendConfig]) {
+        let mut leaving = Vec::new();
+        self.settings.send_modify(|settings| {
+            let current = &settings.backends;
+            let staying: Vec<Arc<Backend>> =
+                wanted.iter().filter_map(|config| current.find(config)).collect();
+            for backend in &staying {
+                backend.set_role(Role::Serving);
+            }
+            leaving = departing(current, &staying);
+            let mut next = staying;
+            next.extend(leaving.iter().cloned());
+            *settings = Arc::new(settings.with_backends(BackendSet::new(next, current.balance())));
+        });
+        let drain_timeout = self.settings.borrow().drain_timeout;
+        for backend in leaving {
+            self.drain(backend, drain_timeout);
+        }
+    }
+
+    /// A failed deploy: the backends it added go away; the old set serves on.
+    pub fn abort_deploy(&self, added: &[Arc<Backend>]) {
+        self.forget(added);
+        for backend in added {
+            backend.kill.cancel();
+        }
+    }
+
+    /// Takes `backend` out of rotation; its open connections run on until
+    /// they close or `timeout` passes, then it leaves the set.
+    fn drain(self: &Arc<Self>, backend: Arc<Backend>, timeout: Duration) {
+        backend.set_role(Role::Draining);
+        let open = backend.active.load(Relaxed);
+        if open > 0 {
+            info!(proxy = %self.name, backend = %backend.address, connections = open, "draining backend");
+        }
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let idle = async {
+                loop {
+                    let closed = backend.idle.notified();
+                    tokio::pin!(closed);
+                    closed.as_mut().enable();
+                    if backend.active.load(Relaxed) == 0 {
+                        return;
+                    }
+                    closed.await;
+                }
+            };
+            tokio::select! {
+                () = idle => {
+                    if open > 0 {
+                        info!(proxy = %proxy.name, backend = %backend.address, "backend drained");
+                    }
+                }
+                () = tokio::time::sleep(timeout) => {
+                    warn!(
+                        proxy = %proxy.name,
+                        backend = %backend.address,
+                        connections = backend.active.load(Relaxed),
+                        "drain_timeout over: closing the backend's remaining connections"
+                    );
+                    backend.kill.cancel();
+                }
+            }
+            proxy.forget(std::slice::from_ref(&backend));
+        });
+    }
+
+    /// Removes `gone` from the set (identity, not address: a backend that
+    /// came back under the same address stays).
+    fn forget(&self, gone: &[Arc<Backend>]) {
+        self.settings.send_if_modified(|settings| {
+            let current = &settings.backends;
+            let next: Vec<Arc<Backend>> = current
+                .backends
+                .iter()
+                .filter(|b| !gone.iter().any(|g| Arc::ptr_eq(g, b)))
+                .cloned()
+                .collect();
+            if next.len() == current.backends.len() {
+                return false;
+            }
+            *settings = Arc::new(settings.with_backends(BackendSet::new(next, current.balance())));
+            true
+        });
+    }
+}
+
+/// Backends of `current` that are not in `staying` and still carry
+/// connections (those without any just go).
+fn departing(current: &BackendSet, staying: &[Arc<Backend>]) -> Vec<Arc<Backend>> {
+    current
+        .backends
+        .iter()
+        .filter(|b| !staying.iter().any(|s| Arc::ptr_eq(s, b)))
+        .filter(|b| b.active.load(Relaxed) > 0 || b.role() == Role::Draining)
+        .cloned()
+        .collect()
+}
