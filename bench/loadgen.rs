@@ -7,19 +7,26 @@
 //!   rr         --target ADDR --seconds N --conns N  64-byte request/response (echo)
 //!   connrate   --target ADDR --seconds N --conns N  connect, 64 B echo, close
 //!   idle       --target ADDR --conns N [--hold SECS] open N idle connections, hold
+//!   held       --target ADDR --conns N --control-unix PATH [--settle SECS]
+//!              [--rss-pid PID] [--backend-port PORT] [--wait SECS]
+//!              interlude only: pause it (POST /pause), open N connections that
+//!              each send 'E' plus one byte and are held, settle, check that none
+//!              reached the backend, then POST /resume and time until every
+//!              client got its byte echoed.
 //!   freeports  --count N                           print N free loopback TCP ports
 //!
 //! Every client mode prints exactly one `key=value ...` line on stdout. Timed modes
 //! run a fixed warm-up (not counted), then measure over `--seconds`, then exit
 //! without waiting for in-flight operations, so a run never outlasts its budget.
 
+use std::io;
 use std::process::exit;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 use tokio::time::{sleep, timeout};
 
 const MODE_ECHO: u8 = b'E';
@@ -28,6 +35,12 @@ const MSG_LEN: usize = 64;
 const BULK_CHUNK: usize = 64 * 1024;
 const WARMUP: Duration = Duration::from_millis(500);
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Same as interlude's listeners (the kernel caps it at net.core.somaxconn):
+/// a resume connects every held client to the backend at once.
+const BACKEND_BACKLOG: u32 = 4096;
+/// Connections being opened at once (connect + first write), so listen
+/// backlogs never overflow while a test sets up.
+const OPEN_CONCURRENCY: usize = 64;
 
 const PHASE_WARMUP: u8 = 0;
 const PHASE_MEASURE: u8 = 1;
@@ -42,6 +55,11 @@ struct Opts {
     hold: f64,
     lifetime: f64,
     count: usize,
+    control_unix: Option<String>,
+    settle: f64,
+    rss_pid: Option<u32>,
+    backend_port: Option<u16>,
+    wait: f64,
 }
 
 fn usage() -> ! {
@@ -49,6 +67,8 @@ fn usage() -> ! {
         "usage: loadgen serve --listen ADDR [--lifetime SECS]\n       \
          loadgen throughput|rr|connrate --target ADDR [--seconds N] [--conns N]\n       \
          loadgen idle --target ADDR --conns N [--hold SECS]\n       \
+         loadgen held --target ADDR --conns N --control-unix PATH [--settle SECS]\n       \
+                      [--rss-pid PID] [--backend-port PORT] [--wait SECS]\n       \
          loadgen freeports [--count N]\n       \
          common: [--threads N] (tokio worker threads, default 2)"
     );
@@ -77,6 +97,11 @@ fn parse_args() -> (String, Opts) {
         hold: 60.0,
         lifetime: 1800.0,
         count: 1,
+        control_unix: None,
+        settle: 2.0,
+        rss_pid: None,
+        backend_port: None,
+        wait: 30.0,
     };
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -88,13 +113,25 @@ fn parse_args() -> (String, Opts) {
             "--hold" => o.hold = parse_num(&flag, args.next()),
             "--lifetime" => o.lifetime = parse_num(&flag, args.next()),
             "--count" => o.count = parse_num(&flag, args.next()),
+            "--control-unix" => o.control_unix = args.next(),
+            "--settle" => o.settle = parse_num(&flag, args.next()),
+            "--rss-pid" => o.rss_pid = Some(parse_num(&flag, args.next())),
+            "--backend-port" => o.backend_port = Some(parse_num(&flag, args.next())),
+            "--wait" => o.wait = parse_num(&flag, args.next()),
             _ => {
                 eprintln!("loadgen: unknown argument {flag}");
                 usage()
             }
         }
     }
-    if o.conns == 0 || o.threads == 0 || o.seconds.is_nan() || o.seconds <= 0.0 {
+    let bad_secs = |s: f64| s.is_nan() || s < 0.0;
+    if o.conns == 0
+        || o.threads == 0
+        || o.seconds.is_nan()
+        || o.seconds <= 0.0
+        || bad_secs(o.settle)
+        || bad_secs(o.wait)
+    {
         usage()
     }
     (cmd, o)
@@ -118,6 +155,12 @@ fn main() {
         "rr" => rt.block_on(rr(target(), o.conns, o.seconds)),
         "connrate" => rt.block_on(connrate(target(), o.conns, o.seconds)),
         "idle" => rt.block_on(idle(target(), o.conns, o.hold)),
+        "held" => rt.block_on(held(
+            target(),
+            o.conns,
+            o.control_unix.clone().unwrap_or_else(|| usage()),
+            &o,
+        )),
         _ => usage(),
     }
     // Do not wait for tasks still blocked in I/O: the measurement is over.
@@ -125,22 +168,50 @@ fn main() {
 }
 
 fn freeports(count: usize) {
-    // Keep all listeners open until every port is known, so they are distinct.
-    let ls: Vec<_> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
+    // Pick ports below the kernel's ephemeral range: a port from that range may
+    // be taken by an outgoing connection before the process meant to listen on
+    // it binds it (EADDRINUSE). Keep all listeners open until every port is
+    // known, so they are distinct.
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let mut ls = Vec::with_capacity(count);
+    if ephemeral_low > LOWEST + 1000 {
+        let span = ephemeral_low - LOWEST;
+        let seed = std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        for i in 0..span {
+            if ls.len() == count {
+                break;
+            }
+            let port = LOWEST + (seed.wrapping_add(i)) % span;
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+                ls.push(l);
+            }
+        }
+    }
+    while ls.len() < count {
+        ls.push(std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
+    }
     let ports: Vec<String> = ls
         .iter()
         .map(|l| l.local_addr().unwrap().port().to_string())
         .collect();
+    // Close them before printing: the caller may bind a port as soon as it
+    // has read the line, while this process could still be exiting.
+    drop(ls);
     println!("{}", ports.join(" "));
 }
 
 // ---------------------------------------------------------------- backend
 
 async fn serve(listen: String, lifetime: f64) {
-    let l = TcpListener::bind(&listen).await.unwrap_or_else(|e| {
-        eprintln!("loadgen serve: bind {listen}: {e}");
+    let l = listen_tcp(&listen).unwrap_or_else(|e| {
+        eprintln!("loadgen serve: listen on {listen}: {e}");
         exit(1)
     });
     eprintln!("loadgen serve: listening on {listen}");
@@ -163,6 +234,20 @@ async fn serve(listen: String, lifetime: f64) {
             }
         }
     }
+}
+
+fn listen_tcp(listen: &str) -> io::Result<tokio::net::TcpListener> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e}")))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKEND_BACKLOG)
 }
 
 async fn handle(mut s: TcpStream) {
@@ -438,7 +523,7 @@ async fn connrate(target: String, workers: usize, seconds: f64) {
 async fn idle(target: String, conns: usize, hold: f64) {
     // Open with bounded concurrency so listen backlogs never overflow; each
     // connection does one 1-byte echo so it is established end to end.
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let sem = Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY));
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -478,4 +563,347 @@ async fn idle(target: String, conns: usize, hold: f64) {
     // Hold the connections until killed (or the bounded hold time passes).
     sleep(Duration::from_secs_f64(hold)).await;
     drop(open);
+}
+
+// ---------------------------------------------------------------- held (interlude pause/resume)
+
+/// What the held connections report, shared with the main task.
+struct Held {
+    opened: AtomicU64,
+    open_errors: AtomicU64,
+    /// Echoes that arrived before the resume was sent: a held connection
+    /// reached the backend.
+    early: AtomicU64,
+    echoed: AtomicU64,
+    /// Closed or reset after opening, without an echo.
+    lost: AtomicU64,
+    printed: AtomicU64,
+    /// Microseconds from the resume to each echo (exact: a resume can take
+    /// longer than the histogram of the timed modes covers).
+    echo_us: std::sync::Mutex<Vec<u64>>,
+    /// Set right before the resume request is written.
+    resumed_at: OnceLock<Instant>,
+}
+
+impl Held {
+    fn note(&self, what: &str, e: impl std::fmt::Display) {
+        if self.printed.fetch_add(1, Relaxed) < 5 {
+            eprintln!("loadgen held: {what}: {e}");
+        }
+    }
+    fn settled(&self) -> u64 {
+        self.early.load(Relaxed) + self.echoed.load(Relaxed) + self.lost.load(Relaxed)
+    }
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out"))
+}
+
+/// One HTTP/1.1 request without a body on a connected control socket; returns
+/// the status code and the body (the request asks the server to close).
+async fn control_exchange(s: &mut UnixStream, method: &str, route: &str) -> io::Result<(u16, String)> {
+    let request =
+        format!("{method} {route} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let code = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            let head: String = text.chars().take(80).collect();
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not an HTTP response: {head:?}"),
+            )
+        })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+async fn control(path: &str, method: &str, route: &str) -> io::Result<(u16, String)> {
+    let mut s = timeout(OP_TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| timed_out("control connect"))??;
+    timeout(OP_TIMEOUT, control_exchange(&mut s, method, route))
+        .await
+        .map_err(|_| timed_out("control request"))?
+}
+
+/// The raw value of the first `"key": value` in a JSON document.
+fn json_value<'a>(doc: &'a str, key: &str) -> Option<&'a str> {
+    let at = doc.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = doc[at..].trim_start();
+    let end = rest.find([',', '\n', '}', ']']).unwrap_or(rest.len());
+    Some(rest[..end].trim())
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    line.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Sockets on 127.0.0.1 with local port `port` that are established or being
+/// established (accept queue included): the backend side of connections to it.
+fn tcp_conns_to(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let suffix = format!(":{port:04X}");
+    let n = table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1);
+            let state = fields.nth(1);
+            local.is_some_and(|a| a.ends_with(&suffix)) && matches!(state, Some("01" | "03"))
+        })
+        .count();
+    Some(n as u64)
+}
+
+/// Kernel counters that explain a slow resume: SYNs dropped by a listener
+/// (full accept or SYN queue) and SYNs sent again (1 s, 3 s, ... later).
+#[derive(Clone, Copy)]
+struct SynStats {
+    listen_drops: u64,
+    syn_retrans: u64,
+}
+
+fn syn_stats() -> Option<SynStats> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
+    let get = |want: &str| {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == want)
+            .and_then(|(_, v)| v.parse().ok())
+    };
+    Some(SynStats {
+        listen_drops: get("ListenDrops")?,
+        syn_retrans: get("TCPSynRetrans")?,
+    })
+}
+
+fn show<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// A setup step failed: no measurement, one result line all the same.
+fn held_failed(conns: usize, why: &str) -> ! {
+    eprintln!("loadgen held: {why}");
+    println!("mode=held conns={conns} failed=1 errors=1");
+    exit(0)
+}
+
+async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
+    match control(&control_path, "POST", "/pause").await {
+        Ok((200, body)) if json_value(&body, "paused") == Some("true") => {}
+        Ok((code, body)) => held_failed(conns, &format!("POST /pause answered {code}: {}", body.trim())),
+        Err(e) => held_failed(conns, &format!("POST /pause on {control_path}: {e}")),
+    }
+    let rss_before = o.rss_pid.and_then(rss_kib);
+    let backend_before = o.backend_port.and_then(tcp_conns_to);
+
+    // Open the connections; each sends the echo selector and one byte, which
+    // interlude keeps while holding, then waits for the echo.
+    let h = Arc::new(Held {
+        opened: AtomicU64::new(0),
+        open_errors: AtomicU64::new(0),
+        early: AtomicU64::new(0),
+        echoed: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        printed: AtomicU64::new(0),
+        echo_us: std::sync::Mutex::new(Vec::with_capacity(conns)),
+        resumed_at: OnceLock::new(),
+    });
+    let sem = Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY));
+    let t_open = Instant::now();
+    for _ in 0..conns {
+        let (sem, h, target) = (sem.clone(), h.clone(), target.clone());
+        tokio::spawn(async move {
+            let permit = sem.acquire_owned().await.unwrap();
+            let opened = async {
+                let mut s = connect(&target).await?;
+                timeout(OP_TIMEOUT, s.write_all(&[MODE_ECHO, b'h']))
+                    .await
+                    .map_err(|_| timed_out("write"))??;
+                Ok::<_, io::Error>(s)
+            }
+            .await;
+            drop(permit);
+            let mut s = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    h.open_errors.fetch_add(1, Relaxed);
+                    return h.note("open", e);
+                }
+            };
+            h.opened.fetch_add(1, Relaxed);
+            let mut b = [0u8; 1];
+            match (s.read_exact(&mut b).await, h.resumed_at.get()) {
+                (Ok(_), Some(t0)) => {
+                    let us = t0.elapsed().as_micros() as u64;
+                    h.echo_us.lock().unwrap().push(us);
+                    h.echoed.fetch_add(1, Relaxed);
+                }
+                (Ok(_), None) => {
+                    h.early.fetch_add(1, Relaxed);
+                    h.note("held connection", "echo arrived before the resume");
+                }
+                (Err(e), _) => {
+                    h.lost.fetch_add(1, Relaxed);
+                    h.note("held connection", e);
+                }
+            }
+            // Keep the connection open until the process exits, so closes
+            // do not load the machine while other echoes are still on the way.
+            std::future::pending::<()>().await;
+            drop(s);
+        });
+    }
+    let open_deadline = Instant::now() + Duration::from_secs(60);
+    while (h.opened.load(Relaxed) + h.open_errors.load(Relaxed)) < conns as u64
+        && Instant::now() < open_deadline
+    {
+        sleep(Duration::from_millis(10)).await;
+    }
+    let open_seconds = t_open.elapsed().as_secs_f64();
+    sleep(Duration::from_secs_f64(o.settle)).await;
+
+    // Before the resume: nothing may have reached the backend.
+    let opened = h.opened.load(Relaxed);
+    let rss_after = o.rss_pid.and_then(rss_kib);
+    let backend_held = o
+        .backend_port
+        .and_then(tcp_conns_to)
+        .zip(backend_before)
+        .map(|(now, before)| now.saturating_sub(before));
+    let status = match control(&control_path, "GET", "/status").await {
+        Ok((200, body)) => Some(body),
+        Ok((code, body)) => {
+            eprintln!("loadgen held: GET /status answered {code}: {}", body.trim());
+            None
+        }
+        Err(e) => {
+            eprintln!("loadgen held: GET /status: {e}");
+            None
+        }
+    };
+    // The proxy's first "held"/"active" (its own counters, before its backends').
+    let status_u64 = |key: &str| {
+        status
+            .as_deref()
+            .and_then(|b| json_value(b, key))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (status_held, status_active) = (status_u64("held"), status_u64("active"));
+    let lost_before = h.lost.load(Relaxed);
+    let early = h.early.load(Relaxed);
+    let syn_before = syn_stats();
+
+    // Resume: the clock starts right before the request is written.
+    let mut ctl = match timeout(OP_TIMEOUT, UnixStream::connect(&control_path)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => held_failed(conns, &format!("connect {control_path}: {e}")),
+        Err(_) => held_failed(conns, &format!("connect {control_path}: timed out")),
+    };
+    let t0 = Instant::now();
+    let _ = h.resumed_at.set(t0);
+    let resume = timeout(OP_TIMEOUT, control_exchange(&mut ctl, "POST", "/resume")).await;
+    let resume_code = match resume {
+        Ok(Ok((code, body))) => {
+            if code != 200 {
+                eprintln!("loadgen held: POST /resume answered {code}: {}", body.trim());
+            }
+            Some(code)
+        }
+        Ok(Err(e)) => {
+            eprintln!("loadgen held: POST /resume: {e}");
+            None
+        }
+        Err(_) => {
+            eprintln!("loadgen held: POST /resume: no answer within {OP_TIMEOUT:?}");
+            None
+        }
+    };
+    let wait_deadline = t0 + Duration::from_secs_f64(o.wait);
+    while h.settled() < opened && Instant::now() < wait_deadline {
+        sleep(Duration::from_millis(2)).await;
+    }
+    let syn = syn_stats().zip(syn_before).map(|(a, b)| SynStats {
+        listen_drops: a.listen_drops.saturating_sub(b.listen_drops),
+        syn_retrans: a.syn_retrans.saturating_sub(b.syn_retrans),
+    });
+
+    let echoed = h.echoed.load(Relaxed);
+    let lost = h.lost.load(Relaxed);
+    let missing = opened.saturating_sub(h.settled());
+    let open_errors = h.open_errors.load(Relaxed);
+    let mut errors = open_errors + h.early.load(Relaxed) + lost + missing;
+    if resume_code != Some(200) {
+        errors += 1;
+        eprintln!("loadgen held: the resume request failed");
+    }
+    if backend_held != Some(0) {
+        errors += 1;
+        eprintln!(
+            "loadgen held: {} connection(s) reached the backend before the resume",
+            show(backend_held)
+        );
+    }
+    if status_held != Some(opened) || status_active != Some(0) {
+        errors += 1;
+        eprintln!(
+            "loadgen held: before the resume interlude reported held={} active={}, expected held={opened} active=0",
+            show(status_held),
+            show(status_active)
+        );
+    }
+    if missing > 0 {
+        eprintln!(
+            "loadgen held: {missing} client(s) got no echo within {:.0} s of the resume",
+            o.wait
+        );
+    }
+    let kib_per_conn = rss_before
+        .zip(rss_after)
+        .filter(|_| opened > 0)
+        .map(|(b, a)| format!("{:.2}", (a as f64 - b as f64) / opened as f64));
+    let done = echoed > 0 && missing == 0;
+    let mut echo_us = std::mem::take(&mut *h.echo_us.lock().unwrap());
+    echo_us.sort_unstable();
+    let ms = |p: f64| {
+        let i = ((p * echo_us.len() as f64).ceil() as usize).clamp(1, echo_us.len().max(1)) - 1;
+        echo_us.get(i).map(|us| format!("{:.1}", *us as f64 / 1000.0))
+    };
+    println!(
+        "mode=held conns={conns} open={opened} open_errors={open_errors} open_seconds={open_seconds:.3} \
+         settle_seconds={} rss_before_kib={} rss_after_kib={} kib_per_conn={} status_held={} \
+         status_active={} backend_conns_before_resume={} early_echoes={early} lost_before_resume={lost_before} \
+         resume_status={} echoed={echoed} lost={lost} missing={missing} first_ms={} p50_ms={} p99_ms={} \
+         resume_ms={} listen_drops={} syn_retrans={} errors={errors}",
+        o.settle,
+        show(rss_before),
+        show(rss_after),
+        show(kib_per_conn),
+        show(status_held),
+        show(status_active),
+        show(backend_held),
+        show(resume_code),
+        show(ms(0.0)),
+        show(ms(0.50)),
+        show(ms(0.99)),
+        show(ms(1.0).filter(|_| done)),
+        show(syn.map(|s| s.listen_drops)),
+        show(syn.map(|s| s.syn_retrans)),
+    );
 }

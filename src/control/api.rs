@@ -85,10 +85,14 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
                 Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
             }
         }
-        (&Method::GET, "/metrics") => error(
-            StatusCode::NOT_IMPLEMENTED,
-            &format!("{path} is not implemented yet"),
-        ),
+        (&Method::GET, "/metrics") => {
+            let mut response = respond(StatusCode::OK, super::metrics::render(&snapshot).into_bytes());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }
         (&Method::PUT, p) if p.starts_with("/proxies/") && p.ends_with("/backends") => {
             let name = percent_decode(&p["/proxies/".len()..p.len() - "/backends".len()]);
             deploy(shared, name, request.into_body()).await

@@ -4,6 +4,7 @@
 
 mod api;
 pub mod client;
+mod metrics;
 pub mod status;
 
 use std::convert::Infallible;

@@ -17,7 +17,7 @@ mod watch;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch as latest};
@@ -31,9 +31,10 @@ use crate::config::{self, Address, BackendConfig, Config, Mode, ProxyConfig};
 use crate::control;
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
-use crate::proxy::listener::accept_loop;
+use crate::proxy::listener::{Heartbeat, accept_loop};
 use crate::proxy::stream::Listener;
-use crate::telemetry::{self, Logging};
+use crate::telemetry::stats::{self, StatsLog};
+use crate::telemetry::{self, Logging, systemd};
 use commands::{Command, PauseReport, UnknownProxy};
 use signals::{Signal, Signals};
 use state::{BackendRecord, DeployedRecord, PauseRecord, State, StateWriter};
@@ -92,7 +93,13 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let logging = telemetry::init(&config.log);
+    let logging = match telemetry::init(&config.log) {
+        Ok(logging) => logging,
+        Err(e) => {
+            eprintln!("{}: {e}", config_path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -152,6 +159,11 @@ struct Daemon {
     control_task: JoinHandle<()>,
     stop_control: CancellationToken,
     snapshot: latest::Sender<Arc<Snapshot>>,
+    /// Ticks the accept loops answer (the systemd watchdog's proof of life).
+    watchdog_ticks: latest::Sender<u64>,
+    stats: StatsLog,
+    /// The STATUS= line last sent to systemd.
+    status_line: String,
 }
 
 struct RunningProxy {
@@ -171,15 +183,31 @@ struct RunningListener {
     bound: Address,
     stop: CancellationToken,
     task: JoinHandle<Listener>,
+    /// The last watchdog tick its accept loop answered.
+    answered: Arc<AtomicU64>,
 }
 
 impl RunningListener {
-    fn start(proxy: &Arc<Proxy>, listener: Listener) -> RunningListener {
+    fn start(
+        proxy: &Arc<Proxy>,
+        listener: Listener,
+        watchdog_ticks: &latest::Sender<u64>,
+    ) -> RunningListener {
         let bound = listener.local_address();
         info!(proxy = %proxy.name, address = %bound, "listening");
         let stop = CancellationToken::new();
-        let task = tokio::spawn(accept_loop(proxy.clone(), listener, stop.clone()));
-        RunningListener { bound, stop, task }
+        let answered = Arc::new(AtomicU64::new(*watchdog_ticks.borrow()));
+        let heartbeat = Heartbeat {
+            ticks: watchdog_ticks.subscribe(),
+            answered: answered.clone(),
+        };
+        let task = tokio::spawn(accept_loop(proxy.clone(), listener, stop.clone(), heartbeat));
+        RunningListener {
+            bound,
+            stop,
+            task,
+            answered,
+        }
     }
 
     /// Stops accepting and returns the socket (still bound: the kernel keeps
@@ -225,6 +253,7 @@ impl Daemon {
         control::restrict_socket_mode(&config.control.listen);
 
         let kill_all = CancellationToken::new();
+        let (watchdog_ticks, _) = latest::channel(0u64);
         let mut proxies = Vec::with_capacity(bound.len());
         for (proxy_config, listener) in bound {
             let restored = saved
@@ -247,7 +276,7 @@ impl Daemon {
                 info!(proxy = %proxy.name, by = %pause.by, since = %humantime::format_rfc3339_seconds(pause.since), "paused (restored from the state file)");
             }
             proxies.push(RunningProxy {
-                listener: Some(RunningListener::start(&proxy, listener)),
+                listener: Some(RunningListener::start(&proxy, listener, &watchdog_ticks)),
                 proxy,
                 config: proxy_config.clone(),
                 deployed,
@@ -307,6 +336,9 @@ impl Daemon {
             control_task,
             stop_control,
             snapshot,
+            watchdog_ticks,
+            stats: StatsLog::default(),
+            status_line: String::new(),
         };
         daemon.publish();
         daemon.persist();
@@ -316,13 +348,35 @@ impl Daemon {
             "started: {}",
             daemon.config.summary()
         );
+        let mut daemon = daemon;
+        daemon.status_line = daemon.summary();
+        systemd::ready(&daemon.status_line);
         Ok(daemon)
     }
 
     async fn run(mut self, mut signals: Signals) -> ExitCode {
         let mut file_settles: Option<(Instant, Instant)> = None;
+        let watchdog_every = systemd::watchdog_interval();
+        let mut last_ping = Instant::now();
+        let mut last_stats = Instant::now();
+        let mut status_refresh = tokio::time::interval(Duration::from_secs(1));
+        status_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(every) = watchdog_every {
+            info!(
+                "systemd watchdog: pinging every {}",
+                humantime::format_duration(every)
+            );
+            systemd::watchdog();
+        }
         loop {
             let failsafe = self.next_failsafe();
+            let stats_due = self
+                .config
+                .stats
+                .interval
+                .non_zero()
+                .map(|every| last_stats + every);
+            let ping_due = watchdog_every.map(|every| last_ping + every);
             let file_changed = async {
                 match self.watcher.as_mut() {
                     Some(watcher) => watcher.changes.recv().await,
@@ -356,6 +410,16 @@ impl Daemon {
                         self.failsafe_resume(index);
                     }
                 }
+                () = sleep_until(stats_due) => {
+                    last_stats = Instant::now();
+                    let proxies: Vec<&Proxy> = self.proxies.iter().map(|r| &*r.proxy).collect();
+                    self.stats.log(&proxies);
+                }
+                () = sleep_until(ping_due) => {
+                    last_ping = Instant::now();
+                    self.watchdog_round();
+                }
+                _ = status_refresh.tick() => self.refresh_status(),
             }
         }
         self.stop(&mut signals).await;
@@ -387,6 +451,43 @@ impl Daemon {
                 reply,
             } => self.deploy_done(proxy, backends, added, outcome, reply),
         }
+    }
+
+    fn summary(&self) -> String {
+        let proxies: Vec<&Proxy> = self.proxies.iter().map(|r| &*r.proxy).collect();
+        stats::summary(&proxies)
+    }
+
+    /// Sends systemd a new STATUS= line when the summary changed.
+    fn refresh_status(&mut self) {
+        let line = self.summary();
+        if line != self.status_line {
+            systemd::status(&line);
+            self.status_line = line;
+        }
+    }
+
+    /// Pings the watchdog only if every accept loop answered the previous
+    /// tick (a loop that is not being polled must stop the pings), then
+    /// sends the next tick.
+    fn watchdog_round(&mut self) {
+        let expected = *self.watchdog_ticks.borrow();
+        let stuck: Vec<&str> = self
+            .proxies
+            .iter()
+            .filter(|r| {
+                r.listener
+                    .as_ref()
+                    .is_some_and(|l| l.answered.load(Relaxed) != expected)
+            })
+            .map(|r| &*r.proxy.name)
+            .collect();
+        if stuck.is_empty() {
+            systemd::watchdog();
+        } else {
+            warn!(proxies = ?stuck, "accept loop not answering: withholding the systemd watchdog ping");
+        }
+        self.watchdog_ticks.send_modify(|tick| *tick += 1);
     }
 
     /// Indexes of the named proxies (all when `names` is empty); an unknown
@@ -536,6 +637,7 @@ impl Daemon {
     /// connections finish within the grace period, then closes what is left.
     /// A second stop signal cuts the grace period short.
     async fn stop(mut self, signals: &mut Signals) {
+        systemd::stopping();
         let grace = self.config.shutdown.grace_period.0;
         // The API keeps answering status during the grace period, but changes
         // are refused (503) rather than left waiting for a loop that is gone.

@@ -20,6 +20,7 @@ use super::{Daemon, ReloadRecord, RunningListener, RunningProxy};
 use crate::config::{self, Config};
 use crate::proxy::Proxy;
 use crate::proxy::stream::Listener;
+use crate::telemetry::{Prepared, systemd};
 
 /// Quiet time after the last file event before the file is read again.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -61,6 +62,7 @@ impl Daemon {
     /// Reloads the config file. Ok: the new generation. Err: why it was
     /// rejected (the running config stays).
     pub(super) async fn reload(&mut self, trigger: &str) -> Result<u64, String> {
+        systemd::reloading();
         let path = self.config_path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let text = config::read(&path)?;
@@ -73,7 +75,10 @@ impl Daemon {
             Ok(Ok::<_, config::ConfigError>((parsed, fingerprint))) => {
                 self.config_fingerprint = fingerprint;
                 match parsed {
-                    Ok(config) => self.apply(config).await,
+                    Ok(config) => match self.logging.prepare(&config.log) {
+                        Ok(output) => self.apply(config, output).await,
+                        Err(e) => Err(format!("{}: {e}", self.config_path.display())),
+                    },
                     Err(e) => Err(e.to_string()),
                 }
             }
@@ -91,12 +96,14 @@ impl Daemon {
             Err(why) => error!(trigger, "reload rejected, the running config stays:\n{why}"),
         }
         self.publish_as(generation, record);
+        self.status_line = self.summary();
+        systemd::ready(&self.status_line);
         result.map(|_| generation)
     }
 
     /// Converges the running proxies to `config`; returns a summary of what
     /// changed. Fails, changing nothing, if a new socket cannot be bound.
-    async fn apply(&mut self, config: Config) -> Result<String, String> {
+    async fn apply(&mut self, config: Config, log_output: Option<Prepared>) -> Result<String, String> {
         let running: Vec<Running> = self
             .proxies
             .iter()
@@ -159,7 +166,8 @@ impl Daemon {
                     // The new socket accepts before the old one closes.
                     let socket = socket_for(&step.name, listener);
                     let previous = current.listener.take();
-                    current.listener = socket.map(|s| RunningListener::start(&current.proxy, s));
+                    current.listener =
+                        socket.map(|s| RunningListener::start(&current.proxy, s, &self.watchdog_ticks));
                     if let Some(previous) = previous {
                         previous.close(&step.name).await;
                     }
@@ -175,7 +183,7 @@ impl Daemon {
                     }
                     let socket = socket_for(&step.name, listener);
                     RunningProxy {
-                        listener: socket.map(|s| RunningListener::start(&proxy, s)),
+                        listener: socket.map(|s| RunningListener::start(&proxy, s, &self.watchdog_ticks)),
                         proxy,
                         config: wanted.clone(),
                         deployed: None,
@@ -192,7 +200,7 @@ impl Daemon {
             }
         }
         self.proxies = next;
-        self.apply_globals(&config);
+        self.apply_globals(&config, log_output);
         self.config = config;
         self.persist();
         Ok(plan.summary())
@@ -243,11 +251,8 @@ impl Daemon {
 
     /// Settings outside the proxies: the log level applies now; the control
     /// address and state directory at the next start.
-    fn apply_globals(&mut self, config: &Config) {
-        self.logging.apply(&config.log);
-        if config.log.target != self.config.log.target {
-            warn!("log.target changes take effect at the next start");
-        }
+    fn apply_globals(&mut self, config: &Config, log_output: Option<Prepared>) {
+        self.logging.apply(&config.log, log_output);
         if config.control != self.config.control {
             warn!(
                 "control settings change at the next start; the control socket stays at {}",

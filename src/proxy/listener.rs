@@ -3,25 +3,43 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use super::Proxy;
 use super::stream::Listener;
 
+/// Proof of life for the systemd watchdog: the daemon sends a tick, the
+/// accept loop answers it. A loop that is not being polled stops answering,
+/// and the daemon withholds its ping.
+pub struct Heartbeat {
+    pub ticks: watch::Receiver<u64>,
+    pub answered: Arc<AtomicU64>,
+}
+
 /// Accepts for `proxy` until `stop` is cancelled, then hands the listening
 /// socket back: the caller closes it, or gives it to another proxy (a
 /// rename on the same address) while the kernel keeps queueing.
-pub async fn accept_loop(proxy: Arc<Proxy>, listener: Listener, stop: CancellationToken) -> Listener {
+pub async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: Listener,
+    stop: CancellationToken,
+    mut heartbeat: Heartbeat,
+) -> Listener {
     let address = listener.local_address();
     let mut backoff = Backoff::default();
     loop {
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
+            Ok(()) = heartbeat.ticks.changed() => {
+                heartbeat.answered.store(*heartbeat.ticks.borrow_and_update(), Relaxed);
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {

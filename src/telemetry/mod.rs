@@ -1,59 +1,165 @@
-//! Where log lines go and how they look, and changing the level on reload.
+//! Where log lines go and how they look; changing both on reload.
 //!
-//! Lines are written by a background thread (tracing-appender's non-blocking
-//! writer), so a slow stderr never stalls a runtime worker.
+//! Targets: stderr (plain lines without timestamps under systemd's journal),
+//! a file rotated daily, hourly or never, or syslog. Lines are written by a
+//! background thread (tracing-appender's non-blocking writer, or the syslog
+//! worker), so a slow disk or server never stalls a runtime worker.
+//!
+//! A new output is *prepared* first (a file that cannot be opened fails
+//! there: a config error at start, a rejected reload later) and only then
+//! swapped in.
+
+pub mod stats;
+pub mod syslog;
+pub mod systemd;
 
 use std::io::IsTerminal;
+use std::path::Path;
 
 use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::rolling::{RollingFileAppender, Rotation as Rolling};
 use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry, reload};
 
-use crate::config::{LogConfig, LogLevel};
+use crate::config::{LogConfig, LogLevel, LogTarget, Rotation};
 
-/// Keeps the log writer thread alive (dropping it flushes pending lines)
-/// and lets a reload change the level.
+type WithLevel = Layered<reload::Layer<LevelFilter, Registry>, Registry>;
+type Output = Box<dyn Layer<WithLevel> + Send + Sync>;
+
+/// The installed logging: handles to change level and output, and the
+/// writer thread of the current output (dropping it flushes).
 pub struct Logging {
-    _worker: WorkerGuard,
     level: reload::Handle<LevelFilter, Registry>,
+    output: reload::Handle<Output, WithLevel>,
+    current: LogConfig,
+    _writer: Option<WorkerGuard>,
 }
 
-/// Installs the global subscriber. Under systemd (`JOURNAL_STREAM` set) the
-/// journal adds its own timestamps, so lines carry none.
-pub fn init(config: &LogConfig) -> Logging {
-    let (writer, worker) = tracing_appender::non_blocking(std::io::stderr());
-    let (level_filter, level) = reload::Layer::new(level_filter(config.level));
-    let format = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal());
-    let format = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        format.without_time().boxed()
-    } else {
-        format.boxed()
-    };
+/// An output ready to be swapped in.
+pub struct Prepared {
+    layer: Output,
+    writer: Option<WorkerGuard>,
+}
+
+/// Installs the global subscriber for `config`; the error names what could
+/// not be opened.
+pub fn init(config: &LogConfig) -> Result<Logging, String> {
+    let prepared = prepare(config)?;
+    let (level_layer, level) = reload::Layer::new(level_filter(config.level));
+    let (output_layer, output) = reload::Layer::new(prepared.layer);
     if let Err(e) = tracing_subscriber::registry()
-        .with(level_filter)
-        .with(format)
+        .with(level_layer)
+        .with(output_layer)
         .try_init()
     {
         eprintln!("interlude: logging already initialised: {e}");
     }
-    Logging {
-        _worker: worker,
+    Ok(Logging {
         level,
-    }
+        output,
+        current: config.clone(),
+        _writer: prepared.writer,
+    })
 }
 
 impl Logging {
-    /// Applies `log.level` of a reloaded config.
-    pub fn apply(&self, config: &LogConfig) {
+    /// Prepares the output a reloaded config asks for, if it differs.
+    pub fn prepare(&self, config: &LogConfig) -> Result<Option<Prepared>, String> {
+        if same_output(&self.current, config) {
+            return Ok(None);
+        }
+        prepare(config).map(Some)
+    }
+
+    /// Applies a reloaded config: level now, and the prepared output.
+    pub fn apply(&mut self, config: &LogConfig, prepared: Option<Prepared>) {
         if let Err(e) = self.level.reload(level_filter(config.level)) {
             tracing::warn!(error = %e, "cannot change the log level");
         }
+        if let Some(prepared) = prepared {
+            if let Err(e) = self.output.reload(prepared.layer) {
+                tracing::warn!(error = %e, "cannot change the log output");
+                return;
+            }
+            // The old writer flushes on drop: off the runtime.
+            let old = std::mem::replace(&mut self._writer, prepared.writer);
+            std::thread::spawn(move || drop(old));
+            tracing::info!(target = ?config.target, "log output changed");
+        }
+        self.current = config.clone();
     }
+}
+
+fn same_output(a: &LogConfig, b: &LogConfig) -> bool {
+    a.target == b.target
+        && match a.target {
+            LogTarget::Stderr => true,
+            LogTarget::File => a.file == b.file && a.rotation == b.rotation,
+            LogTarget::Syslog => a.syslog == b.syslog,
+        }
+}
+
+fn prepare(config: &LogConfig) -> Result<Prepared, String> {
+    match config.target {
+        LogTarget::Stderr => {
+            let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal());
+            let layer: Output = if std::env::var_os("JOURNAL_STREAM").is_some() {
+                layer.without_time().boxed()
+            } else {
+                layer.boxed()
+            };
+            Ok(Prepared {
+                layer,
+                writer: Some(guard),
+            })
+        }
+        LogTarget::File => {
+            let appender = open_log_file(&config.file, config.rotation)?;
+            let (writer, guard) = tracing_appender::non_blocking(appender);
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_target(false)
+                .with_ansi(false)
+                .boxed();
+            Ok(Prepared {
+                layer,
+                writer: Some(guard),
+            })
+        }
+        LogTarget::Syslog => {
+            let destination = syslog::Destination::parse(&config.syslog)?;
+            Ok(Prepared {
+                layer: syslog::SyslogLayer::start(destination)?.boxed(),
+                writer: None,
+            })
+        }
+    }
+}
+
+/// Opens (creating the directory if needed) the log file; rotated files get
+/// a `.YYYY-MM-DD` or `.YYYY-MM-DD-HH` suffix.
+fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("log.file {}: {e}", file.display());
+    let directory = file.parent().ok_or_else(|| fail(&"has no directory"))?;
+    let name = file.file_name().ok_or_else(|| fail(&"has no file name"))?;
+    std::fs::create_dir_all(directory).map_err(|e| fail(&e))?;
+    let rolling = match rotation {
+        Rotation::Daily => Rolling::DAILY,
+        Rotation::Hourly => Rolling::HOURLY,
+        Rotation::Never => Rolling::NEVER,
+    };
+    let appender = RollingFileAppender::builder()
+        .rotation(rolling)
+        .filename_prefix(name.to_string_lossy())
+        .build(directory)
+        .map_err(|e| fail(&e))?;
+    Ok(appender)
 }
 
 fn level_filter(level: LogLevel) -> LevelFilter {

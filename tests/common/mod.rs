@@ -1069,3 +1069,87 @@ pub fn assert_silent(stream: &mut Stream, quiet: Duration, context: &str) {
         Err(e) => panic!("{context}: read failed: {e}"),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Reload
+
+/// Replaces the file at `path` with `text` the way editors and `sed -i` do:
+/// writes a temp file next to it, then renames it over (one atomic change).
+pub fn replace_file(path: &Path, text: &str) {
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.tmp"));
+    fs::write(&temp, text).unwrap_or_else(|e| panic!("write {}: {e}", temp.display()));
+    fs::rename(&temp, path)
+        .unwrap_or_else(|e| panic!("rename {} over {}: {e}", temp.display(), path.display()));
+}
+
+/// The config `generation` in `GET /status`.
+pub fn generation(dir: &Path) -> u64 {
+    let doc = status(dir);
+    doc["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no integer generation in /status: {doc}"))
+}
+
+/// Polls `/status` until the whole document satisfies `test` (bounded by
+/// [`WAIT`]); returns it. The failure shows the last document seen.
+pub fn wait_status(dir: &Path, what: &str, test: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let doc = status(dir);
+        if test(&doc) {
+            return doc;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {WAIT:?} waiting for /status: {what}; last status: {doc}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `/status` shows config generation `n` or later; returns the document.
+pub fn wait_generation(dir: &Path, n: u64) -> serde_json::Value {
+    wait_status(dir, &format!("generation >= {n}"), |doc| {
+        doc["generation"].as_u64().is_some_and(|g| g >= n)
+    })
+}
+
+/// The names of the proxies in a `/status` document, in its order.
+pub fn proxy_names(doc: &serde_json::Value) -> Vec<String> {
+    doc["proxies"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no proxies list in /status: {doc}"))
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Where proxy `name` listens, from its `/status` `listen` field (the
+/// address actually bound, so a port 0 reads as the port chosen).
+pub fn status_listen(dir: &Path, name: &str) -> Endpoint {
+    let entry = proxy_status(dir, name);
+    let listen = entry["listen"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no listen address for {name:?} in /status: {entry}"));
+    Endpoint::parse(listen).unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl Daemon {
+    /// The address of proxy `proxy` from its LATEST `listening proxy=NAME
+    /// address=ADDR` line (a proxy added, renamed or moved by a reload logs
+    /// a new one); waits (bounded) for a first one.
+    pub fn latest_listen_addr(&self, proxy: &str) -> Endpoint {
+        let pattern = format!("listening proxy={proxy} address=");
+        self.wait_for_line(&pattern, WAIT);
+        let lines = self.stderr_lines();
+        let line = lines.iter().rev().find(|l| l.contains(&pattern)).unwrap();
+        let start = line.find(&pattern).unwrap() + pattern.len();
+        let address = line[start..].split_whitespace().next().unwrap_or("");
+        Endpoint::parse(address).unwrap_or_else(|e| self.fail(&e))
+    }
+
+    /// How many stderr lines so far contain `pattern`.
+    pub fn count_lines(&self, pattern: &str) -> usize {
+        self.stderr_lines().iter().filter(|l| l.contains(pattern)).count()
+    }
+}
