@@ -8,6 +8,7 @@ mod address;
 mod locate;
 mod recover;
 mod schema;
+pub mod tls;
 mod validate;
 
 use std::fmt;

@@ -147,20 +147,8 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
                 "handshake_timeout must be more than 0s",
             );
         }
-        let files = [
-            ("cert", Some(&tls.cert)),
-            ("key", Some(&tls.key)),
-            ("client_ca", tls.client_ca.as_ref()),
-        ];
-        for (key, file) in files {
-            if let Some(file) = file
-                && let Err(e) = std::fs::metadata(file)
-            {
-                issues.add(
-                    format!("{at}.tls.{key}"),
-                    format!("cannot read {}: {e}", file.display()),
-                );
-            }
+        if let Err(why) = super::tls::server_config(tls) {
+            issues.add(format!("{at}.tls"), why);
         }
     }
     let health = &proxy.health_check;
@@ -405,7 +393,7 @@ proxies:
     backends: [127.0.0.1:2]
 ";
         let found = issues(yaml);
-        assert_eq!(found.len(), 2);
+        assert_eq!(found.len(), 1);
         assert!(found[0].message.contains("/nonexistent/c.pem"));
     }
 }

@@ -86,7 +86,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         "interlude_tls_handshake_failures_total",
         "counter",
         "Failed TLS handshakes.",
-        &|_| 0,
+        &|p| p.stats.tls_handshake_failures.load(Relaxed),
     );
 
     let per_backend = |out: &mut String,

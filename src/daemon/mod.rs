@@ -268,7 +268,20 @@ impl Daemon {
                 set
             });
             let backends = deployed.as_deref().unwrap_or(&proxy_config.backends);
-            let proxy = Proxy::new(proxy_config, backends, kill_all.child_token(), restored.clone());
+            let tls = match &proxy_config.tls {
+                Some(tls) => Some(
+                    config::tls::server_config(tls)
+                        .map_err(|e| format!("proxy {:?}: {e}", proxy_config.name))?,
+                ),
+                None => None,
+            };
+            let proxy = Proxy::new(
+                proxy_config,
+                backends,
+                tls,
+                kill_all.child_token(),
+                restored.clone(),
+            );
             if proxy_config.paused {
                 info!(proxy = %proxy.name, by = "config", "paused");
             }

@@ -114,6 +114,17 @@ impl Daemon {
             .collect();
         let plan = reconcile::plan(&config.proxies, &running);
 
+        // Certificates are read again on every reload, also for proxies whose
+        // config did not change: a renewed certificate file is a change.
+        let mut tls = HashMap::new();
+        for wanted in &config.proxies {
+            if let Some(settings) = &wanted.tls {
+                let server = config::tls::server_config(settings)
+                    .map_err(|e| format!("proxy {:?}: {e}", wanted.name))?;
+                tls.insert(wanted.name.clone(), server);
+            }
+        }
+
         // Bind first: a failure here leaves everything as it was.
         let mut fresh: HashMap<String, Listener> = HashMap::new();
         for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
@@ -155,10 +166,10 @@ impl Daemon {
         for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
             let current = old.remove(&step.name);
             let running = match (&step.action, current) {
-                (Action::Unchanged, Some(current)) => current,
-                (Action::Update, Some(mut current)) => {
+                (Action::Unchanged, Some(current)) if wanted.tls.is_none() => current,
+                (Action::Unchanged | Action::Update, Some(mut current)) => {
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
-                    self.update_proxy(&current.proxy, wanted, &backends);
+                    self.update_proxy(&current.proxy, wanted, &backends, tls.get(&wanted.name).cloned());
                     current.config = wanted.clone();
                     current
                 }
@@ -172,12 +183,18 @@ impl Daemon {
                         previous.close(&step.name).await;
                     }
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
-                    self.update_proxy(&current.proxy, wanted, &backends);
+                    self.update_proxy(&current.proxy, wanted, &backends, tls.get(&wanted.name).cloned());
                     current.config = wanted.clone();
                     current
                 }
                 (Action::Add { listener }, _) => {
-                    let proxy = Proxy::new(wanted, &wanted.backends, self.kill_all.child_token(), None);
+                    let proxy = Proxy::new(
+                        wanted,
+                        &wanted.backends,
+                        tls.get(&wanted.name).cloned(),
+                        self.kill_all.child_token(),
+                        None,
+                    );
                     if wanted.paused {
                         info!(proxy = %proxy.name, by = "config", "paused");
                     }
@@ -211,9 +228,10 @@ impl Daemon {
         proxy: &Arc<Proxy>,
         wanted: &config::ProxyConfig,
         backends: &[config::BackendConfig],
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     ) {
         let was_paused = proxy.gate.state().paused();
-        if proxy.update(wanted, backends) {
+        if proxy.update(wanted, backends, tls) {
             let verb = if was_paused { "resumed" } else { "paused" };
             info!(proxy = %proxy.name, by = "config", "{verb}");
         }

@@ -16,13 +16,19 @@ use tracing::{info, warn};
 use super::{Proxy, ProxySettings};
 use crate::backends::{Backend, BackendSet, Role};
 use crate::config::{BackendConfig, ProxyConfig};
+use tokio_rustls::rustls::ServerConfig;
 
 impl Proxy {
     /// Applies a changed config to new connections; open ones keep the
     /// settings and backend they started with. `backends` is the list to
     /// serve (the config's, or a deployed set that overrides it). Returns
     /// true if the change paused or resumed the proxy.
-    pub fn update(self: &Arc<Self>, config: &ProxyConfig, backends: &[BackendConfig]) -> bool {
+    pub fn update(
+        self: &Arc<Self>,
+        config: &ProxyConfig,
+        backends: &[BackendConfig],
+        tls: Option<Arc<ServerConfig>>,
+    ) -> bool {
         let mut leaving = Vec::new();
         self.settings.send_modify(|settings| {
             let current = &settings.backends;
@@ -30,7 +36,11 @@ impl Proxy {
             leaving = departing(current, &staying);
             let mut next = staying;
             next.extend(leaving.iter().cloned());
-            *settings = Arc::new(ProxySettings::new(config, BackendSet::new(next, config.balance)));
+            *settings = Arc::new(ProxySettings::new(
+                config,
+                BackendSet::new(next, config.balance),
+                tls,
+            ));
         });
         let drain_timeout = config.drain_timeout.0;
         for backend in leaving {

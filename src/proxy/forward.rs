@@ -11,6 +11,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +74,86 @@ pub async fn forward(
         result = both_ways => result.map(|_| Ended::Closed),
         () = idle_expired(idle_timeout, started, &last_activity) => Ok(Ended::Idle),
         () = PollWhenWoken::new(kill.cancelled()) => Ok(Ended::Killed),
+    }
+}
+
+/// The copy path for streams that are not plain sockets (a TLS session):
+/// the same contract as `forward`, through `AsyncRead`/`AsyncWrite`, with a
+/// buffer per direction for the connection's life (the TLS session keeps
+/// buffers of its own anyway).
+pub async fn forward_streams<A, B>(
+    client: &mut A,
+    backend: &mut B,
+    early: &[u8],
+    idle_timeout: Option<Duration>,
+    kill: &CancellationToken,
+    traffic: Traffic<'_>,
+) -> io::Result<Ended>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let activity = idle_timeout.map(|_| Activity {
+        started,
+        last: &last_activity,
+    });
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut backend_read, mut backend_write) = tokio::io::split(backend);
+    let both_ways = async {
+        if !early.is_empty() {
+            backend_write.write_all(early).await?;
+            traffic.client_to_backend.fetch_add(early.len() as u64, Relaxed);
+        }
+        tokio::try_join!(
+            copy_stream(
+                &mut client_read,
+                &mut backend_write,
+                traffic.client_to_backend,
+                activity.as_ref()
+            ),
+            copy_stream(
+                &mut backend_read,
+                &mut client_write,
+                traffic.backend_to_client,
+                activity.as_ref()
+            ),
+        )
+    };
+    tokio::select! {
+        biased;
+        result = both_ways => result.map(|_| Ended::Closed),
+        () = idle_expired(idle_timeout, started, &last_activity) => Ok(Ended::Idle),
+        () = PollWhenWoken::new(kill.cancelled()) => Ok(Ended::Killed),
+    }
+}
+
+/// Size of each direction's buffer on the stream copy path.
+const STREAM_BUFFER: usize = 16 * 1024;
+
+async fn copy_stream<R, W>(
+    from: &mut R,
+    to: &mut W,
+    counter: &AtomicU64,
+    activity: Option<&Activity<'_>>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0u8; STREAM_BUFFER];
+    loop {
+        let n = from.read(&mut buffer).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buffer[..n]).await?;
+        to.flush().await?;
+        counter.fetch_add(n as u64, Relaxed);
+        if let Some(activity) = activity {
+            activity.touch();
+        }
     }
 }
 

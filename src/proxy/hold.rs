@@ -5,8 +5,10 @@
 
 use std::io;
 
+use tokio::io::AsyncReadExt;
+
 use super::gate::HeldTicket;
-use super::stream::Stream;
+use super::stream::{Client, Stream};
 use super::wake::PollWhenWoken;
 
 /// Bytes kept per held connection; beyond this the client waits for us.
@@ -25,7 +27,7 @@ pub enum Hold {
 
 /// Waits for the release of `ticket`, keeping what the client sends in `early`.
 pub async fn hold(
-    client: &Stream,
+    client: &mut Client,
     ticket: &mut HeldTicket,
     early: &mut Vec<u8>,
     closing: &tokio_util::sync::CancellationToken,
@@ -40,18 +42,35 @@ pub async fn hold(
 
 /// Returns when the client closes or resets; meanwhile reads what it sends
 /// into `early` until the bound, then only listens for a hang-up.
-async fn client_leaves(client: &Stream, early: &mut Vec<u8>) -> io::Result<()> {
+async fn client_leaves(client: &mut Client, early: &mut Vec<u8>) -> io::Result<()> {
     loop {
-        if early.len() < HELD_BUFFER_LIMIT {
-            client.readable().await?;
-            match read_into(client, early) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                }
-                Err(e) => return Err(e),
+        if early.len() >= HELD_BUFFER_LIMIT {
+            if client.socket().wait_hang_up().await? {
+                return Ok(());
             }
-        } else if client.wait_hang_up().await? {
+            continue;
+        }
+        let n = match client {
+            Client::Plain(socket) => {
+                socket.readable().await?;
+                match read_into(socket, early) {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
+                        continue;
+                    }
+                    result => result?,
+                }
+            }
+            Client::Tls(session) => {
+                // Decrypted bytes, straight into `early` (no buffer in the
+                // future's state, so a held session stays small).
+                let room = (HELD_BUFFER_LIMIT - early.len()) as u64;
+                (&mut **session).take(room).read_buf(early).await?
+            }
+        };
+        if n == 0 {
             return Ok(());
         }
     }

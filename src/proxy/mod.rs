@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
@@ -27,7 +29,7 @@ use crate::config::{BackendConfig, HealthCheckConfig, Mode, ProxyConfig, RejectW
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, RejectReason, RuntimePause};
 use hold::{Hold, hold};
-use stream::{Peer, Stream};
+use stream::{Client, Peer, Stream};
 
 /// What a new connection needs from the config, shared read-only.
 #[derive(Debug)]
@@ -40,10 +42,24 @@ pub struct ProxySettings {
     pub reject_with_503: Option<Duration>,
     pub health: HealthCheckConfig,
     pub drain_timeout: Duration,
+    /// TLS termination, with the certificate read at the last (re)load.
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub acceptor: TlsAcceptor,
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsSettings")
+    }
 }
 
 impl ProxySettings {
-    pub fn new(config: &ProxyConfig, backends: BackendSet) -> ProxySettings {
+    pub fn new(config: &ProxyConfig, backends: BackendSet, tls: Option<Arc<ServerConfig>>) -> ProxySettings {
         let answer_503 = config.pause.reject_with == RejectWith::Http503 || config.mode == Mode::Http;
         ProxySettings {
             connect_timeout: config.connect_timeout.0,
@@ -52,6 +68,10 @@ impl ProxySettings {
             reject_with_503: answer_503.then_some(config.pause.retry_after.0),
             health: config.health_check.clone(),
             drain_timeout: config.drain_timeout.0,
+            tls: config.tls.as_ref().zip(tls).map(|(tls, server)| TlsSettings {
+                acceptor: TlsAcceptor::from(server),
+                handshake_timeout: tls.handshake_timeout.0,
+            }),
         }
     }
 
@@ -64,6 +84,7 @@ impl ProxySettings {
             reject_with_503: self.reject_with_503,
             health: self.health.clone(),
             drain_timeout: self.drain_timeout,
+            tls: self.tls.clone(),
         }
     }
 }
@@ -77,6 +98,7 @@ pub struct ProxyStats {
     /// Forwarded connections open now (held ones are not counted).
     pub active: AtomicU64,
     pub connect_failures: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
 }
@@ -109,11 +131,12 @@ impl Proxy {
     pub fn new(
         config: &ProxyConfig,
         backends: &[BackendConfig],
+        tls: Option<Arc<ServerConfig>>,
         kill: CancellationToken,
         runtime_pause: Option<RuntimePause>,
     ) -> Arc<Proxy> {
         let live = BackendSet::reuse_or_create(backends, None, Role::Serving, &kill);
-        let settings = ProxySettings::new(config, BackendSet::new(live, config.balance));
+        let settings = ProxySettings::new(config, BackendSet::new(live, config.balance), tls);
         let (settings, _) = watch::channel(Arc::new(settings));
         let gate = Gate::new(&config.pause, config.paused, runtime_pause, kill.child_token());
         let proxy = Arc::new(Proxy {
@@ -149,6 +172,27 @@ impl Proxy {
     /// Serves one accepted client to its end: through the gate (forward,
     /// hold or reject), then to a backend.
     pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer) {
+        let tls = self.settings.borrow().tls.clone();
+        let Some(tls) = tls else {
+            return self.serve_client(Client::Plain(client), peer).await;
+        };
+        // Off the accept loop and bounded: a silent client costs one timer.
+        match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(client)).await {
+            Ok(Ok(stream)) => self.serve_client(Client::Tls(Box::new(stream)), peer).await,
+            Ok(Err(e)) => {
+                self.stats.tls_handshake_failures.fetch_add(1, Relaxed);
+                debug!(proxy = %self.name, %peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                self.stats.tls_handshake_failures.fetch_add(1, Relaxed);
+                debug!(proxy = %self.name, %peer, "TLS handshake timed out");
+            }
+        }
+    }
+
+    /// A client past its TLS handshake (if any): through the gate, then to
+    /// a backend.
+    async fn serve_client(self: Arc<Self>, mut client: Client, peer: Peer) {
         let mut early = Vec::new();
         match self.gate.admit() {
             Admission::Forward => {}
@@ -157,12 +201,12 @@ impl Proxy {
                 debug!(proxy = %self.name, %peer, ?reason, "rejected while paused");
                 let retry_after = self.settings.borrow().reject_with_503;
                 if let Some(retry_after) = retry_after {
-                    answer_503(&client, retry_after, reason).await;
+                    answer_503(&mut client, retry_after, reason).await;
                 }
                 return;
             }
             Admission::Hold(mut ticket) => {
-                match hold(&client, &mut ticket, &mut early, &self.gate.close_held).await {
+                match hold(&mut client, &mut ticket, &mut early, &self.gate.close_held).await {
                     Hold::Released => {}
                     Hold::ClientLeft => {
                         self.stats.dropped_while_held.fetch_add(1, Relaxed);
@@ -175,7 +219,7 @@ impl Proxy {
         }
         let _active = ActiveGuard::up(&self);
         let settings = self.settings.borrow().clone();
-        let Some(backend) = settings
+        let Some(mut backend) = settings
             .backends
             .connect(&self.name, settings.connect_timeout)
             .await
@@ -188,21 +232,20 @@ impl Proxy {
             client_to_backend: &self.stats.bytes_in,
             backend_to_client: &self.stats.bytes_out,
         };
-        let result = forward::forward(
-            &client,
-            &backend.stream,
-            &early,
-            settings.idle_timeout,
-            &backend.backend.kill,
-            traffic,
-        )
-        .await;
+        let (idle, kill) = (settings.idle_timeout, &backend.backend.kill.clone());
+        let result = match &mut client {
+            Client::Plain(stream) => {
+                forward::forward(stream, &backend.stream, &early, idle, kill, traffic).await
+            }
+            Client::Tls(stream) => {
+                forward::forward_streams(&mut **stream, &mut backend.stream, &early, idle, kill, traffic)
+                    .await
+            }
+        };
         match result {
             Ok(Ended::Closed) => {}
             Ok(Ended::Idle) => debug!(proxy = %self.name, %peer, "idle timeout: connection closed"),
-            Ok(Ended::Killed) => {
-                debug!(proxy = %self.name, %peer, "connection closed by the proxy")
-            }
+            Ok(Ended::Killed) => debug!(proxy = %self.name, %peer, "connection closed by the proxy"),
             Err(e) => {
                 debug!(proxy = %self.name, %peer, backend = %backend.backend.address, error = %e, "connection ended with an error")
             }
@@ -230,7 +273,8 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// The TCPause answer to a refused connection, for clients that speak HTTP.
-async fn answer_503(client: &Stream, retry_after: Duration, reason: RejectReason) {
+async fn answer_503(client: &mut Client, retry_after: Duration, reason: RejectReason) {
+    use tokio::io::AsyncWriteExt;
     let why = match reason {
         RejectReason::Paused => "paused for maintenance",
         RejectReason::TooManyHeld => "too many connections waiting",
@@ -241,7 +285,9 @@ async fn answer_503(client: &Stream, retry_after: Duration, reason: RejectReason
         retry_after.as_secs().max(1),
         why.len() + 1
     );
-    let write = forward::write_all(client, response.as_bytes());
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
-    let _ = client.shutdown_write();
+    let answer = async {
+        client.write_all(response.as_bytes()).await?;
+        client.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }

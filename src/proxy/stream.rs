@@ -339,3 +339,67 @@ impl tokio::io::AsyncWrite for Stream {
         }
     }
 }
+
+/// An accepted client: the raw socket, or the decrypted side of a TLS
+/// session on it.
+pub enum Client {
+    Plain(Stream),
+    Tls(Box<tokio_rustls::server::TlsStream<Stream>>),
+}
+
+impl Client {
+    /// The socket underneath, for readiness that TLS does not change (a
+    /// hang-up).
+    pub fn socket(&self) -> &Stream {
+        match self {
+            Client::Plain(stream) => stream,
+            Client::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Client {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Client::Tls(s) => std::pin::Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Client {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Client::Tls(s) => std::pin::Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Client::Tls(s) => std::pin::Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Client::Tls(s) => std::pin::Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
