@@ -285,6 +285,7 @@ impl Daemon {
             if proxy_config.paused {
                 info!(proxy = %proxy.name, by = "config", "paused");
             }
+            warn_unbuilt(proxy_config);
             if let Some(pause) = &restored {
                 info!(proxy = %proxy.name, by = %pause.by, since = %humantime::format_rfc3339_seconds(pause.since), "paused (restored from the state file)");
             }
@@ -715,6 +716,18 @@ impl Daemon {
             .iter()
             .map(|r| r.proxy.stats.active.load(Relaxed))
             .sum()
+    }
+}
+
+/// `mode: http` parses and validates, but request-level proxying is not
+/// built yet: say plainly what the proxy does instead.
+fn warn_unbuilt(proxy: &ProxyConfig) {
+    if proxy.mode == Mode::Http {
+        warn!(
+            proxy = %proxy.name,
+            "mode: http is not implemented yet: this proxy forwards connections as mode: tcp \
+             (pauses hold new connections, not requests on open keep-alive connections)"
+        );
     }
 }
 

@@ -164,6 +164,9 @@ impl Daemon {
             .collect();
         let mut next = Vec::with_capacity(config.proxies.len());
         for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
+            if !matches!(step.action, Action::Unchanged) {
+                super::warn_unbuilt(wanted);
+            }
             let current = old.remove(&step.name);
             let running = match (&step.action, current) {
                 (Action::Unchanged, Some(current)) if wanted.tls.is_none() => current,

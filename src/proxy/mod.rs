@@ -96,11 +96,25 @@ pub struct ProxyStats {
     pub rejected: AtomicU64,
     pub dropped_while_held: AtomicU64,
     /// Forwarded connections open now (held ones are not counted).
-    pub active: AtomicU64,
+    pub active: Padded<AtomicU64>,
     pub connect_failures: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+    pub bytes_in: Padded<AtomicU64>,
+    pub bytes_out: Padded<AtomicU64>,
+}
+
+/// A value alone on its cache line. The byte counters are written on every
+/// read, by the two directions' pumps on different cores: sharing a line
+/// with each other (or with `active`) would bounce it between them.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// The state of one proxy that its connection tasks share.
