@@ -6,7 +6,7 @@
 //! file (syntax, unknown key, rule, bind failure) changes nothing and is
 //! reported in `/status`; live connections keep their backend, and those of
 //! a removed proxy run on for its `drain_timeout`; runtime pauses survive a
-//! reload and `paused:` in the file pauses and resumes.
+//! reload and `paused:` in the file pauses and resumes; `log.level` applies.
 //!
 //! Backends here are "tagged" echo servers: each sends one byte naming it
 //! (`A` or `B`) when a connection reaches it, then echoes, so a client
@@ -1003,4 +1003,45 @@ fn a_moved_listener_serves_on_the_new_address_without_a_gap() {
     daemon.wait_for_line("reload applied: moved p", WAIT);
     assert_eq!(exchange(&enew, "the new address"), b'A');
     assert_echo(&mut live, b"the connection from before the move");
+}
+
+// ---------------------------------------------------------------------------
+// 9. log.level
+
+/// `log.level` applies on reload: at `warn`, an applied reload's INFO line
+/// is not logged (while a rejection's ERROR line is); back at `info`, it is.
+#[test]
+fn log_level_applies_on_reload() {
+    let dir = tempdir();
+    let d = dir.path();
+    let a = tagged(b'A');
+    let base = one_proxy_config(d, "5s", "tcp://127.0.0.1:0", &[a.address()], "");
+    assert!(base.contains("  level: info\n"));
+    let daemon = start(d, &base);
+    let path = config_path(&daemon);
+
+    replace_file(&path, &base.replace("  level: info\n", "  level: warn\n"));
+    let (code, body) = post_reload(d);
+    assert_eq!(code, 200, "{body}");
+    let quiet = generation(d) + 1;
+    let (code, body) = post_reload(d);
+    assert_eq!((code, body), (200, json!({ "generation": quiet })));
+
+    // An ERROR line after it: once it shows, everything before it has too.
+    replace_file(&path, &format!("{base}bogus_key: 1\n"));
+    let (code, body) = post_reload(d);
+    assert_eq!(code, 422, "{body}");
+    daemon.wait_for_line("reload rejected", WAIT);
+    let logged: Vec<String> = daemon
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains(&format!("generation={quiet}")))
+        .collect();
+    assert!(logged.is_empty(), "INFO lines logged at level warn: {logged:#?}");
+
+    replace_file(&path, &base);
+    let (code, body) = post_reload(d);
+    assert_eq!(code, 200, "{body}");
+    let loud = body["generation"].as_u64().unwrap();
+    daemon.wait_for_line(&format!("reload applied: no changes generation={loud}"), WAIT);
 }

@@ -178,6 +178,20 @@ struct RunningProxy {
     listener: Option<RunningListener>,
 }
 
+impl RunningProxy {
+    /// How the control API sees this proxy.
+    fn entry(&self) -> ProxyEntry {
+        ProxyEntry {
+            proxy: self.proxy.clone(),
+            listen: self
+                .listener
+                .as_ref()
+                .map_or_else(|| self.config.listen.clone(), |l| l.bound.clone()),
+            mode: self.config.mode,
+        }
+    }
+}
+
 /// An accept loop and the socket it owns; stopping it gives the socket back.
 struct RunningListener {
     bound: Address,
@@ -304,6 +318,8 @@ impl Daemon {
         }
 
         let (command_sender, commands) = mpsc::channel(64);
+        // The control API starts below: it must see every proxy from its
+        // first answer on.
         let (snapshot, snapshot_receiver) = latest::channel(Arc::new(Snapshot {
             generation: 1,
             last_reload: ReloadRecord {
@@ -311,7 +327,7 @@ impl Daemon {
                 error: None,
                 at: SystemTime::now(),
             },
-            proxies: Vec::new(),
+            proxies: proxies.iter().map(RunningProxy::entry).collect(),
         }));
         let shared = Arc::new(Shared {
             commands: command_sender.clone(),
@@ -628,18 +644,7 @@ impl Daemon {
 
     /// Publishes the running proxies with a reload's outcome, in one step.
     fn publish_as(&self, generation: u64, last_reload: ReloadRecord) {
-        let proxies = self
-            .proxies
-            .iter()
-            .map(|running| ProxyEntry {
-                proxy: running.proxy.clone(),
-                listen: running
-                    .listener
-                    .as_ref()
-                    .map_or_else(|| running.config.listen.clone(), |l| l.bound.clone()),
-                mode: running.config.mode,
-            })
-            .collect();
+        let proxies = self.proxies.iter().map(RunningProxy::entry).collect();
         self.snapshot.send_replace(Arc::new(Snapshot {
             generation,
             last_reload,

@@ -197,7 +197,7 @@ async fn pump(
     activity: Option<&Activity<'_>>,
 ) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
         let mut buffer = PooledBuffer::take();
         loop {
             let (n, drained) = match from.try_read_draining(buffer.as_mut()) {
@@ -224,7 +224,9 @@ pub async fn write_all(to: &Stream, mut bytes: &[u8]) -> io::Result<()> {
         match to.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

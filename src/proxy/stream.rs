@@ -39,6 +39,24 @@ impl Stream {
         }
     }
 
+    /// Readiness for the one reader of this socket (the copy path has one
+    /// per direction): a fixed waker slot, cheaper than `readable()`, which
+    /// queues a waiter per call.
+    pub fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    /// Readiness for the one writer of this socket.
+    pub fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_write_ready(cx),
+            Stream::Unix(s) => s.poll_write_ready(cx),
+        }
+    }
+
     pub async fn readable(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.readable().await,
@@ -83,13 +101,6 @@ impl Stream {
             (_, Some(n)) => Ok((n, true)),
             (Ok(n), None) => Ok((n, false)),
             (Err(e), None) => Err(e),
-        }
-    }
-
-    pub async fn writable(&self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.writable().await,
-            Stream::Unix(s) => s.writable().await,
         }
     }
 

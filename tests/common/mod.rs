@@ -211,6 +211,16 @@ impl Daemon {
         daemon
     }
 
+    /// Like [`Daemon::start`], with `env` applied on top of the cleaned
+    /// environment (see [`Daemon::spawn_with_env`]).
+    pub fn start_with_env(dir: &Path, yaml: &str, env: &[(&str, Option<&str>)]) -> Daemon {
+        let config = write_config(dir, yaml);
+        let mut daemon =
+            Daemon::spawn_with_env([OsStr::new("run"), OsStr::new("-c"), config.as_os_str()], env);
+        daemon.config = Some(config);
+        daemon
+    }
+
     /// Runs the binary with `args`, stdin closed, stdout and stderr captured,
     /// and an environment that cannot steer it elsewhere.
     pub fn spawn<I, S>(args: I) -> Daemon
@@ -218,7 +228,20 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(binary())
+        Daemon::spawn_with_env(args, &[])
+    }
+
+    /// Like [`Daemon::spawn`], then applies `env` on top of the cleaned
+    /// environment: `(NAME, Some(VALUE))` sets a variable (e.g.
+    /// `NOTIFY_SOCKET`, which is otherwise removed), `(NAME, None)` removes
+    /// one (e.g. `JOURNAL_STREAM`, which is otherwise inherited).
+    pub fn spawn_with_env<I, S>(args: I, env: &[(&str, Option<&str>)]) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(binary());
+        command
             .args(args)
             .env_remove("INTERLUDE_CONFIG")
             .env_remove("INTERLUDE_TOKEN")
@@ -226,7 +249,14 @@ impl Daemon {
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .env_remove("STATE_DIRECTORY")
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        for (name, value) in env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
