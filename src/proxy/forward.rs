@@ -64,9 +64,20 @@ pub async fn forward(
             write_all(backend, early).await?;
             traffic.client_to_backend.fetch_add(early.len() as u64, Relaxed);
         }
+        // Each direction is polled only when its own socket woke it.
         tokio::try_join!(
-            pump(client, backend, traffic.client_to_backend, activity.as_ref()),
-            pump(backend, client, traffic.backend_to_client, activity.as_ref()),
+            PollWhenWoken::new(pump(
+                client,
+                backend,
+                traffic.client_to_backend,
+                activity.as_ref()
+            )),
+            PollWhenWoken::new(pump(
+                backend,
+                client,
+                traffic.backend_to_client,
+                activity.as_ref()
+            )),
         )
     };
     tokio::select! {

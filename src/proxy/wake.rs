@@ -1,10 +1,11 @@
 //! `PollWhenWoken`: poll a future only after its own waker fired.
 //!
-//! A connection task waits on its sockets and on a cancellation token shared
-//! by every connection of the proxy. `select!` polls every branch on every
-//! wake, and polling a waiting token takes the lock of its waiter list: a
-//! lock shared across connections, taken at every read. Wrapped, the token
-//! is polled once to register, then only when it actually fires.
+//! A connection task waits on its two copy directions and on a cancellation
+//! token shared by every connection of the proxy. `select!` and `join!` poll
+//! every branch on every wake: polling a waiting token takes the lock of its
+//! waiter list (shared across connections), and polling the direction that
+//! did not wake re-registers its socket readiness. Wrapped, each is polled
+//! once to register, then only when it actually fires.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,8 @@ use std::task::{Context, Poll, Wake, Waker};
 
 pub struct PollWhenWoken<F> {
     inner: Pin<Box<F>>,
-    flag: Option<Arc<FlagWaker>>,
+    /// The flag and the waker built on it, for the task that polls us.
+    flag: Option<(Arc<FlagWaker>, Waker)>,
 }
 
 struct FlagWaker {
@@ -47,25 +49,26 @@ impl<F: Future> Future for PollWhenWoken<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        let flag = match &this.flag {
+        match &this.flag {
             // Same task, not woken by the inner future: nothing can have changed.
-            Some(flag) if flag.task.will_wake(cx.waker()) => {
+            Some((flag, _)) if flag.task.will_wake(cx.waker()) => {
                 if !flag.woken.swap(false, Ordering::Acquire) {
                     return Poll::Pending;
                 }
-                flag.clone()
             }
             _ => {
                 let flag = Arc::new(FlagWaker {
                     woken: AtomicBool::new(false),
                     task: cx.waker().clone(),
                 });
-                this.flag = Some(flag.clone());
-                flag
+                let waker = Waker::from(flag.clone());
+                this.flag = Some((flag, waker));
             }
+        }
+        let Some((_, waker)) = &this.flag else {
+            return Poll::Pending;
         };
-        let waker = Waker::from(flag);
-        this.inner.as_mut().poll(&mut Context::from_waker(&waker))
+        this.inner.as_mut().poll(&mut Context::from_waker(waker))
     }
 }
 
