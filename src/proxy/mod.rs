@@ -187,10 +187,17 @@ impl Proxy {
     /// hold or reject), then to a backend.
     pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer) {
         let tls = self.settings.borrow().tls.clone();
-        let Some(tls) = tls else {
-            return self.serve_client(Client::Plain(client), peer).await;
-        };
-        // Off the accept loop and bounded: a silent client costs one timer.
+        match tls {
+            None => self.serve_client(Client::Plain(client), peer).await,
+            // A TLS session's state is large: boxed, so that every plain
+            // connection's task does not carry room for it.
+            Some(tls) => Box::pin(self.serve_tls(client, peer, tls)).await,
+        }
+    }
+
+    /// The TLS handshake (off the accept loop and bounded: a silent client
+    /// costs one timer), then the decrypted stream is served like any other.
+    async fn serve_tls(self: Arc<Self>, client: Stream, peer: Peer, tls: TlsSettings) {
         match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(client)).await {
             Ok(Ok(stream)) => self.serve_client(Client::Tls(Box::new(stream)), peer).await,
             Ok(Err(e)) => {
@@ -252,8 +259,10 @@ impl Proxy {
                 forward::forward(stream, &backend.stream, &early, idle, kill, traffic).await
             }
             Client::Tls(stream) => {
-                forward::forward_streams(&mut **stream, &mut backend.stream, &early, idle, kill, traffic)
-                    .await
+                // Boxed like the handshake: plain connections do not pay for it.
+                let copy =
+                    forward::forward_streams(&mut **stream, &mut backend.stream, &early, idle, kill, traffic);
+                Box::pin(copy).await
             }
         };
         match result {
@@ -304,4 +313,30 @@ async fn answer_503(client: &mut Client, retry_after: Duration, reason: RejectRe
         client.shutdown().await
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection's task is allocated at the size of its largest
+    /// state: TLS state (a rustls session, the stream copy path) must stay
+    /// boxed, or every plain connection pays for it in idle memory.
+    #[tokio::test]
+    async fn a_plain_connection_task_stays_small() {
+        let config: crate::config::Config =
+            serde_yaml::from_str("proxies: [{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2']}]")
+                .unwrap();
+        let proxy = Proxy::new(
+            &config.proxies[0],
+            &config.proxies[0].backends,
+            None,
+            CancellationToken::new(),
+            None,
+        );
+        let (client, _peer) = tokio::net::UnixStream::pair().unwrap();
+        let task = proxy.clone().serve(Stream::Unix(client), Peer::Unix);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1280, "the per-connection future grew to {size} bytes");
+        proxy.retired.cancel();
+    }
 }
