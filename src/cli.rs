@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "interlude",
     version,
+    propagate_version = true,
     about = "Zero-downtime proxy for TCP and UNIX sockets: pause, hold, resume, reload",
     long_about = "interlude forwards TCP and UNIX socket connections to backends. While paused \
 it accepts and holds new connections without contacting any backend; on resume every held \
