@@ -1,11 +1,26 @@
-//! Load generator and backend for `bench/run`. Uses only tokio and std.
+//! Load generator and backend for `bench/run`. Uses tokio and std, plus the
+//! crate's own dependencies for TLS (tokio-rustls with ring) and signals (libc).
 //!
 //! Subcommands:
-//!   serve      --listen ADDR [--lifetime SECS]     backend: the first byte of each
-//!              connection picks the mode: 'E' echo, 'S' sink (read and discard).
+//!   serve      --listen ADDR[,ADDR...] [--lifetime SECS] [--tag C]
+//!              backend: the first byte of each connection picks the mode:
+//!              'E' echo, 'S' sink (read and discard), 'T' answer the tag byte
+//!              C (default '-') and close, so a client can tell backends apart.
 //!   throughput --target ADDR --seconds N --conns N  bulk upload to the sink
 //!   rr         --target ADDR --seconds N --conns N  64-byte request/response (echo)
 //!   connrate   --target ADDR --seconds N --conns N  connect, 64 B echo, close
+//!              throughput, rr and connrate take [--tls [--cert PEM]]: the client
+//!              speaks TLS 1.3 (TLS13_AES_128_GCM_SHA256 only, X25519, no session
+//!              resumption, so every connection is a full handshake); with --cert
+//!              the server must present exactly that certificate, without it any
+//!              certificate is accepted (signatures are still verified).
+//!   reload-latency --target ADDR --pid PID --config PATH --config-a PATH
+//!              --config-b PATH [--rounds N] [--gap SECS] [--wait SECS]
+//!              interlude only: the proxy at ADDR forwards to a backend tagged
+//!              'A' (config-a) or 'B' (config-b). Each round writes the other
+//!              file to a temp file next to PATH, renames it over PATH, sends
+//!              SIGHUP to PID and times until a new connection is answered by
+//!              the other backend (one connection at a time, back to back).
 //!   idle       --target ADDR --conns N [--hold SECS] open N idle connections, hold
 //!   held       --target ADDR --conns N --control-unix PATH [--settle SECS]
 //!              [--rss-pid PID] [--backend-port PORT] [--wait SECS]
@@ -20,17 +35,27 @@
 //! without waiting for in-flight operations, so a run never outlasts its budget.
 
 use std::io;
+use std::pin::Pin;
 use std::process::exit;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream, UnixStream};
 use tokio::time::{sleep, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::client::Resumption;
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use tokio_rustls::rustls::crypto::{self, WebPkiSupportedAlgorithms};
+use tokio_rustls::rustls::{self, CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 const MODE_ECHO: u8 = b'E';
 const MODE_SINK: u8 = b'S';
+const MODE_TAG: u8 = b'T';
 const MSG_LEN: usize = 64;
 const BULK_CHUNK: usize = 64 * 1024;
 const WARMUP: Duration = Duration::from_millis(500);
@@ -59,16 +84,28 @@ struct Opts {
     settle: f64,
     rss_pid: Option<u32>,
     backend_port: Option<u16>,
-    wait: f64,
+    wait: Option<f64>,
+    tag: u8,
+    tls: bool,
+    cert: Option<String>,
+    pid: Option<i32>,
+    config: Option<String>,
+    config_a: Option<String>,
+    config_b: Option<String>,
+    rounds: usize,
+    gap: f64,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen serve --listen ADDR [--lifetime SECS]\n       \
+        "usage: loadgen serve --listen ADDR[,ADDR...] [--lifetime SECS] [--tag C]\n       \
          loadgen throughput|rr|connrate --target ADDR [--seconds N] [--conns N]\n       \
+                      [--tls [--cert PEM]]\n       \
          loadgen idle --target ADDR --conns N [--hold SECS]\n       \
          loadgen held --target ADDR --conns N --control-unix PATH [--settle SECS]\n       \
                       [--rss-pid PID] [--backend-port PORT] [--wait SECS]\n       \
+         loadgen reload-latency --target ADDR --pid PID --config PATH --config-a PATH\n       \
+                      --config-b PATH [--rounds N] [--gap SECS] [--wait SECS]\n       \
          loadgen freeports [--count N]\n       \
          common: [--threads N] (tokio worker threads, default 2)"
     );
@@ -101,7 +138,16 @@ fn parse_args() -> (String, Opts) {
         settle: 2.0,
         rss_pid: None,
         backend_port: None,
-        wait: 30.0,
+        wait: None,
+        tag: b'-',
+        tls: false,
+        cert: None,
+        pid: None,
+        config: None,
+        config_a: None,
+        config_b: None,
+        rounds: 10,
+        gap: 0.5,
     };
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -117,7 +163,22 @@ fn parse_args() -> (String, Opts) {
             "--settle" => o.settle = parse_num(&flag, args.next()),
             "--rss-pid" => o.rss_pid = Some(parse_num(&flag, args.next())),
             "--backend-port" => o.backend_port = Some(parse_num(&flag, args.next())),
-            "--wait" => o.wait = parse_num(&flag, args.next()),
+            "--wait" => o.wait = Some(parse_num(&flag, args.next())),
+            "--tag" => match args.next().as_deref().map(str::as_bytes) {
+                Some(&[c]) => o.tag = c,
+                _ => {
+                    eprintln!("loadgen: --tag needs a single ASCII character");
+                    usage()
+                }
+            },
+            "--tls" => o.tls = true,
+            "--cert" => o.cert = args.next(),
+            "--pid" => o.pid = Some(parse_num(&flag, args.next())),
+            "--config" => o.config = args.next(),
+            "--config-a" => o.config_a = args.next(),
+            "--config-b" => o.config_b = args.next(),
+            "--rounds" => o.rounds = parse_num(&flag, args.next()),
+            "--gap" => o.gap = parse_num(&flag, args.next()),
             _ => {
                 eprintln!("loadgen: unknown argument {flag}");
                 usage()
@@ -129,8 +190,10 @@ fn parse_args() -> (String, Opts) {
         || o.threads == 0
         || o.seconds.is_nan()
         || o.seconds <= 0.0
+        || o.rounds == 0
         || bad_secs(o.settle)
-        || bad_secs(o.wait)
+        || bad_secs(o.gap)
+        || o.wait.is_some_and(bad_secs)
     {
         usage()
     }
@@ -148,9 +211,17 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if o.tls {
+        let connector = tls_connector(o.cert.as_deref()).unwrap_or_else(|e| {
+            eprintln!("loadgen: TLS setup: {e}");
+            exit(1)
+        });
+        let _ = TLS.set(connector);
+    }
     let target = || o.target.clone().unwrap_or_else(|| usage());
+    let path = |p: &Option<String>| p.clone().unwrap_or_else(|| usage());
     match cmd.as_str() {
-        "serve" => rt.block_on(serve(o.listen.clone().unwrap_or_else(|| usage()), o.lifetime)),
+        "serve" => rt.block_on(serve(path(&o.listen), o.lifetime, o.tag)),
         "throughput" => rt.block_on(throughput(target(), o.conns, o.seconds)),
         "rr" => rt.block_on(rr(target(), o.conns, o.seconds)),
         "connrate" => rt.block_on(connrate(target(), o.conns, o.seconds)),
@@ -159,6 +230,12 @@ fn main() {
             target(),
             o.conns,
             o.control_unix.clone().unwrap_or_else(|| usage()),
+            &o,
+        )),
+        "reload-latency" => rt.block_on(reload_latency(
+            target(),
+            o.pid.unwrap_or_else(|| usage()),
+            [path(&o.config), path(&o.config_a), path(&o.config_b)],
             &o,
         )),
         _ => usage(),
@@ -209,11 +286,17 @@ fn freeports(count: usize) {
 
 // ---------------------------------------------------------------- backend
 
-async fn serve(listen: String, lifetime: f64) {
-    let l = listen_tcp(&listen).unwrap_or_else(|e| {
-        eprintln!("loadgen serve: listen on {listen}: {e}");
-        exit(1)
-    });
+async fn serve(listen: String, lifetime: f64, tag: u8) {
+    // Bind every address before accepting on any, so a failure leaves nothing half up.
+    let listeners: Vec<_> = listen
+        .split(',')
+        .map(|addr| {
+            listen_tcp(addr).unwrap_or_else(|e| {
+                eprintln!("loadgen serve: listen on {addr}: {e}");
+                exit(1)
+            })
+        })
+        .collect();
     eprintln!("loadgen serve: listening on {listen}");
     // Safety net: an orphaned backend exits by itself.
     tokio::spawn(async move {
@@ -221,11 +304,19 @@ async fn serve(listen: String, lifetime: f64) {
         eprintln!("loadgen serve: lifetime reached, exiting");
         exit(0);
     });
+    let mut accepting = tokio::task::JoinSet::new();
+    for l in listeners {
+        accepting.spawn(accept_loop(l, tag));
+    }
+    while accepting.join_next().await.is_some() {}
+}
+
+async fn accept_loop(l: tokio::net::TcpListener, tag: u8) {
     loop {
         match l.accept().await {
             Ok((s, _)) => {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(handle(s));
+                tokio::spawn(handle(s, tag));
             }
             Err(e) => {
                 // e.g. EMFILE: back off instead of spinning.
@@ -250,7 +341,7 @@ fn listen_tcp(listen: &str) -> io::Result<tokio::net::TcpListener> {
     socket.listen(BACKEND_BACKLOG)
 }
 
-async fn handle(mut s: TcpStream) {
+async fn handle(mut s: TcpStream, tag: u8) {
     let mut mode = [0u8; 1];
     if s.read_exact(&mut mode).await.is_err() {
         return;
@@ -277,6 +368,9 @@ async fn handle(mut s: TcpStream) {
                     Ok(_) => {}
                 }
             }
+        }
+        MODE_TAG => {
+            let _ = s.write_all(&[tag]).await;
         }
         _ => {}
     }
@@ -379,12 +473,165 @@ impl Run {
     }
 }
 
-async fn connect(target: &str) -> std::io::Result<TcpStream> {
+async fn connect_tcp(target: &str) -> std::io::Result<TcpStream> {
     let s = timeout(OP_TIMEOUT, TcpStream::connect(target))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// A client connection: plain TCP, or TLS over TCP with `--tls`.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Set once in `main` with `--tls`: every client connection then does a TLS handshake.
+static TLS: OnceLock<TlsConnector> = OnceLock::new();
+/// What the first handshake negotiated, for the result line.
+static TLS_SESSION: OnceLock<String> = OnceLock::new();
+
+/// TCP connect, plus the TLS handshake with `--tls` (both bounded by OP_TIMEOUT).
+async fn connect(target: &str) -> std::io::Result<Conn> {
+    let s = connect_tcp(target).await?;
+    let Some(connector) = TLS.get() else {
+        return Ok(Conn::Plain(s));
+    };
+    let name = ServerName::try_from("localhost").expect("valid server name");
+    let tls = timeout(OP_TIMEOUT, connector.connect(name, s))
+        .await
+        .map_err(|_| timed_out("TLS handshake"))??;
+    TLS_SESSION.get_or_init(|| {
+        let (_, session) = tls.get_ref();
+        format!(
+            "{:?}/{:?}/{:?}",
+            session
+                .protocol_version()
+                .unwrap_or(rustls::ProtocolVersion::Unknown(0)),
+            session
+                .negotiated_cipher_suite()
+                .map_or(rustls::CipherSuite::Unknown(0), |c| c.suite()),
+            session
+                .negotiated_key_exchange_group()
+                .map_or(rustls::NamedGroup::Unknown(0), |g| g.name()),
+        )
+    });
+    Ok(Conn::Tls(Box::new(tls)))
+}
+
+/// ` tls=VERSION/SUITE/GROUP` for a result line, empty without `--tls`.
+fn tls_note() -> String {
+    match (TLS.get(), TLS_SESSION.get()) {
+        (None, _) => String::new(),
+        (Some(_), Some(s)) => format!(" tls={s}"),
+        (Some(_), None) => " tls=-".to_string(),
+    }
+}
+
+/// Accepts the certificate in `pinned` (any certificate when `None`); the
+/// handshake signatures are verified as a normal client would.
+#[derive(Debug)]
+struct PinnedCert {
+    pinned: Option<CertificateDer<'static>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match &self.pinned {
+            Some(want) if want.as_ref() != end_entity.as_ref() => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The client side of `--tls`: ring, one cipher suite (so every server under
+/// test uses the same one), full handshakes only.
+fn tls_connector(cert: Option<&str>) -> Result<TlsConnector, String> {
+    let pinned = cert
+        .map(|path| CertificateDer::from_pem_file(path).map_err(|e| format!("{path}: {e}")))
+        .transpose()?;
+    let mut provider = crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let verifier = PinnedCert {
+        pinned,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.resumption = Resumption::disabled();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 // ---------------------------------------------------------------- clients
@@ -425,8 +672,9 @@ async fn throughput(target: String, conns: usize, seconds: f64) {
     stop.store(true, Relaxed);
     let b = b1 - b0;
     println!(
-        "mode=throughput conns={conns} seconds={dt:.3} bytes={b} mbps={:.1} errors={}",
+        "mode=throughput conns={conns} seconds={dt:.3} bytes={b} mbps={:.1}{} errors={}",
         b as f64 / dt / 1e6,
+        tls_note(),
         run.errors.load(Relaxed)
     );
 }
@@ -463,10 +711,11 @@ async fn rr(target: String, conns: usize, seconds: f64) {
     let dt = run.window(seconds).await;
     let n = run.ops.load(Relaxed);
     println!(
-        "mode=rr conns={conns} seconds={dt:.3} reqs={n} rps={:.0} p50_us={} p99_us={} errors={}",
+        "mode=rr conns={conns} seconds={dt:.3} reqs={n} rps={:.0} p50_us={} p99_us={}{} errors={}",
         n as f64 / dt,
         run.hist.quantile(0.50),
         run.hist.quantile(0.99),
+        tls_note(),
         run.errors.load(Relaxed)
     );
 }
@@ -478,7 +727,12 @@ async fn one_conn(target: &str) -> std::io::Result<()> {
     let mut resp = [0u8; MSG_LEN];
     let io = async {
         s.write_all(&req).await?;
+        s.flush().await?; // TLS: the record is out (a no-op on plain TCP)
         s.read_exact(&mut resp).await?;
+        if s.is_tls() {
+            // close_notify, as a well-behaved TLS client ends a connection.
+            s.shutdown().await?;
+        }
         Ok::<_, std::io::Error>(())
     };
     timeout(OP_TIMEOUT, io)
@@ -512,10 +766,11 @@ async fn connrate(target: String, workers: usize, seconds: f64) {
     let dt = run.window(seconds).await;
     let n = run.ops.load(Relaxed);
     println!(
-        "mode=connrate conns={workers} seconds={dt:.3} ok={n} cps={:.0} p50_us={} p99_us={} errors={}",
+        "mode=connrate conns={workers} seconds={dt:.3} ok={n} cps={:.0} p50_us={} p99_us={}{} errors={}",
         n as f64 / dt,
         run.hist.quantile(0.50),
         run.hist.quantile(0.99),
+        tls_note(),
         run.errors.load(Relaxed)
     );
 }
@@ -835,7 +1090,8 @@ async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
             None
         }
     };
-    let wait_deadline = t0 + Duration::from_secs_f64(o.wait);
+    let wait = o.wait.unwrap_or(30.0);
+    let wait_deadline = t0 + Duration::from_secs_f64(wait);
     while h.settled() < opened && Instant::now() < wait_deadline {
         sleep(Duration::from_millis(2)).await;
     }
@@ -869,10 +1125,7 @@ async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
         );
     }
     if missing > 0 {
-        eprintln!(
-            "loadgen held: {missing} client(s) got no echo within {:.0} s of the resume",
-            o.wait
-        );
+        eprintln!("loadgen held: {missing} client(s) got no echo within {wait:.0} s of the resume");
     }
     let kib_per_conn = rss_before
         .zip(rss_after)
@@ -905,5 +1158,134 @@ async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
         show(ms(1.0).filter(|_| done)),
         show(syn.map(|s| s.listen_drops)),
         show(syn.map(|s| s.syn_retrans)),
+    );
+}
+
+// ---------------------------------------------------------------- reload latency (interlude)
+
+/// The tag of the backend that answers a new connection through `target`.
+async fn backend_tag(target: &str) -> io::Result<u8> {
+    let mut s = connect_tcp(target).await?;
+    let mut tag = [0u8; 1];
+    timeout(OP_TIMEOUT, async {
+        s.write_all(&[MODE_TAG]).await?;
+        s.read_exact(&mut tag).await
+    })
+    .await
+    .map_err(|_| timed_out("tag query"))??;
+    Ok(tag[0])
+}
+
+/// Replaces `config` with the contents of `from` in one step: a temp file in
+/// the same directory renamed over it, so the daemon never reads half a file.
+fn install_config(from: &str, config: &std::path::Path) -> io::Result<()> {
+    let text = std::fs::read(from)?;
+    let name = config
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
+    let tmp = config.with_file_name(format!(".{name}.loadgen-tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, config)
+}
+
+fn reload_failed(rounds: usize, why: &str) -> ! {
+    eprintln!("loadgen reload-latency: {why}");
+    println!("mode=reload rounds={rounds} failed=1 errors=1");
+    exit(0)
+}
+
+async fn reload_latency(target: String, pid: i32, [config, config_a, config_b]: [String; 3], o: &Opts) {
+    let rounds = o.rounds;
+    let wait = Duration::from_secs_f64(o.wait.unwrap_or(5.0));
+    let mut current = match backend_tag(&target).await {
+        Ok(tag @ (b'A' | b'B')) => tag,
+        Ok(tag) => reload_failed(
+            rounds,
+            &format!("{target} answers with tag {:?}, not A or B", tag as char),
+        ),
+        Err(e) => reload_failed(rounds, &format!("{target}: {e}")),
+    };
+    let mut ms = Vec::with_capacity(rounds);
+    let mut attempts = Vec::with_capacity(rounds);
+    let (mut errors, mut printed) = (0u64, 0u32);
+    let mut note = |what: String| {
+        if printed < 5 {
+            eprintln!("loadgen reload-latency: {what}");
+        }
+        printed += 1;
+    };
+    for round in 1..=rounds {
+        let (want, file) = if current == b'A' {
+            (b'B', &config_b)
+        } else {
+            (b'A', &config_a)
+        };
+        if let Err(e) = install_config(file, std::path::Path::new(&config)) {
+            reload_failed(rounds, &format!("{file} -> {config}: {e}"));
+        }
+        // The clock starts right before the signal is sent.
+        let t0 = Instant::now();
+        // SAFETY: kill(2) takes two integers and touches no memory of ours.
+        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+            let e = io::Error::last_os_error();
+            reload_failed(rounds, &format!("kill -HUP {pid}: {e}"));
+        }
+        let mut n = 0u64;
+        let served = loop {
+            n += 1;
+            match backend_tag(&target).await {
+                Ok(tag) if tag == want => break Some(t0.elapsed()),
+                Ok(tag) if tag == current => {}
+                Ok(tag) => {
+                    errors += 1;
+                    note(format!("round {round}: unexpected tag {:?}", tag as char));
+                }
+                Err(e) => {
+                    // A refused or dropped connection during a reload is a finding.
+                    errors += 1;
+                    note(format!("round {round}: {e}"));
+                    sleep(Duration::from_millis(1)).await;
+                }
+            }
+            if t0.elapsed() >= wait {
+                break None;
+            }
+        };
+        let Some(d) = served else {
+            errors += 1;
+            note(format!(
+                "round {round}: backend {} did not answer within {wait:?} of SIGHUP",
+                want as char
+            ));
+            break;
+        };
+        ms.push(d.as_secs_f64() * 1000.0);
+        attempts.push(n);
+        current = want;
+        // Let the file watcher's own (no-op) reload of this change pass
+        // before the next round (it waits for 200 ms of quiet).
+        sleep(Duration::from_secs_f64(o.gap)).await;
+    }
+    let all = ms.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(",");
+    let mut sorted = ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[n / 2]),
+        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    };
+    let f = |v: Option<f64>| v.map(|v| format!("{v:.2}"));
+    attempts.sort_unstable();
+    if ms.len() < rounds {
+        errors += 1;
+    }
+    println!(
+        "mode=reload rounds={rounds} ok={} median_ms={} max_ms={} min_ms={} attempts_median={} all_ms={} errors={errors}",
+        ms.len(),
+        show(f(median)),
+        show(f(sorted.last().copied())),
+        show(f(sorted.first().copied())),
+        show(attempts.get(attempts.len() / 2)),
+        if all.is_empty() { "-" } else { &all },
     );
 }

@@ -240,10 +240,12 @@ impl BackendSet {
     /// once, when it goes down). `None` once all have failed.
     pub async fn connect(&self, proxy: &str, connect_timeout: Duration) -> Option<Connected> {
         for backend in self.candidates() {
+            // Counted while connecting too, so that p2c sees a burst of
+            // simultaneous connects instead of spreading it at random.
+            backend.active.fetch_add(1, Relaxed);
             let attempt = tokio::time::timeout(connect_timeout, Stream::connect(&backend.address)).await;
             let why = match attempt {
                 Ok(Ok(stream)) => {
-                    backend.active.fetch_add(1, Relaxed);
                     backend.total.fetch_add(1, Relaxed);
                     return Some(Connected {
                         stream,
@@ -256,6 +258,7 @@ impl BackendSet {
                     humantime::format_duration(connect_timeout)
                 ),
             };
+            backend.active.fetch_sub(1, Relaxed);
             backend.connect_failures.fetch_add(1, Relaxed);
             if backend.mark_failed() {
                 tracing::warn!(%proxy, backend = %backend.address, error = %why, "backend down: connect failed; trying the next");
