@@ -52,6 +52,8 @@ pub struct Backend {
     pub kill: CancellationToken,
     /// Woken when its last connection closes (the end of a drain).
     pub idle: Notify,
+    /// Keep-alive connections of `mode: http` waiting for their next request.
+    pub idle_http: crate::proxy::http::IdlePool,
 }
 
 impl Backend {
@@ -70,6 +72,7 @@ impl Backend {
             last_check: Mutex::new(None),
             kill,
             idle: Notify::new(),
+            idle_http: Default::default(),
         }
     }
 
@@ -132,20 +135,77 @@ impl Backend {
         self.streak.store(0, Relaxed);
         self.is_up() && self.up.swap(false, Relaxed)
     }
+
+    /// One connect attempt within `connect_timeout`. A failure marks the
+    /// backend down, logged once (when it goes down).
+    pub async fn connect(&self, proxy: &str, connect_timeout: Duration) -> Result<Stream, ConnectFailure> {
+        let attempt = tokio::time::timeout(connect_timeout, Stream::connect(&self.address)).await;
+        let (failure, why) = match attempt {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => (ConnectFailure::Refused, e.to_string()),
+            Err(_) => (
+                ConnectFailure::TimedOut,
+                format!(
+                    "no answer within connect_timeout {}",
+                    humantime::format_duration(connect_timeout)
+                ),
+            ),
+        };
+        self.connect_failures.fetch_add(1, Relaxed);
+        if self.mark_failed() {
+            tracing::warn!(%proxy, backend = %self.address, error = %why, "backend down: connect failed; trying the next");
+        }
+        Err(failure)
+    }
+
+    /// Leaves the rotation's idle keep-alive connections: they close now.
+    pub fn close_idle(&self) {
+        self.idle_http.clear();
+    }
+}
+
+/// Why a connect attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused,
+    TimedOut,
+}
+
+/// One connection (mode tcp) or request (mode http) carried by a backend:
+/// counted in its `active` from the first connect attempt (so that p2c sees
+/// a burst of simultaneous connects instead of spreading it at random)
+/// until dropped; the last one out wakes a drain.
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn begin(backend: &Arc<Backend>) -> InFlight {
+        backend.active.fetch_add(1, Relaxed);
+        InFlight(backend.clone())
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+
+    /// The connection or request reached the backend: count it in `total`.
+    pub fn reached(&self) {
+        self.0.total.fetch_add(1, Relaxed);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// A backend connection, counted as active on its backend until dropped.
 pub struct Connected {
     pub stream: Stream,
     pub backend: Arc<Backend>,
-}
-
-impl Drop for Connected {
-    fn drop(&mut self) {
-        if self.backend.active.fetch_sub(1, Relaxed) == 1 {
-            self.backend.idle.notify_waiters();
-        }
-    }
+    _in_flight: InFlight,
 }
 
 #[derive(Debug)]
@@ -240,28 +300,14 @@ impl BackendSet {
     /// once, when it goes down). `None` once all have failed.
     pub async fn connect(&self, proxy: &str, connect_timeout: Duration) -> Option<Connected> {
         for backend in self.candidates() {
-            // Counted while connecting too, so that p2c sees a burst of
-            // simultaneous connects instead of spreading it at random.
-            backend.active.fetch_add(1, Relaxed);
-            let attempt = tokio::time::timeout(connect_timeout, Stream::connect(&backend.address)).await;
-            let why = match attempt {
-                Ok(Ok(stream)) => {
-                    backend.total.fetch_add(1, Relaxed);
-                    return Some(Connected {
-                        stream,
-                        backend: backend.clone(),
-                    });
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!(
-                    "no answer within connect_timeout {}",
-                    humantime::format_duration(connect_timeout)
-                ),
-            };
-            backend.active.fetch_sub(1, Relaxed);
-            backend.connect_failures.fetch_add(1, Relaxed);
-            if backend.mark_failed() {
-                tracing::warn!(%proxy, backend = %backend.address, error = %why, "backend down: connect failed; trying the next");
+            let in_flight = InFlight::begin(backend);
+            if let Ok(stream) = backend.connect(proxy, connect_timeout).await {
+                in_flight.reached();
+                return Some(Connected {
+                    stream,
+                    backend: backend.clone(),
+                    _in_flight: in_flight,
+                });
             }
         }
         None

@@ -4,7 +4,9 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::config::Mode;
 use crate::daemon::Snapshot;
+use crate::proxy::RESPONSE_CLASSES;
 use crate::telemetry::syslog;
 
 pub fn render(snapshot: &Snapshot) -> String {
@@ -88,6 +90,39 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Failed TLS handshakes.",
         &|p| p.stats.tls_handshake_failures.load(Relaxed),
     );
+
+    let http: Vec<_> = snapshot
+        .proxies
+        .iter()
+        .filter(|e| e.mode == Mode::Http)
+        .map(|e| &e.proxy)
+        .collect();
+    let _ = writeln!(
+        out,
+        "# HELP interlude_http_requests_total Requests received (mode http).\n# TYPE interlude_http_requests_total counter"
+    );
+    for proxy in &http {
+        let _ = writeln!(
+            out,
+            "interlude_http_requests_total{{proxy=\"{}\"}} {}",
+            escape(&proxy.name),
+            proxy.stats.accepted.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP interlude_http_responses_total Responses sent, by status class (mode http).\n# TYPE interlude_http_responses_total counter"
+    );
+    for proxy in &http {
+        for (class, count) in RESPONSE_CLASSES.iter().zip(&proxy.stats.responses) {
+            let _ = writeln!(
+                out,
+                "interlude_http_responses_total{{proxy=\"{}\",class=\"{class}\"}} {}",
+                escape(&proxy.name),
+                count.load(Relaxed)
+            );
+        }
+    }
 
     let per_backend = |out: &mut String,
                        name: &str,

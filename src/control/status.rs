@@ -2,13 +2,16 @@
 //! by `interlude status`. Field names are fixed by the interface contract;
 //! new fields may be added, none renamed.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::backends::Role;
+use crate::config::Mode;
 use crate::daemon::{ProxyEntry, Shared, Snapshot};
+use crate::proxy::RESPONSE_CLASSES;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatusDoc {
@@ -47,6 +50,12 @@ pub struct ProxyStatus {
     pub connect_failures: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Mode http: requests received (the same count as `accepted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    /// Mode http: responses sent by status class, "1xx" to "5xx".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responses: Option<BTreeMap<String, u64>>,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -88,6 +97,7 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
     let stats = &proxy.stats;
     let pause = proxy.gate.state();
     let settings = proxy.settings.borrow().clone();
+    let http = entry.mode == Mode::Http;
     ProxyStatus {
         name: proxy.name.to_string(),
         listen: entry.listen.to_string(),
@@ -103,6 +113,14 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
         connect_failures: stats.connect_failures.load(Relaxed),
         bytes_in: stats.bytes_in.load(Relaxed),
         bytes_out: stats.bytes_out.load(Relaxed),
+        requests: http.then(|| stats.accepted.load(Relaxed)),
+        responses: http.then(|| {
+            RESPONSE_CLASSES
+                .iter()
+                .zip(&stats.responses)
+                .map(|(class, count)| (class.to_string(), count.load(Relaxed)))
+                .collect()
+        }),
         backends: settings
             .backends
             .backends

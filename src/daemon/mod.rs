@@ -8,6 +8,7 @@
 
 pub mod commands;
 mod deploy;
+mod listeners;
 mod reconcile;
 mod reload;
 mod signals;
@@ -17,7 +18,7 @@ mod watch;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch as latest};
@@ -31,11 +32,12 @@ use crate::config::{self, Address, BackendConfig, Config, Mode, ProxyConfig};
 use crate::control;
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
-use crate::proxy::listener::{Heartbeat, accept_loop};
 use crate::proxy::stream::Listener;
 use crate::telemetry::stats::{self, StatsLog};
 use crate::telemetry::{self, Logging, systemd};
 use commands::{Command, PauseReport, UnknownProxy};
+use listeners::RunningListener;
+use reconcile::ListenKey;
 use signals::{Signal, Signals};
 use state::{BackendRecord, DeployedRecord, PauseRecord, State, StateWriter};
 
@@ -147,6 +149,8 @@ struct Daemon {
     config_fingerprint: u64,
     logging: Logging,
     proxies: Vec<RunningProxy>,
+    /// One per listen address in use, each routing to its proxies.
+    listeners: Vec<RunningListener>,
     /// Proxies removed by a reload while their connections drain.
     retiring: TaskTracker,
     /// Parent of every proxy's kill token: cancelled at the end of the grace period.
@@ -174,8 +178,8 @@ struct RunningProxy {
     deployed: Option<Vec<BackendConfig>>,
     /// A deploy is waiting for its new backends.
     deploying: bool,
-    /// `None` only while a reload hands this proxy's socket to another.
-    listener: Option<RunningListener>,
+    /// The address its listener actually bound (a port 0 shows the chosen port).
+    bound: Address,
 }
 
 impl RunningProxy {
@@ -183,59 +187,9 @@ impl RunningProxy {
     fn entry(&self) -> ProxyEntry {
         ProxyEntry {
             proxy: self.proxy.clone(),
-            listen: self
-                .listener
-                .as_ref()
-                .map_or_else(|| self.config.listen.clone(), |l| l.bound.clone()),
+            listen: self.bound.clone(),
             mode: self.config.mode,
         }
-    }
-}
-
-/// An accept loop and the socket it owns; stopping it gives the socket back.
-struct RunningListener {
-    bound: Address,
-    stop: CancellationToken,
-    task: JoinHandle<Listener>,
-    /// The last watchdog tick its accept loop answered.
-    answered: Arc<AtomicU64>,
-}
-
-impl RunningListener {
-    fn start(
-        proxy: &Arc<Proxy>,
-        listener: Listener,
-        watchdog_ticks: &latest::Sender<u64>,
-    ) -> RunningListener {
-        let bound = listener.local_address();
-        info!(proxy = %proxy.name, address = %bound, "listening");
-        let stop = CancellationToken::new();
-        let answered = Arc::new(AtomicU64::new(*watchdog_ticks.borrow()));
-        let heartbeat = Heartbeat {
-            ticks: watchdog_ticks.subscribe(),
-            answered: answered.clone(),
-        };
-        let task = tokio::spawn(accept_loop(proxy.clone(), listener, stop.clone(), heartbeat));
-        RunningListener {
-            bound,
-            stop,
-            task,
-            answered,
-        }
-    }
-
-    /// Stops accepting and returns the socket (still bound: the kernel keeps
-    /// queueing connections until it is dropped or accepted from again).
-    async fn stop(self) -> Option<Listener> {
-        self.stop.cancel();
-        self.task.await.ok()
-    }
-
-    /// Stops accepting and closes the socket.
-    async fn close(self, proxy: &str) {
-        let bound = self.bound.clone();
-        drop(self.stop().await);
-        info!(%proxy, address = %bound, "listener closed");
     }
 }
 
@@ -250,10 +204,13 @@ impl Daemon {
     ) -> Result<Daemon, String> {
         let state_dir = state::state_dir(config.state_dir.as_deref());
         let saved = state::load(&state_dir);
-        let mut bound = Vec::with_capacity(config.proxies.len());
+        let mut sockets: Vec<(ListenKey, Listener)> = Vec::new();
         for proxy_config in &config.proxies {
-            let listener = Listener::bind(&proxy_config.listen).await?;
-            bound.push((proxy_config, listener));
+            let key = ListenKey::of(proxy_config);
+            if !sockets.iter().any(|(bound, _)| *bound == key) {
+                let listener = Listener::bind(key.address()).await?;
+                sockets.push((key, listener));
+            }
         }
         if let Address::Unix(path) = &config.control.listen
             && let Some(parent) = path.parent()
@@ -268,8 +225,8 @@ impl Daemon {
 
         let kill_all = CancellationToken::new();
         let (watchdog_ticks, _) = latest::channel(0u64);
-        let mut proxies = Vec::with_capacity(bound.len());
-        for (proxy_config, listener) in bound {
+        let mut proxies = Vec::with_capacity(config.proxies.len());
+        for proxy_config in &config.proxies {
             let restored = saved
                 .paused
                 .get(&proxy_config.name)
@@ -299,17 +256,31 @@ impl Daemon {
             if proxy_config.paused {
                 info!(proxy = %proxy.name, by = "config", "paused");
             }
-            warn_unbuilt(proxy_config);
             if let Some(pause) = &restored {
                 info!(proxy = %proxy.name, by = %pause.by, since = %humantime::format_rfc3339_seconds(pause.since), "paused (restored from the state file)");
             }
             proxies.push(RunningProxy {
-                listener: Some(RunningListener::start(&proxy, listener, &watchdog_ticks)),
                 proxy,
                 config: proxy_config.clone(),
                 deployed,
                 deploying: false,
+                bound: proxy_config.listen.clone(),
             });
+        }
+        let mut listeners = Vec::with_capacity(sockets.len());
+        for (key, socket) in sockets {
+            if let Some(routes) = listeners::routes_for(&key, &proxies) {
+                listeners.push(RunningListener::start(
+                    key,
+                    socket,
+                    routes,
+                    &watchdog_ticks,
+                    kill_all.child_token(),
+                ));
+            }
+        }
+        for running in &mut proxies {
+            running.take_address(&listeners);
         }
         for name in saved.paused.keys() {
             if !config.proxies.iter().any(|p| &p.name == name) {
@@ -358,6 +329,7 @@ impl Daemon {
             config_fingerprint: fingerprint,
             logging,
             proxies,
+            listeners,
             retiring: TaskTracker::new(),
             kill_all,
             commands,
@@ -502,20 +474,16 @@ impl Daemon {
     /// sends the next tick.
     fn watchdog_round(&mut self) {
         let expected = *self.watchdog_ticks.borrow();
-        let stuck: Vec<&str> = self
-            .proxies
+        let stuck: Vec<String> = self
+            .listeners
             .iter()
-            .filter(|r| {
-                r.listener
-                    .as_ref()
-                    .is_some_and(|l| l.answered.load(Relaxed) != expected)
-            })
-            .map(|r| &*r.proxy.name)
+            .filter(|l| l.answered.load(Relaxed) != expected)
+            .map(|l| l.bound.to_string())
             .collect();
         if stuck.is_empty() {
             systemd::watchdog();
         } else {
-            warn!(proxies = ?stuck, "accept loop not answering: withholding the systemd watchdog ping");
+            warn!(listeners = ?stuck, "accept loop not answering: withholding the systemd watchdog ping");
         }
         self.watchdog_ticks.send_modify(|tick| *tick += 1);
     }
@@ -663,13 +631,14 @@ impl Daemon {
         self.commands.close();
         while self.commands.try_recv().is_ok() {}
         self.watcher = None;
-        for running in &mut self.proxies {
+        let mut sites = Vec::with_capacity(self.listeners.len());
+        for listener in self.listeners.drain(..) {
+            sites.push(listener.stop().await);
+        }
+        for running in &self.proxies {
             running.proxy.retired.cancel();
             running.proxy.gate.close_held.cancel();
             running.proxy.connections.close();
-            if let Some(listener) = running.listener.take() {
-                listener.close(&running.proxy.name).await;
-            }
         }
         self.retiring.close();
         let open = self.active_connections();
@@ -683,6 +652,9 @@ impl Daemon {
         let drained = async {
             for running in &self.proxies {
                 running.proxy.connections.wait().await;
+            }
+            for site in &sites {
+                site.connections.wait().await;
             }
             self.retiring.wait().await;
         };
@@ -724,15 +696,14 @@ impl Daemon {
     }
 }
 
-/// `mode: http` parses and validates, but request-level proxying is not
-/// built yet: say plainly what the proxy does instead.
-fn warn_unbuilt(proxy: &ProxyConfig) {
-    if proxy.mode == Mode::Http {
-        warn!(
-            proxy = %proxy.name,
-            "mode: http is not implemented yet: this proxy forwards connections as mode: tcp \
-             (pauses hold new connections, not requests on open keep-alive connections)"
-        );
+impl RunningProxy {
+    /// Takes the bound address of its listener, and says where it listens.
+    fn take_address(&mut self, listeners: &[RunningListener]) {
+        let key = ListenKey::of(&self.config);
+        if let Some(listener) = listeners.iter().find(|l| l.key == key) {
+            self.bound = listener.bound.clone();
+        }
+        info!(proxy = %self.proxy.name, address = %self.bound, "listening");
     }
 }
 

@@ -2,10 +2,12 @@
 //! pure function from (desired proxies, running proxies) to a `Plan`.
 //! Applying the plan is `reload.rs`'s job; this file decides only *what*.
 //!
-//! Proxies are matched by name; listening sockets by address. A socket is
-//! never closed and re-bound when its address stays in use: a proxy renamed
-//! on the same address takes over the old socket, so the kernel keeps
-//! queueing connections throughout and none is refused.
+//! Proxies are matched by name; listening sockets by address, apart from
+//! the proxies: a socket stays open as long as some proxy listens there,
+//! whichever proxy that is. So a proxy renamed on the same address, a
+//! virtual host joining or leaving a shared listener, or two proxies
+//! swapping addresses never close a socket that stays in use, and the
+//! kernel keeps queueing connections throughout.
 
 use crate::config::{Address, ProxyConfig};
 
@@ -15,12 +17,45 @@ pub struct Running<'a> {
     pub config: &'a ProxyConfig,
 }
 
+/// Identifies a listening socket across reloads: its address, except that
+/// an ephemeral port (`:0`) names no particular socket, so each proxy on
+/// one has its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenKey {
+    Address(Address),
+    Ephemeral { proxy: String, address: Address },
+}
+
+impl ListenKey {
+    pub fn of(proxy: &ProxyConfig) -> ListenKey {
+        if proxy.listen.port() == Some(0) {
+            ListenKey::Ephemeral {
+                proxy: proxy.name.clone(),
+                address: proxy.listen.clone(),
+            }
+        } else {
+            ListenKey::Address(proxy.listen.clone())
+        }
+    }
+
+    /// The address to bind.
+    pub fn address(&self) -> &Address {
+        match self {
+            ListenKey::Address(address) | ListenKey::Ephemeral { address, .. } => address,
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plan {
     /// One step per desired proxy, in config order.
     pub steps: Vec<Step>,
     /// Running proxies the config no longer has.
     pub remove: Vec<String>,
+    /// Sockets to bind (before anything changes: a failure rejects the reload).
+    pub bind: Vec<ListenKey>,
+    /// Sockets no desired proxy listens on any more (closed last).
+    pub close: Vec<ListenKey>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -35,36 +70,13 @@ pub enum Action {
     Unchanged,
     /// Same name and address, other settings: applied to new connections.
     Update,
-    /// Same name, another address: the proxy gets `listener`, then its old
-    /// socket closes (unless another proxy takes it over).
-    Move { listener: Source },
-    /// A new name, served from `listener`.
-    Add { listener: Source },
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum Source {
-    /// Bind a fresh socket.
-    Bind,
-    /// Take the socket the named running proxy listens on (it is being
-    /// removed or moved elsewhere).
-    TakeOver(String),
+    /// Same name, another address (and perhaps other settings).
+    Move,
+    /// A new name.
+    Add,
 }
 
 impl Plan {
-    /// Proxies whose socket another proxy takes over (not to be closed).
-    pub fn taken_over(&self) -> impl Iterator<Item = &str> {
-        self.steps.iter().filter_map(|step| match &step.action {
-            Action::Move {
-                listener: Source::TakeOver(from),
-            }
-            | Action::Add {
-                listener: Source::TakeOver(from),
-            } => Some(from.as_str()),
-            _ => None,
-        })
-    }
-
     /// A one-line account for the log: "added a; moved b; updated c; removed d".
     pub fn summary(&self) -> String {
         let names = |pick: &dyn Fn(&Action) -> bool| -> Vec<&str> {
@@ -75,9 +87,9 @@ impl Plan {
                 .collect()
         };
         let parts = [
-            ("added", names(&|a| matches!(a, Action::Add { .. }))),
-            ("moved", names(&|a| matches!(a, Action::Move { .. }))),
-            ("updated", names(&|a| matches!(a, Action::Update))),
+            ("added", names(&|a| *a == Action::Add)),
+            ("moved", names(&|a| *a == Action::Move)),
+            ("updated", names(&|a| *a == Action::Update)),
             ("removed", self.remove.iter().map(String::as_str).collect()),
         ];
         let described: Vec<String> = parts
@@ -95,32 +107,14 @@ impl Plan {
 
 pub fn plan(desired: &[ProxyConfig], running: &[Running<'_>]) -> Plan {
     let by_name = |name: &str| running.iter().find(|r| r.name == name);
-    let still_wanted_at =
-        |name: &str, listen: &Address| desired.iter().any(|d| d.name == name && &d.listen == listen);
-    // The running proxy whose socket at `listen` is free to take: its owner
-    // is going away or moving to another address.
-    let socket_at = |listen: &Address| {
-        if listen.port() == Some(0) {
-            return Source::Bind; // an ephemeral port names no particular socket
-        }
-        running
-            .iter()
-            .find(|r| &r.config.listen == listen && !still_wanted_at(r.name, listen))
-            .map(|r| Source::TakeOver(r.name.to_string()))
-            .unwrap_or(Source::Bind)
-    };
     let steps = desired
         .iter()
         .map(|wanted| {
             let action = match by_name(&wanted.name) {
                 Some(current) if current.config == wanted => Action::Unchanged,
-                Some(current) if current.config.listen == wanted.listen => Action::Update,
-                Some(_) => Action::Move {
-                    listener: socket_at(&wanted.listen),
-                },
-                None => Action::Add {
-                    listener: socket_at(&wanted.listen),
-                },
+                Some(current) if ListenKey::of(current.config) == ListenKey::of(wanted) => Action::Update,
+                Some(_) => Action::Move,
+                None => Action::Add,
             };
             Step {
                 name: wanted.name.clone(),
@@ -133,7 +127,32 @@ pub fn plan(desired: &[ProxyConfig], running: &[Running<'_>]) -> Plan {
         .filter(|r| !desired.iter().any(|d| d.name == r.name))
         .map(|r| r.name.to_string())
         .collect();
-    Plan { steps, remove }
+    let wanted_keys = unique(desired.iter().map(ListenKey::of));
+    let running_keys = unique(running.iter().map(|r| ListenKey::of(r.config)));
+    Plan {
+        steps,
+        remove,
+        bind: wanted_keys
+            .iter()
+            .filter(|k| !running_keys.contains(k))
+            .cloned()
+            .collect(),
+        close: running_keys
+            .into_iter()
+            .filter(|k| !wanted_keys.contains(k))
+            .collect(),
+    }
+}
+
+/// Keys in first-seen order, each once.
+fn unique(keys: impl Iterator<Item = ListenKey>) -> Vec<ListenKey> {
+    let mut seen = Vec::new();
+    for key in keys {
+        if !seen.contains(&key) {
+            seen.push(key);
+        }
+    }
+    seen
 }
 
 #[cfg(test)]
@@ -165,6 +184,10 @@ mod tests {
         }
     }
 
+    fn key(address: &str) -> ListenKey {
+        ListenKey::Address(Address::parse(address).unwrap())
+    }
+
     const BASE: &str = "
 proxies:
   - {name: web, listen: '127.0.0.1:1', backends: ['127.0.0.1:9']}
@@ -174,7 +197,7 @@ proxies:
     #[test]
     fn unchanged() {
         let plan = plan_between(BASE, BASE);
-        assert!(plan.remove.is_empty());
+        assert!(plan.remove.is_empty() && plan.bind.is_empty() && plan.close.is_empty());
         assert!(plan.steps.iter().all(|s| s.action == Action::Unchanged));
         assert_eq!(plan.summary(), "no changes");
     }
@@ -190,6 +213,7 @@ proxies:
             plan.steps,
             [step("web", Action::Unchanged), step("db", Action::Update)]
         );
+        assert!(plan.bind.is_empty() && plan.close.is_empty());
         assert_eq!(plan.summary(), "updated db");
     }
 
@@ -202,94 +226,77 @@ proxies:
         let plan = plan_between(BASE, &after);
         assert_eq!(
             plan.steps,
-            [
-                step("web", Action::Unchanged),
-                step(
-                    "cache",
-                    Action::Add {
-                        listener: Source::Bind
-                    }
-                )
-            ]
+            [step("web", Action::Unchanged), step("cache", Action::Add)]
         );
         assert_eq!(plan.remove, ["db"]);
+        assert_eq!(plan.bind, [key("127.0.0.1:3")]);
+        assert_eq!(plan.close, [key("127.0.0.1:2")]);
         assert_eq!(plan.summary(), "added cache; removed db");
     }
 
     #[test]
-    fn renamed_on_the_same_address_takes_the_socket_over() {
+    fn renamed_on_the_same_address_keeps_the_socket() {
         let after = BASE.replace("name: db", "name: database");
         let plan = plan_between(BASE, &after);
-        assert_eq!(
-            plan.steps[1],
-            step(
-                "database",
-                Action::Add {
-                    listener: Source::TakeOver("db".into())
-                }
-            )
-        );
+        assert_eq!(plan.steps[1], step("database", Action::Add));
         assert_eq!(plan.remove, ["db"]);
-        assert_eq!(plan.taken_over().collect::<Vec<_>>(), ["db"]);
+        assert!(plan.bind.is_empty() && plan.close.is_empty());
     }
 
     #[test]
-    fn moved_address_binds_before_closing() {
+    fn moved_address_binds_the_new_and_closes_the_old() {
         let after = BASE.replace("127.0.0.1:2", "127.0.0.1:4");
         let plan = plan_between(BASE, &after);
-        assert_eq!(
-            plan.steps[1],
-            step(
-                "db",
-                Action::Move {
-                    listener: Source::Bind
-                }
-            )
-        );
+        assert_eq!(plan.steps[1], step("db", Action::Move));
         assert!(plan.remove.is_empty());
+        assert_eq!(plan.bind, [key("127.0.0.1:4")]);
+        assert_eq!(plan.close, [key("127.0.0.1:2")]);
     }
 
     #[test]
-    fn swapped_addresses_take_each_other_over() {
+    fn swapped_addresses_keep_both_sockets() {
         let after = "
 proxies:
   - {name: web, listen: '127.0.0.1:2', backends: ['127.0.0.1:9']}
   - {name: db, listen: '127.0.0.1:1', backends: ['127.0.0.1:9']}
 ";
         let plan = plan_between(BASE, after);
-        assert_eq!(
-            plan.steps,
-            [
-                step(
-                    "web",
-                    Action::Move {
-                        listener: Source::TakeOver("db".into())
-                    }
-                ),
-                step(
-                    "db",
-                    Action::Move {
-                        listener: Source::TakeOver("web".into())
-                    }
-                ),
-            ]
-        );
+        assert_eq!(plan.steps, [step("web", Action::Move), step("db", Action::Move)]);
+        assert!(plan.bind.is_empty() && plan.close.is_empty());
     }
 
     #[test]
-    fn a_new_proxy_on_an_address_still_in_use_binds_and_fails_there() {
-        // Validation forbids this within one config; the plan does not steal
-        // a socket from a proxy that keeps it.
-        let after = format!("{BASE}  - {{name: x, listen: '127.0.0.1:1', backends: ['127.0.0.1:9']}}\n");
-        let plan = plan_between(BASE, &after);
-        assert_eq!(
-            plan.steps[2],
-            step(
-                "x",
-                Action::Add {
-                    listener: Source::Bind
-                }
-            )
+    fn virtual_hosts_join_and_leave_a_shared_listener() {
+        let one = "
+proxies:
+  - {name: a, mode: http, listen: '127.0.0.1:1', hosts: [a.example], backends: ['127.0.0.1:9']}
+";
+        let two = format!(
+            "{one}  - {{name: b, mode: http, listen: '127.0.0.1:1', hosts: [b.example], backends: ['127.0.0.1:9']}}\n"
         );
+        let joined = plan_between(one, &two);
+        assert_eq!(joined.steps[1], step("b", Action::Add));
+        assert!(joined.bind.is_empty() && joined.close.is_empty());
+        let left = plan_between(&two, one);
+        assert_eq!(left.remove, ["b"]);
+        assert!(left.bind.is_empty() && left.close.is_empty());
+    }
+
+    #[test]
+    fn ephemeral_ports_are_one_socket_per_proxy() {
+        let yaml = "
+proxies:
+  - {name: a, listen: '127.0.0.1:0', backends: ['127.0.0.1:9']}
+  - {name: b, listen: '127.0.0.1:0', backends: ['127.0.0.1:9']}
+";
+        let started = plan_between("proxies: []", yaml);
+        assert_eq!(started.bind.len(), 2);
+        let renamed = plan_between(yaml, &yaml.replace("name: b", "name: c"));
+        assert_eq!(
+            renamed.bind.len(),
+            1,
+            "the renamed proxy's port 0 is a new socket"
+        );
+        assert_eq!(renamed.close.len(), 1);
     }
 }

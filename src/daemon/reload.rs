@@ -15,8 +15,9 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::deploy::effective_backends;
-use super::reconcile::{self, Action, Running, Source};
-use super::{Daemon, ReloadRecord, RunningListener, RunningProxy};
+use super::listeners::{self, RunningListener};
+use super::reconcile::{self, Action, ListenKey, Running};
+use super::{Daemon, ReloadRecord, RunningProxy};
 use crate::config::{self, Config};
 use crate::proxy::Proxy;
 use crate::proxy::stream::Listener;
@@ -126,37 +127,22 @@ impl Daemon {
         }
 
         // Bind first: a failure here leaves everything as it was.
-        let mut fresh: HashMap<String, Listener> = HashMap::new();
-        for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
-            if let Action::Add {
-                listener: Source::Bind,
-            }
-            | Action::Move {
-                listener: Source::Bind,
-            } = step.action
-            {
-                let listener = Listener::bind(&wanted.listen)
-                    .await
-                    .map_err(|e| format!("proxy {:?}: {e}", wanted.name))?;
-                fresh.insert(step.name.clone(), listener);
-            }
+        let mut fresh = Vec::with_capacity(plan.bind.len());
+        for key in &plan.bind {
+            let listener = Listener::bind(key.address()).await.map_err(|e| {
+                let names: Vec<&str> = config
+                    .proxies
+                    .iter()
+                    .filter(|p| &ListenKey::of(p) == key)
+                    .map(|p| p.name.as_str())
+                    .collect();
+                format!("proxy {:?}: {e}", names.join(", "))
+            })?;
+            fresh.push((key.clone(), listener));
         }
 
-        // Commit. Sockets changing hands stop accepting first; the kernel
-        // queues meanwhile, so nothing is refused.
-        let mut taken: HashMap<String, Listener> = HashMap::new();
-        for from in plan.taken_over() {
-            if let Some(owner) = self.proxies.iter_mut().find(|r| *r.proxy.name == *from)
-                && let Some(listener) = owner.listener.take()
-                && let Some(socket) = listener.stop().await
-            {
-                taken.insert(from.to_string(), socket);
-            }
-        }
-        let mut socket_for = |name: &str, source: &Source| match source {
-            Source::Bind => fresh.remove(name),
-            Source::TakeOver(from) => taken.remove(from),
-        };
+        // Commit: proxies first, then the routes of every socket (new ones
+        // start accepting), then the sockets no proxy uses any more close.
         let mut old: HashMap<String, RunningProxy> = self
             .proxies
             .drain(..)
@@ -164,33 +150,16 @@ impl Daemon {
             .collect();
         let mut next = Vec::with_capacity(config.proxies.len());
         for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
-            if !matches!(step.action, Action::Unchanged) {
-                super::warn_unbuilt(wanted);
-            }
             let current = old.remove(&step.name);
             let running = match (&step.action, current) {
                 (Action::Unchanged, Some(current)) if wanted.tls.is_none() => current,
-                (Action::Unchanged | Action::Update, Some(mut current)) => {
+                (Action::Unchanged | Action::Update | Action::Move, Some(mut current)) => {
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
                     self.update_proxy(&current.proxy, wanted, &backends, tls.get(&wanted.name).cloned());
                     current.config = wanted.clone();
                     current
                 }
-                (Action::Move { listener }, Some(mut current)) => {
-                    // The new socket accepts before the old one closes.
-                    let socket = socket_for(&step.name, listener);
-                    let previous = current.listener.take();
-                    current.listener =
-                        socket.map(|s| RunningListener::start(&current.proxy, s, &self.watchdog_ticks));
-                    if let Some(previous) = previous {
-                        previous.close(&step.name).await;
-                    }
-                    let backends = effective_backends(&mut current.deployed, &current.config, wanted);
-                    self.update_proxy(&current.proxy, wanted, &backends, tls.get(&wanted.name).cloned());
-                    current.config = wanted.clone();
-                    current
-                }
-                (Action::Add { listener }, _) => {
+                (Action::Add, _) => {
                     let proxy = Proxy::new(
                         wanted,
                         &wanted.backends,
@@ -201,18 +170,51 @@ impl Daemon {
                     if wanted.paused {
                         info!(proxy = %proxy.name, by = "config", "paused");
                     }
-                    let socket = socket_for(&step.name, listener);
                     RunningProxy {
-                        listener: socket.map(|s| RunningListener::start(&proxy, s, &self.watchdog_ticks)),
                         proxy,
                         config: wanted.clone(),
                         deployed: None,
                         deploying: false,
+                        bound: wanted.listen.clone(),
                     }
                 }
                 (_, None) => unreachable!("the plan keeps only proxies that run"),
             };
             next.push(running);
+        }
+        for (key, socket) in fresh {
+            if let Some(routes) = listeners::routes_for(&key, &next) {
+                self.listeners.push(RunningListener::start(
+                    key,
+                    socket,
+                    routes,
+                    &self.watchdog_ticks,
+                    self.kill_all.child_token(),
+                ));
+            }
+        }
+        for listener in &self.listeners {
+            if let Some(routes) = listeners::routes_for(&listener.key, &next) {
+                listener.route(routes);
+            }
+        }
+        for (step, running) in plan.steps.iter().zip(&mut next) {
+            if matches!(step.action, Action::Add | Action::Move) {
+                running.take_address(&self.listeners);
+            }
+        }
+        for key in &plan.close {
+            if let Some(index) = self.listeners.iter().position(|l| &l.key == key) {
+                let listener = self.listeners.remove(index);
+                let drain = old
+                    .values()
+                    .chain(next.iter())
+                    .filter(|r| &ListenKey::of(&r.config) == key)
+                    .map(|r| r.config.drain_timeout.0)
+                    .max()
+                    .unwrap_or_default();
+                listener.close(drain, &self.retiring).await;
+            }
         }
         for name in &plan.remove {
             if let Some(removed) = old.remove(name) {
@@ -244,15 +246,7 @@ impl Daemon {
     /// config is gone, so they are never forwarded), and lets forwarded ones
     /// run for `drain_timeout` before closing them.
     async fn retire(&self, removed: RunningProxy) {
-        let RunningProxy {
-            proxy,
-            config,
-            listener,
-            ..
-        } = removed;
-        if let Some(listener) = listener {
-            listener.close(&proxy.name).await;
-        }
+        let RunningProxy { proxy, config, .. } = removed;
         proxy.retired.cancel();
         proxy.gate.close_held.cancel();
         proxy.connections.close();
@@ -260,8 +254,11 @@ impl Daemon {
         let open = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed);
         info!(proxy = %proxy.name, connections = open, "removed; open connections may finish within drain_timeout {}", config.drain_timeout);
         self.retiring.spawn(async move {
+            // Mode http requests run on their listener's connections: wait
+            // for those in flight too.
+            let drained = async { tokio::join!(proxy.connections.wait(), proxy.wait_idle()) };
             tokio::select! {
-                () = proxy.connections.wait() => info!(proxy = %proxy.name, "removed proxy drained"),
+                _ = drained => info!(proxy = %proxy.name, "removed proxy drained"),
                 () = tokio::time::sleep(drain) => {
                     warn!(proxy = %proxy.name, connections = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed), "drain_timeout over: closing the removed proxy's connections");
                     proxy.kill.cancel();

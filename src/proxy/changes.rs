@@ -125,6 +125,7 @@ impl Proxy {
     pub fn abort_deploy(&self, added: &[Arc<Backend>]) {
         self.forget(added);
         for backend in added {
+            backend.close_idle();
             backend.kill.cancel();
         }
     }
@@ -133,6 +134,7 @@ impl Proxy {
     /// they close or `timeout` passes, then it leaves the set.
     fn drain(self: &Arc<Self>, backend: Arc<Backend>, timeout: Duration) {
         backend.set_role(Role::Draining);
+        backend.close_idle();
         let open = backend.active.load(Relaxed);
         if open > 0 {
             info!(proxy = %self.name, backend = %backend.address, connections = open, "draining backend");
@@ -191,12 +193,14 @@ impl Proxy {
 }
 
 /// Backends of `current` that are not in `staying` and still carry
-/// connections (those without any just go).
+/// connections (those without any just go). Every leaving backend's idle
+/// keep-alive connections close now.
 fn departing(current: &BackendSet, staying: &[Arc<Backend>]) -> Vec<Arc<Backend>> {
     current
         .backends
         .iter()
         .filter(|b| !staying.iter().any(|s| Arc::ptr_eq(s, b)))
+        .inspect(|b| b.close_idle())
         .filter(|b| b.active.load(Relaxed) > 0 || b.role() == Role::Draining)
         .cloned()
         .collect()

@@ -1,5 +1,9 @@
-//! The accept loop of one proxy: it only accepts and hands each connection
-//! to its own task, and it never dies on a failed accept.
+//! The accept loop of one listening socket: it only accepts and hands each
+//! connection to its own task, and it never dies on a failed accept.
+//!
+//! A socket serves one `mode: tcp` proxy, or one or more `mode: http`
+//! proxies told apart by `Host` (virtual hosts). Which ones is its `Routes`,
+//! a watch value the daemon replaces on reload while the socket stays open.
 
 use std::io;
 use std::sync::Arc;
@@ -8,10 +12,36 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use super::Proxy;
+use super::http::VirtualHosts;
 use super::stream::Listener;
+
+/// Who serves the connections of one listening socket.
+#[derive(Clone)]
+pub enum Routes {
+    /// A `mode: tcp` proxy: each connection is its to forward.
+    Tcp(Arc<Proxy>),
+    /// `mode: http` proxies: each request goes to the one its `Host` names.
+    Http(Arc<VirtualHosts>),
+}
+
+/// A listening socket's side of its connections. TCP connections belong to
+/// their proxy (its tracker, its kill token); an HTTP connection may carry
+/// requests for several proxies, so it belongs to the socket.
+pub struct Site {
+    pub routes: watch::Receiver<Routes>,
+    /// Every HTTP connection accepted here.
+    pub connections: TaskTracker,
+    /// Cancelled when the socket closes (stop, or no proxy listens here any
+    /// more): HTTP connections finish the request in flight, answer it with
+    /// `Connection: close`, and close when idle.
+    pub closing: CancellationToken,
+    /// Cancelled to close every HTTP connection at once (grace or drain over).
+    pub kill: CancellationToken,
+}
 
 /// Proof of life for the systemd watchdog: the daemon sends a tick, the
 /// accept loop answers it. A loop that is not being polled stops answering,
@@ -21,11 +51,9 @@ pub struct Heartbeat {
     pub answered: Arc<AtomicU64>,
 }
 
-/// Accepts for `proxy` until `stop` is cancelled, then hands the listening
-/// socket back: the caller closes it, or gives it to another proxy (a
-/// rename on the same address) while the kernel keeps queueing.
+/// Accepts until `stop` is cancelled, then hands the listening socket back.
 pub async fn accept_loop(
-    proxy: Arc<Proxy>,
+    site: Arc<Site>,
     listener: Listener,
     stop: CancellationToken,
     mut heartbeat: Heartbeat,
@@ -45,11 +73,20 @@ pub async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 if backoff.failures > 0 {
-                    info!(proxy = %proxy.name, %address, failures = backoff.failures, "accepting again");
+                    info!(%address, failures = backoff.failures, "accepting again");
                     backoff.reset();
                 }
-                proxy.stats.accepted.fetch_add(1, Relaxed);
-                proxy.connections.spawn(proxy.clone().serve(client, peer));
+                let routes = site.routes.borrow().clone();
+                match routes {
+                    Routes::Tcp(proxy) => {
+                        proxy.stats.accepted.fetch_add(1, Relaxed);
+                        proxy.connections.spawn(proxy.clone().serve(client, peer));
+                    }
+                    Routes::Http(hosts) => {
+                        let connection = super::http::serve_connection(site.clone(), hosts, client, peer);
+                        site.connections.spawn(connection);
+                    }
+                }
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
@@ -57,7 +94,7 @@ pub async fn accept_loop(
                 // close rather than spin; the kernel keeps queueing meanwhile.
                 let pause = backoff.next();
                 if backoff.first() {
-                    error!(proxy = %proxy.name, %address, error = %e, "accept failed; retrying");
+                    error!(%address, error = %e, "accept failed; retrying");
                 }
                 tokio::select! {
                     () = stop.cancelled() => break,

@@ -9,6 +9,7 @@ mod changes;
 pub mod forward;
 pub mod gate;
 pub mod hold;
+pub mod http;
 pub mod listener;
 pub mod stream;
 mod wake;
@@ -25,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backends::{BackendSet, Role};
-use crate::config::{BackendConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
+use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, RejectReason, RuntimePause};
 use hold::{Hold, hold};
@@ -44,6 +45,9 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// TLS termination, with the certificate read at the last (re)load.
     pub tls: Option<TlsSettings>,
+    pub mode: Mode,
+    /// Mode http: requests forwarded even while paused.
+    pub bypass: BypassConfig,
 }
 
 #[derive(Clone)]
@@ -72,6 +76,8 @@ impl ProxySettings {
                 acceptor: TlsAcceptor::from(server),
                 handshake_timeout: tls.handshake_timeout.0,
             }),
+            mode: config.mode,
+            bypass: config.pause.bypass.clone(),
         }
     }
 
@@ -85,11 +91,14 @@ impl ProxySettings {
             health: self.health.clone(),
             drain_timeout: self.drain_timeout,
             tls: self.tls.clone(),
+            mode: self.mode,
+            bypass: self.bypass.clone(),
         }
     }
 }
 
-/// Counters of one proxy since start.
+/// Counters of one proxy since start. In mode http the unit is the
+/// request: `accepted` counts requests, `active` those in flight.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     pub accepted: AtomicU64,
@@ -97,10 +106,22 @@ pub struct ProxyStats {
     pub dropped_while_held: AtomicU64,
     /// Forwarded connections open now (held ones are not counted).
     pub active: Padded<AtomicU64>,
+    /// Mode http: responses by class, 1xx to 5xx.
+    pub responses: [AtomicU64; 5],
     pub connect_failures: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     pub bytes_in: Padded<AtomicU64>,
     pub bytes_out: Padded<AtomicU64>,
+}
+
+/// Labels of `ProxyStats::responses`.
+pub const RESPONSE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl ProxyStats {
+    pub fn count_response(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Relaxed);
+    }
 }
 
 /// A value alone on its cache line. The byte counters are written on every
@@ -198,15 +219,25 @@ impl Proxy {
     /// The TLS handshake (off the accept loop and bounded: a silent client
     /// costs one timer), then the decrypted stream is served like any other.
     async fn serve_tls(self: Arc<Self>, client: Stream, peer: Peer, tls: TlsSettings) {
+        if let Some(client) = self.accept_tls(client, &peer, &tls).await {
+            self.serve_client(client, peer).await;
+        }
+    }
+
+    /// The server side of a TLS handshake, bounded by its timeout; a
+    /// failure is counted and logged at debug.
+    async fn accept_tls(&self, client: Stream, peer: &Peer, tls: &TlsSettings) -> Option<Client> {
         match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(client)).await {
-            Ok(Ok(stream)) => self.serve_client(Client::Tls(Box::new(stream)), peer).await,
+            Ok(Ok(stream)) => Some(Client::Tls(Box::new(stream))),
             Ok(Err(e)) => {
                 self.stats.tls_handshake_failures.fetch_add(1, Relaxed);
                 debug!(proxy = %self.name, %peer, error = %e, "TLS handshake failed");
+                None
             }
             Err(_) => {
                 self.stats.tls_handshake_failures.fetch_add(1, Relaxed);
                 debug!(proxy = %self.name, %peer, "TLS handshake timed out");
+                None
             }
         }
     }
@@ -238,7 +269,7 @@ impl Proxy {
                 }
             }
         }
-        let _active = ActiveGuard::up(&self);
+        let _active = ActiveGuard::up(&*self);
         let settings = self.settings.borrow().clone();
         let Some(mut backend) = settings
             .backends
@@ -276,18 +307,18 @@ impl Proxy {
     }
 }
 
-/// Counts a forwarded connection as active until dropped, on every path,
-/// and wakes wait-idle when the last one closes.
-struct ActiveGuard<'a>(&'a Proxy);
+/// Counts a forwarded connection (mode http: request) as active until
+/// dropped, on every path, and wakes wait-idle when the last one closes.
+pub struct ActiveGuard<P: std::ops::Deref<Target = Proxy>>(pub P);
 
-impl<'a> ActiveGuard<'a> {
-    fn up(proxy: &'a Proxy) -> ActiveGuard<'a> {
+impl<P: std::ops::Deref<Target = Proxy>> ActiveGuard<P> {
+    pub fn up(proxy: P) -> ActiveGuard<P> {
         proxy.stats.active.fetch_add(1, Relaxed);
         ActiveGuard(proxy)
     }
 }
 
-impl Drop for ActiveGuard<'_> {
+impl<P: std::ops::Deref<Target = Proxy>> Drop for ActiveGuard<P> {
     fn drop(&mut self) {
         if self.0.stats.active.fetch_sub(1, Relaxed) == 1 {
             self.0.idle.notify_waiters();

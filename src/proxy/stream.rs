@@ -145,7 +145,7 @@ impl Stream {
         }
     }
 
-    fn fd(&self) -> RawFd {
+    pub fn fd(&self) -> RawFd {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),

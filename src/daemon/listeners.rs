@@ -1,0 +1,133 @@
+//! The daemon's listening sockets, one per `ListenKey` (address), and
+//! their routes: which running proxies each socket's connections go to.
+//!
+//! Sockets belong to addresses, not to proxies: a reload that renames a
+//! proxy, or moves virtual hosts on and off a shared address, only replaces
+//! the socket's routes; the socket itself keeps accepting.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::RunningProxy;
+use super::reconcile::ListenKey;
+use crate::config::{Address, Mode};
+use crate::proxy::http::VirtualHosts;
+use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
+use crate::proxy::stream::Listener;
+
+/// An accept loop, the socket it owns and the routes it serves.
+pub(super) struct RunningListener {
+    pub key: ListenKey,
+    /// The address actually bound (a port 0 shows the chosen port).
+    pub bound: Address,
+    stop: CancellationToken,
+    task: JoinHandle<Listener>,
+    /// The last watchdog tick its accept loop answered.
+    pub answered: Arc<AtomicU64>,
+    routes: watch::Sender<Routes>,
+    pub site: Arc<Site>,
+}
+
+impl RunningListener {
+    /// Starts accepting on `listener` for `routes`. `kill` closes its HTTP
+    /// connections (a child of the daemon's kill token).
+    pub fn start(
+        key: ListenKey,
+        listener: Listener,
+        routes: Routes,
+        watchdog_ticks: &watch::Sender<u64>,
+        kill: CancellationToken,
+    ) -> RunningListener {
+        let bound = listener.local_address();
+        let (routes, receiver) = watch::channel(routes);
+        let site = Arc::new(Site {
+            routes: receiver,
+            connections: TaskTracker::new(),
+            closing: CancellationToken::new(),
+            kill,
+        });
+        let stop = CancellationToken::new();
+        let answered = Arc::new(AtomicU64::new(*watchdog_ticks.borrow()));
+        let heartbeat = Heartbeat {
+            ticks: watchdog_ticks.subscribe(),
+            answered: answered.clone(),
+        };
+        let task = tokio::spawn(accept_loop(site.clone(), listener, stop.clone(), heartbeat));
+        RunningListener {
+            key,
+            bound,
+            stop,
+            task,
+            answered,
+            routes,
+            site,
+        }
+    }
+
+    /// New connections (and, in mode http, new requests on open ones) go
+    /// to `routes` from now on.
+    pub fn route(&self, routes: Routes) {
+        self.routes.send_replace(routes);
+    }
+
+    /// Stops accepting and closes the socket. Its HTTP connections finish
+    /// the request in flight (answered with `Connection: close`) and close;
+    /// those still open after `drain` are closed. Connections of mode tcp
+    /// belong to their proxy and are not touched here.
+    pub async fn close(self, drain: Duration, retiring: &TaskTracker) {
+        self.stop.cancel();
+        drop(self.task.await);
+        info!(address = %self.bound, "listener closed");
+        let site = self.site;
+        site.closing.cancel();
+        site.connections.close();
+        if site.connections.is_empty() {
+            return;
+        }
+        retiring.spawn(async move {
+            tokio::select! {
+                () = site.connections.wait() => {}
+                () = tokio::time::sleep(drain) => {
+                    warn!(connections = site.connections.len(), "drain_timeout over: closing the HTTP connections of a closed listener");
+                    site.kill.cancel();
+                }
+            }
+        });
+    }
+
+    /// Stops accepting and keeps the connections: the daemon is stopping
+    /// and waits for them itself.
+    pub async fn stop(self) -> Arc<Site> {
+        self.stop.cancel();
+        drop(self.task.await);
+        info!(address = %self.bound, "listener closed");
+        self.site.closing.cancel();
+        self.site.connections.close();
+        self.site
+    }
+}
+
+/// Who serves `key` among `proxies`: its mode tcp proxy, or its mode http
+/// virtual hosts. `None` when no proxy listens there.
+pub(super) fn routes_for(key: &ListenKey, proxies: &[RunningProxy]) -> Option<Routes> {
+    let mut here = proxies
+        .iter()
+        .filter(|r| &ListenKey::of(&r.config) == key)
+        .peekable();
+    let first = here.peek()?;
+    if first.config.mode == Mode::Tcp {
+        return Some(Routes::Tcp(first.proxy.clone()));
+    }
+    let hosts = here
+        .filter(|r| r.config.mode == Mode::Http)
+        .map(|r| (r.config.hosts.clone(), r.proxy.clone()))
+        .collect();
+    Some(Routes::Http(Arc::new(VirtualHosts::new(hosts))))
+}

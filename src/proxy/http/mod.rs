@@ -1,0 +1,390 @@
+//! Mode http: an HTTP/1.1 reverse proxy on hyper, where the unit a pause
+//! holds is the request, not the connection.
+//!
+//! A connection belongs to its listening socket (`Site`): each request on
+//! it is routed by `Host` to one of the socket's proxies, then goes through
+//! that proxy's gate (forward, hold, reject) and to one of its backends,
+//! chosen per request by the same machinery as mode tcp. A held request's
+//! body is not read until its release, so the client is back-pressured and
+//! the body reaches the backend intact; a held client that goes away is
+//! seen on a duplicate of its socket's descriptor and never forwarded.
+
+mod body;
+mod headers;
+mod route;
+mod upstream;
+
+use std::convert::Infallible;
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tracing::debug;
+
+pub use body::RequestBody;
+pub use route::VirtualHosts;
+pub use upstream::IdlePool;
+
+use super::gate::{Admission, HeldTicket, RejectReason};
+use super::hold::Hold;
+use super::listener::{Routes, Site};
+use super::stream::{Peer, Stream};
+use super::wake::PollWhenWoken;
+use super::{ActiveGuard, Proxy, ProxySettings};
+use crate::backends::{ConnectFailure, InFlight};
+use body::{Exchange, ResponseBody};
+
+/// One client connection, as its requests see it.
+struct ClientConnection {
+    site: Arc<Site>,
+    peer: Peer,
+    /// The client socket's descriptor, to watch for a hang-up while a
+    /// request is held. Valid while any request runs: requests run inside
+    /// the connection that owns it.
+    fd: RawFd,
+    unix: bool,
+    https: bool,
+}
+
+/// Serves one accepted connection of an http listener until the client
+/// closes it, the listener closes (then it closes when idle) or the site
+/// is killed.
+pub async fn serve_connection(site: Arc<Site>, hosts: Arc<VirtualHosts>, client: Stream, peer: Peer) {
+    let Some(first) = hosts.any().cloned() else {
+        return;
+    };
+    let settings = first.settings.borrow().clone();
+    let (fd, unix) = (client.fd(), matches!(client, Stream::Unix(_)));
+    let client = match &settings.tls {
+        None => super::stream::Client::Plain(client),
+        Some(tls) => match first.accept_tls(client, &peer, tls).await {
+            Some(client) => client,
+            None => return,
+        },
+    };
+    let log_peer = peer.clone();
+    let connection = Arc::new(ClientConnection {
+        site: site.clone(),
+        peer,
+        fd,
+        unix,
+        https: settings.tls.is_some(),
+    });
+    let service = service_fn(move |request| handle(connection.clone(), request));
+    let mut builder = http1::Builder::new();
+    if let Some(idle) = settings.idle_timeout {
+        // Also closes keep-alive connections idle for that long.
+        builder.timer(TokioTimer::new()).header_read_timeout(idle);
+    }
+    let serving = builder
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades();
+    tokio::pin!(serving);
+    let mut killed = PollWhenWoken::new(site.kill.cancelled());
+    let result = tokio::select! {
+        biased;
+        () = &mut killed => return,
+        result = serving.as_mut() => result,
+        () = PollWhenWoken::new(site.closing.cancelled()) => {
+            // Answer the request in flight with `Connection: close`, or
+            // close now if idle.
+            serving.as_mut().graceful_shutdown();
+            tokio::select! {
+                () = killed => return,
+                result = serving => result,
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(peer = %log_peer, error = %e, "http connection ended with an error");
+    }
+}
+
+async fn handle(
+    connection: Arc<ClientConnection>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let routes = connection.site.routes.borrow().clone();
+    let proxy = match &routes {
+        Routes::Http(hosts) => hosts.route(route::request_host(&request)).cloned(),
+        // The listener turned mode tcp under this connection.
+        Routes::Tcp(_) => None,
+    };
+    let Some(proxy) = proxy else {
+        return Ok(local(StatusCode::NOT_FOUND, "no proxy here serves this host\n"));
+    };
+    proxy.stats.accepted.fetch_add(1, Relaxed);
+    let response = exchange(&proxy, &connection, request).await;
+    proxy.stats.count_response(response.status().as_u16());
+    Ok(response)
+}
+
+/// One request through the proxy's gate, then to a backend.
+async fn exchange(
+    proxy: &Arc<Proxy>,
+    connection: &ClientConnection,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let settings = proxy.settings.borrow().clone();
+    if !route::bypasses(&settings.bypass, &request) {
+        match proxy.gate.admit() {
+            Admission::Forward => {}
+            Admission::Reject(reason) => {
+                proxy.stats.rejected.fetch_add(1, Relaxed);
+                debug!(proxy = %proxy.name, peer = %connection.peer, ?reason, "request rejected while paused");
+                let why = match reason {
+                    RejectReason::Paused => "paused for maintenance\n",
+                    RejectReason::TooManyHeld => "too many requests waiting\n",
+                };
+                return unavailable(&settings, why);
+            }
+            Admission::Hold(ticket) => match hold(proxy, connection, ticket).await {
+                Hold::Released => {}
+                // Nobody reads this answer; the connection is closing.
+                Hold::ClientLeft => return unavailable(&settings, "client left\n"),
+                Hold::Closed => return unavailable(&settings, "shutting down\n"),
+            },
+        }
+    }
+    // After a hold: the backends current at the release.
+    let settings = proxy.settings.borrow().clone();
+    forward(proxy, &settings, connection, request).await
+}
+
+/// Counts a held request whose client went away, however the hold ends
+/// for it: noticed here, or the connection closed under it (hyper then
+/// drops the request's future).
+struct HeldRequest<'a> {
+    proxy: &'a Proxy,
+    peer: &'a Peer,
+    forwarded_or_closed: bool,
+}
+
+impl Drop for HeldRequest<'_> {
+    fn drop(&mut self) {
+        if !self.forwarded_or_closed {
+            self.proxy.stats.dropped_while_held.fetch_add(1, Relaxed);
+            debug!(proxy = %self.proxy.name, peer = %self.peer, "held request's client left before the resume");
+        }
+    }
+}
+
+/// Waits for the release of a held request while watching its client.
+async fn hold(proxy: &Proxy, connection: &ClientConnection, mut ticket: HeldTicket) -> Hold {
+    let mut held = HeldRequest {
+        proxy,
+        peer: &connection.peer,
+        forwarded_or_closed: false,
+    };
+    let outcome = tokio::select! {
+        biased;
+        () = PollWhenWoken::new(proxy.gate.close_held.cancelled()) => Hold::Closed,
+        released = ticket.released() => if released { Hold::Released } else { Hold::Closed },
+        () = client_leaves(connection) => Hold::ClientLeft,
+    };
+    held.forwarded_or_closed = outcome != Hold::ClientLeft;
+    outcome
+}
+
+/// Returns when the client closes or resets its connection. Bytes it sends
+/// meanwhile (a body) are left for hyper to read after the release.
+async fn client_leaves(connection: &ClientConnection) {
+    match watch_socket(connection.fd, connection.unix) {
+        Ok(socket) => loop {
+            match socket.wait_hang_up().await {
+                Ok(false) => continue,
+                Ok(true) | Err(_) => return,
+            }
+        },
+        Err(e) => {
+            debug!(error = %e, "cannot watch a held client's socket; its departure is seen at the release");
+            std::future::pending().await
+        }
+    }
+}
+
+/// A second descriptor for the client socket, registered on its own, so
+/// its readiness can be watched without disturbing hyper's.
+fn watch_socket(fd: RawFd, unix: bool) -> io::Result<Stream> {
+    // SAFETY: `fd` is the open client socket (see `ClientConnection::fd`).
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if duplicate < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `duplicate` is a new descriptor that nothing else owns.
+    Ok(if unix {
+        let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(duplicate) };
+        socket.set_nonblocking(true)?;
+        Stream::Unix(tokio::net::UnixStream::from_std(socket)?)
+    } else {
+        let socket = unsafe { std::net::TcpStream::from_raw_fd(duplicate) };
+        socket.set_nonblocking(true)?;
+        Stream::Tcp(tokio::net::TcpStream::from_std(socket)?)
+    })
+}
+
+/// Sends a request to a backend and returns its response: candidates in
+/// the balance's order, an idle keep-alive connection first. A request is
+/// tried on the next connection or backend only while it has not been
+/// sent, or when it is idempotent and bodiless and a reused connection
+/// failed under it (the backend closed it as we sent).
+async fn forward(
+    proxy: &Arc<Proxy>,
+    settings: &ProxySettings,
+    connection: &ClientConnection,
+    mut request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let active = ActiveGuard::up(proxy.clone());
+    let upgrade = headers::wants_upgrade(request.headers());
+    headers::to_backend(request.headers_mut(), &connection.peer, connection.https, upgrade);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let mut request = Some(request.map(|body| RequestBody::new(body, proxy.clone())));
+    let mut timed_out = false;
+    for backend in settings.backends.candidates() {
+        let in_flight = InFlight::begin(backend);
+        loop {
+            let (mut sender, fresh) =
+                match upstream::connection(backend, &proxy.name, settings.connect_timeout).await {
+                    Ok(found) => found,
+                    Err(failure) => {
+                        timed_out |= failure == ConnectFailure::TimedOut;
+                        break;
+                    }
+                };
+            let Some(outgoing) = request.take() else {
+                return local(StatusCode::BAD_GATEWAY, "bad gateway\n");
+            };
+            let retry_copy = (!fresh && is_retryable(&outgoing)).then(|| copy_bodiless(&outgoing));
+            let sent = sender.try_send_request(outgoing);
+            let result = match settings.idle_timeout {
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        debug!(proxy = %proxy.name, backend = %backend.address, "no response within idle_timeout");
+                        return local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
+                    }
+                },
+                None => sent.await,
+            };
+            match result {
+                Ok(response) => {
+                    in_flight.reached();
+                    let exchange = Exchange {
+                        sender,
+                        in_flight,
+                        active,
+                    };
+                    return respond(response, exchange, client_upgrade, &connection.site);
+                }
+                Err(mut e) => {
+                    request = e.take_message().or(retry_copy);
+                    if request.is_none() {
+                        debug!(proxy = %proxy.name, backend = %backend.address, error = %e.into_error(), "request failed at the backend");
+                        return local(StatusCode::BAD_GATEWAY, "bad gateway\n");
+                    }
+                    if fresh {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    proxy.stats.connect_failures.fetch_add(1, Relaxed);
+    debug!(proxy = %proxy.name, peer = %connection.peer, "no backend took the request");
+    if timed_out {
+        local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n")
+    } else {
+        local(StatusCode::BAD_GATEWAY, "bad gateway\n")
+    }
+}
+
+/// Safe to send again after a connection failed under it: an idempotent
+/// method and no body.
+fn is_retryable(request: &Request<RequestBody>) -> bool {
+    use hyper::body::Body;
+    matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
+    ) && request.body().is_end_stream()
+}
+
+fn copy_bodiless(request: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut copy = Request::new(RequestBody::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// The backend's response on its way to the client. A protocol switch
+/// (101) continues as a byte stream between the two upgraded connections.
+fn respond(
+    mut response: Response<Incoming>,
+    exchange: Exchange,
+    client_upgrade: Option<OnUpgrade>,
+    site: &Site,
+) -> Response<ResponseBody> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let backend_upgrade = hyper::upgrade::on(&mut response);
+        headers::remove_hop_by_hop(response.headers_mut(), true);
+        site.connections
+            .spawn(tunnel(client_upgrade, backend_upgrade, exchange));
+        return response.map(|_| ResponseBody::empty());
+    }
+    headers::remove_hop_by_hop(response.headers_mut(), false);
+    // The client's hop speaks HTTP/1.1 (hyper answers a 1.0 client in 1.0).
+    *response.version_mut() = hyper::Version::HTTP_11;
+    response.map(|body| ResponseBody::backend(body, exchange))
+}
+
+/// Copies both ways between an upgraded client and backend connection
+/// until both are done, or the backend's drain is over.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, exchange: Exchange) {
+    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+        return;
+    };
+    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+    let kill = exchange.in_flight.backend().kill.clone();
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+            if let Ok((to_backend, to_client)) = copied {
+                let stats = &exchange.active.0.stats;
+                stats.bytes_in.fetch_add(to_backend, Relaxed);
+                stats.bytes_out.fetch_add(to_client, Relaxed);
+            }
+        }
+        () = kill.cancelled() => {}
+    }
+}
+
+/// An answer of the proxy's own: a short text body.
+fn local(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::local(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// 503 with `Retry-After` (the TCPause answer), closing the connection.
+fn unavailable(settings: &ProxySettings, why: &'static str) -> Response<ResponseBody> {
+    let mut response = local(StatusCode::SERVICE_UNAVAILABLE, why);
+    let retry_after = settings.reject_with_503.unwrap_or_default().as_secs().max(1);
+    let headers = response.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
