@@ -16,6 +16,8 @@
 //! against another build (e.g. `target/release/interlude`).
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::cell::Cell;
 use std::ffi::OsStr;
 use std::fs;

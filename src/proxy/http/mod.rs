@@ -133,7 +133,7 @@ async fn exchange(
     connection: &ClientConnection,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let settings = proxy.settings.borrow().clone();
+    let mut settings = proxy.settings.borrow().clone();
     if !route::bypasses(&settings.bypass, &request) {
         match proxy.gate.admit() {
             Admission::Forward => {}
@@ -147,15 +147,14 @@ async fn exchange(
                 return unavailable(&settings, why);
             }
             Admission::Hold(ticket) => match hold(proxy, connection, ticket).await {
-                Hold::Released => {}
+                // The backends current at the release.
+                Hold::Released => settings = proxy.settings.borrow().clone(),
                 // Nobody reads this answer; the connection is closing.
                 Hold::ClientLeft => return unavailable(&settings, "client left\n"),
                 Hold::Closed => return unavailable(&settings, "shutting down\n"),
             },
         }
     }
-    // After a hold: the backends current at the release.
-    let settings = proxy.settings.borrow().clone();
     forward(proxy, &settings, connection, request).await
 }
 
