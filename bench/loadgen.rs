@@ -5,11 +5,18 @@
 //!   serve      --listen ADDR[,ADDR...] [--lifetime SECS] [--tag C]
 //!              backend: the first byte of each connection picks the mode:
 //!              'E' echo, 'S' sink (read and discard), 'T' answer the tag byte
-//!              C (default '-') and close, so a client can tell backends apart.
+//!              C (default '-') and close, so a client can tell backends apart;
+//!              'G', 'H' or 'P' (GET, HEAD, POST/PUT) make it a keep-alive
+//!              HTTP/1.1 server: `GET /small` answers a 64-byte body, `GET /1m`
+//!              a 1 MiB body, anything else a 404; Content-Length framing.
 //!   throughput --target ADDR --seconds N --conns N  bulk upload to the sink
 //!   rr         --target ADDR --seconds N --conns N  64-byte request/response (echo)
 //!   connrate   --target ADDR --seconds N --conns N  connect, 64 B echo, close
-//!              throughput, rr and connrate take [--tls [--cert PEM]]: the client
+//!   http-rr    --target ADDR --seconds N --conns N [--path P]  keep-alive
+//!              connections each looping `GET P` (default /small), one request
+//!              at a time; req/s, latency and body MB/s
+//!   http-download  the same with P = /1m by default (1 MiB bodies)
+//!              throughput, rr, connrate and the http modes take [--tls [--cert PEM]]: the client
 //!              speaks TLS 1.3 (TLS13_AES_128_GCM_SHA256 only, X25519, no session
 //!              resumption, so every connection is a full handshake); with --cert
 //!              the server must present exactly that certificate, without it any
@@ -28,6 +35,9 @@
 //!              each send 'E' plus one byte and are held, settle, check that none
 //!              reached the backend, then POST /resume and time until every
 //!              client got its byte echoed.
+//!   http-held  the same options as held; each connection sends one
+//!              `GET /small` (the held unit is the request), and after the
+//!              resume every client must get a 200 with the 64-byte body.
 //!   freeports  --count N                           print N free loopback TCP ports
 //!
 //! Every client mode prints exactly one `key=value ...` line on stdout. Timed modes
@@ -94,15 +104,17 @@ struct Opts {
     config_b: Option<String>,
     rounds: usize,
     gap: f64,
+    path: Option<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: loadgen serve --listen ADDR[,ADDR...] [--lifetime SECS] [--tag C]\n       \
-         loadgen throughput|rr|connrate --target ADDR [--seconds N] [--conns N]\n       \
+         loadgen throughput|rr|connrate|http-rr|http-download --target ADDR [--seconds N]\n       \
+                      [--conns N] [--path P (http modes)]\n       \
                       [--tls [--cert PEM]]\n       \
          loadgen idle --target ADDR --conns N [--hold SECS]\n       \
-         loadgen held --target ADDR --conns N --control-unix PATH [--settle SECS]\n       \
+         loadgen held|http-held --target ADDR --conns N --control-unix PATH [--settle SECS]\n       \
                       [--rss-pid PID] [--backend-port PORT] [--wait SECS]\n       \
          loadgen reload-latency --target ADDR --pid PID --config PATH --config-a PATH\n       \
                       --config-b PATH [--rounds N] [--gap SECS] [--wait SECS]\n       \
@@ -148,6 +160,7 @@ fn parse_args() -> (String, Opts) {
         config_b: None,
         rounds: 10,
         gap: 0.5,
+        path: None,
     };
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -179,6 +192,7 @@ fn parse_args() -> (String, Opts) {
             "--config-b" => o.config_b = args.next(),
             "--rounds" => o.rounds = parse_num(&flag, args.next()),
             "--gap" => o.gap = parse_num(&flag, args.next()),
+            "--path" => o.path = args.next(),
             _ => {
                 eprintln!("loadgen: unknown argument {flag}");
                 usage()
@@ -226,10 +240,23 @@ fn main() {
         "rr" => rt.block_on(rr(target(), o.conns, o.seconds)),
         "connrate" => rt.block_on(connrate(target(), o.conns, o.seconds)),
         "idle" => rt.block_on(idle(target(), o.conns, o.hold)),
-        "held" => rt.block_on(held(
+        "http-rr" => rt.block_on(http_client(
+            target(),
+            o.conns,
+            o.seconds,
+            http_path(&o, HTTP_SMALL_PATH),
+        )),
+        "http-download" => rt.block_on(http_client(
+            target(),
+            o.conns,
+            o.seconds,
+            http_path(&o, HTTP_LARGE_PATH),
+        )),
+        "held" | "http-held" => rt.block_on(held(
             target(),
             o.conns,
             o.control_unix.clone().unwrap_or_else(|| usage()),
+            cmd == "http-held",
             &o,
         )),
         "reload-latency" => rt.block_on(reload_latency(
@@ -372,6 +399,7 @@ async fn handle(mut s: TcpStream, tag: u8) {
         MODE_TAG => {
             let _ = s.write_all(&[tag]).await;
         }
+        b'G' | b'H' | b'P' => serve_http(s, mode[0]).await,
         _ => {}
     }
 }
@@ -820,6 +848,450 @@ async fn idle(target: String, conns: usize, hold: f64) {
     drop(open);
 }
 
+// ---------------------------------------------------------------- HTTP/1.1 (backend and clients)
+
+const HTTP_SMALL_PATH: &str = "/small";
+const HTTP_LARGE_PATH: &str = "/1m";
+const HTTP_SMALL_LEN: usize = 64;
+const HTTP_LARGE_LEN: usize = 1024 * 1024;
+/// A request or response head longer than this is refused.
+const HTTP_MAX_HEAD: usize = 16 * 1024;
+/// Read buffer of a client connection (bodies are read through it).
+const HTTP_CLIENT_BUF: usize = 64 * 1024;
+
+fn http_path(o: &Opts, default: &str) -> String {
+    o.path.clone().unwrap_or_else(|| default.to_string())
+}
+
+/// The body length `GET path` answers on the backend, if it is one of ours.
+fn http_expected_len(path: &str) -> Option<u64> {
+    match path {
+        HTTP_SMALL_PATH => Some(HTTP_SMALL_LEN as u64),
+        HTTP_LARGE_PATH => Some(HTTP_LARGE_LEN as u64),
+        _ => None,
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The headers of a head (after its first line), as (name, value) pairs.
+fn http_headers(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    head.split(|&b| b == b'\n').skip(1).filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':')?;
+        Some((&line[..colon], line[colon + 1..].trim_ascii()))
+    })
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// What a request or response head says about the message's framing.
+struct Framing {
+    content_length: Option<u64>,
+    chunked: bool,
+    /// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
+    close: bool,
+    /// HTTP/1.0 with `Connection: keep-alive`.
+    keep_alive_10: bool,
+}
+
+fn http_framing(head: &[u8], http10: bool) -> io::Result<Framing> {
+    let mut f = Framing {
+        content_length: None,
+        chunked: false,
+        close: http10,
+        keep_alive_10: false,
+    };
+    for (name, value) in http_headers(head) {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            f.content_length = Some(n.ok_or_else(|| bad_data("bad Content-Length"))?);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            f.chunked = has_token(value, "chunked");
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            if has_token(value, "close") {
+                f.close = true;
+            } else if http10 && has_token(value, "keep-alive") {
+                f.close = false;
+                f.keep_alive_10 = true;
+            }
+        }
+    }
+    Ok(f)
+}
+
+fn bad_data(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// The backend's canned responses: [small, 1 MiB, 404] x [keep-alive,
+/// close, HTTP/1.0 keep-alive], each with the length of its head (for HEAD).
+fn http_response(body: usize, conn: usize) -> (&'static [u8], usize) {
+    static RESPONSES: OnceLock<Vec<(Vec<u8>, usize)>> = OnceLock::new();
+    let all = RESPONSES.get_or_init(|| {
+        let mut v = Vec::new();
+        for (status, len, fill) in [
+            ("200 OK", HTTP_SMALL_LEN, b's'),
+            ("200 OK", HTTP_LARGE_LEN, b'L'),
+            ("404 Not Found", 10, b'?'),
+        ] {
+            for conn in ["", "Connection: close\r\n", "Connection: keep-alive\r\n"] {
+                let mut r = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\n{conn}\r\n"
+                )
+                .into_bytes();
+                let head = r.len();
+                r.resize(head + len, fill);
+                v.push((r, head));
+            }
+        }
+        v
+    });
+    let (r, head) = &all[body * 3 + conn];
+    (r, *head)
+}
+
+/// The backend side of HTTP: requests one after the other on a keep-alive
+/// connection (pipelined ones too); a request body with Content-Length is read
+/// and discarded; chunked request bodies are not supported (400, close).
+async fn serve_http(mut s: TcpStream, first: u8) {
+    let mut buf = vec![0u8; HTTP_MAX_HEAD];
+    buf[0] = first;
+    let (mut start, mut end) = (0, 1);
+    loop {
+        let head_end = loop {
+            if let Some(i) = find(&buf[start..end], b"\r\n\r\n") {
+                break start + i + 4;
+            }
+            if start > 0 {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
+            if end == buf.len() {
+                return; // head too large
+            }
+            match s.read(&mut buf[end..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => end += n,
+            }
+        };
+        let head = &buf[start..head_end];
+        let line_end = head.iter().position(|&b| b == b'\r').unwrap_or(head.len());
+        let mut words = head[..line_end].split(|&b| b == b' ');
+        let (method, path, version) = (words.next(), words.next(), words.next());
+        let http10 = version == Some(b"HTTP/1.0");
+        let head_only = method == Some(b"HEAD");
+        let which = match path {
+            Some(p) if p == HTTP_SMALL_PATH.as_bytes() => 0,
+            Some(p) if p == HTTP_LARGE_PATH.as_bytes() => 1,
+            _ => 2,
+        };
+        let Ok(f) = http_framing(head, http10) else { return };
+        start = head_end;
+        if f.chunked {
+            let (r, _) = http_response(2, 1);
+            let _ = s.write_all(r).await;
+            return;
+        }
+        // Discard the request body.
+        let mut body = f.content_length.unwrap_or(0);
+        while body > 0 {
+            if start == end {
+                start = 0;
+                end = match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+            }
+            let take = body.min((end - start) as u64);
+            start += take as usize;
+            body -= take;
+        }
+        let conn = if f.close {
+            1
+        } else if f.keep_alive_10 {
+            2
+        } else {
+            0
+        };
+        let (r, head_len) = http_response(which, conn);
+        let r = if head_only { &r[..head_len] } else { r };
+        if s.write_all(r).await.is_err() {
+            return;
+        }
+        if f.close {
+            let _ = s.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection, one request at a time.
+struct HttpConn {
+    s: Conn,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// A response read in full: its status, body length, and whether the
+/// connection must be closed after it.
+struct HttpResp {
+    status: u16,
+    body: u64,
+    close: bool,
+}
+
+impl HttpConn {
+    async fn connect(target: &str) -> io::Result<Self> {
+        Ok(HttpConn {
+            s: connect(target).await?,
+            buf: vec![0u8; HTTP_CLIENT_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        })
+    }
+
+    /// Reads more into the buffer (keeping what is unread); Ok(0) at EOF.
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            if self.start == 0 {
+                return Err(bad_data("response head too large"));
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = self.s.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Reads up to and including the next `delim`; returns its range in the buffer.
+    async fn until(&mut self, delim: &[u8], max: usize) -> io::Result<(usize, usize)> {
+        let mut searched = 0usize;
+        loop {
+            let from = self.start + searched.saturating_sub(delim.len() - 1);
+            if let Some(i) = find(&self.buf[from..self.end], delim) {
+                let r = (self.start, from + i + delim.len());
+                self.start = r.1;
+                return Ok(r);
+            }
+            searched = self.end - self.start;
+            if searched > max {
+                return Err(bad_data("response head too large"));
+            }
+            if self.fill().await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-response",
+                ));
+            }
+        }
+    }
+
+    /// Consumes `n` body bytes (reading as needed); `on_body` sees each piece.
+    async fn skip(&mut self, mut n: u64, on_body: &impl Fn(u64)) -> io::Result<()> {
+        while n > 0 {
+            if self.start == self.end && self.fill().await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-body",
+                ));
+            }
+            let take = n.min((self.end - self.start) as u64);
+            self.start += take as usize;
+            n -= take;
+            on_body(take);
+        }
+        Ok(())
+    }
+
+    /// Sends `req` (a whole request) and reads the whole response.
+    async fn exchange(&mut self, req: &[u8], on_body: &impl Fn(u64)) -> io::Result<HttpResp> {
+        self.s.write_all(req).await?;
+        self.s.flush().await?;
+        self.response(on_body).await
+    }
+
+    async fn response(&mut self, on_body: &impl Fn(u64)) -> io::Result<HttpResp> {
+        let (h0, h1) = loop {
+            let (h0, h1) = self.until(b"\r\n\r\n", HTTP_MAX_HEAD).await?;
+            // Skip interim responses (100 Continue).
+            if !self.buf[h0..h1].starts_with(b"HTTP/1.1 1") {
+                break (h0, h1);
+            }
+        };
+        let head = &self.buf[h0..h1];
+        let status = head
+            .strip_prefix(b"HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
+            .and_then(|code| std::str::from_utf8(code).ok()?.parse::<u16>().ok())
+            .ok_or_else(|| {
+                let text = String::from_utf8_lossy(&head[..head.len().min(60)]).into_owned();
+                bad_data(&format!("not an HTTP response: {text:?}"))
+            })?;
+        let f = http_framing(head, head.starts_with(b"HTTP/1.0"))?;
+        let mut resp = HttpResp {
+            status,
+            body: 0,
+            close: f.close,
+        };
+        if status == 204 || status == 304 {
+            // no body
+        } else if f.chunked {
+            loop {
+                let (l0, l1) = self.until(b"\r\n", 1024).await?;
+                let line = &self.buf[l0..l1 - 2];
+                let hex = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+                let size = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u64::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| bad_data("bad chunk size"))?;
+                if size == 0 {
+                    // Trailers, up to the empty line.
+                    loop {
+                        let (t0, t1) = self.until(b"\r\n", HTTP_MAX_HEAD).await?;
+                        if t1 - t0 == 2 {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                self.skip(size, on_body).await?;
+                resp.body += size;
+                let (c0, c1) = self.until(b"\r\n", 2).await?;
+                if c1 - c0 != 2 {
+                    return Err(bad_data("chunk not followed by CRLF"));
+                }
+            }
+        } else if let Some(n) = f.content_length {
+            self.skip(n, on_body).await?;
+            resp.body = n;
+        } else {
+            // Delimited by the close.
+            resp.close = true;
+            loop {
+                let n = (self.end - self.start) as u64;
+                self.start = self.end;
+                resp.body += n;
+                on_body(n);
+                if self.fill().await? == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(resp)
+    }
+}
+
+fn http_request(path: &str, target: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: interlude-bench-loadgen\r\n\r\n")
+        .into_bytes()
+}
+
+/// `conns` keep-alive connections, each looping `GET path` one request at a
+/// time. A response that asks to close (`Connection: close`) is not an
+/// error: the next request goes on a new connection (counted in
+/// `reconnects`). A status other than 200, a body of the wrong length, a
+/// broken connection or a request taking more than 5 s is one.
+async fn http_client(target: String, conns: usize, seconds: f64, path: String) {
+    let run = Run::new();
+    let bytes = Arc::new(AtomicU64::new(0));
+    let reconnects = Arc::new(AtomicU64::new(0));
+    let req: Arc<[u8]> = http_request(&path, &target).into();
+    let expect = http_expected_len(&path);
+    for _ in 0..conns {
+        let (run, bytes, reconnects, req, target) = (
+            run.clone(),
+            bytes.clone(),
+            reconnects.clone(),
+            req.clone(),
+            target.clone(),
+        );
+        tokio::spawn(async move {
+            let mut conn: Option<HttpConn> = None;
+            let mut first = true;
+            let count = |n: u64| {
+                bytes.fetch_add(n, Relaxed);
+            };
+            while !run.done() {
+                if conn.is_none() {
+                    match HttpConn::connect(&target).await {
+                        Ok(c) => conn = Some(c),
+                        Err(e) => {
+                            run.error("connect", e);
+                            sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    }
+                    if !first {
+                        reconnects.fetch_add(1, Relaxed);
+                    }
+                    first = false;
+                }
+                let Some(c) = conn.as_mut() else { continue };
+                let t = Instant::now();
+                match timeout(OP_TIMEOUT, c.exchange(&req, &count)).await {
+                    Ok(Ok(r)) => {
+                        if r.close {
+                            conn = None;
+                        }
+                        if r.status != 200 {
+                            run.error("response", format!("status {}", r.status));
+                        } else if expect.is_some_and(|n| n != r.body) {
+                            run.error("response", format!("body of {} bytes", r.body));
+                        } else if run.measuring() {
+                            run.hist.record(t.elapsed());
+                            run.ops.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        if !run.done() {
+                            run.error("request", e);
+                        }
+                        conn = None;
+                        sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(_) => {
+                        run.error("request", "no complete response within 5 s");
+                        conn = None;
+                    }
+                }
+            }
+        });
+    }
+    sleep(WARMUP).await;
+    let (b0, r0) = (bytes.load(Relaxed), reconnects.load(Relaxed));
+    run.phase.store(PHASE_MEASURE, Relaxed);
+    let t0 = Instant::now();
+    sleep(Duration::from_secs_f64(seconds)).await;
+    run.phase.store(PHASE_DONE, Relaxed);
+    let dt = t0.elapsed().as_secs_f64();
+    let (b, r) = (bytes.load(Relaxed) - b0, reconnects.load(Relaxed) - r0);
+    let n = run.ops.load(Relaxed);
+    println!(
+        "mode=http path={path} conns={conns} seconds={dt:.3} reqs={n} rps={:.0} p50_us={} p99_us={} \
+         bytes={b} mbps={:.1} reconnects={r}{} errors={}",
+        n as f64 / dt,
+        run.hist.quantile(0.50),
+        run.hist.quantile(0.99),
+        b as f64 / dt / 1e6,
+        tls_note(),
+        run.errors.load(Relaxed)
+    );
+}
+
 // ---------------------------------------------------------------- held (interlude pause/resume)
 
 /// What the held connections report, shared with the main task.
@@ -832,6 +1304,9 @@ struct Held {
     echoed: AtomicU64,
     /// Closed or reset after opening, without an echo.
     lost: AtomicU64,
+    /// http-held: a response after the resume that is not a 200 with the
+    /// 64-byte body.
+    bad: AtomicU64,
     printed: AtomicU64,
     /// Microseconds from the resume to each echo (exact: a resume can take
     /// longer than the histogram of the timed modes covers).
@@ -847,7 +1322,10 @@ impl Held {
         }
     }
     fn settled(&self) -> u64 {
-        self.early.load(Relaxed) + self.echoed.load(Relaxed) + self.lost.load(Relaxed)
+        self.early.load(Relaxed)
+            + self.echoed.load(Relaxed)
+            + self.lost.load(Relaxed)
+            + self.bad.load(Relaxed)
     }
 }
 
@@ -959,7 +1437,16 @@ fn held_failed(conns: usize, why: &str) -> ! {
     exit(0)
 }
 
-async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
+/// A held client: raw bytes (held) or one HTTP request (http-held).
+enum HeldConn {
+    Raw(Conn),
+    Http(HttpConn),
+}
+
+/// `held` and `http-held`. With `http` each connection sends one `GET /small`
+/// (a whole request, which interlude holds) and must get a 200 with the
+/// 64-byte body after the resume; "echo" below then means that response.
+async fn held(target: String, conns: usize, control_path: String, http: bool, o: &Opts) {
     match control(&control_path, "POST", "/pause").await {
         Ok((200, body)) if json_value(&body, "paused") == Some("true") => {}
         Ok((code, body)) => held_failed(conns, &format!("POST /pause answered {code}: {}", body.trim())),
@@ -968,51 +1455,83 @@ async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
     let rss_before = o.rss_pid.and_then(rss_kib);
     let backend_before = o.backend_port.and_then(tcp_conns_to);
 
-    // Open the connections; each sends the echo selector and one byte, which
-    // interlude keeps while holding, then waits for the echo.
+    // Open the connections; each sends the echo selector and one byte (or its
+    // HTTP request), which interlude keeps while holding, then waits for the echo.
     let h = Arc::new(Held {
         opened: AtomicU64::new(0),
         open_errors: AtomicU64::new(0),
         early: AtomicU64::new(0),
         echoed: AtomicU64::new(0),
         lost: AtomicU64::new(0),
+        bad: AtomicU64::new(0),
         printed: AtomicU64::new(0),
         echo_us: std::sync::Mutex::new(Vec::with_capacity(conns)),
         resumed_at: OnceLock::new(),
     });
     let sem = Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY));
+    let req: Arc<[u8]> = http_request(HTTP_SMALL_PATH, &target).into();
     let t_open = Instant::now();
     for _ in 0..conns {
-        let (sem, h, target) = (sem.clone(), h.clone(), target.clone());
+        let (sem, h, target, req) = (sem.clone(), h.clone(), target.clone(), req.clone());
         tokio::spawn(async move {
             let permit = sem.acquire_owned().await.unwrap();
             let opened = async {
-                let mut s = connect(&target).await?;
-                timeout(OP_TIMEOUT, s.write_all(&[MODE_ECHO, b'h']))
+                if http {
+                    let mut c = HttpConn::connect(&target).await?;
+                    timeout(OP_TIMEOUT, async {
+                        c.s.write_all(&req).await?;
+                        c.s.flush().await
+                    })
                     .await
                     .map_err(|_| timed_out("write"))??;
-                Ok::<_, io::Error>(s)
+                    Ok::<_, io::Error>(HeldConn::Http(c))
+                } else {
+                    let mut s = connect(&target).await?;
+                    timeout(OP_TIMEOUT, s.write_all(&[MODE_ECHO, b'h']))
+                        .await
+                        .map_err(|_| timed_out("write"))??;
+                    Ok(HeldConn::Raw(s))
+                }
             }
             .await;
             drop(permit);
-            let mut s = match opened {
-                Ok(s) => s,
+            let mut conn = match opened {
+                Ok(c) => c,
                 Err(e) => {
                     h.open_errors.fetch_add(1, Relaxed);
                     return h.note("open", e);
                 }
             };
             h.opened.fetch_add(1, Relaxed);
-            let mut b = [0u8; 1];
-            match (s.read_exact(&mut b).await, h.resumed_at.get()) {
-                (Ok(_), Some(t0)) => {
+            // Ok(None): the echo or a 200 with the right body; Ok(Some(why)): another response.
+            let outcome = match &mut conn {
+                HeldConn::Raw(s) => {
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await.map(|_| None)
+                }
+                HeldConn::Http(c) => c.response(&|_| {}).await.map(|r| {
+                    (r.status != 200 || r.body != HTTP_SMALL_LEN as u64)
+                        .then(|| format!("status {}, body of {} bytes", r.status, r.body))
+                }),
+            };
+            match (outcome, h.resumed_at.get()) {
+                (Ok(None), Some(t0)) => {
                     let us = t0.elapsed().as_micros() as u64;
                     h.echo_us.lock().unwrap().push(us);
                     h.echoed.fetch_add(1, Relaxed);
                 }
-                (Ok(_), None) => {
+                (Ok(why), None) => {
                     h.early.fetch_add(1, Relaxed);
-                    h.note("held connection", "echo arrived before the resume");
+                    let what = if http { "a response" } else { "the echo" };
+                    let why = why.map_or_else(String::new, |w| format!(" ({w})"));
+                    h.note(
+                        "held connection",
+                        format!("{what} arrived before the resume{why}"),
+                    );
+                }
+                (Ok(Some(why)), Some(_)) => {
+                    h.bad.fetch_add(1, Relaxed);
+                    h.note("held request", why);
                 }
                 (Err(e), _) => {
                     h.lost.fetch_add(1, Relaxed);
@@ -1022,7 +1541,7 @@ async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
             // Keep the connection open until the process exits, so closes
             // do not load the machine while other echoes are still on the way.
             std::future::pending::<()>().await;
-            drop(s);
+            drop(conn);
         });
     }
     let open_deadline = Instant::now() + Duration::from_secs(60);
@@ -1102,9 +1621,10 @@ async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
 
     let echoed = h.echoed.load(Relaxed);
     let lost = h.lost.load(Relaxed);
+    let bad = h.bad.load(Relaxed);
     let missing = opened.saturating_sub(h.settled());
     let open_errors = h.open_errors.load(Relaxed);
-    let mut errors = open_errors + h.early.load(Relaxed) + lost + missing;
+    let mut errors = open_errors + h.early.load(Relaxed) + lost + bad + missing;
     if resume_code != Some(200) {
         errors += 1;
         eprintln!("loadgen held: the resume request failed");
@@ -1139,11 +1659,12 @@ async fn held(target: String, conns: usize, control_path: String, o: &Opts) {
         echo_us.get(i).map(|us| format!("{:.1}", *us as f64 / 1000.0))
     };
     println!(
-        "mode=held conns={conns} open={opened} open_errors={open_errors} open_seconds={open_seconds:.3} \
+        "mode={} conns={conns} open={opened} open_errors={open_errors} open_seconds={open_seconds:.3} \
          settle_seconds={} rss_before_kib={} rss_after_kib={} kib_per_conn={} status_held={} \
          status_active={} backend_conns_before_resume={} early_echoes={early} lost_before_resume={lost_before} \
-         resume_status={} echoed={echoed} lost={lost} missing={missing} first_ms={} p50_ms={} p99_ms={} \
+         resume_status={} echoed={echoed} lost={lost} bad_responses={bad} missing={missing} first_ms={} p50_ms={} p99_ms={} \
          resume_ms={} listen_drops={} syn_retrans={} errors={errors}",
+        if http { "http_held" } else { "held" },
         o.settle,
         show(rss_before),
         show(rss_after),
