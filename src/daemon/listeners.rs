@@ -82,12 +82,7 @@ impl RunningListener {
     /// those still open after `drain` are closed. Connections of mode tcp
     /// belong to their proxy and are not touched here.
     pub async fn close(self, drain: Duration, retiring: &TaskTracker) {
-        self.stop.cancel();
-        drop(self.task.await);
-        info!(address = %self.bound, "listener closed");
-        let site = self.site;
-        site.closing.cancel();
-        site.connections.close();
+        let site = self.stop().await;
         if site.connections.is_empty() {
             return;
         }
@@ -102,8 +97,9 @@ impl RunningListener {
         });
     }
 
-    /// Stops accepting and keeps the connections: the daemon is stopping
-    /// and waits for them itself.
+    /// Stops accepting and closes the socket; HTTP connections are told to
+    /// close when idle. Returns the site, whose connections the caller
+    /// waits for.
     pub async fn stop(self) -> Arc<Site> {
         self.stop.cancel();
         drop(self.task.await);

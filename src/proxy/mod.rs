@@ -345,6 +345,21 @@ async fn answer_503(client: &mut Client, retry_after: Duration, reason: RejectRe
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
+/// A proxy named `name` with one backend, for unit tests (needs a runtime:
+/// it starts a health checker; cancel `retired` to stop it).
+#[cfg(test)]
+pub(crate) fn test_proxy(name: &str) -> Arc<Proxy> {
+    let yaml = format!("proxies: [{{name: {name}, listen: '127.0.0.1:1', backends: ['127.0.0.1:2']}}]");
+    let config: crate::config::Config = serde_yaml::from_str(&yaml).expect("test config");
+    Proxy::new(
+        &config.proxies[0],
+        &config.proxies[0].backends,
+        None,
+        CancellationToken::new(),
+        None,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,16 +369,7 @@ mod tests {
     /// boxed, or every plain connection pays for it in idle memory.
     #[tokio::test]
     async fn a_plain_connection_task_stays_small() {
-        let config: crate::config::Config =
-            serde_yaml::from_str("proxies: [{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2']}]")
-                .unwrap();
-        let proxy = Proxy::new(
-            &config.proxies[0],
-            &config.proxies[0].backends,
-            None,
-            CancellationToken::new(),
-            None,
-        );
+        let proxy = test_proxy("a");
         let (client, _peer) = tokio::net::UnixStream::pair().unwrap();
         let task = proxy.clone().serve(Stream::Unix(client), Peer::Unix);
         let size = std::mem::size_of_val(&task);

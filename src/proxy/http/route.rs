@@ -120,18 +120,9 @@ pub fn bypasses<B>(bypass: &BypassConfig, request: &Request<B>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_util::sync::CancellationToken;
 
     fn proxy(name: &str) -> Arc<Proxy> {
-        let yaml = format!("proxies: [{{name: {name}, listen: '127.0.0.1:1', backends: ['127.0.0.1:2']}}]");
-        let config: crate::config::Config = serde_yaml::from_str(&yaml).unwrap();
-        let proxy = Proxy::new(
-            &config.proxies[0],
-            &config.proxies[0].backends,
-            None,
-            CancellationToken::new(),
-            None,
-        );
+        let proxy = crate::proxy::test_proxy(name);
         proxy.retired.cancel();
         proxy
     }
