@@ -203,43 +203,83 @@ fn held_get_and_post_on_open_keep_alive_connections_are_served_after_resume() {
     assert_eq!(p["dropped_while_held"], 0, "{p}");
 }
 
+/// A download the backend pauses after its first `first` bytes until
+/// `gate` opens: a request that is surely in flight while a test pauses or
+/// stops the daemon. The backend answers any other path with "fine".
+struct GatedDownload {
+    size: u64,
+    first: u64,
+    seed: u64,
+    gate: Gate,
+}
+
+impl GatedDownload {
+    fn new(size: u64, first: u64, seed: u64) -> GatedDownload {
+        GatedDownload {
+            size,
+            first,
+            seed,
+            gate: Gate::new(),
+        }
+    }
+
+    /// The backend, sending the download in 16 KiB chunks `delay` apart.
+    fn backend(&self, delay: Duration) -> HttpBackend {
+        let (size, first, seed, gate) = (self.size, self.first, self.seed, self.gate.clone());
+        HttpBackend::tcp("A", move |request| match request.path() {
+            "/download" => Reply::Download {
+                size,
+                seed,
+                chunk: 16 * 1024,
+                delay,
+                gate: Some((first, gate.clone())),
+            },
+            _ => Reply::ok("fine"),
+        })
+    }
+
+    /// Starts the download on a new connection and reads its first bytes.
+    fn start(&self, endpoint: &Endpoint) -> (Client, Vec<u8>) {
+        let mut downloader = Client::connect(endpoint);
+        downloader.send("GET", "/download", &[], None).unwrap();
+        let (head, framing) = downloader
+            .read_head("GET")
+            .unwrap_or_else(|e| panic!("download: {e}"));
+        assert_eq!(head.status, 200, "{}", head.describe());
+        assert_eq!(framing, Framing::Length(self.size), "{}", head.describe());
+        let mut body = Vec::with_capacity(self.size as usize);
+        downloader
+            .wire
+            .read_counted(self.first, &mut |piece| body.extend_from_slice(piece))
+            .unwrap_or_else(|e| panic!("the first {} bytes of the download: {e}", self.first));
+        (downloader, body)
+    }
+
+    /// Lets the backend go on, reads the rest and checks it arrived intact.
+    fn finish(&self, downloader: &mut Client, mut body: Vec<u8>) -> Result<(), String> {
+        self.gate.open();
+        downloader
+            .wire
+            .read_counted(self.size - self.first, &mut |piece| body.extend_from_slice(piece))
+            .map_err(|e| e.to_string())?;
+        if fnv(&body) != fnv(&pattern_bytes(self.seed, self.size as usize)) {
+            return Err("the download came through corrupted".into());
+        }
+        Ok(())
+    }
+}
+
 /// A download in flight when `interlude pause` runs is not held: it
 /// finishes intact while a new request waits; that one is served after
 /// `interlude resume`.
 #[test]
 fn download_in_flight_continues_across_a_pause() {
-    const SIZE: u64 = 1 << 20;
-    const FIRST: u64 = 128 * 1024;
     let dir = tempdir();
-    let gate = Gate::new();
-    let backend = {
-        let gate = gate.clone();
-        HttpBackend::tcp("A", move |request| match request.path() {
-            "/download" => Reply::Download {
-                size: SIZE,
-                seed: 2,
-                chunk: 16 * 1024,
-                delay: Duration::from_millis(2),
-                gate: Some((FIRST, gate.clone())),
-            },
-            _ => Reply::ok("fine"),
-        })
-    };
+    let download = GatedDownload::new(1 << 20, 128 * 1024, 2);
+    let backend = download.backend(Duration::from_millis(2));
     let daemon = start_ready(dir.path(), &one(dir.path(), &[backend.address()], ""));
     let endpoint = daemon.listen_addr("p");
-
-    let mut downloader = Client::connect(&endpoint);
-    downloader.send("GET", "/download", &[], None).unwrap();
-    let (head, framing) = downloader
-        .read_head("GET")
-        .unwrap_or_else(|e| panic!("download: {e}"));
-    assert_eq!(head.status, 200, "{}", head.describe());
-    assert_eq!(framing, Framing::Length(SIZE), "{}", head.describe());
-    let mut body = Vec::with_capacity(SIZE as usize);
-    downloader
-        .wire
-        .read_counted(FIRST, &mut |piece| body.extend_from_slice(piece))
-        .unwrap_or_else(|e| panic!("the first {FIRST} bytes of the download: {e}"));
+    let (mut downloader, body) = download.start(&endpoint);
 
     cli_ok(&daemon, &["pause", "p"]);
     wait_paused(dir.path(), "p", true);
@@ -248,15 +288,9 @@ fn download_in_flight_continues_across_a_pause() {
     let p = wait_held(dir.path(), "p", 1);
     assert_eq!(p["active"], 1, "the download is in flight: {p}");
 
-    gate.open();
-    downloader
-        .wire
-        .read_counted(SIZE - FIRST, &mut |piece| body.extend_from_slice(piece))
-        .unwrap_or_else(|e| panic!("the rest of the download during the pause: {e}"));
-    assert!(
-        fnv(&body) == fnv(&pattern_bytes(2, SIZE as usize)),
-        "the download came through corrupted"
-    );
+    if let Err(e) = download.finish(&mut downloader, body) {
+        panic!("the rest of the download during the pause: {e}");
+    }
     let p = wait_proxy(dir.path(), "p", "download done, newcomer still held", |p| {
         p["active"] == 0 && p["held"] == 1
     });
@@ -1320,36 +1354,12 @@ fn tls_listener_forwards_proto_https() {
 /// within the grace period; then the daemon exits 0.
 #[test]
 fn sigterm_answers_held_requests_503_and_lets_in_flight_finish() {
-    const SIZE: u64 = 512 * 1024;
-    const FIRST: u64 = 64 * 1024;
     let dir = tempdir();
-    let gate = Gate::new();
-    let backend = {
-        let gate = gate.clone();
-        HttpBackend::tcp("A", move |request| match request.path() {
-            "/download" => Reply::Download {
-                size: SIZE,
-                seed: 12,
-                chunk: 16 * 1024,
-                delay: Duration::ZERO,
-                gate: Some((FIRST, gate.clone())),
-            },
-            _ => Reply::ok("fine"),
-        })
-    };
+    let download = GatedDownload::new(512 * 1024, 64 * 1024, 12);
+    let backend = download.backend(Duration::ZERO);
     let mut daemon = start_ready(dir.path(), &one(dir.path(), &[backend.address()], ""));
     let endpoint = daemon.listen_addr("p");
-    let mut downloader = Client::connect(&endpoint);
-    downloader.send("GET", "/download", &[], None).unwrap();
-    let (head, framing) = downloader
-        .read_head("GET")
-        .unwrap_or_else(|e| panic!("download: {e}"));
-    assert_eq!((head.status, framing), (200, Framing::Length(SIZE)));
-    let mut body = Vec::new();
-    downloader
-        .wire
-        .read_counted(FIRST, &mut |piece| body.extend_from_slice(piece))
-        .unwrap();
+    let (mut downloader, body) = download.start(&endpoint);
     let mut kept = Client::connect(&endpoint);
     kept.get_ok("/before");
 
@@ -1382,15 +1392,9 @@ fn sigterm_answers_held_requests_503_and_lets_in_flight_finish() {
     }
     daemon.assert_running("with a download in flight in its grace period");
 
-    gate.open();
-    downloader
-        .wire
-        .read_counted(SIZE - FIRST, &mut |piece| body.extend_from_slice(piece))
-        .unwrap_or_else(|e| daemon.fail(&format!("the download after SIGTERM: {e}")));
-    assert!(
-        fnv(&body) == fnv(&pattern_bytes(12, SIZE as usize)),
-        "the download came through corrupted"
-    );
+    if let Err(e) = download.finish(&mut downloader, body) {
+        daemon.fail(&format!("the download after SIGTERM: {e}"));
+    }
     let exit = daemon.wait_exit(WAIT);
     assert_eq!(exit.code(), Some(0), "{exit}");
     assert_eq!(

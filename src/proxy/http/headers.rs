@@ -51,41 +51,71 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// What a connection's requests tell their backend about the client,
+/// worked out once per connection rather than per request.
+pub struct ClientIdentity {
+    /// The client's address for `X-Forwarded-For` (none for a UNIX client).
+    ip: Option<HeaderValue>,
+    proto: HeaderValue,
+    /// `for=...;proto=...`, the start of this hop's `Forwarded` element.
+    forwarded: String,
+}
+
+impl ClientIdentity {
+    pub fn new(peer: &Peer, https: bool) -> ClientIdentity {
+        let proto = if https { "https" } else { "http" };
+        let ip = match peer {
+            Peer::Tcp(addr) => Some(addr.ip()),
+            Peer::Unix => None,
+        };
+        let node = match ip {
+            Some(std::net::IpAddr::V6(v6)) => format!("\"[{v6}]\""),
+            Some(v4) => v4.to_string(),
+            None => "unknown".into(),
+        };
+        ClientIdentity {
+            ip: ip.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
+            proto: HeaderValue::from_static(proto),
+            forwarded: format!("for={node};proto={proto}"),
+        }
+    }
+}
+
 /// Prepares a client's request headers for the backend.
-pub fn to_backend(headers: &mut HeaderMap, peer: &Peer, https: bool, upgrade: bool) {
+pub fn to_backend(headers: &mut HeaderMap, client: &ClientIdentity, upgrade: bool) {
     remove_hop_by_hop(headers, upgrade);
     // hyper already answered `Expect: 100-continue` to the client.
     headers.remove(EXPECT);
-    let proto = if https { "https" } else { "http" };
-    let ip = match peer {
-        Peer::Tcp(addr) => Some(addr.ip()),
-        Peer::Unix => None,
-    };
-    if let Some(ip) = ip {
-        append(headers, X_FORWARDED_FOR, &ip.to_string());
+    if let Some(ip) = &client.ip {
+        append(headers, X_FORWARDED_FOR, ip);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let node = match ip {
-        Some(std::net::IpAddr::V6(v6)) => format!("\"[{v6}]\""),
-        Some(v4) => v4.to_string(),
-        None => "unknown".into(),
+    headers.insert(X_FORWARDED_PROTO, client.proto.clone());
+    let forwarded = match headers.get(HOST).and_then(|h| h.to_str().ok()) {
+        Some(host) => {
+            let quoted = host.replace('\\', "\\\\").replace('"', "\\\"");
+            HeaderValue::from_str(&format!("{};host=\"{quoted}\"", client.forwarded)).ok()
+        }
+        None => HeaderValue::from_str(&client.forwarded).ok(),
     };
-    let mut forwarded = format!("for={node};proto={proto}");
-    if let Some(host) = headers.get(HOST).and_then(|h| h.to_str().ok()) {
-        let quoted = host.replace('\\', "\\\\").replace('"', "\\\"");
-        forwarded.push_str(&format!(";host=\"{quoted}\""));
+    if let Some(forwarded) = forwarded {
+        append(headers, FORWARDED, &forwarded);
     }
-    append(headers, FORWARDED, &forwarded);
 }
 
 /// Appends `value` to a list header (`a, b`), creating it if absent.
-fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+fn append(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
     let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {value}"),
-        _ => value.to_string(),
+        Some(existing) if !existing.is_empty() => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + value.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(value.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        _ => Some(value.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&joined) {
-        headers.insert(name, value);
+    if let Some(joined) = joined {
+        headers.insert(name, joined);
     }
 }
 
@@ -144,7 +174,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
         ]);
         let peer = Peer::Tcp("127.0.0.1:5555".parse().unwrap());
-        to_backend(&mut map, &peer, false, false);
+        to_backend(&mut map, &ClientIdentity::new(&peer, false), false);
         assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(map["x-forwarded-proto"], "http");
         assert_eq!(
@@ -152,10 +182,11 @@ mod tests {
             "for=127.0.0.1;proto=http;host=\"app.example:8080\""
         );
         let mut v6 = headers(&[]);
-        to_backend(&mut v6, &Peer::Tcp("[::1]:1".parse().unwrap()), true, false);
+        let v6_client = ClientIdentity::new(&Peer::Tcp("[::1]:1".parse().unwrap()), true);
+        to_backend(&mut v6, &v6_client, false);
         assert_eq!(v6["forwarded"], "for=\"[::1]\";proto=https");
         let mut unix = headers(&[]);
-        to_backend(&mut unix, &Peer::Unix, false, false);
+        to_backend(&mut unix, &ClientIdentity::new(&Peer::Unix, false), false);
         assert!(!unix.contains_key("x-forwarded-for"));
         assert_eq!(unix["forwarded"], "for=unknown;proto=http");
     }

@@ -51,7 +51,8 @@ struct ClientConnection {
     /// the connection that owns it.
     fd: RawFd,
     unix: bool,
-    https: bool,
+    /// What its requests tell the backend about the client.
+    identity: headers::ClientIdentity,
 }
 
 /// Serves one accepted connection of an http listener until the client
@@ -73,10 +74,10 @@ pub async fn serve_connection(site: Arc<Site>, hosts: Arc<VirtualHosts>, client:
     let log_peer = peer.clone();
     let connection = Arc::new(ClientConnection {
         site: site.clone(),
+        identity: headers::ClientIdentity::new(&peer, settings.tls.is_some()),
         peer,
         fd,
         unix,
-        https: settings.tls.is_some(),
     });
     let service = service_fn(move |request| handle(connection.clone(), request));
     let mut builder = http1::Builder::new();
@@ -112,8 +113,7 @@ async fn handle(
     connection: Arc<ClientConnection>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let routes = connection.site.routes.borrow().clone();
-    let proxy = match &routes {
+    let proxy = match &*connection.site.routes.borrow() {
         Routes::Http(hosts) => hosts.route(route::request_host(&request)).cloned(),
         // The listener turned mode tcp under this connection.
         Routes::Tcp(_) => None,
@@ -243,7 +243,7 @@ async fn forward(
 ) -> Response<ResponseBody> {
     let active = ActiveGuard::up(proxy.clone());
     let upgrade = headers::wants_upgrade(request.headers());
-    headers::to_backend(request.headers_mut(), &connection.peer, connection.https, upgrade);
+    headers::to_backend(request.headers_mut(), &connection.identity, upgrade);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let mut request = Some(request.map(|body| RequestBody::new(body, proxy.clone())));
     let mut timed_out = false;
