@@ -9,7 +9,9 @@
 //! new backend); virtual hosts on a shared listener; a deploy under
 //! keep-alive load; WebSocket-style upgrades; chunked uploads streamed
 //! through; 502, 504 and failover; bodiless responses and backends closing
-//! idle connections on a keep-alive connection; forwarding headers (also
+//! idle connections on a keep-alive connection; an answer before the upload
+//! ends; backend connections kept per client connection; `drain_timeout`
+//! cutting a stalled response; forwarding headers (also
 //! behind TLS) and hop-by-hop fields; HTTP/1.0; SIGTERM with held requests;
 //! status, metrics and stats lines.
 //!
@@ -59,6 +61,15 @@ fn one(dir: &Path, backends: &[String], extra: &str) -> String {
 }
 
 /// `POST PATH` on the control socket, asserting a 200.
+/// One `mode: http` proxy `p` on `backend` with quick tcp health checks (a
+/// deploy's new backends are healthy at once) and `extra` proxy keys.
+fn deployable(dir: &Path, backend: &str, extra: &str) -> String {
+    format!(
+        "{}proxies:\n  - name: p\n    listen: {LISTEN}\n    mode: http\n    connect_timeout: 1s\n{extra}    health_check:\n      kind: tcp\n      interval: 100ms\n      timeout: 100ms\n      rise: 1\n      fall: 2\n    backends:\n      - {backend}\n",
+        preamble(dir, "5s"),
+    )
+}
+
 fn post(dir: &Path, path: &str) -> Value {
     let (code, body) = http(dir, "POST", path);
     assert_eq!(code, 200, "POST {path} answered {code}: {body}");
@@ -602,12 +613,7 @@ fn held_request_goes_to_the_backend_deployed_during_the_pause() {
     let dir = tempdir();
     let old = HttpBackend::tcp("OLD", |request| Reply::ok(request.body.clone()));
     let new = HttpBackend::tcp("NEW", |request| Reply::ok(request.body.clone()));
-    let yaml = format!(
-        "{}proxies:\n  - name: p\n    listen: {LISTEN}\n    mode: http\n    connect_timeout: 1s\n    health_check:\n      kind: tcp\n      interval: 100ms\n      timeout: 100ms\n      rise: 1\n      fall: 2\n    backends:\n      - {}\n",
-        preamble(dir.path(), "5s"),
-        old.address()
-    );
-    let daemon = start_ready(dir.path(), &yaml);
+    let daemon = start_ready(dir.path(), &deployable(dir.path(), &old.address(), ""));
     let endpoint = daemon.listen_addr("p");
     let mut kept = Client::connect(&endpoint);
     assert_eq!(kept.get_ok("/before").backend(), "OLD");
@@ -1084,6 +1090,124 @@ fn dead_backend_is_502_and_silent_ones_are_504() {
     }
     let p = proxy_status(dir.path(), "failover");
     assert_eq!(p["responses"]["5xx"], 0, "{p}");
+}
+
+/// A backend that answers before it has read the whole upload (a 413 from
+/// a body limit) and reads no more has its answer passed on while the
+/// client is still sending.
+#[test]
+fn an_answer_before_the_upload_ends_is_passed_on() {
+    let dir = tempdir();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let limited = thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+        while !head.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 10\r\nConnection: close\r\n\r\ntoo large\n")
+            .unwrap();
+        // Reads nothing more (and does not close, which could reset the
+        // connection before the answer is read) until the test is done.
+        let _ = finished.recv_timeout(WAIT);
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    let daemon = start_ready(dir.path(), &one(dir.path(), &[address], ""));
+    let Endpoint::Tcp(proxy) = daemon.listen_addr("p") else {
+        panic!("a TCP listener");
+    };
+    let mut client = std::net::TcpStream::connect(proxy).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let size: usize = 64 << 20;
+    let mut writer = client.try_clone().unwrap();
+    writer.set_write_timeout(Some(WAIT)).unwrap();
+    thread::spawn(move || {
+        let head = format!("POST /upload HTTP/1.1\r\nHost: test.example\r\nContent-Length: {size}\r\n\r\n");
+        writer.write_all(head.as_bytes())?;
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..size / piece.len() {
+            writer.write_all(&piece)?;
+        }
+        io::Result::Ok(())
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"too large\n") {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "reading the answer: {e}; so far {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text:?}");
+    assert!(text.ends_with("\r\n\r\ntoo large\n"), "{text:?}");
+    done.send(()).unwrap();
+    let head = limited.join().unwrap();
+    assert!(head.contains(&format!("content-length: {size}\r\n")), "{head}");
+}
+
+/// A client connection keeps its backend connection between its requests
+/// (as HAProxy keeps a session's connections): two clients taking turns use
+/// two backend connections, each its own, where one shared pool would pass
+/// a single connection back and forth.
+#[test]
+fn each_client_connection_keeps_its_backend_connection() {
+    let dir = tempdir();
+    let backend = HttpBackend::tcp("A", |request| Reply::ok(request.target.clone()));
+    let daemon = start_ready(dir.path(), &one(dir.path(), &[backend.address()], ""));
+    let endpoint = daemon.listen_addr("p");
+    let (mut first, mut second) = (Client::connect(&endpoint), Client::connect(&endpoint));
+    for round in 0..3 {
+        for (name, client) in [("first", &mut first), ("second", &mut second)] {
+            let target = format!("/{name}/{round}");
+            assert_eq!(client.get_ok(&target).text(), target);
+        }
+    }
+    assert_eq!(backend.heads(), 6);
+    assert_eq!(backend.connections(), 2, "backend connections for two clients");
+}
+
+/// At the end of a drain, a response still coming from the old backend is
+/// cut (its backend connection closed), as in mode tcp: `drain_timeout`
+/// bounds a deploy in mode http too.
+#[test]
+fn drain_timeout_cuts_a_response_still_coming_from_the_old_backend() {
+    let dir = tempdir();
+    let download = GatedDownload::new(1 << 20, 64 * 1024, 11);
+    let old = download.backend(Duration::ZERO);
+    let new = HttpBackend::tcp("NEW", |request| Reply::ok(request.target.clone()));
+    let daemon = start_ready(
+        dir.path(),
+        &deployable(dir.path(), &old.address(), "    drain_timeout: 1s\n"),
+    );
+    let endpoint = daemon.listen_addr("p");
+    let (mut downloader, _) = download.start(&endpoint);
+    let deployed = Instant::now();
+    cli_ok(&daemon, &["deploy", "--timeout", "10s", "p", &new.address()]);
+    daemon.wait_for_line("drain_timeout over", WAIT);
+    let rest = downloader
+        .wire
+        .read_counted(download.size - download.first, &mut |_| {});
+    let after = deployed.elapsed();
+    match rest {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+        other => panic!("the stalled download, {after:?} after the deploy: not cut but {other:?}"),
+    }
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&after),
+        "cut {after:?} after the deploy (drain_timeout 1s)"
+    );
+    assert_eq!(Client::connect(&endpoint).get_ok("/after").backend(), "NEW");
+    download.gate.open();
 }
 
 /// Responses without a body (to HEAD, 204, 304) leave the keep-alive

@@ -4,6 +4,7 @@
 //! long as the exchange (the request's place in `active`, its backend's
 //! in-flight count, the backend connection to pool again at the end).
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -11,60 +12,41 @@ use std::task::{Context, Poll, ready};
 
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 
-use super::upstream::{self, Sender};
+use super::upstream::{self, Attached, BackendConnection};
+use super::wire::BodyReader;
 use crate::backends::InFlight;
 use crate::proxy::{ActiveGuard, Proxy};
 
-/// A client's request body, counted into `bytes_in` (or none: a bodiless
-/// request sent again).
-pub struct RequestBody(Option<(Incoming, Arc<Proxy>)>);
+/// A client's request body, counted into `bytes_in` as it is read.
+pub struct RequestBody {
+    inner: Incoming,
+    proxy: Arc<Proxy>,
+}
 
 impl RequestBody {
     pub fn new(inner: Incoming, proxy: Arc<Proxy>) -> RequestBody {
-        RequestBody(Some((inner, proxy)))
+        RequestBody { inner, proxy }
     }
 
-    pub fn empty() -> RequestBody {
-        RequestBody(None)
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let Some((inner, proxy)) = &mut self.get_mut().0 else {
-            return Poll::Ready(None);
-        };
-        let frame = ready!(Pin::new(inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame
-            && let Some(data) = frame.data_ref()
-        {
-            proxy.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(|(inner, _)| inner.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.0
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |(inner, _)| inner.size_hint())
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(frame.map(|frame| {
+            let frame = frame.map_err(io::Error::other)?;
+            if let Some(data) = frame.data_ref() {
+                self.proxy.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
+            }
+            Ok(frame)
+        }))
     }
 }
 
 /// A forwarded request's exchange with its backend, alive until the
 /// response has been passed on (or the client went away).
 pub struct Exchange {
-    pub sender: Sender,
     pub in_flight: InFlight,
+    /// Where the connection goes after a clean end: its client connection's
+    /// kept connections (or the backend's pool).
+    pub attached: Arc<Attached>,
     pub active: ActiveGuard<Arc<Proxy>>,
 }
 
@@ -75,9 +57,11 @@ pub enum ResponseBody {
 }
 
 pub struct BackendBody {
-    inner: Incoming,
-    exchange: Option<Exchange>,
-    ended: bool,
+    /// Until the body ended (then it went back to the pool) or failed.
+    connection: Option<BackendConnection>,
+    reader: BodyReader,
+    keep_alive: bool,
+    exchange: Exchange,
 }
 
 impl ResponseBody {
@@ -89,43 +73,43 @@ impl ResponseBody {
         ResponseBody::Local(None)
     }
 
-    pub fn backend(inner: Incoming, exchange: Exchange) -> ResponseBody {
+    pub fn backend(
+        connection: BackendConnection,
+        reader: BodyReader,
+        keep_alive: bool,
+        exchange: Exchange,
+    ) -> ResponseBody {
         ResponseBody::Backend(BackendBody {
-            inner,
-            exchange: Some(exchange),
-            ended: false,
+            connection: Some(connection),
+            reader,
+            keep_alive,
+            exchange,
         })
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         match self.get_mut() {
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Backend(body) => {
-                let frame = ready!(Pin::new(&mut body.inner).poll_frame(cx));
+                let Some(connection) = &mut body.connection else {
+                    return Poll::Ready(None);
+                };
+                let frame = ready!(connection.poll_body(&mut body.reader, cx));
                 match &frame {
                     Some(Ok(frame)) => {
-                        if let (Some(data), Some(exchange)) = (frame.data_ref(), &body.exchange) {
-                            exchange
-                                .active
-                                .0
-                                .stats
-                                .bytes_out
-                                .fetch_add(data.len() as u64, Relaxed);
+                        if let Some(data) = frame.data_ref() {
+                            let stats = &body.exchange.active.0.stats;
+                            stats.bytes_out.fetch_add(data.len() as u64, Relaxed);
                         }
                     }
-                    Some(Err(_)) => drop(body.exchange.take()),
-                    None => {
-                        body.ended = true;
-                        body.finish();
-                    }
+                    // Closed: the response was cut short.
+                    Some(Err(_)) => body.connection = None,
+                    None => body.finish(),
                 }
                 Poll::Ready(frame)
             }
@@ -135,26 +119,31 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Local(bytes) => bytes.is_none(),
-            ResponseBody::Backend(body) => body.inner.is_end_stream(),
+            ResponseBody::Backend(body) => body.reader.is_done(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            ResponseBody::Backend(body) => body.inner.size_hint(),
+            ResponseBody::Backend(body) => body.reader.size_hint(),
         }
     }
 }
 
 impl BackendBody {
-    /// The exchange is over: a connection whose response was read to the
-    /// end serves the next request; the counts drop.
+    /// A connection whose response was read to the end serves the next
+    /// request; one cut short is closed.
     fn finish(&mut self) {
-        if let Some(exchange) = self.exchange.take()
-            && (self.ended || self.inner.is_end_stream())
+        if let Some(connection) = self.connection.take()
+            && self.keep_alive
+            && self.reader.is_done()
         {
-            upstream::release(exchange.in_flight.backend(), exchange.sender);
+            upstream::release(
+                self.exchange.in_flight.backend(),
+                &self.exchange.attached,
+                connection,
+            );
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Header rewriting between client and backend: hop-by-hop headers stay on
 //! their hop (RFC 9110 section 7.6.1), and the request tells the backend who
 //! the client is (`X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`).
+//! The request's fields are written straight into the head sent to the
+//! backend, not rewritten in the request's header map.
 
 use hyper::header::{
-    CONNECTION, EXPECT, FORWARDED, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    CONNECTION, CONTENT_LENGTH, EXPECT, FORWARDED, HOST, HeaderMap, HeaderName, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 
 use crate::proxy::stream::Peer;
@@ -14,6 +16,22 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// The fields that always stay on their hop (`Upgrade` is handled apart:
+/// it passes with a protocol switch).
+static HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+];
+
+/// Whether `name` is one of the fields that always stay on their hop.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
 /// Whether the request asks to switch protocols (`Connection: upgrade`
 /// with an `Upgrade` header): then both stay, and after a 101 the
 /// connection becomes a byte stream.
@@ -21,42 +39,12 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
-/// Removes the hop-by-hop headers: `Connection`, the headers it names, and
-/// the fixed set. With `keep_upgrade`, `Upgrade` and `Connection: upgrade`
-/// are kept (a protocol switch passes through the proxy). Framing headers
-/// are rewritten by hyper for the next hop.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(keep_upgrade && name == UPGRADE) {
-            headers.remove(name);
-        }
-    }
-    for name in [
-        CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
-    }
-    if keep_upgrade {
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(UPGRADE);
-    }
-}
-
 /// What a connection's requests tell their backend about the client,
 /// worked out once per connection rather than per request.
 pub struct ClientIdentity {
     /// The client's address for `X-Forwarded-For` (none for a UNIX client).
-    ip: Option<HeaderValue>,
-    proto: HeaderValue,
+    ip: Option<String>,
+    proto: &'static str,
     /// `for=...;proto=...`, the start of this hop's `Forwarded` element.
     forwarded: String,
 }
@@ -74,49 +62,98 @@ impl ClientIdentity {
             None => "unknown".into(),
         };
         ClientIdentity {
-            ip: ip.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
-            proto: HeaderValue::from_static(proto),
+            ip: ip.map(|ip| ip.to_string()),
+            proto,
             forwarded: format!("for={node};proto={proto}"),
         }
     }
 }
 
-/// Prepares a client's request headers for the backend.
-pub fn to_backend(headers: &mut HeaderMap, client: &ClientIdentity, upgrade: bool) {
-    remove_hop_by_hop(headers, upgrade);
-    // hyper already answered `Expect: 100-continue` to the client.
-    headers.remove(EXPECT);
-    if let Some(ip) = &client.ip {
-        append(headers, X_FORWARDED_FOR, ip);
-    }
-    headers.insert(X_FORWARDED_PROTO, client.proto.clone());
-    let forwarded = match headers.get(HOST).and_then(|h| h.to_str().ok()) {
-        Some(host) => {
-            let quoted = host.replace('\\', "\\\\").replace('"', "\\\"");
-            HeaderValue::from_str(&format!("{};host=\"{quoted}\"", client.forwarded)).ok()
+/// Writes a client's request fields as the backend gets them: hop-by-hop
+/// ones (and those `Connection` names) left out unless they carry an
+/// upgrade, `Expect` left out (hyper answered it), `Content-Length` left
+/// out of a chunked request, and this hop appended to `X-Forwarded-For`
+/// and `Forwarded`, with `X-Forwarded-Proto` replaced.
+pub fn write_to_backend(
+    headers: &HeaderMap,
+    client: &ClientIdentity,
+    upgrade: bool,
+    chunked: bool,
+    out: &mut Vec<u8>,
+) {
+    let named: Vec<&str> = connection_tokens(headers)
+        .filter(|token| !token.eq_ignore_ascii_case("upgrade"))
+        .collect();
+    for (name, value) in headers {
+        let left_out = is_hop_by_hop(name)
+            || *name == X_FORWARDED_FOR
+            || *name == FORWARDED
+            || *name == X_FORWARDED_PROTO
+            || *name == EXPECT
+            || (*name == UPGRADE && !upgrade)
+            || (*name == CONTENT_LENGTH && chunked)
+            || named
+                .iter()
+                .any(|token| token.eq_ignore_ascii_case(name.as_str()));
+        if !left_out {
+            field(out, name.as_str(), &[value.as_bytes()]);
         }
-        None => HeaderValue::from_str(&client.forwarded).ok(),
-    };
-    if let Some(forwarded) = forwarded {
-        append(headers, FORWARDED, &forwarded);
     }
+    if upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    let earlier = |name: &HeaderName| headers.get_all(name).iter().map(|value| value.as_bytes());
+    if let Some(ip) = &client.ip {
+        list_field(
+            out,
+            X_FORWARDED_FOR.as_str(),
+            earlier(&X_FORWARDED_FOR),
+            &[ip.as_bytes()],
+        );
+    }
+    field(out, X_FORWARDED_PROTO.as_str(), &[client.proto.as_bytes()]);
+    let host = headers.get(HOST).map(|host| host.as_bytes());
+    let mut quoted_host = Vec::new();
+    if let Some(host) = host {
+        quoted_host.extend_from_slice(b";host=\"");
+        for &byte in host {
+            if byte == b'\\' || byte == b'"' {
+                quoted_host.push(b'\\');
+            }
+            quoted_host.push(byte);
+        }
+        quoted_host.push(b'"');
+    }
+    list_field(
+        out,
+        FORWARDED.as_str(),
+        earlier(&FORWARDED),
+        &[client.forwarded.as_bytes(), &quoted_host],
+    );
 }
 
-/// Appends `value` to a list header (`a, b`), creating it if absent.
-fn append(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
-    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => {
-            let mut joined = Vec::with_capacity(existing.len() + 2 + value.len());
-            joined.extend_from_slice(existing.as_bytes());
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(value.as_bytes());
-            HeaderValue::from_bytes(&joined).ok()
-        }
-        _ => Some(value.clone()),
-    };
-    if let Some(joined) = joined {
-        headers.insert(name, joined);
+/// `name: part part...` and CRLF.
+fn field(out: &mut Vec<u8>, name: &str, parts: &[&[u8]]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for part in parts {
+        out.extend_from_slice(part);
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A list field: the values it had (on one or more lines), then ours.
+fn list_field<'a>(out: &mut Vec<u8>, name: &str, earlier: impl Iterator<Item = &'a [u8]>, ours: &[&[u8]]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for value in earlier.filter(|value| !value.is_empty()) {
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
+    }
+    for part in ours {
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -132,6 +169,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -141,53 +179,89 @@ mod tests {
         map
     }
 
+    fn written(map: &HeaderMap, client: &ClientIdentity, upgrade: bool, chunked: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        write_to_backend(map, client, upgrade, chunked, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("\r\n"), "{text:?}");
+        text.split_terminator("\r\n").map(str::to_string).collect()
+    }
+
+    fn local() -> ClientIdentity {
+        ClientIdentity::new(&Peer::Tcp("127.0.0.1:5555".parse().unwrap()), false)
+    }
+
     #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
-        let mut map = headers(&[
+    fn hop_by_hop_headers_and_those_connection_names_are_left_out() {
+        let map = headers(&[
             ("connection", "close, X-Secret"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
             ("te", "trailers"),
             ("upgrade", "websocket"),
+            ("expect", "100-continue"),
+            ("content-length", "5"),
             ("x-kept", "yes"),
+            ("x-kept", "twice"),
         ]);
-        remove_hop_by_hop(&mut map, false);
-        let names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-kept"]);
+        let lines = written(&map, &local(), false, true);
+        assert_eq!(
+            lines,
+            [
+                "x-kept: yes",
+                "x-kept: twice",
+                "x-forwarded-for: 127.0.0.1",
+                "x-forwarded-proto: http",
+                "forwarded: for=127.0.0.1;proto=http",
+            ]
+        );
+        let plain = written(&headers(&[("content-length", "5")]), &local(), false, false);
+        assert_eq!(plain[0], "content-length: 5");
     }
 
     #[test]
     fn an_upgrade_keeps_its_headers() {
-        let mut map = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        let map = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
         assert!(wants_upgrade(&map));
-        remove_hop_by_hop(&mut map, true);
-        assert_eq!(map["connection"], "upgrade");
-        assert_eq!(map["upgrade"], "websocket");
+        let lines = written(&map, &local(), true, false);
+        assert_eq!(lines[..2], ["upgrade: websocket", "connection: upgrade"]);
     }
 
     #[test]
     fn forwarded_headers_are_appended() {
-        let mut map = headers(&[
+        let map = headers(&[
             ("host", "app.example:8080"),
             ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
             ("x-forwarded-proto", "https"),
+            ("forwarded", "for=10.0.0.1"),
         ]);
-        let peer = Peer::Tcp("127.0.0.1:5555".parse().unwrap());
-        to_backend(&mut map, &ClientIdentity::new(&peer, false), false);
-        assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(map["x-forwarded-proto"], "http");
+        let lines = written(&map, &local(), false, false);
         assert_eq!(
-            map["forwarded"],
-            "for=127.0.0.1;proto=http;host=\"app.example:8080\""
+            lines,
+            [
+                "host: app.example:8080",
+                "x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1",
+                "x-forwarded-proto: http",
+                "forwarded: for=10.0.0.1, for=127.0.0.1;proto=http;host=\"app.example:8080\"",
+            ]
         );
-        let mut v6 = headers(&[]);
         let v6_client = ClientIdentity::new(&Peer::Tcp("[::1]:1".parse().unwrap()), true);
-        to_backend(&mut v6, &v6_client, false);
-        assert_eq!(v6["forwarded"], "for=\"[::1]\";proto=https");
-        let mut unix = headers(&[]);
-        to_backend(&mut unix, &ClientIdentity::new(&Peer::Unix, false), false);
-        assert!(!unix.contains_key("x-forwarded-for"));
-        assert_eq!(unix["forwarded"], "for=unknown;proto=http");
+        let quoted = headers(&[("host", "a\"b")]);
+        assert_eq!(
+            written(&quoted, &v6_client, false, false)[3],
+            "forwarded: for=\"[::1]\";proto=https;host=\"a\\\"b\""
+        );
+        let unix = written(
+            &headers(&[]),
+            &ClientIdentity::new(&Peer::Unix, false),
+            false,
+            false,
+        );
+        assert_eq!(
+            unix,
+            ["x-forwarded-proto: http", "forwarded: for=unknown;proto=http"]
+        );
     }
 }

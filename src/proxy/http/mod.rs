@@ -13,6 +13,7 @@ mod body;
 mod headers;
 mod route;
 mod upstream;
+mod wire;
 
 use std::convert::Infallible;
 use std::io;
@@ -29,7 +30,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tracing::debug;
 
-pub use body::RequestBody;
+use body::RequestBody;
 pub use route::VirtualHosts;
 pub use upstream::IdlePool;
 
@@ -41,6 +42,8 @@ use super::wake::PollWhenWoken;
 use super::{ActiveGuard, Proxy, ProxySettings};
 use crate::backends::{ConnectFailure, InFlight};
 use body::{Exchange, ResponseBody};
+use tokio::io::AsyncWriteExt;
+use wire::RequestFraming;
 
 /// One client connection, as its requests see it.
 struct ClientConnection {
@@ -53,6 +56,8 @@ struct ClientConnection {
     unix: bool,
     /// What its requests tell the backend about the client.
     identity: headers::ClientIdentity,
+    /// Backend connections kept between its requests.
+    attached: Arc<upstream::Attached>,
 }
 
 /// Serves one accepted connection of an http listener until the client
@@ -78,6 +83,7 @@ pub async fn serve_connection(site: Arc<Site>, hosts: Arc<VirtualHosts>, client:
         peer,
         fd,
         unix,
+        attached: Default::default(),
     });
     let service = service_fn(move |request| handle(connection.clone(), request));
     let mut builder = http1::Builder::new();
@@ -233,8 +239,8 @@ fn watch_socket(fd: RawFd, unix: bool) -> io::Result<Stream> {
 /// Sends a request to a backend and returns its response: candidates in
 /// the balance's order, an idle keep-alive connection first. A request is
 /// tried on the next connection or backend only while it has not been
-/// sent, or when it is idempotent and bodiless and a reused connection
-/// failed under it (the backend closed it as we sent).
+/// sent, or when it is idempotent and bodiless and a connection closed
+/// under it without an answer (the backend closed it as we sent).
 async fn forward(
     proxy: &Arc<Proxy>,
     settings: &ProxySettings,
@@ -243,26 +249,32 @@ async fn forward(
 ) -> Response<ResponseBody> {
     let active = ActiveGuard::up(proxy.clone());
     let upgrade = headers::wants_upgrade(request.headers());
-    headers::to_backend(request.headers_mut(), &connection.identity, upgrade);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let mut request = Some(request.map(|body| RequestBody::new(body, proxy.clone())));
+    let framing = request_framing(&request);
+    let (parts, body) = request.into_parts();
+    let mut head = Vec::with_capacity(1024);
+    wire::encode_request_head(&parts, &connection.identity, upgrade, framing, &mut head);
+    let retryable = framing == RequestFraming::Empty && is_idempotent(&parts.method);
+    let mut body = (framing != RequestFraming::Empty).then(|| RequestBody::new(body, proxy.clone()));
     let mut timed_out = false;
     for backend in settings.backends.candidates() {
         let in_flight = InFlight::begin(backend);
         loop {
-            let (mut sender, fresh) =
-                match upstream::connection(backend, &proxy.name, settings.connect_timeout).await {
-                    Ok(found) => found,
-                    Err(failure) => {
-                        timed_out |= failure == ConnectFailure::TimedOut;
-                        break;
-                    }
-                };
-            let Some(outgoing) = request.take() else {
-                return local(StatusCode::BAD_GATEWAY, "bad gateway\n");
+            let (mut upstream, fresh) = match upstream::connection(
+                backend,
+                &connection.attached,
+                &proxy.name,
+                settings.connect_timeout,
+            )
+            .await
+            {
+                Ok(found) => found,
+                Err(failure) => {
+                    timed_out |= failure == ConnectFailure::TimedOut;
+                    break;
+                }
             };
-            let retry_copy = (!fresh && is_retryable(&outgoing)).then(|| copy_bodiless(&outgoing));
-            let sent = sender.try_send_request(outgoing);
+            let sent = upstream.send(&head, body.as_mut(), framing, &parts.method, upgrade);
             let result = match settings.idle_timeout {
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
                     Ok(result) => result,
@@ -277,21 +289,21 @@ async fn forward(
                 Ok(response) => {
                     in_flight.reached();
                     let exchange = Exchange {
-                        sender,
                         in_flight,
+                        attached: connection.attached.clone(),
                         active,
                     };
-                    return respond(response, exchange, client_upgrade, &connection.site);
+                    return respond(response, upstream, exchange, client_upgrade, &connection.site);
                 }
-                Err(mut e) => {
-                    request = e.take_message().or(retry_copy);
-                    if request.is_none() {
-                        debug!(proxy = %proxy.name, backend = %backend.address, error = %e.into_error(), "request failed at the backend");
-                        return local(StatusCode::BAD_GATEWAY, "bad gateway\n");
-                    }
+                Err(upstream::Failure::NoResponse(e)) if retryable => {
+                    debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "connection closed under a request; sending it again");
                     if fresh {
                         break;
                     }
+                }
+                Err(upstream::Failure::NoResponse(e) | upstream::Failure::Broken(e)) => {
+                    debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "request failed at the backend");
+                    return local(StatusCode::BAD_GATEWAY, "bad gateway\n");
                 }
             }
         }
@@ -305,60 +317,74 @@ async fn forward(
     }
 }
 
-/// Safe to send again after a connection failed under it: an idempotent
-/// method and no body.
-fn is_retryable(request: &Request<RequestBody>) -> bool {
+/// How the client's body goes on: as hyper framed it coming in (a length
+/// stays a length, `Content-Length: 0` included; chunked stays chunked).
+fn request_framing(request: &Request<Incoming>) -> RequestFraming {
     use hyper::body::Body;
-    matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
-    ) && request.body().is_end_stream()
+    let body = request.body();
+    if body.is_end_stream() {
+        RequestFraming::Empty
+    } else if body.size_hint().exact().is_some() {
+        RequestFraming::Length
+    } else {
+        RequestFraming::Chunked
+    }
 }
 
-fn copy_bodiless(request: &Request<RequestBody>) -> Request<RequestBody> {
-    let mut copy = Request::new(RequestBody::empty());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    copy
+/// Safe to send again after a connection failed under it.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
+    )
 }
 
 /// The backend's response on its way to the client. A protocol switch
-/// (101) continues as a byte stream between the two upgraded connections.
+/// (101) continues as a byte stream between the upgraded client connection
+/// and the backend socket.
 fn respond(
-    mut response: Response<Incoming>,
+    head: wire::ResponseHead,
+    upstream: upstream::BackendConnection,
     exchange: Exchange,
     client_upgrade: Option<OnUpgrade>,
     site: &Site,
 ) -> Response<ResponseBody> {
+    let wire::ResponseHead {
+        mut response,
+        framing,
+        keep_alive,
+    } = head;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
-        let backend_upgrade = hyper::upgrade::on(&mut response);
-        headers::remove_hop_by_hop(response.headers_mut(), true);
-        site.connections
-            .spawn(tunnel(client_upgrade, backend_upgrade, exchange));
-        return response.map(|_| ResponseBody::empty());
+        site.connections.spawn(tunnel(client_upgrade, upstream, exchange));
+        return response.map(|()| ResponseBody::empty());
     }
-    headers::remove_hop_by_hop(response.headers_mut(), false);
     // The client's hop speaks HTTP/1.1 (hyper answers a 1.0 client in 1.0).
     *response.version_mut() = hyper::Version::HTTP_11;
-    response.map(|body| ResponseBody::backend(body, exchange))
+    let reader = wire::BodyReader::new(framing);
+    response.map(|()| ResponseBody::backend(upstream, reader, keep_alive, exchange))
 }
 
-/// Copies both ways between an upgraded client and backend connection
-/// until both are done, or the backend's drain is over.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, exchange: Exchange) {
-    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+/// Copies both ways between an upgraded client connection and the backend
+/// socket (first what the backend sent past its 101) until both are done,
+/// or the backend's drain is over.
+async fn tunnel(client: OnUpgrade, upstream: upstream::BackendConnection, exchange: Exchange) {
+    let Ok(client) = client.await else {
         return;
     };
-    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+    let mut client = TokioIo::new(client);
+    let (mut backend, early) = upstream.into_upgraded();
     let kill = exchange.in_flight.backend().kill.clone();
+    let stats = &exchange.active.0.stats;
+    let copy = async {
+        client.write_all(&early).await?;
+        stats.bytes_out.fetch_add(early.len() as u64, Relaxed);
+        tokio::io::copy_bidirectional(&mut client, &mut backend).await
+    };
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+        copied = copy => {
             if let Ok((to_backend, to_client)) = copied {
-                let stats = &exchange.active.0.stats;
                 stats.bytes_in.fetch_add(to_backend, Relaxed);
                 stats.bytes_out.fetch_add(to_client, Relaxed);
             }
