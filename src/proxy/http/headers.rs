@@ -96,7 +96,7 @@ pub fn write_to_backend(
                 .iter()
                 .any(|token| token.eq_ignore_ascii_case(name.as_str()));
         if !left_out {
-            field(out, name.as_str(), &[value.as_bytes()]);
+            write_field(out, name.as_str(), &[value.as_bytes()]);
         }
     }
     if upgrade {
@@ -111,7 +111,7 @@ pub fn write_to_backend(
             &[ip.as_bytes()],
         );
     }
-    field(out, X_FORWARDED_PROTO.as_str(), &[client.proto.as_bytes()]);
+    write_field(out, X_FORWARDED_PROTO.as_str(), &[client.proto.as_bytes()]);
     let host = headers.get(HOST).map(|host| host.as_bytes());
     let mut quoted_host = Vec::new();
     if let Some(host) = host {
@@ -132,8 +132,8 @@ pub fn write_to_backend(
     );
 }
 
-/// `name: part part...` and CRLF.
-fn field(out: &mut Vec<u8>, name: &str, parts: &[&[u8]]) {
+/// One field line: `name: ` and the parts of its value, then CRLF.
+pub fn write_field(out: &mut Vec<u8>, name: &str, parts: &[&[u8]]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     for part in parts {

@@ -245,14 +245,13 @@ impl BackendConnection {
         backend.role() != Role::Draining && !self.killed && self.buf.is_empty()
     }
 
-    /// An idle connection is fit for a request if the backend has neither
-    /// closed it nor sent anything on it. Costs no system call unless the
-    /// socket turned readable.
+    /// An idle connection (one that was `reusable` when it was put aside)
+    /// is fit for a request if the backend has neither closed it nor sent
+    /// anything on it since. Costs no system call unless the socket turned
+    /// readable.
     fn is_live(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        !self.killed
-            && self.buf.is_empty()
-            && matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Sends a request (its encoded head, then its body if any) and reads

@@ -463,10 +463,7 @@ pub fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
     };
     let mut out = b"0\r\n".to_vec();
     for (name, value) in trailers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        headers::write_field(&mut out, name.as_str(), &[value.as_bytes()]);
     }
     out.extend_from_slice(b"\r\n");
     Bytes::from(out)
@@ -681,6 +678,14 @@ mod tests {
             };
             assert!(result.is_err(), "{bad:?}: {result:?}");
         }
+    }
+
+    #[test]
+    fn a_chunked_body_ends_with_its_trailers() {
+        assert_eq!(&last_chunk(None)[..], b"0\r\n\r\n");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("1"));
+        assert_eq!(&last_chunk(Some(&trailers))[..], b"0\r\nx-sum: 1\r\n\r\n");
     }
 
     #[test]
