@@ -3,7 +3,7 @@
 //! new fields may be added, none renamed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,8 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
     let pause = proxy.gate.state();
     let settings = proxy.settings.borrow().clone();
     let http = entry.mode == Mode::Http;
+    // Before `held`: see `HeldTicket::client_left`.
+    let dropped_while_held = stats.dropped_while_held.load(Acquire);
     ProxyStatus {
         name: proxy.name.to_string(),
         listen: entry.listen.to_string(),
@@ -109,7 +111,7 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
         active: stats.active.load(Relaxed),
         accepted: stats.accepted.load(Relaxed),
         rejected: stats.rejected.load(Relaxed),
-        dropped_while_held: stats.dropped_while_held.load(Relaxed),
+        dropped_while_held,
         connect_failures: stats.connect_failures.load(Relaxed),
         bytes_in: stats.bytes_in.load(Relaxed),
         bytes_out: stats.bytes_out.load(Relaxed),

@@ -9,7 +9,7 @@
 //! the held ones instead of jumping the line.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -51,6 +51,15 @@ impl HeldTicket {
     /// (the proxy was removed or the daemon is stopping).
     pub async fn released(&mut self) -> bool {
         (&mut self.released).await.is_ok()
+    }
+
+    /// Ends the hold of a client that went away and counts it in
+    /// `dropped_while_held`. The held gauge falls first and the count is
+    /// published after it (status reads the count first, with Acquire), so
+    /// no snapshot shows a departed client as both held and dropped.
+    pub fn client_left(self, dropped_while_held: &AtomicU64) {
+        drop(self);
+        dropped_while_held.fetch_add(1, Release);
     }
 }
 

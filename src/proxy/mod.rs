@@ -261,7 +261,7 @@ impl Proxy {
                 match hold(&mut client, &mut ticket, &mut early, &self.gate.close_held).await {
                     Hold::Released => {}
                     Hold::ClientLeft => {
-                        self.stats.dropped_while_held.fetch_add(1, Relaxed);
+                        ticket.client_left(&self.stats.dropped_while_held);
                         debug!(proxy = %self.name, %peer, "held client left before the resume");
                         return;
                     }

@@ -164,38 +164,50 @@ async fn exchange(
     forward(proxy, &settings, connection, request).await
 }
 
-/// Counts a held request whose client went away, however the hold ends
-/// for it: noticed here, or the connection closed under it (hyper then
-/// drops the request's future).
+/// A held request's ticket, counted as dropped if its client went away,
+/// however the hold ends for it: noticed here, or the connection closed
+/// under it (hyper then drops the request's future).
 struct HeldRequest<'a> {
     proxy: &'a Proxy,
     peer: &'a Peer,
-    forwarded_or_closed: bool,
+    /// Taken when the hold ends with a release or a close.
+    ticket: Option<HeldTicket>,
+}
+
+impl HeldRequest<'_> {
+    async fn released(&mut self) -> bool {
+        match &mut self.ticket {
+            Some(ticket) => ticket.released().await,
+            None => false,
+        }
+    }
 }
 
 impl Drop for HeldRequest<'_> {
     fn drop(&mut self) {
-        if !self.forwarded_or_closed {
-            self.proxy.stats.dropped_while_held.fetch_add(1, Relaxed);
+        if let Some(ticket) = self.ticket.take() {
+            ticket.client_left(&self.proxy.stats.dropped_while_held);
             debug!(proxy = %self.proxy.name, peer = %self.peer, "held request's client left before the resume");
         }
     }
 }
 
 /// Waits for the release of a held request while watching its client.
-async fn hold(proxy: &Proxy, connection: &ClientConnection, mut ticket: HeldTicket) -> Hold {
+async fn hold(proxy: &Proxy, connection: &ClientConnection, ticket: HeldTicket) -> Hold {
     let mut held = HeldRequest {
         proxy,
         peer: &connection.peer,
-        forwarded_or_closed: false,
+        ticket: Some(ticket),
     };
     let outcome = tokio::select! {
         biased;
         () = PollWhenWoken::new(proxy.gate.close_held.cancelled()) => Hold::Closed,
-        released = ticket.released() => if released { Hold::Released } else { Hold::Closed },
+        released = held.released() => if released { Hold::Released } else { Hold::Closed },
         () = client_leaves(connection) => Hold::ClientLeft,
     };
-    held.forwarded_or_closed = outcome != Hold::ClientLeft;
+    if outcome != Hold::ClientLeft {
+        held.ticket = None;
+    }
     outcome
 }
 
