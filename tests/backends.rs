@@ -194,6 +194,16 @@ fn config(dir: &Path, proxies: &[String]) -> String {
 
 const LISTEN: &str = "tcp://127.0.0.1:0";
 
+/// A config whose one proxy, `p`, listens on [`LISTEN`] (see [`proxy`]).
+fn single_proxy_config(dir: &Path, balance: &str, health: &str, extra: &str, backends: &[String]) -> String {
+    config(dir, &[proxy("p", LISTEN, balance, health, extra, backends)])
+}
+
+/// Starts the daemon with [`single_proxy_config`] and waits until it is ready.
+fn start_single_proxy(dir: &Path, balance: &str, health: &str, extra: &str, backends: &[String]) -> Daemon {
+    start_ready(dir, &single_proxy_config(dir, balance, health, extra, backends))
+}
+
 // ---------------------------------------------------------------------------
 // Status, API and CLI
 
@@ -318,6 +328,13 @@ fn cli(config: &Path, args: &[&str]) -> CliOutput {
     run_cli(all)
 }
 
+/// Like [`cli`], and asserts the command exited 0.
+fn cli_ok(config: &Path, args: &[&str]) -> CliOutput {
+    let out = cli(config, args);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out
+}
+
 fn config_path(daemon: &Daemon) -> PathBuf {
     daemon.config.clone().expect("started from a config file")
 }
@@ -352,19 +369,12 @@ fn fallback_uses_list_order_and_returns_to_a_recovered_backend() {
     let a = Tagged::unix(&a_path, b'A');
     let b = Tagged::tcp(b'B');
     let health = "kind: tcp, interval: 100ms, timeout: 100ms, rise: 2, fall: 1";
-    let daemon = start_ready(
+    let daemon = start_single_proxy(
         dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "fallback",
-                health,
-                "",
-                &[a_address.clone(), b.address()],
-            )],
-        ),
+        "fallback",
+        health,
+        "",
+        &[a_address.clone(), b.address()],
     );
     let endpoint = daemon.listen_addr("p");
     assert_eq!(tags(&endpoint, 5), "AAAAA");
@@ -525,19 +535,12 @@ fn random_follows_the_weights() {
     const N: usize = 400;
     let dir = tempdir();
     let (a, b) = (Tagged::tcp(b'A'), Tagged::tcp(b'B'));
-    let daemon = start_ready(
+    let daemon = start_single_proxy(
         dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "random",
-                PASSIVE,
-                "",
-                &[weighted(&a.address(), 3), weighted(&b.address(), 1)],
-            )],
-        ),
+        "random",
+        PASSIVE,
+        "",
+        &[weighted(&a.address(), 3), weighted(&b.address(), 1)],
     );
     let seen = tags(&daemon.listen_addr("p"), N);
     let heavy = count(&seen, 'A');
@@ -557,19 +560,12 @@ fn p2c_avoids_a_backend_holding_many_connections() {
     let a = Tagged::tcp(b'A');
     let (b_path, b_address) = sock(dir.path(), "b");
     let (c_path, c_address) = sock(dir.path(), "c");
-    let daemon = start_ready(
+    let daemon = start_single_proxy(
         dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "p2c",
-                PASSIVE,
-                "",
-                &[a.address(), b_address.clone(), c_address.clone()],
-            )],
-        ),
+        "p2c",
+        PASSIVE,
+        "",
+        &[a.address(), b_address.clone(), c_address.clone()],
     );
     let endpoint = daemon.listen_addr("p");
     // While b and c are missing, A takes every connection (failover).
@@ -617,19 +613,12 @@ fn failover_passes_refused_and_silent_backends_transparently() {
     let dead = dead_tcp_address();
     let silent = Blackhole::new();
     let good = Tagged::tcp(b'G');
-    let daemon = start_ready(
+    let daemon = start_single_proxy(
         dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "fallback",
-                PASSIVE,
-                "connect_timeout: 300ms",
-                &[dead.clone(), silent.address(), good.address()],
-            )],
-        ),
+        "fallback",
+        PASSIVE,
+        "connect_timeout: 300ms",
+        &[dead.clone(), silent.address(), good.address()],
     );
     let endpoint = daemon.listen_addr("p");
     let started = Instant::now();
@@ -673,19 +662,12 @@ fn all_backends_dead_closes_the_client_and_they_are_still_tried() {
     let dir = tempdir();
     let (a_path, a_address) = sock(dir.path(), "a");
     let (_, b_address) = sock(dir.path(), "b");
-    let daemon = start_ready(
+    let daemon = start_single_proxy(
         dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "round_robin",
-                PASSIVE_SLOW,
-                "",
-                &[a_address.clone(), b_address.clone()],
-            )],
-        ),
+        "round_robin",
+        PASSIVE_SLOW,
+        "",
+        &[a_address.clone(), b_address.clone()],
     );
     let endpoint = daemon.listen_addr("p");
     for attempt in 0..2 {
@@ -724,20 +706,7 @@ fn http_checks_exclude_a_backend_answering_500() {
     let dir = tempdir();
     let (a, b) = (Tagged::tcp(b'A'), Tagged::tcp(b'B'));
     let health = "kind: http, interval: 100ms, timeout: 100ms, rise: 2, fall: 2, path: /health";
-    let daemon = start_ready(
-        dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "round_robin",
-                health,
-                "",
-                &[a.address(), b.address()],
-            )],
-        ),
-    );
+    let daemon = start_single_proxy(dir.path(), "round_robin", health, "", &[a.address(), b.address()]);
     let endpoint = daemon.listen_addr("p");
     wait_proxy(dir.path(), "p", "both checked HTTP 200", |p| {
         [a.address(), b.address()]
@@ -782,13 +751,7 @@ fn rise_and_fall_count_consecutive_checks() {
     let dir = tempdir();
     let a = Tagged::tcp(b'A');
     let health = "kind: http, interval: 150ms, timeout: 150ms, rise: 3, fall: 3";
-    let daemon = start_ready(
-        dir.path(),
-        &config(
-            dir.path(),
-            &[proxy("p", LISTEN, "fallback", health, "", &[a.address()])],
-        ),
-    );
+    let daemon = start_single_proxy(dir.path(), "fallback", health, "", &[a.address()]);
     let address = a.address();
     wait_backend(dir.path(), "p", &address, "a first check", |b| {
         b["last_check"] == "HTTP 200"
@@ -853,19 +816,12 @@ fn deploy_switches_and_drains_the_old_backend() {
     let a = Tagged::tcp(b'A');
     let (b_path, b_address) = sock(dir.path(), "b");
     let (c_path, c_address) = sock(dir.path(), "c");
-    let daemon = start_ready(
+    let daemon = start_single_proxy(
         dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "round_robin",
-                QUICK_TCP,
-                "drain_timeout: 1500ms",
-                &[a.address()],
-            )],
-        ),
+        "round_robin",
+        QUICK_TCP,
+        "drain_timeout: 1500ms",
+        &[a.address()],
     );
     let config = config_path(&daemon);
     let endpoint = daemon.listen_addr("p");
@@ -886,8 +842,7 @@ fn deploy_switches_and_drains_the_old_backend() {
         assert_eq!(backend(&entry, address)["state"], "adding", "{entry}");
     }
     assert_eq!(backend(&entry, &a.address())["state"], "healthy", "{entry}");
-    let list = cli(&config, &["list", "p"]);
-    assert_eq!(list.code(), Some(0), "{}", list.describe());
+    let list = cli_ok(&config, &["list", "p"]);
     assert!(
         list.stdout
             .lines()
@@ -955,13 +910,7 @@ fn failed_deploy_rolls_back_and_the_old_set_serves_on() {
     let dir = tempdir();
     let a = Tagged::tcp(b'A');
     let dead = dead_tcp_address();
-    let daemon = start_ready(
-        dir.path(),
-        &config(
-            dir.path(),
-            &[proxy("p", LISTEN, "round_robin", QUICK_TCP, "", &[a.address()])],
-        ),
-    );
+    let daemon = start_single_proxy(dir.path(), "round_robin", QUICK_TCP, "", &[a.address()]);
     let config = config_path(&daemon);
     let endpoint = daemon.listen_addr("p");
     let (_, mut long) = open(&endpoint);
@@ -1002,13 +951,7 @@ fn concurrent_deploy_is_409() {
     let dir = tempdir();
     let a = Tagged::tcp(b'A');
     let (b_path, b_address) = sock(dir.path(), "b");
-    let daemon = start_ready(
-        dir.path(),
-        &config(
-            dir.path(),
-            &[proxy("p", LISTEN, "fallback", QUICK_TCP, "", &[a.address()])],
-        ),
-    );
+    let daemon = start_single_proxy(dir.path(), "fallback", QUICK_TCP, "", &[a.address()]);
     let config = config_path(&daemon);
     let endpoint = daemon.listen_addr("p");
 
@@ -1056,13 +999,7 @@ fn bad_deploys_are_refused_and_change_nothing() {
     let dir = tempdir();
     let a = Tagged::tcp(b'A');
     let other = Tagged::tcp(b'O');
-    let daemon = start_ready(
-        dir.path(),
-        &config(
-            dir.path(),
-            &[proxy("p", LISTEN, "fallback", QUICK_TCP, "", &[a.address()])],
-        ),
-    );
+    let daemon = start_single_proxy(dir.path(), "fallback", QUICK_TCP, "", &[a.address()]);
     let config = config_path(&daemon);
     let endpoint = daemon.listen_addr("p");
     let good = other.address();
@@ -1185,16 +1122,14 @@ fn list_shows_backends_as_text_and_json() {
             .map(|(p, addr, state, active)| format!("{p}\t{addr}\t{state}\t{active}"))
             .collect()
     };
-    let out = cli(&config, &["list"]);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let out = cli_ok(&config, &["list"]);
     assert_eq!(
         out.stdout.lines().collect::<Vec<_>>(),
         text(&rows),
         "{}",
         out.describe()
     );
-    let out = cli(&config, &["list", "q"]);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let out = cli_ok(&config, &["list", "q"]);
     assert_eq!(
         out.stdout.lines().collect::<Vec<_>>(),
         text(&rows[2..]),
@@ -1218,11 +1153,9 @@ fn list_shows_backends_as_text_and_json() {
             })
             .collect()
     };
-    let out = cli(&config, &["list", "--json"]);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let out = cli_ok(&config, &["list", "--json"]);
     assert_eq!(pick(&out.stdout), objects(&rows), "{}", out.describe());
-    let out = cli(&config, &["list", "--json", "p"]);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let out = cli_ok(&config, &["list", "--json", "p"]);
     assert_eq!(pick(&out.stdout), objects(&rows[..2]), "{}", out.describe());
 
     let out = cli(&config, &["list", "nosuch"]);
@@ -1237,25 +1170,17 @@ fn list_shows_backends_as_text_and_json() {
 fn add_and_rm_change_the_set() {
     let dir = tempdir();
     let (a, b) = (Tagged::tcp(b'A'), Tagged::tcp(b'B'));
-    let daemon = start_ready(
+    let daemon = start_single_proxy(
         dir.path(),
-        &config(
-            dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "round_robin",
-                QUICK_TCP,
-                "drain_timeout: 30s",
-                &[a.address()],
-            )],
-        ),
+        "round_robin",
+        QUICK_TCP,
+        "drain_timeout: 30s",
+        &[a.address()],
     );
     let config = config_path(&daemon);
     let endpoint = daemon.listen_addr("p");
 
-    let out = cli(&config, &["add", "p", &b.address()]);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let out = cli_ok(&config, &["add", "p", &b.address()]);
     assert!(
         out.stdout
             .contains(&format!("now serving {}, {}", a.address(), b.address())),
@@ -1277,8 +1202,7 @@ fn add_and_rm_change_the_set() {
         }
     }
     let mut on_a = on_a.expect("round robin never chose A");
-    let out = cli(&config, &["rm", "p", &a.address()]);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    cli_ok(&config, &["rm", "p", &a.address()]);
     let entry = proxy_status(dir.path(), "p");
     let old = backend(&entry, &a.address());
     assert_eq!(
@@ -1324,16 +1248,12 @@ fn deployed_set_survives_reloads_until_the_file_list_changes() {
     let dir = tempdir();
     let (a, b, c) = (Tagged::tcp(b'A'), Tagged::tcp(b'B'), Tagged::tcp(b'C'));
     let entry = |timeout: &str, backends: &[String]| {
-        config(
+        single_proxy_config(
             dir.path(),
-            &[proxy(
-                "p",
-                LISTEN,
-                "fallback",
-                QUICK_TCP,
-                &format!("connect_timeout: {timeout}"),
-                backends,
-            )],
+            "fallback",
+            QUICK_TCP,
+            &format!("connect_timeout: {timeout}"),
+            backends,
         )
     };
     let daemon = start_ready(dir.path(), &entry("1s", &[a.address()]));
@@ -1367,12 +1287,7 @@ fn deployed_set_survives_reloads_until_the_file_list_changes() {
 fn deployed_set_survives_a_restart() {
     let dir = tempdir();
     let (a, b, c) = (Tagged::tcp(b'A'), Tagged::tcp(b'B'), Tagged::tcp(b'C'));
-    let yaml = |backends: &[String]| {
-        config(
-            dir.path(),
-            &[proxy("p", LISTEN, "fallback", QUICK_TCP, "", backends)],
-        )
-    };
+    let yaml = |backends: &[String]| single_proxy_config(dir.path(), "fallback", QUICK_TCP, "", backends);
     let mut daemon = start_ready(dir.path(), &yaml(&[a.address()]));
     deploy_ok(dir.path(), "p", json!([b.address()]));
     let state = dir.path().join("state.json");

@@ -9,10 +9,15 @@ use std::path::Path;
 
 use common::*;
 
+/// Runs `interlude SUBCOMMAND -c CONFIG` to its end.
+fn run_with(subcommand: &str, config: &Path) -> CliOutput {
+    run_cli([OsStr::new(subcommand), OsStr::new("-c"), config.as_os_str()])
+}
+
 /// Runs `interlude SUBCOMMAND -c DIR/interlude.yaml` on `yaml` to its end.
 fn run_on(dir: &Path, subcommand: &str, yaml: &str) -> (String, CliOutput) {
     let config = write_config(dir, yaml);
-    let out = run_cli([OsStr::new(subcommand), OsStr::new("-c"), config.as_os_str()]);
+    let out = run_with(subcommand, &config);
     (config.display().to_string(), out)
 }
 
@@ -60,8 +65,45 @@ fn assert_reported(
     );
 }
 
+/// Asserts the command exited with 2, the exit code of a config error.
 fn assert_exit_2(out: &CliOutput, what: &str) {
     assert_eq!(out.code(), Some(2), "{what}: exit code\n{}", out.describe());
+}
+
+/// An expected error: what it is, where it may point, keywords its message
+/// mentions one of.
+type Expected = (&'static str, Vec<(usize, usize)>, &'static [&'static str]);
+
+/// An error expected where `needle` first stands in `yaml`, its message
+/// mentioning one of `keywords`.
+fn expected_at(what: &'static str, yaml: &str, needle: &str, keywords: &'static [&'static str]) -> Expected {
+    (what, vec![position_of(yaml, needle, 0)], keywords)
+}
+
+/// Runs `subcommand` on `yaml` in a temp dir of its own and asserts exit 2
+/// and every `expected` error reported (for `check`, at the start of a line).
+fn assert_rejected(subcommand: &str, yaml: &str, what: &str, expected: &[Expected]) {
+    let dir = tempdir();
+    let (path, out) = run_on(dir.path(), subcommand, yaml);
+    assert_exit_2(&out, what);
+    for (error, positions, keywords) in expected {
+        assert_reported(&out, &path, error, positions, keywords, subcommand == "check");
+    }
+}
+
+/// Asserts `run` and `check` both exit 2 on `config`, which cannot be read
+/// as a config file (`problem` says why), naming it in the error.
+fn assert_unreadable_named(config: &Path, problem: &str) {
+    for subcommand in ["run", "check"] {
+        let out = run_with(subcommand, config);
+        assert_exit_2(&out, &format!("{subcommand} with {problem}"));
+        assert!(
+            out.stderr.contains(&config.display().to_string()),
+            "{subcommand}: the error does not name {}\n{}",
+            config.display(),
+            out.describe()
+        );
+    }
 }
 
 const TYPE_ERROR: &str = "\
@@ -75,33 +117,32 @@ proxies:
       - tcp://127.0.0.1:9
 ";
 
+/// The type error in [`TYPE_ERROR`].
+fn type_error_expected() -> Expected {
+    (
+        "connect_timeout: [1, 2]",
+        key_or_value(TYPE_ERROR, "connect_timeout", "[1, 2]", 0),
+        &["connect_timeout", "duration", "sequence", "invalid", "expected"],
+    )
+}
+
 #[test]
 fn type_error_at_start_reports_line_and_column() {
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "run", TYPE_ERROR);
-    assert_exit_2(&out, "run with a type error");
-    assert_reported(
-        &out,
-        &path,
-        "connect_timeout: [1, 2]",
-        &key_or_value(TYPE_ERROR, "connect_timeout", "[1, 2]", 0),
-        &["connect_timeout", "duration", "sequence", "invalid", "expected"],
-        false,
+    assert_rejected(
+        "run",
+        TYPE_ERROR,
+        "run with a type error",
+        &[type_error_expected()],
     );
 }
 
 #[test]
 fn check_reports_type_error_with_line_and_column() {
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "check", TYPE_ERROR);
-    assert_exit_2(&out, "check with a type error");
-    assert_reported(
-        &out,
-        &path,
-        "connect_timeout: [1, 2]",
-        &key_or_value(TYPE_ERROR, "connect_timeout", "[1, 2]", 0),
-        &["connect_timeout", "duration", "sequence", "invalid", "expected"],
-        true,
+    assert_rejected(
+        "check",
+        TYPE_ERROR,
+        "check with a type error",
+        &[type_error_expected()],
     );
 }
 
@@ -118,17 +159,13 @@ proxies:
 
 #[test]
 fn unknown_key_at_start_reports_line_and_column() {
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "run", UNKNOWN_PROXY_KEY);
-    assert_exit_2(&out, "run with an unknown key");
-    assert_reported(
-        &out,
-        &path,
+    let expected = expected_at(
         "unknown key conect_timeout",
-        &[position_of(UNKNOWN_PROXY_KEY, "conect_timeout", 0)],
+        UNKNOWN_PROXY_KEY,
+        "conect_timeout",
         &["conect_timeout"],
-        false,
     );
+    assert_rejected("run", UNKNOWN_PROXY_KEY, "run with an unknown key", &[expected]);
 }
 
 #[test]
@@ -145,17 +182,13 @@ proxies:
       kind: tcp
       intervall: 2s
 ";
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "check", yaml);
-    assert_exit_2(&out, "check with an unknown key");
-    assert_reported(
-        &out,
-        &path,
+    let expected = expected_at(
         "unknown key health_check.intervall",
-        &[position_of(yaml, "intervall", 0)],
+        yaml,
+        "intervall",
         &["intervall"],
-        true,
     );
+    assert_rejected("check", yaml, "check with an unknown key", &[expected]);
 }
 
 /// `check` prints every problem, so two unknown keys in different sections
@@ -175,25 +208,16 @@ proxies:
       kind: tcp
       intervall: 2s
 ";
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "check", yaml);
-    assert_exit_2(&out, "check with unknown keys");
-    assert_reported(
-        &out,
-        &path,
-        "unknown key shutdown.grace",
-        &[position_of(yaml, "grace: 3s", 0)],
-        &["grace"],
-        true,
-    );
-    assert_reported(
-        &out,
-        &path,
-        "unknown key health_check.intervall",
-        &[position_of(yaml, "intervall", 0)],
-        &["intervall"],
-        true,
-    );
+    let expected = [
+        expected_at("unknown key shutdown.grace", yaml, "grace: 3s", &["grace"]),
+        expected_at(
+            "unknown key health_check.intervall",
+            yaml,
+            "intervall",
+            &["intervall"],
+        ),
+    ];
+    assert_rejected("check", yaml, "check with unknown keys", &expected);
 }
 
 #[test]
@@ -209,17 +233,8 @@ proxies:
     backends:
       - tcp://127.0.0.1:9
 ";
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "check", yaml);
-    assert_exit_2(&out, "check with an unknown top-level key");
-    assert_reported(
-        &out,
-        &path,
-        "unknown key logging",
-        &[position_of(yaml, "logging:", 0)],
-        &["logging"],
-        true,
-    );
+    let expected = expected_at("unknown key logging", yaml, "logging:", &["logging"]);
+    assert_rejected("check", yaml, "check with an unknown top-level key", &[expected]);
 }
 
 /// One file with every kind of semantic error named in the contract.
@@ -256,10 +271,6 @@ proxies:
 ";
 
 const DUPLICATE: &[&str] = &["duplicate", "twice", "already", "unique", "more than once"];
-
-/// An expected error: what it is, where it may point, keywords its message
-/// mentions one of.
-type Expected = (&'static str, Vec<(usize, usize)>, &'static [&'static str]);
 
 /// Every semantic error in [`SEMANTIC_ERRORS`].
 fn semantic_expectations() -> Vec<Expected> {
@@ -300,22 +311,22 @@ fn semantic_expectations() -> Vec<Expected> {
 
 #[test]
 fn check_reports_every_semantic_error() {
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "check", SEMANTIC_ERRORS);
-    assert_exit_2(&out, "check with semantic errors");
-    for (what, positions, keywords) in semantic_expectations() {
-        assert_reported(&out, &path, what, &positions, keywords, true);
-    }
+    assert_rejected(
+        "check",
+        SEMANTIC_ERRORS,
+        "check with semantic errors",
+        &semantic_expectations(),
+    );
 }
 
 #[test]
 fn run_reports_every_semantic_error_and_exits_2() {
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "run", SEMANTIC_ERRORS);
-    assert_exit_2(&out, "run with semantic errors");
-    for (what, positions, keywords) in semantic_expectations() {
-        assert_reported(&out, &path, what, &positions, keywords, false);
-    }
+    assert_rejected(
+        "run",
+        SEMANTIC_ERRORS,
+        "run with semantic errors",
+        &semantic_expectations(),
+    );
 }
 
 /// A proxy with no `backends` key at all is reported at the proxy.
@@ -332,18 +343,13 @@ proxies:
   - name: eta
     listen: tcp://127.0.0.1:18092
 ";
-    let dir = tempdir();
-    let (path, out) = run_on(dir.path(), "check", yaml);
-    assert_exit_2(&out, "check with a proxy missing backends");
     let (line, dash) = position_of(yaml, "- name: eta", 0);
-    assert_reported(
-        &out,
-        &path,
+    let expected = (
         "proxy eta without backends",
-        &[(line, dash), (line, dash + 2), (line, dash + 8)],
-        &["backend"],
-        true,
+        vec![(line, dash), (line, dash + 2), (line, dash + 8)],
+        &["backend"][..],
     );
+    assert_rejected("check", yaml, "check with a proxy missing backends", &[expected]);
 }
 
 #[test]
@@ -417,16 +423,7 @@ proxies:
 fn missing_config_file_exits_2_naming_the_path() {
     let dir = tempdir();
     let missing = dir.path().join("no-such-dir").join("interlude.yaml");
-    for subcommand in ["run", "check"] {
-        let out = run_cli([OsStr::new(subcommand), OsStr::new("-c"), missing.as_os_str()]);
-        assert_exit_2(&out, &format!("{subcommand} with a missing config file"));
-        assert!(
-            out.stderr.contains(&missing.display().to_string()),
-            "{subcommand}: the error does not name {}\n{}",
-            missing.display(),
-            out.describe()
-        );
-    }
+    assert_unreadable_named(&missing, "a missing config file");
 }
 
 #[test]
@@ -435,14 +432,5 @@ fn unreadable_config_file_exits_2_naming_the_path() {
     let dir = tempdir();
     let not_a_file = dir.path().join("config.d");
     std::fs::create_dir(&not_a_file).unwrap();
-    for subcommand in ["run", "check"] {
-        let out = run_cli([OsStr::new(subcommand), OsStr::new("-c"), not_a_file.as_os_str()]);
-        assert_exit_2(&out, &format!("{subcommand} with an unreadable config"));
-        assert!(
-            out.stderr.contains(&not_a_file.display().to_string()),
-            "{subcommand}: the error does not name {}\n{}",
-            not_a_file.display(),
-            out.describe()
-        );
-    }
+    assert_unreadable_named(&not_a_file, "an unreadable config");
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,21 @@ enum Kind {
     Unix,
 }
 
+/// A TCP listener on a port the system picks.
+const ANY_PORT: &str = "tcp://127.0.0.1:0";
+
+/// Starts, in `dir`, a daemon (grace period 2s) with proxy `p` listening on
+/// `listen` in front of `backends`; `extra` holds more proxy keys.
+fn start_proxy(dir: &Path, listen: &str, backends: &[String], extra: &str) -> Daemon {
+    Daemon::start(dir, &one_proxy_config(dir, "2s", listen, backends, extra))
+}
+
+/// Reads `client` until the daemon closes it (bounded by [`WAIT`]): what it
+/// got and how long that took; fails the test with `what` if it stays open.
+fn read_to_close(daemon: &Daemon, client: &mut Stream, what: &str) -> (Vec<u8>, Duration) {
+    read_until_closed(client, WAIT).unwrap_or_else(|e| daemon.fail(&format!("{what}: {e}")))
+}
+
 /// Runs `CLIENTS` concurrent clients through a proxy listening on `listen`
 /// to an echo backend of kind `backend`; each sends 1–4 MiB of its own byte
 /// stream, half-closes, and must get exactly that stream back, then EOF.
@@ -30,13 +46,10 @@ fn bulk(listen: Kind, backend: Kind) {
         Kind::Unix => TestServer::echo_unix(&dir.path().join("backend.sock")),
     };
     let listen_addr = match listen {
-        Kind::Tcp => "tcp://127.0.0.1:0".to_string(),
+        Kind::Tcp => ANY_PORT.to_string(),
         Kind::Unix => format!("unix:{}", dir.path().join("listen.sock").display()),
     };
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "2s", &listen_addr, &[server.address()], ""),
-    );
+    let daemon = start_proxy(dir.path(), &listen_addr, &[server.address()], "");
     let endpoint = daemon.listen_addr("p");
     if let (Kind::Unix, Endpoint::Tcp(_)) | (Kind::Tcp, Endpoint::Unix(_)) = (listen, &endpoint) {
         daemon.fail(&format!("listener kind {listen:?} reported as {endpoint:?}"));
@@ -135,10 +148,7 @@ fn half_close_client_first() {
         let reply = format!("after EOF: got {} bytes", request.len());
         let _ = stream.write_all(reply.as_bytes());
     });
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "2s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
+    let daemon = start_proxy(dir.path(), ANY_PORT, &[server.address()], "");
     let mut client = daemon.listen_addr("p").must_connect();
     client.write_all(b"hello backend").unwrap();
     client.shutdown_write().unwrap();
@@ -147,14 +157,12 @@ fn half_close_client_first() {
         Ok(request) => assert_eq!(request, b"hello backend"),
         Err(_) => daemon.fail("the backend never saw EOF after the client's shutdown(Write)"),
     }
-    match read_until_closed(&mut client, WAIT) {
-        Ok((reply, _)) => assert_eq!(
-            String::from_utf8_lossy(&reply),
-            "after EOF: got 13 bytes",
-            "the backend's reply after the client's half-close"
-        ),
-        Err(e) => daemon.fail(&format!("client: {e}")),
-    }
+    let (reply, _) = read_to_close(&daemon, &mut client, "client");
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "after EOF: got 13 bytes",
+        "the backend's reply after the client's half-close"
+    );
 }
 
 /// The backend half-closes first: the client reads its greeting and EOF, and
@@ -175,10 +183,7 @@ fn half_close_backend_first() {
         }
     });
     let listen = format!("unix:{}", dir.path().join("listen.sock").display());
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "2s", &listen, &[server.address()], ""),
-    );
+    let daemon = start_proxy(dir.path(), &listen, &[server.address()], "");
     let mut client = daemon.listen_addr("p").must_connect();
 
     let mut greeting = Vec::new();
@@ -198,9 +203,11 @@ fn half_close_backend_first() {
         ),
         Err(_) => daemon.fail("the backend never got the client's data and EOF after its own half-close"),
     }
-    if let Err(e) = read_until_closed(&mut client, WAIT) {
-        daemon.fail(&format!("connection not finished after both half-closes: {e}"));
-    }
+    read_to_close(
+        &daemon,
+        &mut client,
+        "connection not finished after both half-closes",
+    );
 }
 
 /// With every backend alive, the first in the list takes every connection.
@@ -209,16 +216,7 @@ fn first_backend_in_list_order_is_used() {
     let dir = tempdir();
     let first = TestServer::echo_tcp();
     let second = TestServer::echo_unix(&dir.path().join("second.sock"));
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            "tcp://127.0.0.1:0",
-            &[first.address(), second.address()],
-            "",
-        ),
-    );
+    let daemon = start_proxy(dir.path(), ANY_PORT, &[first.address(), second.address()], "");
     let endpoint = daemon.listen_addr("p");
     for i in 0..5 {
         let mut client = endpoint.must_connect();
@@ -236,20 +234,16 @@ fn falls_back_to_next_backend_when_first_refuses() {
     let live = TestServer::echo_tcp();
     let also_live = TestServer::echo_tcp();
     let missing_unix = format!("unix:{}", dir.path().join("nobody-home.sock").display());
-    let daemon = Daemon::start(
+    let daemon = start_proxy(
         dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            "tcp://127.0.0.1:0",
-            &[
-                dead_tcp_address(),
-                missing_unix,
-                live.address(),
-                also_live.address(),
-            ],
-            "",
-        ),
+        ANY_PORT,
+        &[
+            dead_tcp_address(),
+            missing_unix,
+            live.address(),
+            also_live.address(),
+        ],
+        "",
     );
     let endpoint = daemon.listen_addr("p");
     for i in 0..3 {
@@ -273,15 +267,11 @@ fn falls_back_past_stale_unix_socket_backend() {
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let live = TestServer::echo_unix(&dir.path().join("live.sock"));
-    let daemon = Daemon::start(
+    let daemon = start_proxy(
         dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            "tcp://127.0.0.1:0",
-            &[format!("unix:{}", stale.display()), live.address()],
-            "",
-        ),
+        ANY_PORT,
+        &[format!("unix:{}", stale.display()), live.address()],
+        "",
     );
     let mut client = daemon.listen_addr("p").must_connect();
     assert_echo(&mut client, b"past the stale socket");
@@ -295,33 +285,25 @@ fn all_backends_dead_closes_client_promptly() {
     let dir = tempdir();
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-    let mut daemon = Daemon::start(
+    let mut daemon = start_proxy(
         dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            "tcp://127.0.0.1:0",
-            &[
-                dead_tcp_address(),
-                format!("unix:{}", dir.path().join("missing.sock").display()),
-                format!("unix:{}", stale.display()),
-            ],
-            "",
-        ),
+        ANY_PORT,
+        &[
+            dead_tcp_address(),
+            format!("unix:{}", dir.path().join("missing.sock").display()),
+            format!("unix:{}", stale.display()),
+        ],
+        "",
     );
     let endpoint = daemon.listen_addr("p");
     for _ in 0..3 {
         let mut client = endpoint.must_connect();
         // Whether this write lands before the close is a race; either is fine.
         let _ = client.write_all(b"anyone there?");
-        match read_until_closed(&mut client, WAIT) {
-            Ok((data, took)) => {
-                assert!(data.is_empty(), "got data with no backend: {data:?}");
-                // connect_timeout is 1s, and these fail at once anyway.
-                assert!(took < Duration::from_secs(3), "client closed only after {took:?}");
-            }
-            Err(e) => daemon.fail(&format!("client not closed with every backend dead: {e}")),
-        }
+        let (data, took) = read_to_close(&daemon, &mut client, "client not closed with every backend dead");
+        assert!(data.is_empty(), "got data with no backend: {data:?}");
+        // connect_timeout is 1s, and these fail at once anyway.
+        assert!(took < Duration::from_secs(3), "client closed only after {took:?}");
     }
     daemon.assert_running("after failed backend connects");
 }
@@ -333,16 +315,7 @@ fn hanging_backend_connect_times_out_to_next() {
     let dir = tempdir();
     let blackhole = Blackhole::new();
     let live = TestServer::echo_tcp();
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            "tcp://127.0.0.1:0",
-            &[blackhole.address(), live.address()],
-            "",
-        ),
-    );
+    let daemon = start_proxy(dir.path(), ANY_PORT, &[blackhole.address(), live.address()], "");
     let endpoint = daemon.listen_addr("p");
     // Timed from before the connect: the daemon's first backend attempt
     // cannot start earlier.
@@ -371,21 +344,14 @@ fn hanging_backend_connect_times_out_to_next() {
 fn hanging_only_backend_closes_client_after_connect_timeout() {
     let dir = tempdir();
     let blackhole = Blackhole::new();
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "2s", "tcp://127.0.0.1:0", &[blackhole.address()], ""),
-    );
+    let daemon = start_proxy(dir.path(), ANY_PORT, &[blackhole.address()], "");
     let mut client = daemon.listen_addr("p").must_connect();
-    match read_until_closed(&mut client, WAIT) {
-        Ok((data, took)) => {
-            assert!(data.is_empty(), "got data with no backend: {data:?}");
-            assert!(
-                took < Duration::from_secs(5),
-                "closed only after {took:?} (connect_timeout 1s)"
-            );
-        }
-        Err(e) => daemon.fail(&format!("client not closed after connect_timeout: {e}")),
-    }
+    let (data, took) = read_to_close(&daemon, &mut client, "client not closed after connect_timeout");
+    assert!(data.is_empty(), "got data with no backend: {data:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "closed only after {took:?} (connect_timeout 1s)"
+    );
 }
 
 /// idle_timeout closes a forwarded connection on which nothing moves.
@@ -393,32 +359,19 @@ fn hanging_only_backend_closes_client_after_connect_timeout() {
 fn idle_timeout_closes_idle_connection() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            "tcp://127.0.0.1:0",
-            &[server.address()],
-            "idle_timeout: 500ms",
-        ),
-    );
+    let daemon = start_proxy(dir.path(), ANY_PORT, &[server.address()], "idle_timeout: 500ms");
     let mut client = daemon.listen_addr("p").must_connect();
     assert_echo(&mut client, b"one exchange, then silence");
-    match read_until_closed(&mut client, WAIT) {
-        Ok((data, idle)) => {
-            assert!(data.is_empty(), "unexpected data: {data:?}");
-            assert!(
-                idle >= Duration::from_millis(400),
-                "closed after only {idle:?} idle (idle_timeout 500ms)"
-            );
-            assert!(
-                idle < Duration::from_secs(4),
-                "closed only after {idle:?} idle (idle_timeout 500ms)"
-            );
-        }
-        Err(e) => daemon.fail(&format!("idle connection not closed: {e}")),
-    }
+    let (data, idle) = read_to_close(&daemon, &mut client, "idle connection not closed");
+    assert!(data.is_empty(), "unexpected data: {data:?}");
+    assert!(
+        idle >= Duration::from_millis(400),
+        "closed after only {idle:?} idle (idle_timeout 500ms)"
+    );
+    assert!(
+        idle < Duration::from_secs(4),
+        "closed only after {idle:?} idle (idle_timeout 500ms)"
+    );
 }
 
 /// Traffic resets the idle timer: a connection busier than idle_timeout
@@ -427,16 +380,7 @@ fn idle_timeout_closes_idle_connection() {
 fn idle_timeout_spares_active_connection() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            "tcp://127.0.0.1:0",
-            &[server.address()],
-            "idle_timeout: 1s",
-        ),
-    );
+    let daemon = start_proxy(dir.path(), ANY_PORT, &[server.address()], "idle_timeout: 1s");
     let mut client = daemon.listen_addr("p").must_connect();
     let started = Instant::now();
     let mut i = 0;

@@ -11,6 +11,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::process::ExitStatus;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -71,35 +72,81 @@ fn settle() {
     thread::sleep(Duration::from_millis(200));
 }
 
+/// Starts (without waiting for readiness) a daemon whose one proxy `p`
+/// listens on `listen` and forwards to `backend`.
+fn start_one_proxy(dir: &Path, grace: &str, listen: &str, backend: &TestServer) -> Daemon {
+    Daemon::start(
+        dir,
+        &one_proxy_config(dir, grace, listen, &[backend.address()], ""),
+    )
+}
+
+/// A daemon with one TCP proxy `p` in front of an echo backend, and a client
+/// connection through it that has already echoed once.
+struct Forwarding {
+    // Fields drop in this order: the client before the daemon, the backend
+    // after it, the temp dir (the daemon's config) last.
+    client: Stream,
+    endpoint: Endpoint,
+    daemon: Daemon,
+    _server: TestServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Forwarding {
+    /// `first` is the message echoed on the client connection.
+    fn start(grace: &str, first: &[u8]) -> Forwarding {
+        let dir = tempdir();
+        let server = TestServer::echo_tcp();
+        let daemon = start_one_proxy(dir.path(), grace, "tcp://127.0.0.1:0", &server);
+        let endpoint = daemon.listen_addr("p");
+        let mut client = endpoint.must_connect();
+        assert_echo(&mut client, first);
+        Forwarding {
+            client,
+            endpoint,
+            daemon,
+            _server: server,
+            _dir: dir,
+        }
+    }
+}
+
+/// Echoes `msg` through proxy `p` on a connection it then closes, lets the
+/// daemon settle and stops it with SIGTERM.
+fn echo_once_then_sigterm(daemon: &mut Daemon, msg: &[u8]) -> ExitStatus {
+    let mut client = daemon.listen_addr("p").must_connect();
+    assert_echo(&mut client, msg);
+    drop(client);
+    settle();
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_exit(WAIT)
+}
+
 /// SIGTERM with a forwarded connection open: new connections refused at once,
 /// the open one keeps working for the grace period and is then closed, and
 /// the daemon exits 0 right after.
 #[test]
 fn sigterm_refuses_new_and_drains_open_connection_for_grace_period() {
     let grace = Duration::from_secs(3);
-    let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "3s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let mut client = endpoint.must_connect();
-    assert_echo(&mut client, b"before the signal");
+    let mut proxy = Forwarding::start("3s", b"before the signal");
 
     let signalled = Instant::now();
-    daemon.signal(libc::SIGTERM);
-    wait_refused(&daemon, &endpoint, REFUSE_WITHIN);
-    daemon.assert_running("with a forwarded connection open, well within the grace period");
+    proxy.daemon.signal(libc::SIGTERM);
+    wait_refused(&proxy.daemon, &proxy.endpoint, REFUSE_WITHIN);
+    proxy
+        .daemon
+        .assert_running("with a forwarded connection open, well within the grace period");
 
-    let closed_at = ping_until_closed(&daemon, &mut client, signalled, grace + MARGIN);
+    let closed_at = ping_until_closed(&proxy.daemon, &mut proxy.client, signalled, grace + MARGIN);
     assert!(
         closed_at >= grace.mul_f32(0.9),
         "the open connection was cut {closed_at:?} after SIGTERM, before the {grace:?} grace period"
     );
 
-    let status =
-        daemon.wait_exit((grace + MARGIN).saturating_sub(signalled.elapsed()) + Duration::from_millis(100));
+    let status = proxy
+        .daemon
+        .wait_exit((grace + MARGIN).saturating_sub(signalled.elapsed()) + Duration::from_millis(100));
     let exited_at = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status}");
     assert!(exited_at <= grace + MARGIN, "exited {exited_at:?} after SIGTERM");
@@ -113,16 +160,7 @@ fn sigint_removes_unix_socket_at_once_and_drains() {
     let dir = tempdir();
     let socket = dir.path().join("listen.sock");
     let server = TestServer::echo_unix(&dir.path().join("backend.sock"));
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            &format!("unix:{}", socket.display()),
-            &[server.address()],
-            "",
-        ),
-    );
+    let mut daemon = start_one_proxy(dir.path(), "2s", &format!("unix:{}", socket.display()), &server);
     let endpoint = daemon.listen_addr("p");
     assert_eq!(endpoint, Endpoint::Unix(socket.clone()));
     let mut client = endpoint.must_connect();
@@ -191,30 +229,24 @@ fn sigterm_without_connections_exits_promptly() {
 /// daemon exits right away instead of waiting the period out.
 #[test]
 fn sigterm_exits_as_soon_as_last_connection_ends() {
-    let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "30s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let mut client = endpoint.must_connect();
-    assert_echo(&mut client, b"before the signal");
+    let mut proxy = Forwarding::start("30s", b"before the signal");
 
-    daemon.signal(libc::SIGTERM);
-    wait_refused(&daemon, &endpoint, REFUSE_WITHIN);
+    proxy.daemon.signal(libc::SIGTERM);
+    wait_refused(&proxy.daemon, &proxy.endpoint, REFUSE_WITHIN);
     thread::sleep(Duration::from_millis(500));
-    daemon.assert_running("while a forwarded connection is open in a 30s grace period");
-    assert_echo(&mut client, b"still forwarded while draining");
+    proxy
+        .daemon
+        .assert_running("while a forwarded connection is open in a 30s grace period");
+    assert_echo(&mut proxy.client, b"still forwarded while draining");
 
     // Finish the connection properly: half-close, drain the echo's EOF.
-    client.shutdown_write().unwrap();
-    if let Err(e) = read_until_closed(&mut client, WAIT) {
-        daemon.fail(&format!("connection did not finish: {e}"));
+    proxy.client.shutdown_write().unwrap();
+    if let Err(e) = read_until_closed(&mut proxy.client, WAIT) {
+        proxy.daemon.fail(&format!("connection did not finish: {e}"));
     }
-    drop(client);
+    drop(proxy.client);
     let finished = Instant::now();
-    let status = daemon.wait_exit(WAIT);
+    let status = proxy.daemon.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "exit status: {status}");
     let took = finished.elapsed();
     assert!(
@@ -231,16 +263,7 @@ fn port_in_use_exits_1() {
     let holder = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().port();
     let server = TestServer::echo_tcp();
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            &format!("tcp://127.0.0.1:{port}"),
-            &[server.address()],
-            "",
-        ),
-    );
+    let mut daemon = start_one_proxy(dir.path(), "2s", &format!("tcp://127.0.0.1:{port}"), &server);
     let status = daemon.wait_exit(WAIT);
     assert_eq!(
         status.code(),
@@ -266,16 +289,7 @@ fn stale_unix_socket_file_is_replaced() {
     drop(UnixListener::bind(&socket).unwrap());
     assert!(fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
     let server = TestServer::echo_tcp();
-    let daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            &format!("unix:{}", socket.display()),
-            &[server.address()],
-            "",
-        ),
-    );
+    let daemon = start_one_proxy(dir.path(), "2s", &format!("unix:{}", socket.display()), &server);
     let endpoint = daemon.listen_addr("p");
     assert_eq!(endpoint, Endpoint::Unix(socket.clone()));
     let mut client = endpoint.must_connect();
@@ -291,16 +305,7 @@ fn regular_file_at_unix_listen_path_is_refused_and_kept() {
     let path = dir.path().join("listen.sock");
     fs::write(&path, "precious data\n").unwrap();
     let server = TestServer::echo_tcp();
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "2s",
-            &format!("unix:{}", path.display()),
-            &[server.address()],
-            "",
-        ),
-    );
+    let mut daemon = start_one_proxy(dir.path(), "2s", &format!("unix:{}", path.display()), &server);
     let status = daemon.wait_exit(WAIT);
     assert_eq!(
         status.code(),
@@ -321,31 +326,26 @@ fn regular_file_at_unix_listen_path_is_refused_and_kept() {
 /// checked after SIGHUP and after the SIGUSR2 resume).
 #[test]
 fn hup_usr1_usr2_do_not_kill() {
-    let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "2s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let mut open = endpoint.must_connect();
-    assert_echo(&mut open, b"before the signals");
+    let mut proxy = Forwarding::start("2s", b"before the signals");
 
     for (sig, name) in [
         (libc::SIGHUP, "SIGHUP"),
         (libc::SIGUSR1, "SIGUSR1"),
         (libc::SIGUSR2, "SIGUSR2"),
     ] {
-        daemon.signal(sig);
+        proxy.daemon.signal(sig);
         thread::sleep(Duration::from_millis(300));
-        daemon.assert_running(&format!("after {name}"));
-        assert_echo(&mut open, format!("open connection after {name}").as_bytes());
+        proxy.daemon.assert_running(&format!("after {name}"));
+        assert_echo(
+            &mut proxy.client,
+            format!("open connection after {name}").as_bytes(),
+        );
         if sig != libc::SIGUSR1 {
-            let mut fresh = endpoint.must_connect();
+            let mut fresh = proxy.endpoint.must_connect();
             assert_echo(&mut fresh, format!("new connection after {name}").as_bytes());
         }
     }
-    daemon.assert_running("after all three signals");
+    proxy.daemon.assert_running("after all three signals");
 }
 
 /// `interlude -c FILE` without `run` runs the daemon too.
@@ -358,12 +358,7 @@ fn plain_dash_c_runs_the_daemon() {
         &one_proxy_config(dir.path(), "2s", "tcp://127.0.0.1:0", &[server.address()], ""),
     );
     let mut daemon = Daemon::spawn([Path::new("-c").as_os_str(), config.as_os_str()]);
-    let mut client = daemon.listen_addr("p").must_connect();
-    assert_echo(&mut client, b"no subcommand");
-    drop(client);
-    settle();
-    daemon.signal(libc::SIGTERM);
-    let status = daemon.wait_exit(WAIT);
+    let status = echo_once_then_sigterm(&mut daemon, b"no subcommand");
     assert_eq!(status.code(), Some(0), "exit status: {status}");
 }
 
@@ -372,16 +367,8 @@ fn plain_dash_c_runs_the_daemon() {
 fn logs_have_no_ansi_colour_when_stderr_is_not_a_tty() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &one_proxy_config(dir.path(), "2s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let mut client = daemon.listen_addr("p").must_connect();
-    assert_echo(&mut client, b"something to log about");
-    drop(client);
-    settle();
-    daemon.signal(libc::SIGTERM);
-    daemon.wait_exit(WAIT);
+    let mut daemon = start_one_proxy(dir.path(), "2s", "tcp://127.0.0.1:0", &server);
+    echo_once_then_sigterm(&mut daemon, b"something to log about");
     let stderr = daemon.stderr();
     if stderr.contains('\x1b') {
         daemon.fail("stderr (a pipe) has ANSI escape sequences");

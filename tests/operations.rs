@@ -56,6 +56,20 @@ fn tcp_proxy(name: &str, backend: &str, extra: &str) -> String {
     proxy_entry(name, "tcp://127.0.0.1:0", &[backend.to_string()], extra)
 }
 
+/// A config logging per `log` (as for [`config`]), without stats lines,
+/// whose one proxy `p` forwards to `server`.
+fn proxy_p_config(dir: &Path, log: &str, server: &TestServer) -> String {
+    config(dir, log, None, &[tcp_proxy("p", &server.address(), "")])
+}
+
+/// The `log:` keys for logging at info level to `file` with `rotation`.
+fn file_log(file: &Path, rotation: &str) -> String {
+    format!(
+        "target: file\nfile: {}\nrotation: {rotation}\nlevel: info",
+        file.display()
+    )
+}
+
 /// The current config with an unknown key added: every reload of it is refused.
 fn broken(yaml: &str) -> String {
     format!("{yaml}no_such_key: 1\n")
@@ -68,6 +82,13 @@ fn post(dir: &Path, path: &str) -> serde_json::Value {
     let (code, body) = http(dir, "POST", path);
     assert_eq!(code, 200, "POST {path} answered {code}: {body}");
     json(&body)
+}
+
+/// Writes `yaml` over the daemon's config file and asks for a reload:
+/// the answer's code and body.
+fn reload_with(dir: &Path, daemon: &Daemon, yaml: &str) -> (u16, String) {
+    replace_file(daemon.config.as_ref().unwrap(), yaml);
+    http(dir, "POST", "/reload")
 }
 
 /// Waits (bounded) until the control socket answers `GET /status`, failing
@@ -206,6 +227,11 @@ impl Notify {
         }
     }
 
+    /// Receives until a message has the line `line` (bounded by `timeout`).
+    fn wait_line(&mut self, daemon: &Daemon, line: &str, timeout: Duration) -> String {
+        self.wait_for(daemon, line, timeout, |m| has_line(m, line))
+    }
+
     /// Every message that arrives within `window`.
     fn collect(&mut self, window: Duration) -> Vec<String> {
         let deadline = Instant::now() + window;
@@ -221,20 +247,18 @@ fn has_line(message: &str, line: &str) -> bool {
     message.lines().any(|l| l == line)
 }
 
-/// Starts a daemon with `NOTIFY_SOCKET` (and `extra_env`) and waits for
-/// its `READY=1` message; returns the daemon and that message.
-fn start_notified(
-    dir: &Path,
-    yaml: &str,
-    notify: &mut Notify,
-    extra_env: &[(&str, Option<&str>)],
-) -> (Daemon, String) {
+/// Binds a [`Notify`] socket in `dir`, starts a daemon with it as
+/// `NOTIFY_SOCKET` (and `extra_env`) and waits for its `READY=1` message;
+/// returns the socket, the daemon and that message. Bound in this order,
+/// the daemon is dropped (killed) before the socket it notifies.
+fn start_notified(dir: &Path, yaml: &str, extra_env: &[(&str, Option<&str>)]) -> (Notify, Daemon, String) {
+    let mut notify = Notify::bind(dir);
     let path = notify.path().to_string();
     let mut env = vec![("NOTIFY_SOCKET", Some(path.as_str()))];
     env.extend_from_slice(extra_env);
     let daemon = Daemon::start_with_env(dir, yaml, &env);
-    let ready = notify.wait_for(&daemon, "READY=1", WAIT, |m| has_line(m, "READY=1"));
-    (daemon, ready)
+    let ready = notify.wait_line(&daemon, "READY=1", WAIT);
+    (notify, daemon, ready)
 }
 
 /// The two messages of a reload: `RELOADING=1` with `MONOTONIC_USEC=` (one
@@ -281,8 +305,7 @@ fn ready_arrives_once_listeners_and_control_socket_are_up() {
         None,
         &[proxy_entry("p", &listen, &[server.address()], "")],
     );
-    let mut notify = Notify::bind(dir.path());
-    let (daemon, ready) = start_notified(dir.path(), &yaml, &mut notify, &[]);
+    let (mut notify, daemon, ready) = start_notified(dir.path(), &yaml, &[]);
 
     // Nothing polled or waited for: the listener must already be there.
     let mut client = match Endpoint::Unix(socket.clone()).connect() {
@@ -322,14 +345,8 @@ fn ready_arrives_once_listeners_and_control_socket_are_up() {
 fn every_reload_sends_reloading_then_ready() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
-    let mut notify = Notify::bind(dir.path());
-    let (daemon, _) = start_notified(dir.path(), &yaml, &mut notify, &[]);
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
+    let (mut notify, daemon, _) = start_notified(dir.path(), &yaml, &[]);
     assert_eq!(generation(dir.path()), 1);
 
     let since = monotonic_usec();
@@ -372,36 +389,30 @@ fn every_reload_sends_reloading_then_ready() {
 fn status_line_follows_pause_held_and_active() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
-    let mut notify = Notify::bind(dir.path());
-    let (daemon, _) = start_notified(dir.path(), &yaml, &mut notify, &[]);
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
+    let (mut notify, daemon, _) = start_notified(dir.path(), &yaml, &[]);
     let endpoint = daemon.listen_addr("p");
     let within = Duration::from_secs(5);
 
     post(dir.path(), "/pause");
     let line = "STATUS=1 proxy, 1 paused, 0 active, 0 held";
-    notify.wait_for(&daemon, line, within, |m| has_line(m, line));
+    notify.wait_line(&daemon, line, within);
 
     let mut client = endpoint.must_connect();
     client.write_all(b"held").unwrap();
     wait_held(dir.path(), "p", 1);
     let line = "STATUS=1 proxy, 1 paused, 0 active, 1 held";
-    notify.wait_for(&daemon, line, within, |m| has_line(m, line));
+    notify.wait_line(&daemon, line, within);
 
     post(dir.path(), "/resume");
     let echoed = read_exactly(&mut client, 4).unwrap_or_else(|e| panic!("the released client: {e}"));
     assert_eq!(echoed, b"held");
     let line = "STATUS=1 proxy, 0 paused, 1 active, 0 held";
-    notify.wait_for(&daemon, line, within, |m| has_line(m, line));
+    notify.wait_line(&daemon, line, within);
 
     drop(client);
     let line = "STATUS=1 proxy, 0 paused, 0 active, 0 held";
-    notify.wait_for(&daemon, line, within, |m| has_line(m, line));
+    notify.wait_line(&daemon, line, within);
 }
 
 /// `WATCHDOG_USEC=400000`: a `WATCHDOG=1` ping every 200 ms, about ten in
@@ -410,20 +421,9 @@ fn status_line_follows_pause_held_and_active() {
 fn watchdog_pings_every_half_of_watchdog_usec() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
-    let mut notify = Notify::bind(dir.path());
-    let (daemon, _) = start_notified(
-        dir.path(),
-        &yaml,
-        &mut notify,
-        &[("WATCHDOG_USEC", Some("400000"))],
-    );
-    notify.wait_for(&daemon, "WATCHDOG=1", WAIT, |m| has_line(m, "WATCHDOG=1"));
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
+    let (mut notify, daemon, _) = start_notified(dir.path(), &yaml, &[("WATCHDOG_USEC", Some("400000"))]);
+    notify.wait_line(&daemon, "WATCHDOG=1", WAIT);
 
     let window = Duration::from_secs(2);
     let messages = notify.collect(window);
@@ -443,17 +443,10 @@ fn watchdog_pings_every_half_of_watchdog_usec() {
 fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
-    let mut notify = Notify::bind(dir.path());
-    let (_daemon, _) = start_notified(
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
+    let (mut notify, _daemon, _) = start_notified(
         dir.path(),
         &yaml,
-        &mut notify,
         &[("WATCHDOG_USEC", Some("200000")), ("WATCHDOG_PID", Some("1"))],
     );
     let messages = notify.collect(Duration::from_secs(1));
@@ -468,17 +461,11 @@ fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
 fn sigterm_sends_stopping() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
-    let mut notify = Notify::bind(dir.path());
-    let (mut daemon, _) = start_notified(dir.path(), &yaml, &mut notify, &[]);
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
+    let (mut notify, mut daemon, _) = start_notified(dir.path(), &yaml, &[]);
 
     daemon.signal(libc::SIGTERM);
-    let stopping = notify.wait_for(&daemon, "STOPPING=1", WAIT, |m| has_line(m, "STOPPING=1"));
+    let stopping = notify.wait_line(&daemon, "STOPPING=1", WAIT);
     assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping\n");
     let status = daemon.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "exit status {status}");
@@ -506,6 +493,15 @@ fn wait_file_line(daemon: &Daemon, path: &Path, pattern: &str) -> String {
     }
 }
 
+/// A log file that cannot be opened: its directory, `DIR/blocker`, is a
+/// regular file. Returns (blocker, log file).
+fn blocked_log_file(dir: &Path) -> (PathBuf, PathBuf) {
+    let blocker = dir.join("blocker");
+    fs::write(&blocker, "a regular file, not a directory\n").unwrap();
+    let file = blocker.join("interlude.log");
+    (blocker, file)
+}
+
 /// The names in directory `dir`, sorted.
 fn names_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
@@ -525,11 +521,8 @@ fn log_file_without_rotation_is_written_in_a_created_directory() {
     let server = TestServer::echo_tcp();
     let logs = dir.path().join("logs/nested");
     let file = logs.join("interlude.log");
-    let log = format!(
-        "target: file\nfile: {}\nrotation: never\nlevel: info",
-        file.display()
-    );
-    let yaml = config(dir.path(), &log, None, &[tcp_proxy("p", &server.address(), "")]);
+    let log = file_log(&file, "never");
+    let yaml = proxy_p_config(dir.path(), &log, &server);
     let mut daemon = Daemon::start(dir.path(), &yaml);
 
     let started = wait_file_line(&daemon, &file, "started: ");
@@ -573,11 +566,8 @@ fn rotated_log_file_name(rotation: &str) {
     let server = TestServer::echo_tcp();
     let logs = dir.path().join("logs");
     let file = logs.join("interlude.log");
-    let log = format!(
-        "target: file\nfile: {}\nrotation: {rotation}\nlevel: info",
-        file.display()
-    );
-    let yaml = config(dir.path(), &log, None, &[tcp_proxy("p", &server.address(), "")]);
+    let log = file_log(&file, rotation);
+    let yaml = proxy_p_config(dir.path(), &log, &server);
     let stamp = |t: SystemTime| {
         let (y, m, d, h) = utc(t);
         if rotation == "hourly" {
@@ -625,9 +615,7 @@ fn hourly_rotation_names_the_file_by_date_and_hour() {
 #[test]
 fn unopenable_log_file_is_a_config_error_at_start() {
     let dir = tempdir();
-    let blocker = dir.path().join("blocker");
-    fs::write(&blocker, "a regular file, not a directory\n").unwrap();
-    let file = blocker.join("interlude.log");
+    let (blocker, file) = blocked_log_file(dir.path());
     let log = format!("target: file\nfile: {}\nrotation: never", file.display());
     let yaml = config(dir.path(), &log, None, &[tcp_proxy("p", &dead_tcp_address(), "")]);
     let config_path = write_config(dir.path(), &yaml);
@@ -648,27 +636,13 @@ fn unopenable_log_file_is_a_config_error_at_start() {
 fn unopenable_log_file_rejects_a_reload() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
     let daemon = start_ready(dir.path(), &yaml);
     let endpoint = daemon.listen_addr("p");
 
-    let blocker = dir.path().join("blocker");
-    fs::write(&blocker, "a regular file, not a directory\n").unwrap();
-    let file = blocker.join("interlude.log");
-    let log = format!(
-        "target: file\nfile: {}\nrotation: never\nlevel: info",
-        file.display()
-    );
-    replace_file(
-        daemon.config.as_ref().unwrap(),
-        &config(dir.path(), &log, None, &[tcp_proxy("p", &server.address(), "")]),
-    );
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (blocker, file) = blocked_log_file(dir.path());
+    let log = file_log(&file, "never");
+    let (code, body) = reload_with(dir.path(), &daemon, &proxy_p_config(dir.path(), &log, &server));
     assert_eq!(code, 422, "POST /reload: {body}");
     assert!(
         body.contains(&*file.to_string_lossy()),
@@ -700,15 +674,10 @@ fn reload_switches_log_target_between_stderr_and_file() {
     let proxies = [tcp_proxy("p", &server.address(), "")];
     let stderr_yaml = config(dir.path(), STDERR_LOG, None, &proxies);
     let daemon = start_ready(dir.path(), &stderr_yaml);
-    let config_path = daemon.config.clone().unwrap();
     let file = dir.path().join("logs/switched.log");
 
-    let log = format!(
-        "target: file\nfile: {}\nrotation: never\nlevel: info",
-        file.display()
-    );
-    replace_file(&config_path, &config(dir.path(), &log, None, &proxies));
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let log = file_log(&file, "never");
+    let (code, body) = reload_with(dir.path(), &daemon, &config(dir.path(), &log, None, &proxies));
     assert_eq!(code, 200, "POST /reload to target file: {body}");
     post(dir.path(), "/pause");
     wait_file_line(&daemon, &file, "paused proxy=p");
@@ -718,8 +687,7 @@ fn reload_switches_log_target_between_stderr_and_file() {
         "the pause after the switch to a file was logged on stderr"
     );
 
-    replace_file(&config_path, &stderr_yaml);
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (code, body) = reload_with(dir.path(), &daemon, &stderr_yaml);
     assert_eq!(code, 200, "POST /reload back to stderr: {body}");
     post(dir.path(), "/resume");
     daemon.wait_for_line("resumed", WAIT);
@@ -740,17 +708,14 @@ fn reload_changes_log_level() {
     let info_yaml = config(dir.path(), STDERR_LOG, None, &proxies);
     let warn_yaml = config(dir.path(), "target: stderr\nlevel: warn", None, &proxies);
     let daemon = start_ready(dir.path(), &info_yaml);
-    let config_path = daemon.config.clone().unwrap();
 
-    replace_file(&config_path, &warn_yaml);
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (code, body) = reload_with(dir.path(), &daemon, &warn_yaml);
     assert_eq!(code, 200, "POST /reload to level warn: {body}");
     post(dir.path(), "/pause");
     // An error after the pause: once it is on stderr, an info line for the
     // pause would be too (one writer, in order).
     let rejections = daemon.count_lines("reload rejected");
-    replace_file(&config_path, &broken(&warn_yaml));
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (code, body) = reload_with(dir.path(), &daemon, &broken(&warn_yaml));
     assert_eq!(code, 422, "POST /reload of a broken file: {body}");
     poll_until("a reload rejected line at level warn", WAIT, || {
         (daemon.count_lines("reload rejected") > rejections).then_some(())
@@ -762,8 +727,7 @@ fn reload_changes_log_level() {
         daemon.stderr()
     );
 
-    replace_file(&config_path, &info_yaml);
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (code, body) = reload_with(dir.path(), &daemon, &info_yaml);
     assert_eq!(code, 200, "POST /reload back to level info: {body}");
     post(dir.path(), "/resume");
     daemon.wait_for_line("resumed", WAIT);
@@ -775,12 +739,7 @@ fn reload_changes_log_level() {
 fn journal_stream_drops_the_timestamp() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
     let journal = Daemon::start_with_env(dir.path(), &yaml, &[("JOURNAL_STREAM", Some("8:12345"))]);
     let line = journal.wait_for_line("started: ", WAIT);
     assert!(
@@ -790,12 +749,7 @@ fn journal_stream_drops_the_timestamp() {
     drop(journal);
 
     let dir = tempdir();
-    let yaml = config(
-        dir.path(),
-        STDERR_LOG,
-        None,
-        &[tcp_proxy("p", &server.address(), "")],
-    );
+    let yaml = proxy_p_config(dir.path(), STDERR_LOG, &server);
     let plain = Daemon::start_with_env(dir.path(), &yaml, &[("JOURNAL_STREAM", None)]);
     let line = plain.wait_for_line("started: ", WAIT);
     assert!(
@@ -1076,8 +1030,7 @@ fn syslog_over_udp_sends_rfc3164_datagrams() {
         "a warning is daemon.warning = <28>: {down:?}"
     );
 
-    replace_file(daemon.config.as_ref().unwrap(), &broken(&yaml));
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (code, body) = reload_with(dir.path(), &daemon, &broken(&yaml));
     assert_eq!(code, 422, "{body}");
     let rejected = wait_udp(&daemon, &syslog, &mut seen, "reload rejected");
     assert_eq!(
@@ -1107,7 +1060,7 @@ fn syslog_over_tcp_uses_octet_counting() {
         "target: syslog\nsyslog: tcp://{}\nlevel: info",
         listener.local_addr().unwrap()
     );
-    let yaml = config(dir.path(), &log, None, &[tcp_proxy("p", &server.address(), "")]);
+    let yaml = proxy_p_config(dir.path(), &log, &server);
     let mut daemon = Daemon::start(dir.path(), &yaml);
     let pid = daemon.pid();
 
@@ -1128,8 +1081,7 @@ fn syslog_over_tcp_uses_octet_counting() {
     frames.wait(&daemon, &mut stream, "listening proxy=p ");
 
     wait_control(dir.path(), &mut daemon);
-    replace_file(daemon.config.as_ref().unwrap(), &broken(&yaml));
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (code, body) = reload_with(dir.path(), &daemon, &broken(&yaml));
     assert_eq!(code, 422, "{body}");
     let rejected = frames.wait(&daemon, &mut stream, "reload rejected");
     assert_eq!(parse_3164(&rejected, pid).0, 27, "{rejected:?}");
@@ -1222,10 +1174,9 @@ fn absent_syslog_server(destination: &str, expect_drops: bool) -> (f64, f64) {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
     let log = format!("target: syslog\nsyslog: {destination}\nlevel: info");
-    let yaml = config(dir.path(), &log, None, &[tcp_proxy("p", &server.address(), "")]);
+    let yaml = proxy_p_config(dir.path(), &log, &server);
     // No log line to wait for: READY says the start is complete.
-    let mut notify = Notify::bind(dir.path());
-    let (mut daemon, _) = start_notified(dir.path(), &yaml, &mut notify, &[]);
+    let (_notify, mut daemon, _) = start_notified(dir.path(), &yaml, &[]);
     let endpoint = status_listen(dir.path(), "p");
 
     let begin = Instant::now();
@@ -1574,8 +1525,7 @@ fn metrics_parse_and_count() {
     let samples = metrics(dir.path());
     assert_eq!(metric(&samples, "interlude_config_generation", &[]), 2.0);
     assert_eq!(metric(&samples, "interlude_config_last_reload_success", &[]), 1.0);
-    replace_file(daemon.config.as_ref().unwrap(), &broken(&yaml));
-    let (code, body) = http(dir.path(), "POST", "/reload");
+    let (code, body) = reload_with(dir.path(), &daemon, &broken(&yaml));
     assert_eq!(code, 422, "{body}");
     let samples = metrics(dir.path());
     assert_eq!(metric(&samples, "interlude_config_generation", &[]), 2.0);

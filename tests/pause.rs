@@ -25,11 +25,31 @@ fn post(dir: &Path, path: &str) -> serde_json::Value {
     json(&body)
 }
 
+/// Starts, in `dir`, an echo backend and a daemon (grace period 5s) with
+/// proxy `p` in front of it on a port-0 TCP listener; `extra` holds more
+/// proxy keys (see [`proxy_entry`]). Returns them and where `p` listens.
+fn start_echo_proxy(dir: &Path, extra: &str) -> (TestServer, Daemon, Endpoint) {
+    let server = TestServer::echo_tcp();
+    let daemon = start_ready(
+        dir,
+        &one_proxy_config(dir, "5s", "tcp://127.0.0.1:0", &[server.address()], extra),
+    );
+    let endpoint = daemon.listen_addr("p");
+    (server, daemon, endpoint)
+}
+
 /// A client of `endpoint` that sends `msg` at once (it will be held).
 fn held_client(endpoint: &Endpoint, msg: &[u8]) -> Stream {
     let mut client = endpoint.must_connect();
     client.write_all(msg).expect("write while held");
     client
+}
+
+/// Connects a new client and reads until the daemon closes it (within 3s):
+/// what it got and how long that took; panics with `what` if it stays open.
+fn read_to_rejection(endpoint: &Endpoint, what: &str) -> (Vec<u8>, Duration) {
+    let mut client = endpoint.must_connect();
+    read_until_closed(&mut client, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
 /// Reads `msg.len()` bytes and asserts they are `msg` (echoed by the backend).
@@ -49,12 +69,7 @@ fn expect_echo(client: &mut Stream, msg: &[u8], context: &str) {
 #[test]
 fn sigusr1_pauses_and_sigusr2_resumes() {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
+    let (server, daemon, endpoint) = start_echo_proxy(dir.path(), "");
     assert_echo(&mut endpoint.must_connect(), b"before the pause");
     assert_eq!(server.accepted(), 1);
 
@@ -86,12 +101,7 @@ fn sigusr1_pauses_and_sigusr2_resumes() {
 fn many_held_clients_are_all_served_intact_after_resume() {
     const CLIENTS: usize = 120;
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
+    let (server, _daemon, endpoint) = start_echo_proxy(dir.path(), "");
     post(dir.path(), "/pause");
 
     let messages: Vec<Vec<u8>> = (0..CLIENTS)
@@ -117,12 +127,7 @@ fn many_held_clients_are_all_served_intact_after_resume() {
 /// not even after the resume.
 fn held_client_that_leaves(half_close: bool) {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
+    let (server, _daemon, endpoint) = start_echo_proxy(dir.path(), "");
     post(dir.path(), "/pause");
 
     let leaver = held_client(&endpoint, b"an abandoned request");
@@ -222,23 +227,10 @@ fn pausing_one_proxy_leaves_the_other_forwarding() {
 #[test]
 fn reject_policy_closes_new_connections() {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "5s",
-            "tcp://127.0.0.1:0",
-            &[server.address()],
-            "pause:\n  when_paused: reject",
-        ),
-    );
-    let endpoint = daemon.listen_addr("p");
+    let (server, _daemon, endpoint) = start_echo_proxy(dir.path(), "pause:\n  when_paused: reject");
     post(dir.path(), "/pause");
 
-    let mut client = endpoint.must_connect();
-    let (data, took) = read_until_closed(&mut client, Duration::from_secs(3))
-        .unwrap_or_else(|e| panic!("rejected client: {e}"));
+    let (data, took) = read_to_rejection(&endpoint, "rejected client");
     assert!(
         data.is_empty(),
         "reject_with close sent {:?}",
@@ -258,21 +250,11 @@ fn reject_policy_closes_new_connections() {
 #[test]
 fn reject_with_http503_answers_503_with_retry_after() {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
+    let (server, _daemon, endpoint) = start_echo_proxy(
         dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "5s",
-            "tcp://127.0.0.1:0",
-            &[server.address()],
-            "paused: true\npause:\n  when_paused: reject\n  reject_with: http503\n  retry_after: 7s",
-        ),
+        "paused: true\npause:\n  when_paused: reject\n  reject_with: http503\n  retry_after: 7s",
     );
-    let endpoint = daemon.listen_addr("p");
-    let mut client = endpoint.must_connect();
-    let (data, _) = read_until_closed(&mut client, Duration::from_secs(3))
-        .unwrap_or_else(|e| panic!("rejected client: {e}"));
+    let (data, _) = read_to_rejection(&endpoint, "rejected client");
     let text = String::from_utf8_lossy(&data);
     assert!(
         text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
@@ -293,26 +275,13 @@ fn reject_with_http503_answers_503_with_retry_after() {
 #[test]
 fn max_held_rejects_the_newest_arrivals() {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "5s",
-            "tcp://127.0.0.1:0",
-            &[server.address()],
-            "pause:\n  max_held: 2",
-        ),
-    );
-    let endpoint = daemon.listen_addr("p");
+    let (server, _daemon, endpoint) = start_echo_proxy(dir.path(), "pause:\n  max_held: 2");
     post(dir.path(), "/pause");
     let mut first = held_client(&endpoint, b"first");
     let mut second = held_client(&endpoint, b"second");
     wait_held(dir.path(), "p", 2);
 
-    let mut third = endpoint.must_connect();
-    let (data, _) = read_until_closed(&mut third, Duration::from_secs(3))
-        .unwrap_or_else(|e| panic!("the client beyond max_held was not rejected: {e}"));
+    let (data, _) = read_to_rejection(&endpoint, "the client beyond max_held was not rejected");
     assert!(data.is_empty(), "got {:?}", String::from_utf8_lossy(&data));
     let p = wait_proxy(dir.path(), "p", "rejected == 1", |p| p["rejected"] == 1);
     assert_eq!(p["held"], 2, "{p}");
@@ -462,12 +431,7 @@ fn release_rate_paces_release_in_arrival_order() {
 #[test]
 fn forwarded_connection_survives_a_pause() {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
+    let (server, _daemon, endpoint) = start_echo_proxy(dir.path(), "");
     let mut open = endpoint.must_connect();
     assert_echo(&mut open, b"before the pause");
 
@@ -492,19 +456,8 @@ fn forwarded_connection_survives_a_pause() {
 #[test]
 fn declared_pause_outlasts_cli_resume() {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(
-            dir.path(),
-            "5s",
-            "tcp://127.0.0.1:0",
-            &[server.address()],
-            "paused: true",
-        ),
-    );
+    let (server, daemon, endpoint) = start_echo_proxy(dir.path(), "paused: true");
     let config = daemon.config.clone().unwrap();
-    let endpoint = daemon.listen_addr("p");
     let p = proxy_status(dir.path(), "p");
     assert_eq!(p["paused"], true, "{p}");
     assert_eq!(p["paused_by"], serde_json::json!(["config"]), "{p}");
@@ -597,17 +550,13 @@ fn runtime_pause_survives_a_restart() {
 fn corrupt_state_file_is_ignored_with_a_warning() {
     let dir = tempdir();
     fs::write(dir.path().join("state.json"), "{\"paused\": {\"p\": [not json").unwrap();
-    let server = TestServer::echo_tcp();
-    let mut daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
+    let (_server, mut daemon, endpoint) = start_echo_proxy(dir.path(), "");
     daemon.assert_running("with a corrupt state file");
     let warning = daemon.wait_for_line("state file", WAIT);
     assert!(warning.contains("WARN"), "not a warning: {warning}");
     let p = proxy_status(dir.path(), "p");
     assert_eq!(p["paused"], false, "{p}");
-    assert_echo(&mut daemon.listen_addr("p").must_connect(), b"serving");
+    assert_echo(&mut endpoint.must_connect(), b"serving");
 }
 
 /// SIGTERM closes held clients right away (long before the grace period a
@@ -615,12 +564,7 @@ fn corrupt_state_file_is_ignored_with_a_warning() {
 #[test]
 fn sigterm_closes_held_clients_without_forwarding() {
     let dir = tempdir();
-    let server = TestServer::echo_tcp();
-    let mut daemon = start_ready(
-        dir.path(),
-        &one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[server.address()], ""),
-    );
-    let endpoint = daemon.listen_addr("p");
+    let (server, mut daemon, endpoint) = start_echo_proxy(dir.path(), "");
     let mut open = endpoint.must_connect();
     assert_echo(&mut open, b"forwarded before the pause");
     post(dir.path(), "/pause");

@@ -367,6 +367,65 @@ fn tls_config(dir: &Path, listen: &str, backend: &str, tls: &str, extra: &str) -
     )
 }
 
+/// Runs `interlude COMMAND -c CONFIG`.
+fn run_subcommand(command: &str, config: &Path) -> CliOutput {
+    run_cli([OsStr::new(command), OsStr::new("-c"), config.as_os_str()])
+}
+
+/// A ready daemon with one TLS proxy `p` on loopback TCP in front of an echo
+/// backend, its certificate issued by a fresh CA that `config` trusts.
+struct TlsProxy {
+    // Fields drop in this order: the daemon before its backend, the temp dir
+    // holding its config and certificates last.
+    daemon: Daemon,
+    server: TestServer,
+    endpoint: Endpoint,
+    config: Arc<ClientConfig>,
+    files: TlsFiles,
+    server_cert: Issued,
+    ca: Ca,
+    dir: tempfile::TempDir,
+}
+
+impl TlsProxy {
+    /// `common_name` names the server certificate (serial 1); `extra` is
+    /// added to the proxy's keys as in [`tls_config`].
+    fn start(common_name: &str, handshake_timeout: &str, extra: &str) -> TlsProxy {
+        let dir = tempdir();
+        let ca = Ca::new("interlude test CA");
+        let files = TlsFiles::new(dir.path());
+        let server_cert = ca.server(common_name, 1);
+        files.install(&server_cert);
+        let server = TestServer::echo_tcp();
+        let daemon = start_ready(
+            dir.path(),
+            &tls_config(
+                dir.path(),
+                "tcp://127.0.0.1:0",
+                &server.address(),
+                &files.section(false, handshake_timeout),
+                extra,
+            ),
+        );
+        let endpoint = daemon.listen_addr("p");
+        let config = client_config(&ca, None);
+        TlsProxy {
+            daemon,
+            server,
+            endpoint,
+            config,
+            files,
+            server_cert,
+            ca,
+            dir,
+        }
+    }
+
+    fn connect(&self) -> TlsStream {
+        tls_connect(&self.endpoint, &self.config)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Tests
 
@@ -377,30 +436,13 @@ fn tls_config(dir: &Path, listen: &str, backend: &str, tls: &str, extra: &str) -
 #[test]
 fn echo_through_tls_is_intact_both_ways_and_half_closes() {
     const SIZE: u64 = 512 * 1024;
-    let dir = tempdir();
-    let ca = Ca::new("interlude test CA");
-    let files = TlsFiles::new(dir.path());
-    let server_cert = ca.server("interlude test server", 1);
-    files.install(&server_cert);
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &tls_config(
-            dir.path(),
-            "tcp://127.0.0.1:0",
-            &server.address(),
-            &files.section(false, "5s"),
-            "",
-        ),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let config = client_config(&ca, None);
+    let tls = TlsProxy::start("interlude test server", "5s", "");
 
-    let mut client = try_tls_connect(&endpoint, &config, "127.0.0.1")
-        .unwrap_or_else(|e| daemon.fail(&format!("TLS to 127.0.0.1: {e}")));
+    let mut client = try_tls_connect(&tls.endpoint, &tls.config, "127.0.0.1")
+        .unwrap_or_else(|e| tls.daemon.fail(&format!("TLS to 127.0.0.1: {e}")));
     assert_eq!(
         peer_certificate(&client),
-        server_cert.der,
+        tls.server_cert.der,
         "wrong server certificate"
     );
 
@@ -416,7 +458,7 @@ fn echo_through_tls_is_intact_both_ways_and_half_closes() {
                 "echo corrupt in bytes {pos}..{}",
                 pos + len as u64
             ),
-            Err(e) => daemon.fail(&format!("echo at byte {pos} of {SIZE}: {e}")),
+            Err(e) => tls.daemon.fail(&format!("echo at byte {pos} of {SIZE}: {e}")),
         }
         pos += len as u64;
     }
@@ -426,7 +468,7 @@ fn echo_through_tls_is_intact_both_ways_and_half_closes() {
     client.conn.send_close_notify();
     client.flush().expect("flush close_notify");
     let (data, ending) = tls_read_until_closed(&mut client, WAIT)
-        .unwrap_or_else(|e| daemon.fail(&format!("after the client's close_notify: {e}")));
+        .unwrap_or_else(|e| tls.daemon.fail(&format!("after the client's close_notify: {e}")));
     assert_eq!(
         String::from_utf8_lossy(&data),
         "the tail",
@@ -437,13 +479,13 @@ fn echo_through_tls_is_intact_both_ways_and_half_closes() {
         Ending::CloseNotify,
         "the backend's FIN should reach the client as a close_notify"
     );
-    assert_eq!(server.accepted(), 1);
-    let p = wait_proxy(dir.path(), "p", "no connection active", |p| p["active"] == 0);
+    assert_eq!(tls.server.accepted(), 1);
+    let p = wait_proxy(tls.dir.path(), "p", "no connection active", |p| p["active"] == 0);
     assert!(
         p["bytes_in"].as_u64().unwrap_or(0) >= SIZE,
         "bytes_in counts plaintext forwarded: {p}"
     );
-    assert_eq!(handshake_failures(dir.path(), "p"), 0);
+    assert_eq!(handshake_failures(tls.dir.path(), "p"), 0);
 }
 
 /// A TLS listener on a UNIX socket, forwarding to a UNIX backend.
@@ -562,38 +604,22 @@ fn mutual_tls_requires_a_client_certificate_from_client_ca() {
 /// a session opened before keeps echoing (with the old one).
 #[test]
 fn certificate_swap_on_reload_keeps_open_sessions() {
-    let dir = tempdir();
-    let ca = Ca::new("interlude test CA");
-    let files = TlsFiles::new(dir.path());
-    let first = ca.server("interlude server one", 1);
-    let second = ca.server("interlude server two", 2);
+    let tls = TlsProxy::start("interlude server one", "5s", "");
+    let first = &tls.server_cert;
+    let second = tls.ca.server("interlude server two", 2);
     assert_ne!(first.der, second.der);
-    files.install(&first);
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &tls_config(
-            dir.path(),
-            "tcp://127.0.0.1:0",
-            &server.address(),
-            &files.section(false, "5s"),
-            "",
-        ),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let config = client_config(&ca, None);
 
-    let mut old = tls_connect(&endpoint, &config);
+    let mut old = tls.connect();
     assert_eq!(peer_certificate(&old), first.der, "the first certificate");
     tls_assert_echo(&mut old, b"before the swap", "old session");
 
-    let before = generation(dir.path());
-    files.install(&second);
-    daemon.signal(libc::SIGHUP);
-    let doc = wait_generation(dir.path(), before + 1);
+    let before = generation(tls.dir.path());
+    tls.files.install(&second);
+    tls.daemon.signal(libc::SIGHUP);
+    let doc = wait_generation(tls.dir.path(), before + 1);
     assert_eq!(doc["last_reload"]["ok"], true, "the reload was refused: {doc}");
 
-    let mut new = tls_connect(&endpoint, &config);
+    let mut new = tls.connect();
     assert!(
         peer_certificate(&new) == second.der,
         "a session opened after the reload got the old certificate"
@@ -601,9 +627,9 @@ fn certificate_swap_on_reload_keeps_open_sessions() {
     tls_assert_echo(&mut new, b"with the new certificate", "new session");
     tls_assert_echo(&mut old, b"after the swap", "the session opened before the swap");
     assert_eq!(peer_certificate(&old), first.der);
-    assert_eq!(server.accepted(), 2);
+    assert_eq!(tls.server.accepted(), 2);
     tls_assert_echo(&mut old, &vec![b'o'; 30_000], "old session, 30 KB after the swap");
-    assert_eq!(handshake_failures(dir.path(), "p"), 0);
+    assert_eq!(handshake_failures(tls.dir.path(), "p"), 0);
 }
 
 /// A key that belongs to another certificate: the reload (SIGHUP, and
@@ -612,37 +638,21 @@ fn certificate_swap_on_reload_keeps_open_sessions() {
 /// again are applied.
 #[test]
 fn a_bad_key_or_expired_certificate_rejects_the_reload() {
-    let dir = tempdir();
-    let ca = Ca::new("interlude test CA");
-    let files = TlsFiles::new(dir.path());
-    let good = ca.server("interlude good server", 1);
-    files.install(&good);
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &tls_config(
-            dir.path(),
-            "tcp://127.0.0.1:0",
-            &server.address(),
-            &files.section(false, "5s"),
-            "",
-        ),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let config = client_config(&ca, None);
-    let mut open = tls_connect(&endpoint, &config);
+    let tls = TlsProxy::start("interlude good server", "5s", "");
+    let good = &tls.server_cert;
+    let mut open = tls.connect();
     tls_assert_echo(&mut open, b"before", "session opened first");
-    let generation_before = generation(dir.path());
-    let key_path = files.key.display().to_string();
-    let cert_path = files.cert.display().to_string();
+    let generation_before = generation(tls.dir.path());
+    let key_path = tls.files.key.display().to_string();
+    let cert_path = tls.files.cert.display().to_string();
 
     // A new certificate, but the key of yet another one.
-    let next = ca.server("interlude next server", 2);
-    let unrelated = ca.server("unrelated", 3);
-    replace_file(&files.cert, &next.cert_pem);
-    replace_file(&files.key, &unrelated.key_pem);
-    daemon.signal(libc::SIGHUP);
-    let doc = wait_status(dir.path(), "last_reload.ok == false", |doc| {
+    let next = tls.ca.server("interlude next server", 2);
+    let unrelated = tls.ca.server("unrelated", 3);
+    replace_file(&tls.files.cert, &next.cert_pem);
+    replace_file(&tls.files.key, &unrelated.key_pem);
+    tls.daemon.signal(libc::SIGHUP);
+    let doc = wait_status(tls.dir.path(), "last_reload.ok == false", |doc| {
         doc["last_reload"]["ok"] == false
     });
     let error = doc["last_reload"]["error"].as_str().unwrap_or("").to_string();
@@ -654,11 +664,7 @@ fn a_bad_key_or_expired_certificate_rejects_the_reload() {
         doc["generation"], generation_before,
         "a refused reload changed the generation"
     );
-    let cli = run_cli([
-        OsStr::new("reload"),
-        OsStr::new("-c"),
-        daemon.config.as_ref().unwrap().as_os_str(),
-    ]);
+    let cli = run_subcommand("reload", tls.daemon.config.as_ref().unwrap());
     assert_eq!(
         cli.code(),
         Some(2),
@@ -670,7 +676,7 @@ fn a_bad_key_or_expired_certificate_rejects_the_reload() {
         "interlude reload does not name the key file {key_path}\n{}",
         cli.describe()
     );
-    let mut client = tls_connect(&endpoint, &config);
+    let mut client = tls.connect();
     assert!(
         peer_certificate(&client) == good.der,
         "after a refused reload a new session did not get the old certificate"
@@ -683,18 +689,14 @@ fn a_bad_key_or_expired_certificate_rejects_the_reload() {
     tls_assert_echo(&mut open, b"still open", "the session opened first");
 
     // An expired certificate with its own key.
-    let expired = ca.issue(
+    let expired = tls.ca.issue(
         "interlude expired server",
         4,
         Role::Server,
         Some(((2020, 1, 1), (2021, 1, 1))),
     );
-    files.install(&expired);
-    let cli = run_cli([
-        OsStr::new("reload"),
-        OsStr::new("-c"),
-        daemon.config.as_ref().unwrap().as_os_str(),
-    ]);
+    tls.files.install(&expired);
+    let cli = run_subcommand("reload", tls.daemon.config.as_ref().unwrap());
     assert_eq!(
         cli.code(),
         Some(2),
@@ -706,7 +708,7 @@ fn a_bad_key_or_expired_certificate_rejects_the_reload() {
         "interlude reload does not name the certificate file {cert_path}\n{}",
         cli.describe()
     );
-    let doc = status(dir.path());
+    let doc = status(tls.dir.path());
     assert_eq!(doc["last_reload"]["ok"], false, "{doc}");
     assert!(
         doc["last_reload"]["error"]
@@ -715,7 +717,7 @@ fn a_bad_key_or_expired_certificate_rejects_the_reload() {
             .contains(&cert_path),
         "{doc}"
     );
-    let mut client = tls_connect(&endpoint, &config);
+    let mut client = tls.connect();
     assert!(
         peer_certificate(&client) == good.der,
         "the expired certificate was put in service"
@@ -723,11 +725,11 @@ fn a_bad_key_or_expired_certificate_rejects_the_reload() {
     tls_assert_echo(&mut client, b"still the good one", "after the expired reload");
 
     // Good files again: applied.
-    files.install(&next);
-    daemon.signal(libc::SIGHUP);
-    let doc = wait_generation(dir.path(), generation_before + 1);
+    tls.files.install(&next);
+    tls.daemon.signal(libc::SIGHUP);
+    let doc = wait_generation(tls.dir.path(), generation_before + 1);
     assert_eq!(doc["last_reload"]["ok"], true, "{doc}");
-    let mut client = tls_connect(&endpoint, &config);
+    let mut client = tls.connect();
     assert!(
         peer_certificate(&client) == next.der,
         "the good pair was not applied"
@@ -760,7 +762,7 @@ fn an_expired_certificate_fails_check_and_start_up() {
     let config = write_config(dir.path(), &yaml);
     let cert_path = files.cert.display().to_string();
 
-    let check = run_cli([OsStr::new("check"), OsStr::new("-c"), config.as_os_str()]);
+    let check = run_subcommand("check", &config);
     assert_eq!(check.code(), Some(2), "interlude check\n{}", check.describe());
     assert!(
         format!("{}{}", check.stdout, check.stderr).contains(&cert_path),
@@ -768,7 +770,7 @@ fn an_expired_certificate_fails_check_and_start_up() {
         check.describe()
     );
 
-    let run = run_cli([OsStr::new("run"), OsStr::new("-c"), config.as_os_str()]);
+    let run = run_subcommand("run", &config);
     assert_eq!(
         run.code(),
         Some(2),
@@ -787,7 +789,7 @@ fn an_expired_certificate_fails_check_and_start_up() {
 
     // The same config with a valid pair passes the check.
     files.install(&ca.server("interlude valid server", 2));
-    let check = run_cli([OsStr::new("check"), OsStr::new("-c"), config.as_os_str()]);
+    let check = run_subcommand("check", &config);
     assert_eq!(
         check.code(),
         Some(0),
@@ -803,30 +805,16 @@ fn an_expired_certificate_fails_check_and_start_up() {
 #[test]
 fn silent_clients_do_not_block_other_handshakes() {
     const TIMEOUT: Duration = Duration::from_millis(1000);
-    let dir = tempdir();
-    let ca = Ca::new("interlude test CA");
-    let files = TlsFiles::new(dir.path());
-    files.install(&ca.server("interlude test server", 1));
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &tls_config(
-            dir.path(),
-            "tcp://127.0.0.1:0",
-            &server.address(),
-            &files.section(false, "1000ms"),
-            "",
-        ),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let config = client_config(&ca, None);
+    let tls = TlsProxy::start("interlude test server", "1000ms", "");
 
     // One listening socket accepts in arrival order: the daemon takes the
     // silent ones before the real client.
     let opened = Instant::now();
-    let mut silent: Vec<Stream> = (0..3).map(|_| endpoint.must_connect()).collect();
-    let mut client = try_tls_connect(&endpoint, &config, "localhost")
-        .unwrap_or_else(|e| daemon.fail(&format!("the real client behind 3 silent ones: {e}")));
+    let mut silent: Vec<Stream> = (0..3).map(|_| tls.endpoint.must_connect()).collect();
+    let mut client = try_tls_connect(&tls.endpoint, &tls.config, "localhost").unwrap_or_else(|e| {
+        tls.daemon
+            .fail(&format!("the real client behind 3 silent ones: {e}"))
+    });
     tls_assert_echo(&mut client, b"not blocked", "the real client");
     let served = opened.elapsed();
     assert!(
@@ -847,7 +835,7 @@ fn silent_clients_do_not_block_other_handshakes() {
     }
 
     // A client speaking plain text fails its handshake at once.
-    let mut plain = endpoint.must_connect();
+    let mut plain = tls.endpoint.must_connect();
     plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let (data, took) = read_until_closed(&mut plain, WAIT)
         .unwrap_or_else(|e| panic!("the plain-text client was not closed: {e}"));
@@ -876,9 +864,13 @@ fn silent_clients_do_not_block_other_handshakes() {
         all_closed < TIMEOUT + Duration::from_secs(5),
         "the silent clients were closed only after {all_closed:?}"
     );
-    wait_handshake_failures(dir.path(), "p", 4);
+    wait_handshake_failures(tls.dir.path(), "p", 4);
     tls_assert_echo(&mut client, b"still fine", "the real client at the end");
-    assert_eq!(server.accepted(), 1, "only the real client reaches the backend");
+    assert_eq!(
+        tls.server.accepted(),
+        1,
+        "only the real client reaches the backend"
+    );
 }
 
 /// `when_paused: reject` with `reject_with: http503` on a TLS listener: the
@@ -886,26 +878,14 @@ fn silent_clients_do_not_block_other_handshakes() {
 /// the session closes cleanly (close_notify); no backend contact.
 #[test]
 fn reject_with_http503_over_tls() {
-    let dir = tempdir();
-    let ca = Ca::new("interlude test CA");
-    let files = TlsFiles::new(dir.path());
-    files.install(&ca.server("interlude test server", 1));
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &tls_config(
-            dir.path(),
-            "tcp://127.0.0.1:0",
-            &server.address(),
-            &files.section(false, "5s"),
-            "paused: true\npause:\n  when_paused: reject\n  reject_with: http503\n  retry_after: 7s",
-        ),
+    let tls = TlsProxy::start(
+        "interlude test server",
+        "5s",
+        "paused: true\npause:\n  when_paused: reject\n  reject_with: http503\n  retry_after: 7s",
     );
-    let endpoint = daemon.listen_addr("p");
-    let config = client_config(&ca, None);
-    let mut client = tls_connect(&endpoint, &config);
+    let mut client = tls.connect();
     let (data, ending) = tls_read_until_closed(&mut client, WAIT)
-        .unwrap_or_else(|e| daemon.fail(&format!("the rejected TLS client: {e}")));
+        .unwrap_or_else(|e| tls.daemon.fail(&format!("the rejected TLS client: {e}")));
     let text = String::from_utf8_lossy(&data);
     assert!(
         text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
@@ -922,10 +902,10 @@ fn reject_with_http503_over_tls() {
         Ending::CloseNotify,
         "the 503 session should end with a close_notify"
     );
-    wait_proxy(dir.path(), "p", "rejected == 1", |p| p["rejected"] == 1);
-    assert_eq!(server.accepted(), 0);
+    wait_proxy(tls.dir.path(), "p", "rejected == 1", |p| p["rejected"] == 1);
+    assert_eq!(tls.server.accepted(), 0);
     assert_eq!(
-        handshake_failures(dir.path(), "p"),
+        handshake_failures(tls.dir.path(), "p"),
         0,
         "the 503 session counted as a failed handshake"
     );
@@ -936,45 +916,32 @@ fn reject_with_http503_over_tls() {
 /// after the resume they arrive first, then the session carries on.
 #[test]
 fn hold_over_tls_delivers_early_bytes_on_resume() {
-    let dir = tempdir();
-    let ca = Ca::new("interlude test CA");
-    let files = TlsFiles::new(dir.path());
-    let server_cert = ca.server("interlude test server", 1);
-    files.install(&server_cert);
-    let server = TestServer::echo_tcp();
-    let daemon = start_ready(
-        dir.path(),
-        &tls_config(
-            dir.path(),
-            "tcp://127.0.0.1:0",
-            &server.address(),
-            &files.section(false, "5s"),
-            "pause:\n  when_paused: hold",
-        ),
-    );
-    let endpoint = daemon.listen_addr("p");
-    let config = client_config(&ca, None);
-    post(dir.path(), "/pause");
-    wait_proxy(dir.path(), "p", "paused", |p| p["paused"] == true);
+    let tls = TlsProxy::start("interlude test server", "5s", "pause:\n  when_paused: hold");
+    post(tls.dir.path(), "/pause");
+    wait_proxy(tls.dir.path(), "p", "paused", |p| p["paused"] == true);
 
-    let mut client = tls_connect(&endpoint, &config);
-    assert_eq!(peer_certificate(&client), server_cert.der);
+    let mut client = tls.connect();
+    assert_eq!(peer_certificate(&client), tls.server_cert.der);
     let early = b"sent while held, before the resume|".repeat(200);
     client.write_all(&early).unwrap();
     client.flush().unwrap();
-    wait_held(dir.path(), "p", 1);
+    wait_held(tls.dir.path(), "p", 1);
     tls_assert_silent(&mut client, Duration::from_millis(300), "a held TLS client");
-    assert_eq!(server.accepted(), 0, "a held TLS connection reached the backend");
+    assert_eq!(
+        tls.server.accepted(),
+        0,
+        "a held TLS connection reached the backend"
+    );
 
-    post(dir.path(), "/resume");
+    post(tls.dir.path(), "/resume");
     let mut reply = vec![0u8; early.len()];
     client
         .read_exact(&mut reply)
-        .unwrap_or_else(|e| daemon.fail(&format!("the early bytes after the resume: {e}")));
+        .unwrap_or_else(|e| tls.daemon.fail(&format!("the early bytes after the resume: {e}")));
     assert!(reply == early, "the early bytes came back altered");
     tls_assert_echo(&mut client, b"and after the resume", "the released TLS client");
-    assert_eq!(server.accepted(), 1);
-    let p = wait_proxy(dir.path(), "p", "held == 0", |p| p["held"] == 0);
+    assert_eq!(tls.server.accepted(), 1);
+    let p = wait_proxy(tls.dir.path(), "p", "held == 0", |p| p["held"] == 0);
     assert_eq!(p["dropped_while_held"], 0, "{p}");
-    assert_eq!(handshake_failures(dir.path(), "p"), 0);
+    assert_eq!(handshake_failures(tls.dir.path(), "p"), 0);
 }
