@@ -897,7 +897,7 @@ fn deploy_under_keep_alive_load_fails_no_request() {
 /// already used once) reaches the backend with those fields; the client
 /// gets the 101, then the connection is a raw byte stream both ways (a
 /// greeting from the backend, echoes of small and large writes), and a
-/// half-close travels through.
+/// half-close travels through. Its bytes are counted while it is open.
 #[test]
 fn websocket_upgrade_turns_into_a_byte_stream() {
     const BIG: usize = 256 * 1024;
@@ -972,6 +972,17 @@ fn websocket_upgrade_turns_into_a_byte_stream() {
         .expect("the echo of a large write");
     writer.join().unwrap().expect("the large write");
     assert!(back == big, "the large echo came back corrupted");
+    // Counted as the bytes move, not when the tunnel ends.
+    let big = BIG as u64;
+    wait_proxy(
+        dir.path(),
+        "p",
+        "the tunnel's bytes counted while it is open",
+        |p| {
+            p["bytes_in"].as_u64().is_some_and(|n| n >= big)
+                && p["bytes_out"].as_u64().is_some_and(|n| n >= big)
+        },
+    );
 
     client.stream().shutdown_write().unwrap();
     if let Err(e) = client.expect_closed(WAIT) {

@@ -38,7 +38,12 @@ pub async fn run(proxy: Arc<Proxy>) {
             }
         }
         let mut changed = false;
-        while let Some(Ok((backend, result))) = probes.join_next().await {
+        while let Some(joined) = probes.join_next().await {
+            // A probe that panicked leaves its backend as it was; the
+            // others' results still count.
+            let Ok((backend, result)) = joined else {
+                continue;
+            };
             let ok = result.is_ok();
             let detail = result.unwrap_or_else(|e| e);
             if let Some(up) = backend.record_check(ok, detail.clone(), check.rise, check.fall) {

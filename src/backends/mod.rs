@@ -204,8 +204,8 @@ impl Drop for InFlight {
 /// A backend connection, counted as active on its backend until dropped.
 pub struct Connected {
     pub stream: Stream,
-    pub backend: Arc<Backend>,
-    _in_flight: InFlight,
+    /// Holds the backend (`in_flight.backend()`).
+    pub in_flight: InFlight,
 }
 
 #[derive(Debug)]
@@ -303,11 +303,7 @@ impl BackendSet {
             let in_flight = InFlight::begin(backend);
             if let Ok(stream) = backend.connect(proxy, connect_timeout).await {
                 in_flight.reached();
-                return Some(Connected {
-                    stream,
-                    backend: backend.clone(),
-                    _in_flight: in_flight,
-                });
+                return Some(Connected { stream, in_flight });
             }
         }
         None

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{Proxy, ProxySettings};
+use super::{Proxy, ProxySettings, until_zero};
 use crate::backends::{Backend, BackendSet, Role};
 use crate::config::{BackendConfig, ProxyConfig};
 use tokio_rustls::rustls::ServerConfig;
@@ -29,23 +29,20 @@ impl Proxy {
         backends: &[BackendConfig],
         tls: Option<Arc<ServerConfig>>,
     ) -> bool {
-        let mut leaving = Vec::new();
+        let mut leaving = Departing::default();
         self.settings.send_modify(|settings| {
             let current = &settings.backends;
             let staying = BackendSet::reuse_or_create(backends, Some(current), Role::Serving, &self.kill);
-            leaving = departing(current, &staying);
+            leaving = Departing::from(current, &staying);
             let mut next = staying;
-            next.extend(leaving.iter().cloned());
+            next.extend(leaving.draining.iter().cloned());
             *settings = Arc::new(ProxySettings::new(
                 config,
                 BackendSet::new(next, config.balance),
                 tls,
             ));
         });
-        let drain_timeout = config.drain_timeout.0;
-        for backend in leaving {
-            self.drain(backend, drain_timeout);
-        }
+        self.let_go(leaving, config.drain_timeout.0);
         self.gate.set_policy(&config.pause);
         self.gate.set_declared(config.paused)
     }
@@ -64,7 +61,7 @@ impl Proxy {
                 .collect();
             let mut next = current.backends.clone();
             next.extend(added.iter().cloned());
-            *settings = Arc::new(settings.with_backends(BackendSet::new(next, current.balance())));
+            *settings = Arc::new(settings.with_backends(next));
         });
         self.probe_now.notify_one();
         added
@@ -102,7 +99,7 @@ impl Proxy {
     /// Last step of a successful deploy: exactly `wanted` serves, in its
     /// order; every other backend drains.
     pub fn commit_deploy(self: &Arc<Self>, wanted: &[BackendConfig]) {
-        let mut leaving = Vec::new();
+        let mut leaving = Departing::default();
         self.settings.send_modify(|settings| {
             let current = &settings.backends;
             let staying: Vec<Arc<Backend>> =
@@ -110,15 +107,13 @@ impl Proxy {
             for backend in &staying {
                 backend.set_role(Role::Serving);
             }
-            leaving = departing(current, &staying);
+            leaving = Departing::from(current, &staying);
             let mut next = staying;
-            next.extend(leaving.iter().cloned());
-            *settings = Arc::new(settings.with_backends(BackendSet::new(next, current.balance())));
+            next.extend(leaving.draining.iter().cloned());
+            *settings = Arc::new(settings.with_backends(next));
         });
         let drain_timeout = self.settings.borrow().drain_timeout;
-        for backend in leaving {
-            self.drain(backend, drain_timeout);
-        }
+        self.let_go(leaving, drain_timeout);
     }
 
     /// A failed deploy: the backends it added go away; the old set serves on.
@@ -127,6 +122,19 @@ impl Proxy {
         for backend in added {
             backend.close_idle();
             backend.kill.cancel();
+        }
+    }
+
+    /// Closes the idle keep-alive connections of backends that left the set
+    /// and drains those still carrying connections. Called after the
+    /// settings swap: closing sockets inside `send_modify` would keep every
+    /// new connection waiting on the settings.
+    fn let_go(self: &Arc<Self>, leaving: Departing, drain_timeout: Duration) {
+        for backend in leaving.gone {
+            backend.close_idle();
+        }
+        for backend in leaving.draining {
+            self.drain(backend, drain_timeout);
         }
     }
 
@@ -141,19 +149,8 @@ impl Proxy {
         }
         let proxy = self.clone();
         tokio::spawn(async move {
-            let idle = async {
-                loop {
-                    let closed = backend.idle.notified();
-                    tokio::pin!(closed);
-                    closed.as_mut().enable();
-                    if backend.active.load(Relaxed) == 0 {
-                        return;
-                    }
-                    closed.await;
-                }
-            };
             tokio::select! {
-                () = idle => {
+                () = until_zero(&backend.active, &backend.idle) => {
                     if open > 0 {
                         info!(proxy = %proxy.name, backend = %backend.address, "backend drained");
                     }
@@ -186,22 +183,30 @@ impl Proxy {
             if next.len() == current.backends.len() {
                 return false;
             }
-            *settings = Arc::new(settings.with_backends(BackendSet::new(next, current.balance())));
+            *settings = Arc::new(settings.with_backends(next));
             true
         });
     }
 }
 
-/// Backends of `current` that are not in `staying` and still carry
-/// connections (those without any just go). Every leaving backend's idle
-/// keep-alive connections close now.
-fn departing(current: &BackendSet, staying: &[Arc<Backend>]) -> Vec<Arc<Backend>> {
-    current
-        .backends
-        .iter()
-        .filter(|b| !staying.iter().any(|s| Arc::ptr_eq(s, b)))
-        .inspect(|b| b.close_idle())
-        .filter(|b| b.active.load(Relaxed) > 0 || b.role() == Role::Draining)
-        .cloned()
-        .collect()
+/// Backends of `current` that are not in `staying`.
+#[derive(Default)]
+struct Departing {
+    /// Still carrying connections (or already draining): they stay in the
+    /// set, out of rotation, until drained.
+    draining: Vec<Arc<Backend>>,
+    /// Carrying nothing: they just go.
+    gone: Vec<Arc<Backend>>,
+}
+
+impl Departing {
+    fn from(current: &BackendSet, staying: &[Arc<Backend>]) -> Departing {
+        let (draining, gone) = current
+            .backends
+            .iter()
+            .filter(|b| !staying.iter().any(|s| Arc::ptr_eq(s, b)))
+            .cloned()
+            .partition(|b| b.active.load(Relaxed) > 0 || b.role() == Role::Draining);
+        Departing { draining, gone }
+    }
 }

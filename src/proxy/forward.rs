@@ -52,12 +52,9 @@ pub async fn forward(
     kill: &CancellationToken,
     traffic: Traffic<'_>,
 ) -> io::Result<Ended> {
-    let started = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let activity = idle_timeout.map(|_| Activity {
-        started,
-        last: &last_activity,
-    });
+    let activity = Activity::new();
+    // Touched only when something waits for idleness.
+    let touch = idle_timeout.map(|_| &activity);
     let both_ways = async {
         // What a held client sent while waiting goes first.
         if !early.is_empty() {
@@ -66,26 +63,11 @@ pub async fn forward(
         }
         // Each direction is polled only when its own socket woke it.
         tokio::try_join!(
-            PollWhenWoken::new(pump(
-                client,
-                backend,
-                traffic.client_to_backend,
-                activity.as_ref()
-            )),
-            PollWhenWoken::new(pump(
-                backend,
-                client,
-                traffic.backend_to_client,
-                activity.as_ref()
-            )),
+            PollWhenWoken::new(pump(client, backend, traffic.client_to_backend, touch)),
+            PollWhenWoken::new(pump(backend, client, traffic.backend_to_client, touch)),
         )
     };
-    tokio::select! {
-        biased;
-        result = both_ways => result.map(|_| Ended::Closed),
-        () = idle_expired(idle_timeout, started, &last_activity) => Ok(Ended::Idle),
-        () = PollWhenWoken::new(kill.cancelled()) => Ok(Ended::Killed),
-    }
+    until_ended(both_ways, idle_timeout, &activity, kill).await
 }
 
 /// The copy path for streams that are not plain sockets (a TLS session):
@@ -104,12 +86,9 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let started = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let activity = idle_timeout.map(|_| Activity {
-        started,
-        last: &last_activity,
-    });
+    let activity = Activity::new();
+    // Touched only when something waits for idleness.
+    let touch = idle_timeout.map(|_| &activity);
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut backend_read, mut backend_write) = tokio::io::split(backend);
     let both_ways = async {
@@ -122,22 +101,17 @@ where
                 &mut client_read,
                 &mut backend_write,
                 traffic.client_to_backend,
-                activity.as_ref()
+                touch
             ),
             copy_stream(
                 &mut backend_read,
                 &mut client_write,
                 traffic.backend_to_client,
-                activity.as_ref()
+                touch
             ),
         )
     };
-    tokio::select! {
-        biased;
-        result = both_ways => result.map(|_| Ended::Closed),
-        () = idle_expired(idle_timeout, started, &last_activity) => Ok(Ended::Idle),
-        () = PollWhenWoken::new(kill.cancelled()) => Ok(Ended::Killed),
-    }
+    until_ended(both_ways, idle_timeout, &activity, kill).await
 }
 
 /// Size of each direction's buffer on the stream copy path.
@@ -147,7 +121,7 @@ async fn copy_stream<R, W>(
     from: &mut R,
     to: &mut W,
     counter: &AtomicU64,
-    activity: Option<&Activity<'_>>,
+    activity: Option<&Activity>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -168,34 +142,59 @@ where
     }
 }
 
-/// When the last byte moved, as nanoseconds since the connection started:
-/// an atomic because both directions update it from one task's two futures.
-struct Activity<'a> {
-    started: Instant,
-    last: &'a AtomicU64,
+/// How every forwarded connection ends, whatever carries its bytes: both
+/// directions done (or one failed), nothing moved for `idle_timeout`, or
+/// the proxy killed it.
+async fn until_ended<T>(
+    both_ways: impl Future<Output = io::Result<T>>,
+    idle_timeout: Option<Duration>,
+    activity: &Activity,
+    kill: &CancellationToken,
+) -> io::Result<Ended> {
+    tokio::select! {
+        biased;
+        result = both_ways => result.map(|_| Ended::Closed),
+        () = activity.idle_for(idle_timeout) => Ok(Ended::Idle),
+        () = PollWhenWoken::new(kill.cancelled()) => Ok(Ended::Killed),
+    }
 }
 
-impl Activity<'_> {
+/// When the last byte moved, as nanoseconds since the connection started:
+/// an atomic because both directions update it from one task's two futures.
+struct Activity {
+    started: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
     fn touch(&self) {
         let nanos = self.started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         self.last.store(nanos, Relaxed);
     }
-}
 
-async fn idle_expired(timeout: Option<Duration>, started: Instant, last_activity: &AtomicU64) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
-    // Re-arm from the last activity instead of resetting a timer on every read.
-    let mut deadline = started + timeout;
-    loop {
-        tokio::time::sleep_until(deadline).await;
-        let last = started + Duration::from_nanos(last_activity.load(Relaxed));
-        let next = last + timeout;
-        if next <= Instant::now() {
-            return;
+    /// Returns once nothing moved for `timeout`; never without one.
+    async fn idle_for(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        // Re-arm from the last activity instead of resetting a timer on every read.
+        let mut deadline = self.started + timeout;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            let last = self.started + Duration::from_nanos(self.last.load(Relaxed));
+            let next = last + timeout;
+            if next <= Instant::now() {
+                return;
+            }
+            deadline = next;
         }
-        deadline = next;
     }
 }
 
@@ -205,7 +204,7 @@ async fn pump(
     from: &Stream,
     to: &Stream,
     counter: &AtomicU64,
-    activity: Option<&Activity<'_>>,
+    activity: Option<&Activity>,
 ) -> io::Result<()> {
     loop {
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
@@ -230,7 +229,7 @@ async fn pump(
     }
 }
 
-pub async fn write_all(to: &Stream, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_all(to: &Stream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match to.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -6,6 +6,7 @@
 use std::io;
 
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
 use super::gate::HeldTicket;
 use super::stream::{Client, Stream};
@@ -25,30 +26,23 @@ pub enum Hold {
     Closed,
 }
 
-/// Waits for the release of `ticket`, keeping what the client sends in `early`.
-pub async fn hold(
-    client: &mut Client,
-    ticket: &mut HeldTicket,
-    early: &mut Vec<u8>,
-    closing: &tokio_util::sync::CancellationToken,
-) -> Hold {
+/// Waits for the release of `ticket`, unless the proxy closes its held
+/// clients first or `client_leaves` (it watches the client) returns.
+pub async fn hold(ticket: &mut HeldTicket, closing: &CancellationToken, client_leaves: impl Future) -> Hold {
     tokio::select! {
         biased;
         () = PollWhenWoken::new(closing.cancelled()) => Hold::Closed,
         released = ticket.released() => if released { Hold::Released } else { Hold::Closed },
-        _ = client_leaves(client, early) => Hold::ClientLeft,
+        _ = client_leaves => Hold::ClientLeft,
     }
 }
 
 /// Returns when the client closes or resets; meanwhile reads what it sends
 /// into `early` until the bound, then only listens for a hang-up.
-async fn client_leaves(client: &mut Client, early: &mut Vec<u8>) -> io::Result<()> {
+pub async fn client_leaves(client: &mut Client, early: &mut Vec<u8>) -> io::Result<()> {
     loop {
         if early.len() >= HELD_BUFFER_LIMIT {
-            if client.socket().wait_hang_up().await? {
-                return Ok(());
-            }
-            continue;
+            return client.socket().hung_up().await;
         }
         let n = match client {
             Client::Plain(socket) => {
@@ -82,7 +76,6 @@ fn read_into(client: &Stream, early: &mut Vec<u8>) -> io::Result<usize> {
     let mut chunk = [0u8; 4096];
     let room = (HELD_BUFFER_LIMIT - early.len()).min(chunk.len());
     let n = client.try_read(&mut chunk[..room])?;
-    early.reserve_exact(n);
     early.extend_from_slice(&chunk[..n]);
     Ok(n)
 }

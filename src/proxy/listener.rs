@@ -123,7 +123,7 @@ struct Backoff {
 impl Backoff {
     fn next(&mut self) -> Duration {
         self.failures += 1;
-        Duration::from_millis(5u64 << self.failures.min(8)).min(Duration::from_secs(1))
+        Duration::from_millis(5u64 << (self.failures - 1).min(8)).min(Duration::from_secs(1))
     }
 
     fn first(&self) -> bool {

@@ -25,15 +25,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::backends::{BackendSet, Role};
+use crate::backends::{Backend, BackendSet, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, RejectReason, RuntimePause};
-use hold::{Hold, hold};
+use hold::{Hold, client_leaves, hold};
 use stream::{Client, Peer, Stream};
 
 /// What a new connection needs from the config, shared read-only.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -81,18 +81,11 @@ impl ProxySettings {
         }
     }
 
-    /// The same settings over another backend set.
-    fn with_backends(&self, backends: BackendSet) -> ProxySettings {
+    /// The same settings over other backends, balanced the same way.
+    fn with_backends(&self, backends: Vec<Arc<Backend>>) -> ProxySettings {
         ProxySettings {
-            connect_timeout: self.connect_timeout,
-            idle_timeout: self.idle_timeout,
-            backends: Arc::new(backends),
-            reject_with_503: self.reject_with_503,
-            health: self.health.clone(),
-            drain_timeout: self.drain_timeout,
-            tls: self.tls.clone(),
-            mode: self.mode,
-            bypass: self.bypass.clone(),
+            backends: Arc::new(BackendSet::new(backends, self.backends.balance())),
+            ..self.clone()
         }
     }
 }
@@ -192,35 +185,37 @@ impl Proxy {
 
     /// Waits until no forwarded connection is open.
     pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            // Register before checking, so a close in between is not missed.
-            notified.as_mut().enable();
-            if self.stats.active.load(Relaxed) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        until_zero(&self.stats.active, &self.idle).await;
     }
 
     /// Serves one accepted client to its end: through the gate (forward,
     /// hold or reject), then to a backend.
     pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer) {
-        let tls = self.settings.borrow().tls.clone();
-        match tls {
-            None => self.serve_client(Client::Plain(client), peer).await,
+        // Read once per connection (again only after a hold): the settings
+        // lock is shared by every connection of the proxy.
+        let settings = self.settings.borrow().clone();
+        match &settings.tls {
+            None => self.serve_client(Client::Plain(client), peer, settings).await,
             // A TLS session's state is large: boxed, so that every plain
             // connection's task does not carry room for it.
-            Some(tls) => Box::pin(self.serve_tls(client, peer, tls)).await,
+            Some(tls) => {
+                let tls = tls.clone();
+                Box::pin(self.serve_tls(client, peer, tls, settings)).await
+            }
         }
     }
 
     /// The TLS handshake (off the accept loop and bounded: a silent client
     /// costs one timer), then the decrypted stream is served like any other.
-    async fn serve_tls(self: Arc<Self>, client: Stream, peer: Peer, tls: TlsSettings) {
+    async fn serve_tls(
+        self: Arc<Self>,
+        client: Stream,
+        peer: Peer,
+        tls: TlsSettings,
+        settings: Arc<ProxySettings>,
+    ) {
         if let Some(client) = self.accept_tls(client, &peer, &tls).await {
-            self.serve_client(client, peer).await;
+            self.serve_client(client, peer, settings).await;
         }
     }
 
@@ -244,22 +239,23 @@ impl Proxy {
 
     /// A client past its TLS handshake (if any): through the gate, then to
     /// a backend.
-    async fn serve_client(self: Arc<Self>, mut client: Client, peer: Peer) {
+    async fn serve_client(self: Arc<Self>, mut client: Client, peer: Peer, mut settings: Arc<ProxySettings>) {
         let mut early = Vec::new();
         match self.gate.admit() {
             Admission::Forward => {}
             Admission::Reject(reason) => {
                 self.stats.rejected.fetch_add(1, Relaxed);
                 debug!(proxy = %self.name, %peer, ?reason, "rejected while paused");
-                let retry_after = self.settings.borrow().reject_with_503;
-                if let Some(retry_after) = retry_after {
+                if let Some(retry_after) = settings.reject_with_503 {
                     answer_503(&mut client, retry_after, reason).await;
                 }
                 return;
             }
             Admission::Hold(mut ticket) => {
-                match hold(&mut client, &mut ticket, &mut early, &self.gate.close_held).await {
-                    Hold::Released => {}
+                let leaves = client_leaves(&mut client, &mut early);
+                match hold(&mut ticket, &self.gate.close_held, leaves).await {
+                    // The backends current at the release.
+                    Hold::Released => settings = self.settings.borrow().clone(),
                     Hold::ClientLeft => {
                         ticket.client_left(&self.stats.dropped_while_held);
                         debug!(proxy = %self.name, %peer, "held client left before the resume");
@@ -270,7 +266,6 @@ impl Proxy {
             }
         }
         let _active = ActiveGuard::up(&*self);
-        let settings = self.settings.borrow().clone();
         let Some(mut backend) = settings
             .backends
             .connect(&self.name, settings.connect_timeout)
@@ -284,7 +279,9 @@ impl Proxy {
             client_to_backend: &self.stats.bytes_in,
             backend_to_client: &self.stats.bytes_out,
         };
-        let (idle, kill) = (settings.idle_timeout, &backend.backend.kill.clone());
+        // Borrowed, not cloned: a token's clone and drop lock a mutex that every
+        // connection to this backend shares.
+        let (idle, kill) = (settings.idle_timeout, &backend.in_flight.backend().kill);
         let result = match &mut client {
             Client::Plain(stream) => {
                 forward::forward(stream, &backend.stream, &early, idle, kill, traffic).await
@@ -301,7 +298,7 @@ impl Proxy {
             Ok(Ended::Idle) => debug!(proxy = %self.name, %peer, "idle timeout: connection closed"),
             Ok(Ended::Killed) => debug!(proxy = %self.name, %peer, "connection closed by the proxy"),
             Err(e) => {
-                debug!(proxy = %self.name, %peer, backend = %backend.backend.address, error = %e, "connection ended with an error")
+                debug!(proxy = %self.name, %peer, backend = %backend.in_flight.backend().address, error = %e, "connection ended with an error")
             }
         }
     }
@@ -323,6 +320,21 @@ impl<P: std::ops::Deref<Target = Proxy>> Drop for ActiveGuard<P> {
         if self.0.stats.active.fetch_sub(1, Relaxed) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// Returns once `count` is zero. Its guards (`ActiveGuard`, `InFlight`)
+/// wake `zero` when they take it to zero.
+async fn until_zero(count: &AtomicU64, zero: &Notify) {
+    loop {
+        let notified = zero.notified();
+        tokio::pin!(notified);
+        // Register before checking, so a close in between is not missed.
+        notified.as_mut().enable();
+        if count.load(Relaxed) == 0 {
+            return;
+        }
+        notified.await;
     }
 }
 

@@ -111,24 +111,24 @@ impl Stream {
         }
     }
 
-    /// Waits for the next readiness event without reading: `true` when the
-    /// peer has closed or reset (EPOLLRDHUP/HUP/ERR), `false` otherwise (new
-    /// data arrived, which is left unread).
-    pub async fn wait_hang_up(&self) -> io::Result<bool> {
-        let ready = match self {
-            Stream::Tcp(s) => s.ready(Interest::READABLE).await?,
-            Stream::Unix(s) => s.ready(Interest::READABLE).await?,
-        };
-        if ready.is_read_closed() || ready.is_error() {
-            return Ok(true);
+    /// Returns when the peer has closed or reset (EPOLLRDHUP/HUP/ERR),
+    /// leaving whatever it sends meanwhile unread.
+    pub async fn hung_up(&self) -> io::Result<()> {
+        loop {
+            let ready = match self {
+                Stream::Tcp(s) => s.ready(Interest::READABLE).await?,
+                Stream::Unix(s) => s.ready(Interest::READABLE).await?,
+            };
+            if ready.is_read_closed() || ready.is_error() {
+                return Ok(());
+            }
+            // Clear the readiness we saw so the next wait sleeps until a new event.
+            let clear = || -> io::Result<()> { Err(io::ErrorKind::WouldBlock.into()) };
+            let _ = match self {
+                Stream::Tcp(s) => s.try_io(Interest::READABLE, clear),
+                Stream::Unix(s) => s.try_io(Interest::READABLE, clear),
+            };
         }
-        // Clear the readiness we saw so the next wait sleeps until a new event.
-        let clear = || -> io::Result<()> { Err(io::ErrorKind::WouldBlock.into()) };
-        let _ = match self {
-            Stream::Tcp(s) => s.try_io(Interest::READABLE, clear),
-            Stream::Unix(s) => s.try_io(Interest::READABLE, clear),
-        };
-        Ok(false)
     }
 
     /// Sends FIN (half-close): the peer reads EOF, and can still send to us.

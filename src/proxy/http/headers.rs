@@ -81,9 +81,15 @@ pub fn write_to_backend(
     chunked: bool,
     out: &mut Vec<u8>,
 ) {
-    let named: Vec<&str> = connection_tokens(headers)
-        .filter(|token| !token.eq_ignore_ascii_case("upgrade"))
-        .collect();
+    // Re-read per field instead of collected: no allocation per request,
+    // and most requests have no `Connection` field or one short token.
+    let has_connection = headers.contains_key(CONNECTION);
+    let named = |name: &HeaderName| {
+        has_connection
+            && connection_tokens(headers).any(|token| {
+                !token.eq_ignore_ascii_case("upgrade") && token.eq_ignore_ascii_case(name.as_str())
+            })
+    };
     for (name, value) in headers {
         let left_out = is_hop_by_hop(name)
             || *name == X_FORWARDED_FOR
@@ -92,9 +98,7 @@ pub fn write_to_backend(
             || *name == EXPECT
             || (*name == UPGRADE && !upgrade)
             || (*name == CONTENT_LENGTH && chunked)
-            || named
-                .iter()
-                .any(|token| token.eq_ignore_ascii_case(name.as_str()));
+            || named(name);
         if !left_out {
             write_field(out, name.as_str(), &[value.as_bytes()]);
         }
@@ -113,22 +117,29 @@ pub fn write_to_backend(
     }
     write_field(out, X_FORWARDED_PROTO.as_str(), &[client.proto.as_bytes()]);
     let host = headers.get(HOST).map(|host| host.as_bytes());
-    let mut quoted_host = Vec::new();
-    if let Some(host) = host {
-        quoted_host.extend_from_slice(b";host=\"");
-        for &byte in host {
-            if byte == b'\\' || byte == b'"' {
-                quoted_host.push(b'\\');
-            }
-            quoted_host.push(byte);
+    let needs_escape = |byte: &u8| matches!(byte, b'\\' | b'"');
+    // No valid Host has quotes or backslashes: only an odd one is copied.
+    let escaped: Vec<u8>;
+    let host_parts: [&[u8]; 3] = match host {
+        None => [b"", b"", b""],
+        Some(host) if !host.iter().any(needs_escape) => [b";host=\"", host, b"\""],
+        Some(host) => {
+            escaped = host.iter().fold(Vec::new(), |mut quoted, byte| {
+                if needs_escape(byte) {
+                    quoted.push(b'\\');
+                }
+                quoted.push(*byte);
+                quoted
+            });
+            [b";host=\"", &escaped, b"\""]
         }
-        quoted_host.push(b'"');
-    }
+    };
+    let [open, host, close] = host_parts;
     list_field(
         out,
         FORWARDED.as_str(),
         earlier(&FORWARDED),
-        &[client.forwarded.as_bytes(), &quoted_host],
+        &[client.forwarded.as_bytes(), open, host, close],
     );
 }
 

@@ -34,15 +34,15 @@ use body::RequestBody;
 pub use route::VirtualHosts;
 pub use upstream::IdlePool;
 
+use super::forward::{self, Traffic};
 use super::gate::{Admission, HeldTicket, RejectReason};
-use super::hold::Hold;
+use super::hold::{self, Hold};
 use super::listener::{Routes, Site};
 use super::stream::{Peer, Stream};
 use super::wake::PollWhenWoken;
 use super::{ActiveGuard, Proxy, ProxySettings};
 use crate::backends::{ConnectFailure, InFlight};
 use body::{Exchange, ResponseBody};
-use tokio::io::AsyncWriteExt;
 use wire::RequestFraming;
 
 /// One client connection, as its requests see it.
@@ -152,7 +152,7 @@ async fn exchange(
                 };
                 return unavailable(&settings, why);
             }
-            Admission::Hold(ticket) => match hold(proxy, connection, ticket).await {
+            Admission::Hold(ticket) => match hold_request(proxy, connection, ticket).await {
                 // The backends current at the release.
                 Hold::Released => settings = proxy.settings.borrow().clone(),
                 // Nobody reads this answer; the connection is closing.
@@ -174,15 +174,6 @@ struct HeldRequest<'a> {
     ticket: Option<HeldTicket>,
 }
 
-impl HeldRequest<'_> {
-    async fn released(&mut self) -> bool {
-        match &mut self.ticket {
-            Some(ticket) => ticket.released().await,
-            None => false,
-        }
-    }
-}
-
 impl Drop for HeldRequest<'_> {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket.take() {
@@ -193,17 +184,15 @@ impl Drop for HeldRequest<'_> {
 }
 
 /// Waits for the release of a held request while watching its client.
-async fn hold(proxy: &Proxy, connection: &ClientConnection, ticket: HeldTicket) -> Hold {
+async fn hold_request(proxy: &Proxy, connection: &ClientConnection, ticket: HeldTicket) -> Hold {
     let mut held = HeldRequest {
         proxy,
         peer: &connection.peer,
         ticket: Some(ticket),
     };
-    let outcome = tokio::select! {
-        biased;
-        () = PollWhenWoken::new(proxy.gate.close_held.cancelled()) => Hold::Closed,
-        released = held.released() => if released { Hold::Released } else { Hold::Closed },
-        () = client_leaves(connection) => Hold::ClientLeft,
+    let outcome = match &mut held.ticket {
+        Some(ticket) => hold::hold(ticket, &proxy.gate.close_held, client_leaves(connection)).await,
+        None => Hold::Closed,
     };
     if outcome != Hold::ClientLeft {
         held.ticket = None;
@@ -215,12 +204,9 @@ async fn hold(proxy: &Proxy, connection: &ClientConnection, ticket: HeldTicket) 
 /// meanwhile (a body) are left for hyper to read after the release.
 async fn client_leaves(connection: &ClientConnection) {
     match watch_socket(connection.fd, connection.unix) {
-        Ok(socket) => loop {
-            match socket.wait_hang_up().await {
-                Ok(false) => continue,
-                Ok(true) | Err(_) => return,
-            }
-        },
+        Ok(socket) => {
+            let _ = socket.hung_up().await;
+        }
         Err(e) => {
             debug!(error = %e, "cannot watch a held client's socket; its departure is seen at the release");
             std::future::pending().await
@@ -380,28 +366,26 @@ fn respond(
 
 /// Copies both ways between an upgraded client connection and the backend
 /// socket (first what the backend sent past its 101) until both are done,
-/// or the backend's drain is over.
+/// or the backend's drain is over: mode tcp's copy path for TLS streams,
+/// counting bytes as they move. No idle timeout: in mode http that bounds
+/// the wait for a response, and a quiet WebSocket is not a late response.
 async fn tunnel(client: OnUpgrade, upstream: upstream::BackendConnection, exchange: Exchange) {
     let Ok(client) = client.await else {
         return;
     };
     let mut client = TokioIo::new(client);
     let (mut backend, early) = upstream.into_upgraded();
-    let kill = exchange.in_flight.backend().kill.clone();
     let stats = &exchange.active.0.stats;
-    let copy = async {
-        client.write_all(&early).await?;
-        stats.bytes_out.fetch_add(early.len() as u64, Relaxed);
-        tokio::io::copy_bidirectional(&mut client, &mut backend).await
+    // The copy path sends its early bytes to its second stream, and what
+    // the backend sent early goes to the client: the roles are swapped.
+    let traffic = Traffic {
+        client_to_backend: &stats.bytes_out,
+        backend_to_client: &stats.bytes_in,
     };
-    tokio::select! {
-        copied = copy => {
-            if let Ok((to_backend, to_client)) = copied {
-                stats.bytes_in.fetch_add(to_backend, Relaxed);
-                stats.bytes_out.fetch_add(to_client, Relaxed);
-            }
-        }
-        () = kill.cancelled() => {}
+    let kill = &exchange.in_flight.backend().kill;
+    let ended = forward::forward_streams(&mut backend, &mut client, &early, None, kill, traffic).await;
+    if let Err(e) = ended {
+        debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 
