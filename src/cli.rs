@@ -76,7 +76,7 @@ pub enum Command {
     /// Replace a proxy's backends: add the new, wait until healthy, drain the old
     Deploy {
         /// How long the new backends may take to become healthy
-        #[arg(long, value_name = "DUR", default_value = "60s")]
+        #[arg(long, value_name = "DUR", default_value = crate::control::DEFAULT_DEPLOY_TIMEOUT)]
         timeout: String,
         proxy: String,
         #[arg(required = true, value_name = "ADDR")]

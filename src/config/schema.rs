@@ -160,6 +160,17 @@ pub enum Mode {
     Http,
 }
 
+impl Mode {
+    /// The name the config file spells it with, so status shows what the
+    /// operator wrote.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Tcp => "tcp",
+            Mode::Http => "http",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {

@@ -10,8 +10,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use super::Access;
 use super::status;
+use super::{Access, DEFAULT_DEPLOY_TIMEOUT};
 use crate::config::{BackendConfig, Dur, backend_list_problems};
 use crate::daemon::commands::{Command, DeployError, PauseReport, UnknownProxy};
 use crate::daemon::{Shared, Snapshot};
@@ -74,17 +74,11 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
             Ok(_) => empty(StatusCode::NO_CONTENT),
             Err(reply) => reply,
         },
-        (&Method::POST, "/reload") => {
-            let (reply, answer) = oneshot::channel();
-            if shared.commands.send(Command::Reload { reply }).await.is_err() {
-                return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
-            }
-            match answer.await {
-                Ok(Ok(generation)) => ok_json(StatusCode::OK, &json!({ "generation": generation })),
-                Ok(Err(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
-                Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
-            }
-        }
+        (&Method::POST, "/reload") => match ask(shared, |reply| Command::Reload { reply }).await {
+            Ok(Ok(generation)) => ok_json(StatusCode::OK, &json!({ "generation": generation })),
+            Ok(Err(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+            Err(reply) => reply,
+        },
         (&Method::GET, "/metrics") => {
             let mut response = respond(StatusCode::OK, super::metrics::render(&snapshot).into_bytes());
             response.headers_mut().insert(
@@ -143,7 +137,9 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
         Err(e) => {
             return error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                &format!("expected {{\"backends\": [ADDR, ...], \"timeout\": \"60s\"}}: {e}"),
+                &format!(
+                    "expected {{\"backends\": [ADDR, ...], \"timeout\": \"{DEFAULT_DEPLOY_TIMEOUT}\"}}: {e}"
+                ),
             );
         }
     };
@@ -151,23 +147,18 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
     if !problems.is_empty() {
         return error(StatusCode::UNPROCESSABLE_ENTITY, &problems.join("; "));
     }
-    let timeout = match request.timeout.as_deref().map(Dur::parse).transpose() {
-        Ok(Some(timeout)) if !timeout.is_zero() => timeout.0,
-        Ok(None) => DEFAULT_DEPLOY_TIMEOUT,
-        Ok(Some(_)) => return error(StatusCode::UNPROCESSABLE_ENTITY, "timeout must be more than 0s"),
+    let timeout = match Dur::parse(request.timeout.as_deref().unwrap_or(DEFAULT_DEPLOY_TIMEOUT)) {
+        Ok(timeout) if !timeout.is_zero() => timeout.0,
+        Ok(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "timeout must be more than 0s"),
         Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why),
     };
-    let (reply, answer) = oneshot::channel();
-    let command = Command::Deploy {
+    let command = |reply| Command::Deploy {
         proxy: proxy.clone(),
         backends: request.backends,
         timeout,
         reply,
     };
-    if shared.commands.send(command).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
-    }
-    match answer.await {
+    match ask(shared, command).await {
         Ok(Ok(backends)) => {
             let backends: Vec<_> = backends
                 .iter()
@@ -183,12 +174,9 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
             };
             error(status, &e.to_string())
         }
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
+        Err(reply) => reply,
     }
 }
-
-/// How long a deploy waits for its new backends unless told otherwise.
-const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends a pause or resume to the daemon loop and waits for its answer.
 async fn ask_pause(
@@ -197,21 +185,28 @@ async fn ask_pause(
     by: &str,
     pause: bool,
 ) -> Result<Vec<PauseReport>, Reply> {
-    let (reply, answer) = oneshot::channel();
     let by = by.to_string();
-    let command = if pause {
-        Command::Pause { proxies, by, reply }
-    } else {
-        Command::Resume { proxies, by, reply }
+    let command = |reply| {
+        if pause {
+            Command::Pause { proxies, by, reply }
+        } else {
+            Command::Resume { proxies, by, reply }
+        }
     };
-    if shared.commands.send(command).await.is_err() {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"));
+    ask(shared, command)
+        .await?
+        .map_err(|unknown| error(StatusCode::NOT_FOUND, &unknown.to_string()))
+}
+
+/// Hands a command to the daemon loop and waits for its answer; a loop
+/// that is gone (shutting down) is a 503 whichever side it dropped.
+async fn ask<T>(shared: &Shared, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Reply> {
+    let stopping = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
+    let (reply, answer) = oneshot::channel();
+    if shared.commands.send(command(reply)).await.is_err() {
+        return Err(stopping());
     }
-    match answer.await {
-        Ok(Ok(reports)) => Ok(reports),
-        Ok(Err(unknown)) => Err(error(StatusCode::NOT_FOUND, &unknown.to_string())),
-        Err(_) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping")),
-    }
+    answer.await.map_err(|_| stopping())
 }
 
 /// 204 once no forwarded connection is open on the selected proxies (held
@@ -368,6 +363,11 @@ mod tests {
         assert_eq!(percent_decode("a%"), "a%");
         assert_eq!(percent_decode("a%4"), "a%4");
         assert_eq!(percent_decode("%41b"), "Ab");
+    }
+
+    #[test]
+    fn the_default_deploy_timeout_is_a_valid_one() {
+        assert!(Dur::parse(DEFAULT_DEPLOY_TIMEOUT).is_ok_and(|d| !d.is_zero()));
     }
 
     #[test]

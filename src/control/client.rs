@@ -62,14 +62,12 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
     match command {
         Command::Status { json, proxy, client } => {
             let daemon = Daemon::locate(client, config_path)?;
-            let query = proxy_query(proxy.iter());
-            let body = daemon.call(Method::GET, &format!("/status{query}"), None).await?;
             if *json {
+                let query = proxy_query(proxy.iter());
+                let body = daemon.call(Method::GET, &format!("/status{query}"), None).await?;
                 print!("{}", String::from_utf8_lossy(&body));
             } else {
-                let doc: StatusDoc = serde_json::from_slice(&body)
-                    .map_err(|e| Failure::runtime(format!("unexpected /status answer: {e}")))?;
-                print!("{}", status::table(&doc));
+                print!("{}", status::table(&daemon.status(proxy.as_deref()).await?));
             }
             Ok(())
         }
@@ -183,7 +181,7 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
                 .iter()
                 .map(|(a, w)| json!({ "address": a, "weight": w }))
                 .collect();
-            deploy(&daemon, proxy, backends, "60s").await
+            deploy(&daemon, proxy, backends, super::DEFAULT_DEPLOY_TIMEOUT).await
         }
         Command::List { json, proxy, client } => {
             let daemon = Daemon::locate(client, config_path)?;

@@ -22,6 +22,11 @@ use crate::config::{Address, ControlConfig};
 use crate::daemon::Shared;
 use crate::proxy::stream::Listener;
 
+/// How long a deploy (and `add`/`rm`, which deploy) waits for its new
+/// backends unless told otherwise: one value, so `--help`, the client and a
+/// request without `timeout` all agree.
+pub const DEFAULT_DEPLOY_TIMEOUT: &str = "60s";
+
 /// Who may use the API: a TCP control listener with a token configured
 /// requires `Authorization: Bearer TOKEN`; a UNIX socket is guarded by its
 /// file mode (0660) instead.

@@ -103,7 +103,7 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
     ProxyStatus {
         name: proxy.name.to_string(),
         listen: entry.listen.to_string(),
-        mode: format!("{:?}", entry.mode).to_lowercase(),
+        mode: entry.mode.as_str().to_string(),
         paused: pause.paused(),
         paused_by: pause.paused_by().into_iter().map(String::from).collect(),
         paused_since: pause.runtime.as_ref().map(|p| rfc3339(p.since)),

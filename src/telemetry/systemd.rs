@@ -18,11 +18,16 @@ pub fn ready(status: &str) {
 }
 
 /// Sent before a reload is attempted (applied or refused alike).
+/// MONOTONIC_USEC lets systemd match it to the reload it asked for; should
+/// the clock be unreadable, RELOADING=1 alone still says one is under way.
 pub fn reloading() {
-    send(&[
-        NotifyState::Reloading,
-        NotifyState::MonotonicUsec(monotonic_usec()),
-    ]);
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read CLOCK_MONOTONIC for sd_notify");
+            send(&[NotifyState::Reloading]);
+        }
+    }
 }
 
 pub fn status(line: &str) {
@@ -42,15 +47,4 @@ pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
         .map(|limit| limit / 2)
         .filter(|d| !d.is_zero())
-}
-
-/// CLOCK_MONOTONIC in microseconds, the clock systemd compares reloads on.
-fn monotonic_usec() -> i128 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the local struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    i128::from(now.tv_sec) * 1_000_000 + i128::from(now.tv_nsec) / 1_000
 }
