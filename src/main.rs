@@ -27,8 +27,8 @@ fn main() -> ExitCode {
 /// `interlude check`: every problem on stderr (exit 2), or a one-line summary.
 fn check(cli: &Cli) -> ExitCode {
     match config::load(&cli.config) {
-        Ok(config) => {
-            println!("{}: ok: {}", cli.config.display(), config.summary());
+        Ok(loaded) => {
+            println!("{}: ok: {}", cli.config.display(), loaded.config.summary());
             ExitCode::SUCCESS
         }
         Err(e) => {

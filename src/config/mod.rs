@@ -2,7 +2,8 @@
 //! validating it, with every problem located as `file:line:column`.
 //!
 //! A `Config` that comes out of `load` is valid: the rest of the daemon never
-//! re-checks it.
+//! re-checks it. It comes with the TLS material its proxies name, loaded
+//! while checking, so the daemon never reads a certificate a second time.
 
 mod address;
 mod locate;
@@ -11,8 +12,12 @@ mod schema;
 pub mod tls;
 mod validate;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_rustls::rustls::ServerConfig;
 
 pub use address::{Address, TcpTarget};
 pub use schema::*;
@@ -22,6 +27,18 @@ use locate::{Locations, Position};
 
 /// Where the daemon looks when neither `-c` nor `INTERLUDE_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/interlude/interlude.yaml";
+
+/// The TLS server config of every proxy with `tls:`, by proxy name.
+pub type TlsByProxy = HashMap<String, Arc<ServerConfig>>;
+
+/// A valid config and the certificates it names, as read when it was
+/// checked: if the files change afterwards, what runs is still what was
+/// checked.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub tls: TlsByProxy,
+}
 
 /// Everything wrong with one config file.
 #[derive(Debug)]
@@ -64,7 +81,7 @@ impl ConfigError {
 }
 
 /// Reads, parses and validates the file at `path`.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     parse(&read(path)?, path)
 }
 
@@ -74,8 +91,9 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::single(path, None, format!("cannot read config file: {e}")))
 }
 
-/// Parses and validates `text`, naming `file` in errors.
-pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+/// Parses and validates `text` (loading its TLS files), naming `file` in
+/// errors.
+pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
     if text.trim().is_empty() {
         return Err(ConfigError::single(
             file,
@@ -93,9 +111,12 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             message: e.message,
         })
         .collect();
+    let mut tls = TlsByProxy::new();
     if let Some(config) = &recovered.config {
         let placeholders = &recovered.placeholders;
-        for issue in validate::validate(config) {
+        let (issues, loaded) = validate::validate(config);
+        tls = loaded;
+        for issue in issues {
             if placeholders.iter().any(|p| issue.path.starts_with(p.as_str())) {
                 continue;
             }
@@ -108,7 +129,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     // File order, as an editor's list of errors would show them.
     problems.sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
     match recovered.config {
-        Some(config) if problems.is_empty() => Ok(config),
+        Some(config) if problems.is_empty() => Ok(Loaded { config, tls }),
         _ => Err(ConfigError {
             file: file.to_path_buf(),
             problems,
@@ -188,7 +209,8 @@ mod tests {
             "proxies: [{name: a, listen: '127.0.0.1:1', backends: ['unix:/b.sock']}]",
             Path::new("x"),
         )
-        .unwrap();
+        .unwrap()
+        .config;
         let proxy = &config.proxies[0];
         assert_eq!(proxy.connect_timeout, Dur::secs(3));
         assert_eq!(proxy.drain_timeout, Dur::secs(300));
@@ -257,7 +279,10 @@ proxies:
     #[test]
     fn an_empty_file_is_an_error_not_zero_proxies() {
         assert!(errors("  \n").contains("empty"));
-        assert_eq!(parse("proxies: []", Path::new("x")).unwrap().proxies.len(), 0);
+        assert_eq!(
+            parse("proxies: []", Path::new("x")).unwrap().config.proxies.len(),
+            0
+        );
     }
 
     #[test]
@@ -287,7 +312,8 @@ proxies:
             "proxies: [{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2', {address: 'unix:/b', weight: 5}]}]",
             Path::new("x"),
         )
-        .unwrap();
+        .unwrap()
+        .config;
         assert_eq!(config.proxies[0].backends[1].weight, 5);
         assert!(
             errors("proxies: [{name: a, listen: '127.0.0.1:1', backends: [{adress: 'unix:/b'}]}]")

@@ -3,9 +3,14 @@
 //! the path of the offending value; `mod.rs` turns paths into line:column.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use tokio_rustls::rustls::ServerConfig;
+
+use super::TlsByProxy;
 use super::address::Address;
 use super::schema::{BackendConfig, Config, HealthCheckKind, LogTarget, Mode, ProxyConfig};
+use crate::telemetry::syslog::Destination;
 
 /// One broken rule: where (a serde_yaml-style path) and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,15 +19,22 @@ pub struct Issue {
     pub message: String,
 }
 
-/// All the problems of `config`, in file order; empty when it is valid.
-pub fn validate(config: &Config) -> Vec<Issue> {
+/// All the problems of `config` (empty when it is valid), and the TLS
+/// server configs its proxies' certificates made: checking a certificate is
+/// loading it, and what was checked is what the daemon then serves.
+pub fn validate(config: &Config) -> (Vec<Issue>, TlsByProxy) {
     let mut issues = Issues::default();
+    let mut tls = TlsByProxy::new();
     check_globals(config, &mut issues);
     for (index, proxy) in config.proxies.iter().enumerate() {
-        check_proxy(proxy, &format!("proxies[{index}]"), &mut issues);
+        let at = format!("proxies[{index}]");
+        check_proxy(proxy, &at, &mut issues);
+        if let Some(server) = check_tls(proxy, &at, &mut issues) {
+            tls.insert(proxy.name.clone(), server);
+        }
     }
     check_uniqueness(config, &mut issues);
-    issues.0
+    (issues.0, tls)
 }
 
 #[derive(Default)]
@@ -44,20 +56,10 @@ fn check_globals(config: &Config, issues: &mut Issues) {
             format!("log file {:?} must be an absolute path", config.log.file),
         );
     }
-    if config.log.target == LogTarget::Syslog {
-        let syslog = &config.log.syslog;
-        let valid = syslog.strip_prefix("unix:").is_some_and(|p| p.starts_with('/'))
-            || ["udp://", "tcp://"].iter().any(|scheme| {
-                syslog
-                    .strip_prefix(scheme)
-                    .is_some_and(|rest| Address::parse(rest).is_ok())
-            });
-        if !valid {
-            issues.add(
-                "log.syslog",
-                format!("syslog address {syslog:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"),
-            );
-        }
+    if config.log.target == LogTarget::Syslog
+        && let Err(why) = Destination::parse(&config.log.syslog)
+    {
+        issues.add("log.syslog", why);
     }
     if let Address::Tcp(target) = &config.control.listen
         && !target.is_loopback()
@@ -140,17 +142,6 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
             );
         }
     }
-    if let Some(tls) = &proxy.tls {
-        if tls.handshake_timeout.is_zero() {
-            issues.add(
-                format!("{at}.tls.handshake_timeout"),
-                "handshake_timeout must be more than 0s",
-            );
-        }
-        if let Err(why) = super::tls::server_config(tls) {
-            issues.add(format!("{at}.tls"), why);
-        }
-    }
     let health = &proxy.health_check;
     if health.kind != HealthCheckKind::None {
         let hc = format!("{at}.health_check");
@@ -181,6 +172,20 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
             );
         }
     }
+}
+
+/// The `tls:` settings of a proxy, and its server config when they are usable.
+fn check_tls(proxy: &ProxyConfig, at: &str, issues: &mut Issues) -> Option<Arc<ServerConfig>> {
+    let tls = proxy.tls.as_ref()?;
+    if tls.handshake_timeout.is_zero() {
+        issues.add(
+            format!("{at}.tls.handshake_timeout"),
+            "handshake_timeout must be more than 0s",
+        );
+    }
+    super::tls::server_config(tls)
+        .map_err(|why| issues.add(format!("{at}.tls"), why))
+        .ok()
 }
 
 /// The rules for a list of backends, wherever it comes from (the file or a
@@ -283,7 +288,7 @@ mod tests {
 
     fn issues(yaml: &str) -> Vec<Issue> {
         let config: Config = serde_yaml::from_str(yaml).expect("test YAML parses");
-        validate(&config)
+        validate(&config).0
     }
 
     fn paths(yaml: &str) -> Vec<String> {

@@ -24,11 +24,12 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch as latest};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{self, Address, BackendConfig, Config, Mode, ProxyConfig};
+use crate::config::{self, Address, BackendConfig, Config, Loaded, Mode, ProxyConfig};
 use crate::control;
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
@@ -88,14 +89,15 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let config = match config::parse(&text, config_path) {
-        Ok(config) => config,
+    // Certificates are loaded here too, before the runtime starts.
+    let loaded = match config::parse(&text, config_path) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let logging = match telemetry::init(&config.log) {
+    let logging = match telemetry::init(&loaded.config.log) {
         Ok(logging) => logging,
         Err(e) => {
             eprintln!("{}: {e}", config_path.display());
@@ -123,7 +125,7 @@ pub fn run(config_path: &Path) -> ExitCode {
             }
         };
         match Daemon::start(
-            config,
+            loaded,
             config_path.to_path_buf(),
             reload::fingerprint(&text),
             logging,
@@ -183,6 +185,33 @@ struct RunningProxy {
 }
 
 impl RunningProxy {
+    /// A proxy new to this process, at start-up or added by a reload: one
+    /// place, so both log its pauses alike. `deployed` and `restored` come
+    /// from the state file at start-up only.
+    fn start(
+        config: &ProxyConfig,
+        deployed: Option<Vec<BackendConfig>>,
+        tls: Option<Arc<ServerConfig>>,
+        kill: CancellationToken,
+        restored: Option<RuntimePause>,
+    ) -> RunningProxy {
+        let backends = deployed.as_deref().unwrap_or(&config.backends);
+        let proxy = Proxy::new(config, backends, tls, kill, restored.clone());
+        if config.paused {
+            info!(proxy = %proxy.name, by = "config", "paused");
+        }
+        if let Some(pause) = &restored {
+            info!(proxy = %proxy.name, by = %pause.by, since = %humantime::format_rfc3339_seconds(pause.since), "paused (restored from the state file)");
+        }
+        RunningProxy {
+            proxy,
+            config: config.clone(),
+            deployed,
+            deploying: false,
+            bound: config.listen.clone(),
+        }
+    }
+
     /// How the control API sees this proxy.
     fn entry(&self) -> ProxyEntry {
         ProxyEntry {
@@ -197,11 +226,12 @@ impl Daemon {
     /// Binds every listener and the control socket, then starts accepting;
     /// one bind failure stops the start-up before any connection is accepted.
     async fn start(
-        config: Config,
+        loaded: Loaded,
         config_path: PathBuf,
         fingerprint: u64,
         logging: Logging,
     ) -> Result<Daemon, String> {
+        let Loaded { config, tls } = loaded;
         let state_dir = state::state_dir(config.state_dir.as_deref());
         let saved = state::load(&state_dir);
         let mut sockets: Vec<(ListenKey, Listener)> = Vec::new();
@@ -238,34 +268,13 @@ impl Daemon {
                 }
                 set
             });
-            let backends = deployed.as_deref().unwrap_or(&proxy_config.backends);
-            let tls = match &proxy_config.tls {
-                Some(tls) => Some(
-                    config::tls::server_config(tls)
-                        .map_err(|e| format!("proxy {:?}: {e}", proxy_config.name))?,
-                ),
-                None => None,
-            };
-            let proxy = Proxy::new(
+            proxies.push(RunningProxy::start(
                 proxy_config,
-                backends,
-                tls,
-                kill_all.child_token(),
-                restored.clone(),
-            );
-            if proxy_config.paused {
-                info!(proxy = %proxy.name, by = "config", "paused");
-            }
-            if let Some(pause) = &restored {
-                info!(proxy = %proxy.name, by = %pause.by, since = %humantime::format_rfc3339_seconds(pause.since), "paused (restored from the state file)");
-            }
-            proxies.push(RunningProxy {
-                proxy,
-                config: proxy_config.clone(),
                 deployed,
-                deploying: false,
-                bound: proxy_config.listen.clone(),
-            });
+                tls.get(&proxy_config.name).cloned(),
+                kill_all.child_token(),
+                restored,
+            ));
         }
         let mut listeners = Vec::with_capacity(sockets.len());
         for (key, socket) in sockets {
@@ -636,9 +645,7 @@ impl Daemon {
             sites.push(listener.stop().await);
         }
         for running in &self.proxies {
-            running.proxy.retired.cancel();
-            running.proxy.gate.close_held.cancel();
-            running.proxy.connections.close();
+            running.proxy.wind_down();
         }
         self.retiring.close();
         let open = self.active_connections();

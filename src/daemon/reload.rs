@@ -1,7 +1,8 @@
 //! Applying a new config to the running daemon.
 //!
-//! A reload reads and validates the whole file first (off the runtime); if
-//! anything is wrong nothing changes. Then it plans (`reconcile.rs`), binds
+//! A reload reads and validates the whole file first, with the certificates
+//! it names and the log output it asks for (off the runtime); if anything is
+//! wrong nothing changes. Then it plans (`reconcile.rs`), binds
 //! every new socket, and only when all binds succeeded commits: hands
 //! sockets over, updates, adds, and retires removed proxies, whose open
 //! connections drain for their `drain_timeout`.
@@ -18,10 +19,10 @@ use super::deploy::effective_backends;
 use super::listeners::{self, RunningListener};
 use super::reconcile::{self, Action, ListenKey, Running};
 use super::{Daemon, ReloadRecord, RunningProxy};
-use crate::config::{self, Config};
+use crate::config::{self, Config, Loaded};
 use crate::proxy::Proxy;
 use crate::proxy::stream::Listener;
-use crate::telemetry::{Prepared, systemd};
+use crate::telemetry::{self, Prepared, systemd};
 
 /// Quiet time after the last file event before the file is read again.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -52,8 +53,8 @@ impl Daemon {
         let text = tokio::task::spawn_blocking(move || config::read(&path)).await;
         match text {
             Ok(Ok(text)) if fingerprint(&text) == self.config_fingerprint => {}
-            Ok(Ok(_)) => {
-                let _ = self.reload("a change of the config file").await;
+            Ok(Ok(text)) => {
+                let _ = self.reload_text(Some(text), "a change of the config file").await;
             }
             Ok(Err(e)) => warn!("{e}; the running config stays"),
             Err(e) => warn!(error = %e, "cannot read the config file"),
@@ -63,24 +64,39 @@ impl Daemon {
     /// Reloads the config file. Ok: the new generation. Err: why it was
     /// rejected (the running config stays).
     pub(super) async fn reload(&mut self, trigger: &str) -> Result<u64, String> {
+        self.reload_text(None, trigger).await
+    }
+
+    /// `reload`, with the file's text when the caller has just read it.
+    async fn reload_text(&mut self, text: Option<String>, trigger: &str) -> Result<u64, String> {
         systemd::reloading();
         let path = self.config_path.clone();
+        let log_now = self.logging.current().clone();
+        // Reading certificates and opening a log file block: all of it
+        // happens here, none of it on a runtime worker.
         let loaded = tokio::task::spawn_blocking(move || {
-            let text = config::read(&path)?;
+            let text = match text {
+                Some(text) => text,
+                None => config::read(&path)?,
+            };
+            let prepared = config::parse(&text, &path)
+                .map_err(|e| e.to_string())
+                .and_then(|loaded| {
+                    let output = telemetry::prepare_change(&log_now, &loaded.config.log)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    Ok((loaded, output))
+                });
             // Remember this text even if it is rejected: the watcher then
             // waits for the next edit instead of re-reporting the same error.
-            Ok((config::parse(&text, &path), fingerprint(&text)))
+            Ok((prepared, fingerprint(&text)))
         })
         .await;
         let result = match loaded {
-            Ok(Ok::<_, config::ConfigError>((parsed, fingerprint))) => {
+            Ok(Ok::<_, config::ConfigError>((prepared, fingerprint))) => {
                 self.config_fingerprint = fingerprint;
-                match parsed {
-                    Ok(config) => match self.logging.prepare(&config.log) {
-                        Ok(output) => self.apply(config, output).await,
-                        Err(e) => Err(format!("{}: {e}", self.config_path.display())),
-                    },
-                    Err(e) => Err(e.to_string()),
+                match prepared {
+                    Ok((loaded, output)) => self.apply(loaded, output).await,
+                    Err(e) => Err(e),
                 }
             }
             Ok(Err(e)) => Err(e.to_string()),
@@ -102,9 +118,10 @@ impl Daemon {
         result.map(|_| generation)
     }
 
-    /// Converges the running proxies to `config`; returns a summary of what
+    /// Converges the running proxies to `loaded`; returns a summary of what
     /// changed. Fails, changing nothing, if a new socket cannot be bound.
-    async fn apply(&mut self, config: Config, log_output: Option<Prepared>) -> Result<String, String> {
+    async fn apply(&mut self, loaded: Loaded, log_output: Option<Prepared>) -> Result<String, String> {
+        let Loaded { config, tls } = loaded;
         let running: Vec<Running> = self
             .proxies
             .iter()
@@ -114,17 +131,6 @@ impl Daemon {
             })
             .collect();
         let plan = reconcile::plan(&config.proxies, &running);
-
-        // Certificates are read again on every reload, also for proxies whose
-        // config did not change: a renewed certificate file is a change.
-        let mut tls = HashMap::new();
-        for wanted in &config.proxies {
-            if let Some(settings) = &wanted.tls {
-                let server = config::tls::server_config(settings)
-                    .map_err(|e| format!("proxy {:?}: {e}", wanted.name))?;
-                tls.insert(wanted.name.clone(), server);
-            }
-        }
 
         // Bind first: a failure here leaves everything as it was.
         let mut fresh = Vec::with_capacity(plan.bind.len());
@@ -152,6 +158,9 @@ impl Daemon {
         for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
             let current = old.remove(&step.name);
             let running = match (&step.action, current) {
+                // Certificates were read again with this config, also for
+                // proxies whose settings did not change: a renewed
+                // certificate file is a change.
                 (Action::Unchanged, Some(current)) if wanted.tls.is_none() => current,
                 (Action::Unchanged | Action::Update | Action::Move, Some(mut current)) => {
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
@@ -159,25 +168,13 @@ impl Daemon {
                     current.config = wanted.clone();
                     current
                 }
-                (Action::Add, _) => {
-                    let proxy = Proxy::new(
-                        wanted,
-                        &wanted.backends,
-                        tls.get(&wanted.name).cloned(),
-                        self.kill_all.child_token(),
-                        None,
-                    );
-                    if wanted.paused {
-                        info!(proxy = %proxy.name, by = "config", "paused");
-                    }
-                    RunningProxy {
-                        proxy,
-                        config: wanted.clone(),
-                        deployed: None,
-                        deploying: false,
-                        bound: wanted.listen.clone(),
-                    }
-                }
+                (Action::Add, _) => RunningProxy::start(
+                    wanted,
+                    None,
+                    tls.get(&wanted.name).cloned(),
+                    self.kill_all.child_token(),
+                    None,
+                ),
                 (_, None) => unreachable!("the plan keeps only proxies that run"),
             };
             next.push(running);
@@ -247,9 +244,7 @@ impl Daemon {
     /// run for `drain_timeout` before closing them.
     async fn retire(&self, removed: RunningProxy) {
         let RunningProxy { proxy, config, .. } = removed;
-        proxy.retired.cancel();
-        proxy.gate.close_held.cancel();
-        proxy.connections.close();
+        proxy.wind_down();
         let drain = config.drain_timeout.0;
         let open = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed);
         info!(proxy = %proxy.name, connections = open, "removed; open connections may finish within drain_timeout {}", config.drain_timeout);

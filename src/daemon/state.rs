@@ -8,6 +8,7 @@
 //! and ignored, never fatal.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -102,10 +103,16 @@ impl PauseRecord {
 /// Where runtime state lives: the config's `state_dir`, else systemd's
 /// `$STATE_DIRECTORY` (the first, if it lists several), else the default.
 pub fn state_dir(configured: Option<&Path>) -> PathBuf {
+    state_dir_from(configured, std::env::var_os("STATE_DIRECTORY").as_deref())
+}
+
+/// `state_dir` with the environment passed in, so tests need not set it for
+/// the whole process.
+fn state_dir_from(configured: Option<&Path>, systemd: Option<&OsStr>) -> PathBuf {
     if let Some(dir) = configured {
         return dir.to_path_buf();
     }
-    if let Some(dirs) = std::env::var_os("STATE_DIRECTORY")
+    if let Some(dirs) = systemd
         && let Some(first) = dirs.to_string_lossy().split(':').find(|d| !d.is_empty())
     {
         return PathBuf::from(first);
@@ -205,6 +212,20 @@ mod tests {
 
     #[test]
     fn state_dir_precedence() {
-        assert_eq!(state_dir(Some(Path::new("/srv/x"))), PathBuf::from("/srv/x"));
+        let systemd = Some(OsStr::new("/var/lib/a:/var/lib/b"));
+        assert_eq!(
+            state_dir_from(Some(Path::new("/srv/x")), systemd),
+            PathBuf::from("/srv/x")
+        );
+        assert_eq!(state_dir_from(None, systemd), PathBuf::from("/var/lib/a"));
+        assert_eq!(
+            state_dir_from(None, Some(OsStr::new(":/var/lib/b"))),
+            PathBuf::from("/var/lib/b")
+        );
+        assert_eq!(
+            state_dir_from(None, Some(OsStr::new(""))),
+            PathBuf::from("/var/lib/interlude")
+        );
+        assert_eq!(state_dir_from(None, None), PathBuf::from("/var/lib/interlude"));
     }
 }

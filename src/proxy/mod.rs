@@ -183,6 +183,16 @@ impl Proxy {
         proxy
     }
 
+    /// Ends what a stopped or removed proxy must not keep: its health checks
+    /// and its held connections (nobody will release them). Forwarded
+    /// connections run on until they finish or `kill` fires; `connections`
+    /// is closed so waiting on it can end.
+    pub fn wind_down(&self) {
+        self.retired.cancel();
+        self.gate.close_held.cancel();
+        self.connections.close();
+    }
+
     /// Waits until no forwarded connection is open.
     pub async fn wait_idle(&self) {
         until_zero(&self.stats.active, &self.idle).await;

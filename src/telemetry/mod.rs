@@ -64,13 +64,20 @@ pub fn init(config: &LogConfig) -> Result<Logging, String> {
     })
 }
 
+/// Prepares the output a reloaded config (`wanted`) asks for, if it differs
+/// from the one in use (`current`). It opens files or starts a thread: a
+/// reload calls it off the runtime, hence not a method of `Logging`.
+pub fn prepare_change(current: &LogConfig, wanted: &LogConfig) -> Result<Option<Prepared>, String> {
+    if same_output(current, wanted) {
+        return Ok(None);
+    }
+    prepare(wanted).map(Some)
+}
+
 impl Logging {
-    /// Prepares the output a reloaded config asks for, if it differs.
-    pub fn prepare(&self, config: &LogConfig) -> Result<Option<Prepared>, String> {
-        if same_output(&self.current, config) {
-            return Ok(None);
-        }
-        prepare(config).map(Some)
+    /// The settings in force, for `prepare_change`.
+    pub fn current(&self) -> &LogConfig {
+        &self.current
     }
 
     /// Applies a reloaded config: level now, and the prepared output.

@@ -21,6 +21,8 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 
+use crate::config::Address;
+
 /// Lines waiting for the worker; beyond this they are dropped.
 const QUEUE: usize = 4096;
 /// How long the worker waits before trying a lost server again.
@@ -38,15 +40,24 @@ pub enum Destination {
 }
 
 impl Destination {
+    /// The one reading of `log.syslog`: config validation calls it too, so a
+    /// value `interlude check` accepts is one the logger can use.
     pub fn parse(text: &str) -> Result<Destination, String> {
-        if let Some(path) = text.strip_prefix("unix:") {
+        let host_port = |rest: &str| matches!(Address::parse(rest), Ok(Address::Tcp(_)));
+        if let Some(path) = text.strip_prefix("unix:")
+            && path.starts_with('/')
+        {
             return Ok(Destination::Unix(path.to_string()));
         }
-        if let Some(address) = text.strip_prefix("udp://") {
-            return Ok(Destination::Udp(address.to_string()));
+        if let Some(address) = text.strip_prefix("udp://")
+            && host_port(address)
+        {
+            return Ok(Destination::Udp(address.trim().to_string()));
         }
-        if let Some(address) = text.strip_prefix("tcp://") {
-            return Ok(Destination::Tcp(address.to_string()));
+        if let Some(address) = text.strip_prefix("tcp://")
+            && host_port(address)
+        {
+            return Ok(Destination::Tcp(address.trim().to_string()));
         }
         Err(format!(
             "syslog address {text:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"
@@ -199,6 +210,40 @@ fn deliver(destination: Destination, queue: Receiver<(Severity, String)>) {
             DROPPED.fetch_add(1, Relaxed);
             connection = None;
             next_attempt = Instant::now() + RETRY;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_are_a_path_or_a_host_and_port() {
+        assert_eq!(
+            Destination::parse("unix:/dev/log"),
+            Ok(Destination::Unix("/dev/log".into()))
+        );
+        assert_eq!(
+            Destination::parse("udp://127.0.0.1:514"),
+            Ok(Destination::Udp("127.0.0.1:514".into()))
+        );
+        assert_eq!(
+            Destination::parse("tcp://logs.example:601"),
+            Ok(Destination::Tcp("logs.example:601".into()))
+        );
+        for wrong in [
+            "unix:dev/log",
+            "udp://127.0.0.1",
+            "tcp://unix:/x",
+            "syslog.example:514",
+        ] {
+            assert_eq!(
+                Destination::parse(wrong),
+                Err(format!(
+                    "syslog address {wrong:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"
+                ))
+            );
         }
     }
 }
