@@ -1,19 +1,12 @@
 //! interlude: one binary, the daemon and its control client. This file only
-//! dispatches the command line.
-
-mod backends;
-mod cli;
-mod config;
-mod control;
-mod daemon;
-mod proxy;
-mod telemetry;
+//! dispatches the command line into the library (`lib.rs`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Cli, Command};
+use interlude::cli::{Cli, Command};
+use interlude::{config, control, daemon};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
