@@ -10,7 +10,7 @@
 //! silent clients that neither block other handshakes nor live beyond
 //! `handshake_timeout`; `reject_with: http503` and `when_paused: hold` over TLS.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -269,7 +269,7 @@ fn schema_keys() -> BTreeSet<String> {
     assert!(
         structs >= 8 && keys.len() >= 40,
         "the scan of src/config/schema.rs found {structs} *Config structs and {} keys: \
-         has the schema moved? Update schema_keys() in tests/manual.rs",
+         has the schema moved? Update schema_keys() in tests/it/manual.rs",
         keys.len()
     );
     for known in [

@@ -2,7 +2,7 @@
 //! type errors, unknown keys and every semantic error at once, exit code 2
 //! from both `run` and `check`, and `check` on a valid file.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! route, method, bad timeout), the bearer token on a TCP control listener,
 //! `interlude status` (table and JSON), and the CLI with no daemon running.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::io::Write;

@@ -4,7 +4,7 @@
 //! hourly; syslog over UDP, TCP with octet counting, and absent servers) and
 //! their change on reload; the periodic stats line; and `GET /metrics`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

@@ -16,7 +16,7 @@
 //! state file and sockets the daemon writes into `DIR`: the watcher then
 //! sees only the edits a test makes, and each edit is exactly one reload.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

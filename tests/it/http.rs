@@ -19,7 +19,7 @@
 //! tag every response with `X-Backend: NAME`; the clients ([`Client`]) are
 //! plain blocking HTTP/1.1 over one connection each.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -2,7 +2,7 @@
 //! under concurrent bulk load, half-close in both directions, backend
 //! fallback in list order, connect failures and timeouts, idle timeout.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::path::Path;

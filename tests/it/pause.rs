@@ -5,7 +5,7 @@
 //! `max_duration` fail-safe, paced release, declared pauses, persistence of
 //! runtime pauses across a restart, and SIGTERM with held clients.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -11,7 +11,7 @@
 //! one-byte tag, then echo. Health-check connections send nothing (tcp) or
 //! a `GET` (http), so they never count as requests.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -3,7 +3,7 @@
 //! regular file at a UNIX listen path), stale socket files, and signals that
 //! must not kill it.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io;

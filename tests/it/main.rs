@@ -1,0 +1,17 @@
+//! The integration tests: one test binary (one link, one place for
+//! fixtures), a module per area. Each runs the real `interlude` binary
+//! against real sockets on loopback; `common` holds the fixtures.
+
+mod common;
+
+mod backends;
+mod config_errors;
+mod control_api;
+mod forwarding;
+mod http;
+mod lifecycle;
+mod manual;
+mod operations;
+mod pause;
+mod reload;
+mod tls;
