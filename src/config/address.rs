@@ -1,5 +1,6 @@
 //! Socket addresses as operators write them: `tcp://HOST:PORT`, `HOST:PORT`,
-//! `[V6]:PORT` and `unix:/path/to.sock`, parsed once into a typed value.
+//! `[V6]:PORT` and `unix:/path/to.sock`, parsed once into a typed value;
+//! and where syslog lines go (`log.syslog`).
 //!
 //! The `Display` form is canonical (`tcp://127.0.0.1:80`, `tcp://[::1]:80`,
 //! `unix:/run/x.sock`): it is what logs, status and the reconciler compare.
@@ -153,6 +154,59 @@ impl<'de> Deserialize<'de> for Address {
         deserializer.deserialize_str(super::schema::ScalarVisitor {
             expecting: "an address such as tcp://127.0.0.1:8080 or unix:/run/app.sock",
             parse: Address::parse,
+        })
+    }
+}
+
+/// Where syslog lines go, parsed from `log.syslog`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogDestination {
+    Unix(String),
+    Udp(String),
+    Tcp(String),
+}
+
+impl SyslogDestination {
+    /// The one reading of `log.syslog`: the config holds the parsed value,
+    /// so a value `interlude check` accepts is one the logger can use.
+    pub fn parse(text: &str) -> Result<SyslogDestination, String> {
+        let host_port = |rest: &str| matches!(Address::parse(rest), Ok(Address::Tcp(_)));
+        if let Some(path) = text.strip_prefix("unix:")
+            && path.starts_with('/')
+        {
+            return Ok(SyslogDestination::Unix(path.to_string()));
+        }
+        if let Some(address) = text.strip_prefix("udp://")
+            && host_port(address)
+        {
+            return Ok(SyslogDestination::Udp(address.trim().to_string()));
+        }
+        if let Some(address) = text.strip_prefix("tcp://")
+            && host_port(address)
+        {
+            return Ok(SyslogDestination::Tcp(address.trim().to_string()));
+        }
+        Err(format!(
+            "syslog address {text:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"
+        ))
+    }
+}
+
+impl fmt::Display for SyslogDestination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyslogDestination::Unix(path) => write!(f, "unix:{path}"),
+            SyslogDestination::Udp(address) => write!(f, "udp://{address}"),
+            SyslogDestination::Tcp(address) => write!(f, "tcp://{address}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SyslogDestination {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(super::schema::ScalarVisitor {
+            expecting: "a syslog address such as unix:/dev/log or udp://127.0.0.1:514",
+            parse: SyslogDestination::parse,
         })
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tokio_rustls::rustls::ServerConfig;
 
-pub use address::{Address, TcpTarget};
+pub use address::{Address, SyslogDestination, TcpTarget};
 pub use schema::*;
 pub use validate::backend_list_problems;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use super::address::Address;
+use super::address::{Address, SyslogDestination};
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -28,7 +28,7 @@ pub struct LogConfig {
     pub target: LogTarget,
     pub file: PathBuf,
     pub rotation: Rotation,
-    pub syslog: String,
+    pub syslog: SyslogDestination,
     pub level: LogLevel,
 }
 
@@ -38,7 +38,7 @@ impl Default for LogConfig {
             target: LogTarget::Stderr,
             file: PathBuf::from("/var/log/interlude/interlude.log"),
             rotation: Rotation::Daily,
-            syslog: "unix:/dev/log".into(),
+            syslog: SyslogDestination::Unix("/dev/log".into()),
             level: LogLevel::Info,
         }
     }

@@ -10,7 +10,6 @@ use tokio_rustls::rustls::ServerConfig;
 use super::TlsByProxy;
 use super::address::Address;
 use super::schema::{BackendConfig, Config, HealthCheckKind, LogTarget, Mode, ProxyConfig};
-use crate::telemetry::syslog::Destination;
 
 /// One broken rule: where (a serde_yaml-style path) and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,11 +54,6 @@ fn check_globals(config: &Config, issues: &mut Issues) {
             "log.file",
             format!("log file {:?} must be an absolute path", config.log.file),
         );
-    }
-    if config.log.target == LogTarget::Syslog
-        && let Err(why) = Destination::parse(&config.log.syslog)
-    {
-        issues.add("log.syslog", why);
     }
     if let Address::Tcp(target) = &config.control.listen
         && !target.is_loopback()

@@ -140,7 +140,7 @@ fn prepare(config: &LogConfig) -> Result<Prepared, String> {
             })
         }
         LogTarget::Syslog => {
-            let destination = syslog::Destination::parse(&config.syslog)?;
+            let destination = config.syslog.clone();
             Ok(Prepared {
                 layer: syslog::SyslogLayer::start(destination)?.boxed(),
                 writer: None,

@@ -21,7 +21,7 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 
-use crate::config::Address;
+use crate::config::SyslogDestination as Destination;
 
 /// Lines waiting for the worker; beyond this they are dropped.
 const QUEUE: usize = 4096;
@@ -30,40 +30,6 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// Lines that could not be delivered to syslog since start.
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Where syslog lines go, parsed from `log.syslog`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Destination {
-    Unix(String),
-    Udp(String),
-    Tcp(String),
-}
-
-impl Destination {
-    /// The one reading of `log.syslog`: config validation calls it too, so a
-    /// value `interlude check` accepts is one the logger can use.
-    pub fn parse(text: &str) -> Result<Destination, String> {
-        let host_port = |rest: &str| matches!(Address::parse(rest), Ok(Address::Tcp(_)));
-        if let Some(path) = text.strip_prefix("unix:")
-            && path.starts_with('/')
-        {
-            return Ok(Destination::Unix(path.to_string()));
-        }
-        if let Some(address) = text.strip_prefix("udp://")
-            && host_port(address)
-        {
-            return Ok(Destination::Udp(address.trim().to_string()));
-        }
-        if let Some(address) = text.strip_prefix("tcp://")
-            && host_port(address)
-        {
-            return Ok(Destination::Tcp(address.trim().to_string()));
-        }
-        Err(format!(
-            "syslog address {text:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"
-        ))
-    }
-}
 
 pub struct SyslogLayer {
     lines: SyncSender<(Severity, String)>,
