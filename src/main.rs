@@ -6,14 +6,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use interlude::cli::{Cli, Command};
-use interlude::{config, control, daemon};
+use interlude::{cli, config, daemon};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         None | Some(Command::Run) => daemon::run(&cli.config),
         Some(Command::Check) => check(&cli),
-        Some(client_command) => control::client::run(client_command, &cli.config),
+        Some(client_command) => cli::client::run(client_command, &cli.config),
     }
 }
 

@@ -3,7 +3,6 @@
 //! and asks the daemon loop for every change; it owns no state itself.
 
 mod api;
-pub mod client;
 mod metrics;
 pub mod status;
 

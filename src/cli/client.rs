@@ -12,9 +12,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
-use super::status::{self, StatusDoc};
-use crate::cli::{ClientArgs, Command};
+use super::{ClientArgs, Command};
 use crate::config::{self, Address, DEFAULT_CONTROL_SOCKET, Dur};
+use crate::control::status::{self, StatusDoc};
 use crate::daemon::commands::PauseReport;
 use crate::daemon::{EXIT_CONFIG, EXIT_RUNTIME};
 use crate::proxy::stream::Stream;
@@ -181,7 +181,7 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
                 .iter()
                 .map(|(a, w)| json!({ "address": a, "weight": w }))
                 .collect();
-            deploy(&daemon, proxy, backends, super::DEFAULT_DEPLOY_TIMEOUT).await
+            deploy(&daemon, proxy, backends, crate::control::DEFAULT_DEPLOY_TIMEOUT).await
         }
         Command::List { json, proxy, client } => {
             let daemon = Daemon::locate(client, config_path)?;

@@ -1,5 +1,8 @@
 //! The command line: one clap definition that is the single source of
-//! `--help`, the dispatch in `main.rs` and the man page consistency test.
+//! `--help`, the dispatch in `main.rs` and the man page consistency test;
+//! `client` runs the client commands against the control API.
+
+pub mod client;
 
 use std::path::PathBuf;
 
