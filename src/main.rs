@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use interlude::cli::{Cli, Command};
-use interlude::{cli, config, daemon};
+use interlude::{cli, config, control, daemon};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        None | Some(Command::Run) => daemon::run(&cli.config),
+        None | Some(Command::Run) => daemon::run(&cli.config, control::serve),
         Some(Command::Check) => check(&cli),
         Some(client_command) => cli::client::run(client_command, &cli.config),
     }

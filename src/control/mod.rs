@@ -55,19 +55,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The control socket is for the operator's group only.
-pub fn restrict_socket_mode(address: &Address) {
-    if let Address::Unix(path) = address {
-        use std::os::unix::fs::PermissionsExt;
-        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)) {
-            warn!(path = %path.display(), error = %e, "cannot set the control socket's mode to 0660");
-        }
-    }
-}
-
-/// Serves the API until `stop` is cancelled.
-pub async fn serve(listener: Listener, access: Access, shared: Arc<Shared>, stop: CancellationToken) {
-    let access = Arc::new(access);
+/// Serves the API on the socket the daemon bound until `stop` is
+/// cancelled: the daemon starts it (see `daemon::run`) and joins it.
+pub async fn serve(listener: Listener, config: ControlConfig, shared: Arc<Shared>, stop: CancellationToken) {
+    let access = Arc::new(Access::from_config(&config));
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {

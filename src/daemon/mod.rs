@@ -29,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{self, Address, BackendConfig, Config, Loaded, Mode, ProxyConfig};
-use crate::control;
+use crate::config::{self, Address, BackendConfig, Config, ControlConfig, Loaded, Mode, ProxyConfig};
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
 use crate::proxy::stream::Listener;
@@ -81,7 +80,15 @@ pub struct ReloadRecord {
 }
 
 /// Runs the daemon in the foreground until a stop signal; returns the exit code.
-pub fn run(config_path: &Path) -> ExitCode {
+///
+/// `serve_api` is the control API: the daemon binds its socket and hands it
+/// over with a [`Shared`] handle and a stop token, and joins it on stop.
+/// Passing it in keeps the daemon ignorant of the API above it.
+pub fn run<Api, Serving>(config_path: &Path, serve_api: Api) -> ExitCode
+where
+    Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
+    Serving: Future<Output = ()> + Send + 'static,
+{
     let text = match config::read(config_path) {
         Ok(text) => text,
         Err(e) => {
@@ -129,6 +136,7 @@ pub fn run(config_path: &Path) -> ExitCode {
             config_path.to_path_buf(),
             reload::fingerprint(&text),
             logging,
+            serve_api,
         )
         .await
         {
@@ -225,12 +233,17 @@ impl RunningProxy {
 impl Daemon {
     /// Binds every listener and the control socket, then starts accepting;
     /// one bind failure stops the start-up before any connection is accepted.
-    async fn start(
+    async fn start<Api, Serving>(
         loaded: Loaded,
         config_path: PathBuf,
         fingerprint: u64,
         logging: Logging,
-    ) -> Result<Daemon, String> {
+        serve_api: Api,
+    ) -> Result<Daemon, String>
+    where
+        Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
+        Serving: Future<Output = ()> + Send + 'static,
+    {
         let Loaded { config, tls } = loaded;
         let state_dir = state::state_dir(config.state_dir.as_deref());
         let saved = state::load(&state_dir);
@@ -251,7 +264,7 @@ impl Daemon {
         let control_listener = Listener::bind(&config.control.listen)
             .await
             .map_err(|e| format!("control socket: {e} (set control.listen in the config)"))?;
-        control::restrict_socket_mode(&config.control.listen);
+        restrict_socket_mode(&config.control.listen);
 
         let kill_all = CancellationToken::new();
         let (watchdog_ticks, _) = latest::channel(0u64);
@@ -316,9 +329,9 @@ impl Daemon {
             started_at: Instant::now(),
         });
         let stop_control = CancellationToken::new();
-        let control_task = tokio::spawn(control::serve(
+        let control_task = tokio::spawn(serve_api(
             control_listener,
-            control::Access::from_config(&config.control),
+            config.control.clone(),
             shared,
             stop_control.clone(),
         ));
@@ -711,6 +724,16 @@ impl RunningProxy {
             self.bound = listener.bound.clone();
         }
         info!(proxy = %self.proxy.name, address = %self.bound, "listening");
+    }
+}
+
+/// The control socket is for the operator's group only.
+fn restrict_socket_mode(address: &Address) {
+    if let Address::Unix(path) = address {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)) {
+            warn!(path = %path.display(), error = %e, "cannot set the control socket's mode to 0660");
+        }
     }
 }
 
