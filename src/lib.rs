@@ -9,4 +9,5 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod proxy;
+pub mod sockets;
 pub mod telemetry;

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::{Backend, Role};
 use crate::config::{Address, HealthCheckConfig, HealthCheckKind, StatusRange};
 use crate::proxy::Proxy;
-use crate::proxy::stream::Stream;
+use crate::sockets::stream::Stream;
 
 /// Probes until the proxy is retired.
 pub async fn run(proxy: Arc<Proxy>) {

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Address, BackendConfig, Balance};
-use crate::proxy::stream::Stream;
+use crate::sockets::stream::Stream;
 
 /// Where a backend is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

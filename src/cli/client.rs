@@ -17,7 +17,7 @@ use crate::config::{self, Address, DEFAULT_CONTROL_SOCKET, Dur};
 use crate::control::status::{self, StatusDoc};
 use crate::daemon::commands::PauseReport;
 use crate::daemon::{EXIT_CONFIG, EXIT_RUNTIME};
-use crate::proxy::stream::Stream;
+use crate::sockets::stream::Stream;
 
 /// Runs one client command; `config_path` tells where the control socket
 /// and token are when the command line does not.

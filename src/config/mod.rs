@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use tokio_rustls::rustls::ServerConfig;
 
-pub use address::{Address, SyslogDestination, TcpTarget};
+pub use crate::sockets::{Address, TcpTarget};
+pub use address::SyslogDestination;
 pub use schema::*;
 pub use validate::backend_list_problems;
 

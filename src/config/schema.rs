@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use super::address::{Address, SyslogDestination};
+use super::address::SyslogDestination;
+use crate::sockets::Address;
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]

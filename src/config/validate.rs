@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tokio_rustls::rustls::ServerConfig;
 
 use super::TlsByProxy;
-use super::address::Address;
 use super::schema::{BackendConfig, Config, HealthCheckKind, LogTarget, Mode, ProxyConfig};
+use crate::sockets::Address;
 
 /// One broken rule: where (a serde_yaml-style path) and what.
 #[derive(Debug, Clone, PartialEq, Eq)]

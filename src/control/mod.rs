@@ -19,7 +19,7 @@ use tracing::warn;
 
 use crate::config::{Address, ControlConfig};
 use crate::daemon::Shared;
-use crate::proxy::stream::Listener;
+use crate::sockets::stream::Listener;
 
 /// How long a deploy (and `add`/`rm`, which deploy) waits for its new
 /// backends unless told otherwise: one value, so `--help`, the client and a

@@ -20,7 +20,7 @@ use super::reconcile::ListenKey;
 use crate::config::{Address, Mode};
 use crate::proxy::http::VirtualHosts;
 use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
-use crate::proxy::stream::Listener;
+use crate::sockets::stream::Listener;
 
 /// An accept loop, the socket it owns and the routes it serves.
 pub(super) struct RunningListener {

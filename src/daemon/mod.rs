@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use crate::config::{self, Address, BackendConfig, Config, ControlConfig, Loaded, Mode, ProxyConfig};
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
-use crate::proxy::stream::Listener;
+use crate::sockets::stream::Listener;
 use crate::telemetry::stats::{self, StatsLog};
 use crate::telemetry::{self, Logging, systemd};
 use commands::{Command, PauseReport, UnknownProxy};

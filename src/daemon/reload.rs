@@ -21,7 +21,7 @@ use super::reconcile::{self, Action, ListenKey, Running};
 use super::{Daemon, ReloadRecord, RunningProxy};
 use crate::config::{self, Config, Loaded};
 use crate::proxy::Proxy;
-use crate::proxy::stream::Listener;
+use crate::sockets::stream::Listener;
 use crate::telemetry::{self, Prepared, systemd};
 
 /// Quiet time after the last file event before the file is read again.

@@ -15,8 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::stream::Stream;
 use super::wake::PollWhenWoken;
+use crate::sockets::stream::Stream;
 
 /// Size of one copy buffer: large enough that bulk transfers make few
 /// syscalls, and only ever held while bytes are in flight.

@@ -9,8 +9,8 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::gate::HeldTicket;
-use super::stream::{Client, Stream};
 use super::wake::PollWhenWoken;
+use crate::sockets::stream::{Client, Stream};
 
 /// Bytes kept per held connection; beyond this the client waits for us.
 pub const HELD_BUFFER_LIMIT: usize = 16 * 1024;

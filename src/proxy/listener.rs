@@ -17,7 +17,7 @@ use tracing::{error, info};
 
 use super::Proxy;
 use super::http::VirtualHosts;
-use super::stream::Listener;
+use crate::sockets::stream::Listener;
 
 /// Who serves the connections of one listening socket.
 #[derive(Clone)]

@@ -11,7 +11,6 @@ pub mod gate;
 pub mod hold;
 pub mod http;
 pub mod listener;
-pub mod stream;
 mod wake;
 
 use std::sync::Arc;
@@ -27,10 +26,10 @@ use tracing::debug;
 
 use crate::backends::{Backend, BackendSet, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
+use crate::sockets::stream::{Client, Peer, Stream};
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, RejectReason, RuntimePause};
 use hold::{Hold, client_leaves, hold};
-use stream::{Client, Peer, Stream};
 
 /// What a new connection needs from the config, shared read-only.
 #[derive(Debug, Clone)]

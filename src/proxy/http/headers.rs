@@ -9,7 +9,7 @@ use hyper::header::{
     TRANSFER_ENCODING, UPGRADE,
 };
 
-use crate::proxy::stream::Peer;
+use crate::sockets::stream::Peer;
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

@@ -38,10 +38,10 @@ use super::forward::{self, Traffic};
 use super::gate::{Admission, HeldTicket, RejectReason};
 use super::hold::{self, Hold};
 use super::listener::{Routes, Site};
-use super::stream::{Peer, Stream};
 use super::wake::PollWhenWoken;
 use super::{ActiveGuard, Proxy, ProxySettings};
 use crate::backends::{ConnectFailure, InFlight};
+use crate::sockets::stream::{Peer, Stream};
 use body::{Exchange, ResponseBody};
 use wire::RequestFraming;
 
@@ -70,7 +70,7 @@ pub async fn serve_connection(site: Arc<Site>, hosts: Arc<VirtualHosts>, client:
     let settings = first.settings.borrow().clone();
     let (fd, unix) = (client.fd(), matches!(client, Stream::Unix(_)));
     let client = match &settings.tls {
-        None => super::stream::Client::Plain(client),
+        None => crate::sockets::stream::Client::Plain(client),
         Some(tls) => match first.accept_tls(client, &peer, tls).await {
             Some(client) => client,
             None => return,

@@ -22,8 +22,8 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::body::RequestBody;
 use super::wire::{self, BodyReader, Parsed, RequestFraming, ResponseHead};
 use crate::backends::{Backend, ConnectFailure, Role};
-use crate::proxy::stream::Stream;
 use crate::proxy::wake::PollWhenWoken;
+use crate::sockets::stream::Stream;
 
 /// Idle keep-alive connections kept per backend; more are closed.
 pub const MAX_IDLE_PER_BACKEND: usize = 32;

@@ -494,7 +494,7 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = request.into_parts();
-        let client = headers::ClientIdentity::new(&crate::proxy::stream::Peer::Unix, false);
+        let client = headers::ClientIdentity::new(&crate::sockets::stream::Peer::Unix, false);
         let mut out = Vec::new();
         encode_request_head(&parts, &client, false, RequestFraming::Chunked, &mut out);
         assert_eq!(

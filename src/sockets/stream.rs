@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 
-use crate::config::{Address, TcpTarget};
+use super::address::{Address, TcpTarget};
 
 /// Pending connections the kernel queues per listener (capped by somaxconn).
 const LISTEN_BACKLOG: u32 = 4096;

@@ -1,0 +1,9 @@
+//! The bottom layer: socket addresses as operators write them and the
+//! socket kinds behind one type (TCP and UNIX listeners and streams), so
+//! every listener kind can forward to every backend kind. It knows nothing
+//! of configs, proxies or backends.
+
+pub mod address;
+pub mod stream;
+
+pub use address::{Address, TcpTarget};
