@@ -7,7 +7,7 @@
 //! flight: an idle connection owns no buffer at all.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -78,15 +78,10 @@ impl Stream {
     /// EAGAIN; data arriving after the read carries a newer readiness event,
     /// which this does not clear, so no wakeup is lost.
     pub fn try_read_draining(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-        let fd = self.fd();
+        let fd = self.as_fd();
         let mut short_read = None;
         let read = || -> io::Result<usize> {
-            // SAFETY: `buf` is valid for `buf.len()` bytes; the fd is open.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let n = n as usize;
+            let n = rustix::io::read(fd, &mut *buf)?;
             if n > 0 && n < buf.len() {
                 short_read = Some(n);
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -133,15 +128,18 @@ impl Stream {
 
     /// Sends FIN (half-close): the peer reads EOF, and can still send to us.
     pub fn shutdown_write(&self) -> io::Result<()> {
-        // SAFETY: the fd is owned by `self` and open for the duration of the call.
-        let rc = unsafe { libc::shutdown(self.fd(), libc::SHUT_WR) };
-        match rc {
-            0 => Ok(()),
-            _ => match io::Error::last_os_error() {
-                // The peer already went away: nothing left to tell it.
-                e if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-                e => Err(e),
-            },
+        match rustix::net::shutdown(self.as_fd(), rustix::net::Shutdown::Write) {
+            // The peer already went away: nothing left to tell it.
+            Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The socket, borrowed (to watch it, or to duplicate it safely).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 
