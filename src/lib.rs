@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod drain;
 pub mod proxy;
 pub mod sockets;
 pub mod telemetry;

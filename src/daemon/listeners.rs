@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::RunningProxy;
 use super::reconcile::ListenKey;
 use crate::config::{Address, Mode};
+use crate::drain::drain_within;
 use crate::proxy::http::VirtualHosts;
 use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
 use crate::sockets::stream::Listener;
@@ -87,13 +88,13 @@ impl RunningListener {
             return;
         }
         retiring.spawn(async move {
-            tokio::select! {
-                () = site.connections.wait() => {}
-                () = tokio::time::sleep(drain) => {
-                    warn!(connections = site.connections.len(), "drain_timeout over: closing the HTTP connections of a closed listener");
-                    site.kill.cancel();
-                }
-            }
+            drain_within(site.connections.wait(), drain, &site.kill, || {
+                warn!(
+                    connections = site.connections.len(),
+                    "drain_timeout over: closing the HTTP connections of a closed listener"
+                );
+            })
+            .await;
         });
     }
 

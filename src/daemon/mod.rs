@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{self, Address, BackendConfig, Config, ControlConfig, Loaded, Mode, ProxyConfig};
+use crate::drain::{Drained, drain};
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
 use crate::sockets::stream::Listener;
@@ -669,39 +670,45 @@ impl Daemon {
                 humantime::format_duration(grace)
             );
         }
-        let drained = async {
+        let finished = async {
             for running in &self.proxies {
-                running.proxy.connections.wait().await;
+                running.proxy.ended().await;
             }
             for site in &sites {
                 site.connections.wait().await;
             }
             self.retiring.wait().await;
         };
-        tokio::pin!(drained);
-        let hurry = async {
-            loop {
-                if let Signal::Stop(name) = signals.next().await {
-                    return name;
-                }
+        // The deadline: the grace period, or a second stop signal.
+        let hurried = std::cell::Cell::new(None);
+        let deadline = async {
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                name = async {
+                    loop {
+                        if let Signal::Stop(name) = signals.next().await {
+                            return name;
+                        }
+                    }
+                } => hurried.set(Some(name)),
             }
         };
-        let finished = tokio::select! {
-            () = &mut drained => true,
-            () = tokio::time::sleep(grace) => {
-                warn!(connections = self.active_connections(), "grace period over: closing the remaining connections");
-                false
+        let outcome = drain(finished, deadline, &self.kill_all, KILL_WAIT, || {
+            let connections = self.active_connections();
+            match hurried.get() {
+                Some(name) => warn!(
+                    connections,
+                    "{name} received again: closing the remaining connections now"
+                ),
+                None => warn!(
+                    connections,
+                    "grace period over: closing the remaining connections"
+                ),
             }
-            name = hurry => {
-                warn!(connections = self.active_connections(), "{name} received again: closing the remaining connections now");
-                false
-            }
-        };
-        if !finished {
-            self.kill_all.cancel();
-            if tokio::time::timeout(KILL_WAIT, &mut drained).await.is_err() {
-                warn!("some connections did not close in time");
-            }
+        })
+        .await;
+        if outcome == (Drained::Cut { closed: false }) {
+            warn!("some connections did not close in time");
         }
         self.stop_control.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.control_task).await;

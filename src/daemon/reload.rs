@@ -20,6 +20,7 @@ use super::listeners::{self, RunningListener};
 use super::reconcile::{self, Action, ListenKey, Running};
 use super::{Daemon, ReloadRecord, RunningProxy};
 use crate::config::{self, Config, Loaded};
+use crate::drain::{Drained, drain_within};
 use crate::proxy::Proxy;
 use crate::sockets::stream::Listener;
 use crate::telemetry::{self, Prepared, systemd};
@@ -251,13 +252,15 @@ impl Daemon {
         self.retiring.spawn(async move {
             // Mode http requests run on their listener's connections: wait
             // for those in flight too.
-            let drained = async { tokio::join!(proxy.connections.wait(), proxy.wait_idle()) };
-            tokio::select! {
-                _ = drained => info!(proxy = %proxy.name, "removed proxy drained"),
-                () = tokio::time::sleep(drain) => {
-                    warn!(proxy = %proxy.name, connections = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed), "drain_timeout over: closing the removed proxy's connections");
-                    proxy.kill.cancel();
-                }
+            let finished = async {
+                tokio::join!(proxy.ended(), proxy.wait_idle());
+            };
+            let outcome = drain_within(finished, drain, &proxy.kill, || {
+                warn!(proxy = %proxy.name, connections = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed), "drain_timeout over: closing the removed proxy's connections");
+            })
+            .await;
+            if outcome == Drained::Finished {
+                info!(proxy = %proxy.name, "removed proxy drained");
             }
         });
     }

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::{Proxy, ProxySettings, until_zero};
 use crate::backends::{Backend, BackendSet, Role};
 use crate::config::{BackendConfig, ProxyConfig};
+use crate::drain::{Drained, drain_within};
 use tokio_rustls::rustls::ServerConfig;
 
 impl Proxy {
@@ -148,22 +149,19 @@ impl Proxy {
             info!(proxy = %self.name, backend = %backend.address, connections = open, "draining backend");
         }
         let proxy = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = until_zero(&backend.active, &backend.idle) => {
-                    if open > 0 {
-                        info!(proxy = %proxy.name, backend = %backend.address, "backend drained");
-                    }
-                }
-                () = tokio::time::sleep(timeout) => {
-                    warn!(
-                        proxy = %proxy.name,
-                        backend = %backend.address,
-                        connections = backend.active.load(Relaxed),
-                        "drain_timeout over: closing the backend's remaining connections"
-                    );
-                    backend.kill.cancel();
-                }
+        self.tasks.spawn(async move {
+            let finished = until_zero(&backend.active, &backend.idle);
+            let outcome = drain_within(finished, timeout, &backend.kill, || {
+                warn!(
+                    proxy = %proxy.name,
+                    backend = %backend.address,
+                    connections = backend.active.load(Relaxed),
+                    "drain_timeout over: closing the backend's remaining connections"
+                );
+            })
+            .await;
+            if outcome == Drained::Finished && open > 0 {
+                info!(proxy = %proxy.name, backend = %backend.address, "backend drained");
             }
             proxy.forget(std::slice::from_ref(&backend));
         });

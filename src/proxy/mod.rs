@@ -150,6 +150,9 @@ pub struct Proxy {
     /// Cancelled when the proxy is removed or the daemon stops: its
     /// background tasks (health checks) end.
     pub retired: CancellationToken,
+    /// Its background tasks (the health checker, backend drains): closed
+    /// by `wind_down`, joined with the connections on stop or removal.
+    pub tasks: TaskTracker,
 }
 
 impl Proxy {
@@ -177,8 +180,9 @@ impl Proxy {
             health_changed: Notify::new(),
             probe_now: Notify::new(),
             retired: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
-        tokio::spawn(crate::backends::health::run(proxy.clone()));
+        proxy.tasks.spawn(crate::backends::health::run(proxy.clone()));
         proxy
     }
 
@@ -190,6 +194,14 @@ impl Proxy {
         self.retired.cancel();
         self.gate.close_held.cancel();
         self.connections.close();
+        self.tasks.close();
+    }
+
+    /// Waits until its connections and background tasks have ended (after
+    /// `wind_down`).
+    pub async fn ended(&self) {
+        self.connections.wait().await;
+        self.tasks.wait().await;
     }
 
     /// Waits until no forwarded connection is open.
