@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{PauseConfig, WhenPaused};
 
@@ -104,6 +105,8 @@ pub struct Gate {
     held: Arc<AtomicU64>,
     /// Cancelled on stop: held connections close instead of being forwarded.
     pub close_held: CancellationToken,
+    /// Where a paced release runs: its proxy's background tasks.
+    tasks: TaskTracker,
 }
 
 struct Inner {
@@ -120,6 +123,7 @@ impl Gate {
         declared: bool,
         runtime: Option<RuntimePause>,
         close_held: CancellationToken,
+        tasks: TaskTracker,
     ) -> Gate {
         let state = PauseState { declared, runtime };
         Gate {
@@ -132,6 +136,7 @@ impl Gate {
             }),
             held: Arc::new(AtomicU64::new(0)),
             close_held,
+            tasks,
         }
     }
 
@@ -222,11 +227,15 @@ impl Gate {
         drop(inner);
         let gate = self.clone();
         let period = Duration::from_secs(1) / rate;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut ticks = tokio::time::interval(period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticks.tick().await;
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    // Stopping: held clients close, nothing is released.
+                    () = gate.close_held.cancelled() => return,
+                }
                 let mut inner = gate.lock();
                 if inner.release_generation != generation || inner.state.paused() {
                     return;
@@ -262,7 +271,13 @@ mod tests {
     use crate::config::PauseConfig;
 
     fn gate(policy: PauseConfig) -> Arc<Gate> {
-        Arc::new(Gate::new(&policy, false, None, CancellationToken::new()))
+        Arc::new(Gate::new(
+            &policy,
+            false,
+            None,
+            CancellationToken::new(),
+            TaskTracker::new(),
+        ))
     }
 
     fn runtime() -> Option<RuntimePause> {

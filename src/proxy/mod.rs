@@ -168,7 +168,14 @@ impl Proxy {
         let live = BackendSet::reuse_or_create(backends, None, Role::Serving, &kill);
         let settings = ProxySettings::new(config, BackendSet::new(live, config.balance), tls);
         let (settings, _) = watch::channel(Arc::new(settings));
-        let gate = Gate::new(&config.pause, config.paused, runtime_pause, kill.child_token());
+        let tasks = TaskTracker::new();
+        let gate = Gate::new(
+            &config.pause,
+            config.paused,
+            runtime_pause,
+            kill.child_token(),
+            tasks.clone(),
+        );
         let proxy = Arc::new(Proxy {
             name: config.name.as_str().into(),
             stats: ProxyStats::default(),
@@ -180,7 +187,7 @@ impl Proxy {
             health_changed: Notify::new(),
             probe_now: Notify::new(),
             retired: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks,
         });
         proxy.tasks.spawn(crate::backends::health::run(proxy.clone()));
         proxy
