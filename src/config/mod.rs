@@ -6,6 +6,7 @@
 //! while checking, so the daemon never reads a certificate a second time.
 
 mod address;
+pub mod keys;
 mod locate;
 mod recover;
 mod schema;

@@ -12,14 +12,11 @@
 //!   config `etc/interlude/interlude.yaml` (commented out or not), which
 //!   passes `interlude check` too.
 //!
-//! Where the keys come from: the schema's serde types are private to the
-//! binary crate, so this test reads `src/config/schema.rs` as text. Every
-//! `pub FIELD:` line inside a `pub struct ...Config { ... }` block is a key
-//! (honouring `#[serde(rename = "...")]` and skipping `#[serde(skip)]`).
-//! That scan needs no change to `src/`, and a new field in any `*Config`
-//! struct makes this test fail until both pages document it. A scan that
-//! finds too little fails on its own, so a refactor of the schema file
-//! cannot make this test pass vacuously.
+//! Where the keys come from: `interlude::config::keys::all()`, which reads
+//! them off the schema's serde definitions (the field lists serde derives,
+//! renames applied), so a new field in any config struct makes this test
+//! fail until both pages document it. A walk that finds too little fails on
+//! its own, so a refactor cannot make this test pass vacuously.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -221,55 +218,17 @@ fn the_program_page_documents_every_command_option_and_variable() {
     );
 }
 
-/// The keys of the config file: `pub FIELD:` lines of `pub struct *Config`
-/// blocks in the schema source (see the top of this file).
+/// Every config key, from the schema's own serde definitions (through the
+/// library): a new field in any config struct fails this test until both
+/// pages document it.
 fn schema_keys() -> BTreeSet<String> {
-    let source = read("src/config/schema.rs");
-    let mut keys = BTreeSet::new();
-    let mut structs = 0;
-    let mut inside = false;
-    let mut rename: Option<String> = None;
-    let mut skip = false;
-    for line in source.lines() {
-        let trimmed = line.trim();
-        if !inside {
-            if let Some(rest) = trimmed.strip_prefix("pub struct ") {
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if name.ends_with("Config") && rest.trim_end().ends_with('{') {
-                    inside = true;
-                    structs += 1;
-                }
-            }
-            continue;
-        }
-        if line.starts_with('}') {
-            inside = false;
-            continue;
-        }
-        if trimmed.starts_with("#[serde(") {
-            if let Some(at) = trimmed.find("rename = \"") {
-                let rest = &trimmed[at + "rename = \"".len()..];
-                rename = rest.split('"').next().map(String::from);
-            }
-            skip |= trimmed.contains("skip");
-            continue;
-        }
-        if let Some(rest) = trimmed.strip_prefix("pub ")
-            && let Some((field, _)) = rest.split_once(':')
-        {
-            let key = rename.take().unwrap_or_else(|| field.trim().to_string());
-            if !std::mem::take(&mut skip) {
-                keys.insert(key);
-            }
-        }
-    }
+    let keys: BTreeSet<String> = interlude::config::keys::all()
+        .into_iter()
+        .map(String::from)
+        .collect();
     assert!(
-        structs >= 8 && keys.len() >= 40,
-        "the scan of src/config/schema.rs found {structs} *Config structs and {} keys: \
-         has the schema moved? Update schema_keys() in tests/it/manual.rs",
+        keys.len() >= 40,
+        "the schema walk found only {} keys: {keys:?}",
         keys.len()
     );
     for known in [
@@ -279,7 +238,7 @@ fn schema_keys() -> BTreeSet<String> {
         "expect_status",
         "weight",
     ] {
-        assert!(keys.contains(known), "the schema scan missed {known}: {keys:?}");
+        assert!(keys.contains(known), "the schema walk missed {known}: {keys:?}");
     }
     keys
 }
