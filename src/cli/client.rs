@@ -239,7 +239,7 @@ async fn deploy(
 fn parse_addresses(addresses: &[String]) -> Result<Vec<Address>, Failure> {
     addresses
         .iter()
-        .map(|a| Address::parse(a).map_err(Failure::usage))
+        .map(|a| Address::parse(a).map_err(|e| Failure::usage(e.to_string())))
         .collect()
 }
 

@@ -361,12 +361,12 @@ impl<'de> Deserialize<'de> for StatusRange {
 
 /// Parses a scalar (string or number) with `parse`, inside the visitor, so that
 /// serde_yaml attaches this node's own line, column and path to the error.
-pub(super) struct ScalarVisitor<T> {
+pub(super) struct ScalarVisitor<T, E> {
     pub expecting: &'static str,
-    pub parse: fn(&str) -> Result<T, String>,
+    pub parse: fn(&str) -> Result<T, E>,
 }
 
-impl<T> Visitor<'_> for ScalarVisitor<T> {
+impl<T, Why: fmt::Display> Visitor<'_> for ScalarVisitor<T, Why> {
     type Value = T;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.expecting)

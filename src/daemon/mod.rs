@@ -33,9 +33,9 @@ use crate::config::{self, Address, BackendConfig, Config, ControlConfig, Loaded,
 use crate::drain::{Drained, drain};
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
-use crate::sockets::stream::Listener;
+use crate::sockets::stream::{BindError, Listener};
 use crate::telemetry::stats::{self, StatsLog};
-use crate::telemetry::{self, Logging, systemd};
+use crate::telemetry::{self, LogError, Logging, systemd};
 use commands::{Command, PauseReport, UnknownProxy};
 use listeners::RunningListener;
 use reconcile::ListenKey;
@@ -80,6 +80,54 @@ pub struct ReloadRecord {
     pub at: SystemTime,
 }
 
+/// Why the daemon could not start; each kind decides its exit status.
+#[derive(Debug)]
+pub enum StartError {
+    /// The config file cannot be read or is invalid (exit 2).
+    Config(config::ConfigError),
+    /// The log output the config asks for cannot be opened (exit 2).
+    Log { config: PathBuf, error: LogError },
+    /// The async runtime or the signal handlers cannot start (exit 1).
+    Runtime {
+        what: &'static str,
+        error: std::io::Error,
+    },
+    /// A proxy's listener cannot be bound (exit 1).
+    Listener(BindError),
+    /// The control socket cannot be bound (exit 1).
+    ControlSocket(BindError),
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Config(_) | StartError::Log { .. } => EXIT_CONFIG,
+            StartError::Runtime { .. } | StartError::Listener(_) | StartError::ControlSocket(_) => {
+                EXIT_RUNTIME
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::Log { config, error } => write!(f, "{}: {error}", config.display()),
+            StartError::Runtime { what, error } => write!(f, "interlude: cannot {what}: {error}"),
+            StartError::Listener(e) => write!(f, "interlude: {e}"),
+            StartError::ControlSocket(e) => {
+                write!(
+                    f,
+                    "interlude: control socket: {e} (set control.listen in the config)"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
 /// Runs the daemon in the foreground until a stop signal; returns the exit code.
 ///
 /// `serve_api` is the control API: the daemon binds its socket and hands it
@@ -90,66 +138,54 @@ where
     Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
     Serving: Future<Output = ()> + Send + 'static,
 {
-    let text = match config::read(config_path) {
-        Ok(text) => text,
+    match start_and_serve(config_path, serve_api) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
+            ExitCode::from(e.exit_code())
         }
-    };
+    }
+}
+
+fn start_and_serve<Api, Serving>(config_path: &Path, serve_api: Api) -> Result<(), StartError>
+where
+    Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
+    Serving: Future<Output = ()> + Send + 'static,
+{
+    let text = config::read(config_path).map_err(StartError::Config)?;
     // Certificates are loaded here too, before the runtime starts.
-    let loaded = match config::parse(&text, config_path) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let logging = match telemetry::init(&loaded.config.log) {
-        Ok(logging) => logging,
-        Err(e) => {
-            eprintln!("{}: {e}", config_path.display());
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let loaded = config::parse(&text, config_path).map_err(StartError::Config)?;
+    let logging = telemetry::init(&loaded.config.log).map_err(|error| StartError::Log {
+        config: config_path.to_path_buf(),
+        error,
+    })?;
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("interlude-worker")
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("interlude: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    let code = runtime.block_on(async {
-        let signals = match Signals::install() {
-            Ok(signals) => signals,
-            Err(e) => {
-                eprintln!("interlude: cannot install signal handlers: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        };
-        match Daemon::start(
+        .map_err(|error| StartError::Runtime {
+            what: "start the async runtime",
+            error,
+        })?;
+    let served = runtime.block_on(async {
+        let signals = Signals::install().map_err(|error| StartError::Runtime {
+            what: "install signal handlers",
+            error,
+        })?;
+        let daemon = Daemon::start(
             loaded,
             config_path.to_path_buf(),
             reload::fingerprint(&text),
             logging,
             serve_api,
         )
-        .await
-        {
-            Ok(daemon) => daemon.run(signals).await,
-            Err(e) => {
-                eprintln!("interlude: {e}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        }
+        .await?;
+        daemon.run(signals).await;
+        Ok(())
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
-    code
+    served
 }
 
 struct Daemon {
@@ -240,7 +276,7 @@ impl Daemon {
         fingerprint: u64,
         logging: Logging,
         serve_api: Api,
-    ) -> Result<Daemon, String>
+    ) -> Result<Daemon, StartError>
     where
         Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
         Serving: Future<Output = ()> + Send + 'static,
@@ -252,7 +288,9 @@ impl Daemon {
         for proxy_config in &config.proxies {
             let key = ListenKey::of(proxy_config);
             if !sockets.iter().any(|(bound, _)| *bound == key) {
-                let listener = Listener::bind(key.address()).await?;
+                let listener = Listener::bind(key.address())
+                    .await
+                    .map_err(StartError::Listener)?;
                 sockets.push((key, listener));
             }
         }
@@ -264,7 +302,7 @@ impl Daemon {
         }
         let control_listener = Listener::bind(&config.control.listen)
             .await
-            .map_err(|e| format!("control socket: {e} (set control.listen in the config)"))?;
+            .map_err(StartError::ControlSocket)?;
         restrict_socket_mode(&config.control.listen);
 
         let kill_all = CancellationToken::new();
@@ -379,7 +417,7 @@ impl Daemon {
         Ok(daemon)
     }
 
-    async fn run(mut self, mut signals: Signals) -> ExitCode {
+    async fn run(mut self, mut signals: Signals) {
         let mut file_settles: Option<(Instant, Instant)> = None;
         let watchdog_every = systemd::watchdog_interval();
         let mut last_ping = Instant::now();
@@ -448,7 +486,6 @@ impl Daemon {
             }
         }
         self.stop(&mut signals).await;
-        ExitCode::SUCCESS
     }
 
     async fn handle(&mut self, command: Command) {

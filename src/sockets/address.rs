@@ -42,11 +42,91 @@ impl TcpTarget {
     }
 }
 
+/// Why a text is not an address; its `Display` is the operator's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressError {
+    Empty,
+    UnsupportedScheme {
+        scheme: String,
+        text: String,
+    },
+    UnixWithoutPath,
+    UnixPathNotAbsolute(String),
+    UnixPathTooLong(String),
+    /// A TCP address that does not parse: the text and what is wrong.
+    Tcp {
+        text: String,
+        why: TcpAddressProblem,
+    },
+}
+
+/// What is wrong with a `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpAddressProblem {
+    MissingBracket,
+    MissingPortAfterIpv6,
+    NotIpv6(String),
+    BracketedNotIpv6(String),
+    MissingPort,
+    UnbracketedIpv6,
+    MissingHost,
+    BadPort(String),
+    BadHost(String),
+}
+
+impl fmt::Display for AddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddressError::Empty => f.write_str("empty address"),
+            AddressError::UnsupportedScheme { scheme, text } => write!(
+                f,
+                "unsupported scheme {scheme:?} in {text:?} (use tcp://HOST:PORT, HOST:PORT or unix:/path)"
+            ),
+            AddressError::UnixWithoutPath => f.write_str("unix: address has no path"),
+            AddressError::UnixPathNotAbsolute(path) => {
+                write!(f, "unix socket path {path:?} must be absolute")
+            }
+            AddressError::UnixPathTooLong(path) => write!(
+                f,
+                "unix socket path {path:?} is {} bytes long; the limit is {MAX_UNIX_PATH}",
+                path.len()
+            ),
+            AddressError::Tcp { text, why } => write!(f, "invalid address {text:?}: {why}"),
+        }
+    }
+}
+
+impl fmt::Display for TcpAddressProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TcpAddressProblem::MissingBracket => f.write_str("missing ']' after an IPv6 address"),
+            TcpAddressProblem::MissingPortAfterIpv6 => f.write_str("missing :PORT after the IPv6 address"),
+            TcpAddressProblem::NotIpv6(v6) => write!(f, "{v6:?} is not an IPv6 address"),
+            TcpAddressProblem::BracketedNotIpv6(v6) => {
+                write!(f, "{v6:?} in brackets must be an IPv6 address")
+            }
+            TcpAddressProblem::MissingPort => f.write_str("missing :PORT"),
+            TcpAddressProblem::UnbracketedIpv6 => {
+                f.write_str("an IPv6 address must be written in brackets, as [::1]:PORT")
+            }
+            TcpAddressProblem::MissingHost => {
+                f.write_str("missing host (use 0.0.0.0 or [::] for every interface)")
+            }
+            TcpAddressProblem::BadPort(port) => write!(f, "{port:?} is not a port number (0-65535)"),
+            TcpAddressProblem::BadHost(host) => {
+                write!(f, "{host:?} is neither an IP address nor a host name")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AddressError {}
+
 impl Address {
-    pub fn parse(text: &str) -> Result<Address, String> {
+    pub fn parse(text: &str) -> Result<Address, AddressError> {
         let text = text.trim();
         if text.is_empty() {
-            return Err("empty address".into());
+            return Err(AddressError::Empty);
         }
         if let Some(path) = text.strip_prefix("unix:") {
             return parse_unix(path.strip_prefix("//").unwrap_or(path)).map(Address::Unix);
@@ -54,15 +134,19 @@ impl Address {
         let hostport = match text.split_once("://") {
             Some(("tcp", rest)) => rest,
             Some((scheme, _)) => {
-                return Err(format!(
-                    "unsupported scheme {scheme:?} in {text:?} (use tcp://HOST:PORT, HOST:PORT or unix:/path)"
-                ));
+                return Err(AddressError::UnsupportedScheme {
+                    scheme: scheme.to_string(),
+                    text: text.to_string(),
+                });
             }
             None => text,
         };
         parse_tcp(hostport)
             .map(Address::Tcp)
-            .map_err(|why| format!("invalid address {text:?}: {why}"))
+            .map_err(|why| AddressError::Tcp {
+                text: text.to_string(),
+                why,
+            })
     }
 
     pub fn port(&self) -> Option<u16> {
@@ -73,46 +157,40 @@ impl Address {
     }
 }
 
-fn parse_unix(path: &str) -> Result<PathBuf, String> {
+fn parse_unix(path: &str) -> Result<PathBuf, AddressError> {
     if path.is_empty() {
-        return Err("unix: address has no path".into());
+        return Err(AddressError::UnixWithoutPath);
     }
     if !path.starts_with('/') {
-        return Err(format!("unix socket path {path:?} must be absolute"));
+        return Err(AddressError::UnixPathNotAbsolute(path.to_string()));
     }
     if path.len() > MAX_UNIX_PATH {
-        return Err(format!(
-            "unix socket path {path:?} is {} bytes long; the limit is {MAX_UNIX_PATH}",
-            path.len()
-        ));
+        return Err(AddressError::UnixPathTooLong(path.to_string()));
     }
     Ok(PathBuf::from(path))
 }
 
-fn parse_tcp(hostport: &str) -> Result<TcpTarget, String> {
+fn parse_tcp(hostport: &str) -> Result<TcpTarget, TcpAddressProblem> {
+    use TcpAddressProblem as Problem;
     let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']').ok_or("missing ']' after an IPv6 address")?;
-        let port = after
-            .strip_prefix(':')
-            .ok_or("missing :PORT after the IPv6 address")?;
-        let ip: IpAddr = v6.parse().map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
+        let (v6, after) = rest.split_once(']').ok_or(Problem::MissingBracket)?;
+        let port = after.strip_prefix(':').ok_or(Problem::MissingPortAfterIpv6)?;
+        let ip: IpAddr = v6.parse().map_err(|_| Problem::NotIpv6(v6.to_string()))?;
         if !ip.is_ipv6() {
-            return Err(format!("{v6:?} in brackets must be an IPv6 address"));
+            return Err(Problem::BracketedNotIpv6(v6.to_string()));
         }
         (v6, port)
     } else {
-        let (host, port) = hostport.rsplit_once(':').ok_or("missing :PORT")?;
+        let (host, port) = hostport.rsplit_once(':').ok_or(Problem::MissingPort)?;
         if host.contains(':') {
-            return Err("an IPv6 address must be written in brackets, as [::1]:PORT".into());
+            return Err(Problem::UnbracketedIpv6);
         }
         (host, port)
     };
     if host.is_empty() {
-        return Err("missing host (use 0.0.0.0 or [::] for every interface)".into());
+        return Err(Problem::MissingHost);
     }
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{port:?} is not a port number (0-65535)"))?;
+    let port: u16 = port.parse().map_err(|_| Problem::BadPort(port.to_string()))?;
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(TcpTarget::Ip(SocketAddr::new(ip, port)));
     }
@@ -120,7 +198,7 @@ fn parse_tcp(hostport: &str) -> Result<TcpTarget, String> {
         .split('.')
         .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     if !valid_name {
-        return Err(format!("{host:?} is neither an IP address nor a host name"));
+        return Err(Problem::BadHost(host.to_string()));
     }
     Ok(TcpTarget::Name {
         host: host.to_ascii_lowercase(),
@@ -155,7 +233,7 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        Address::parse(text).unwrap_err()
+        Address::parse(text).unwrap_err().to_string()
     }
 
     #[test]

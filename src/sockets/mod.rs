@@ -6,4 +6,4 @@
 pub mod address;
 pub mod stream;
 
-pub use address::{Address, TcpTarget};
+pub use address::{Address, AddressError, TcpAddressProblem, TcpTarget};

@@ -181,37 +181,37 @@ impl std::fmt::Display for Peer {
 }
 
 impl Listener {
-    /// Binds `address`. Errors are one line naming the address and the cause.
-    pub async fn bind(address: &Address) -> Result<Listener, String> {
-        let fail = |e: io::Error| format!("cannot listen on {address}: {}", describe_bind_error(&e, address));
+    /// Binds `address`.
+    pub async fn bind(address: &Address) -> Result<Listener, BindError> {
+        let fail = |cause: BindFailure| BindError {
+            address: address.clone(),
+            cause,
+        };
+        let io = |e: io::Error| fail(BindFailure::Io(e));
         match address {
             Address::Tcp(target) => {
                 let addr = match target {
                     TcpTarget::Ip(addr) => *addr,
                     TcpTarget::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
                         .await
-                        .map_err(fail)?
+                        .map_err(io)?
                         .next()
-                        .ok_or_else(|| {
-                            format!("cannot listen on {address}: {host} resolves to no address")
-                        })?,
+                        .ok_or_else(|| fail(BindFailure::ResolvesToNothing(host.clone())))?,
                 };
                 let socket = if addr.is_ipv4() {
                     TcpSocket::new_v4()
                 } else {
                     TcpSocket::new_v6()
                 }
-                .map_err(fail)?;
-                socket.set_reuseaddr(true).map_err(fail)?;
-                socket.bind(addr).map_err(fail)?;
-                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG).map_err(fail)?))
+                .map_err(io)?;
+                socket.set_reuseaddr(true).map_err(io)?;
+                socket.bind(addr).map_err(io)?;
+                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG).map_err(io)?))
             }
             Address::Unix(path) => {
-                remove_stale_socket(path)
-                    .await
-                    .map_err(|why| format!("cannot listen on {address}: {why}"))?;
-                let listener = UnixListener::bind(path).map_err(fail)?;
-                let meta = std::fs::metadata(path).map_err(fail)?;
+                remove_stale_socket(path).await.map_err(fail)?;
+                let listener = UnixListener::bind(path).map_err(io)?;
+                let meta = std::fs::metadata(path).map_err(io)?;
                 Ok(Listener::Unix(
                     listener,
                     OwnedSocketFile {
@@ -267,28 +267,78 @@ impl Drop for OwnedSocketFile {
 
 /// A socket file nobody listens on is left over from a previous run: remove
 /// it. Anything else at that path is not ours to delete.
-async fn remove_stale_socket(path: &Path) -> Result<(), String> {
+async fn remove_stale_socket(path: &Path) -> Result<(), BindFailure> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(BindFailure::Io(e)),
     };
     if !meta.file_type().is_socket() {
-        return Err(format!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ));
+        return Err(BindFailure::NotASocket(path.to_path_buf()));
     }
     let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await;
     match probe {
-        Ok(Ok(_)) | Err(_) => Err(format!(
-            "address already in use: another process listens on {}",
-            path.display()
-        )),
-        Ok(Err(_)) => std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display())),
+        Ok(Ok(_)) | Err(_) => Err(BindFailure::InUseByAnother(path.to_path_buf())),
+        Ok(Err(_)) => std::fs::remove_file(path).map_err(|error| BindFailure::StaleSocket {
+            path: path.to_path_buf(),
+            error,
+        }),
     }
 }
+
+/// A listener that could not be bound: where, and why. Its `Display` is
+/// one line naming both.
+#[derive(Debug)]
+pub struct BindError {
+    pub address: Address,
+    pub cause: BindFailure,
+}
+
+#[derive(Debug)]
+pub enum BindFailure {
+    Io(io::Error),
+    /// A host name that resolves to no address.
+    ResolvesToNothing(String),
+    /// Something other than a socket is at a UNIX listener's path.
+    NotASocket(PathBuf),
+    /// A live process listens on a UNIX listener's path.
+    InUseByAnother(PathBuf),
+    /// A dead socket file is there and cannot be removed.
+    StaleSocket {
+        path: PathBuf,
+        error: io::Error,
+    },
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let address = &self.address;
+        write!(f, "cannot listen on {address}: ")?;
+        match &self.cause {
+            BindFailure::Io(e) => f.write_str(&describe_bind_error(e, address)),
+            BindFailure::ResolvesToNothing(host) => write!(f, "{host} resolves to no address"),
+            BindFailure::NotASocket(path) => {
+                write!(
+                    f,
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                )
+            }
+            BindFailure::InUseByAnother(path) => {
+                write!(
+                    f,
+                    "address already in use: another process listens on {}",
+                    path.display()
+                )
+            }
+            BindFailure::StaleSocket { path, error } => {
+                write!(f, "cannot remove stale socket {}: {error}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for BindError {}
 
 fn describe_bind_error(e: &io::Error, address: &Address) -> String {
     match e.kind() {

@@ -14,7 +14,7 @@ pub mod syslog;
 pub mod systemd;
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_appender::rolling::{RollingFileAppender, Rotation as Rolling};
@@ -43,9 +43,46 @@ pub struct Prepared {
     writer: Option<WorkerGuard>,
 }
 
+/// A log output that cannot be opened. Its `Display` names what and why.
+#[derive(Debug)]
+pub enum LogError {
+    /// `log.file`: no directory or file name, or the directory or file
+    /// cannot be created or opened.
+    File { path: PathBuf, error: LogFileError },
+    /// The syslog writer thread cannot start.
+    SyslogWriter(std::io::Error),
+}
+
+#[derive(Debug)]
+pub enum LogFileError {
+    NoDirectory,
+    NoFileName,
+    Io(std::io::Error),
+    Open(tracing_appender::rolling::InitError),
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogError::File { path, error } => {
+                write!(f, "log.file {}: ", path.display())?;
+                match error {
+                    LogFileError::NoDirectory => f.write_str("has no directory"),
+                    LogFileError::NoFileName => f.write_str("has no file name"),
+                    LogFileError::Io(e) => write!(f, "{e}"),
+                    LogFileError::Open(e) => write!(f, "{e}"),
+                }
+            }
+            LogError::SyslogWriter(e) => write!(f, "cannot start the syslog writer: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LogError {}
+
 /// Installs the global subscriber for `config`; the error names what could
 /// not be opened.
-pub fn init(config: &LogConfig) -> Result<Logging, String> {
+pub fn init(config: &LogConfig) -> Result<Logging, LogError> {
     let prepared = prepare(config)?;
     let (level_layer, level) = reload::Layer::new(level_filter(config.level));
     let (output_layer, output) = reload::Layer::new(prepared.layer);
@@ -67,7 +104,7 @@ pub fn init(config: &LogConfig) -> Result<Logging, String> {
 /// Prepares the output a reloaded config (`wanted`) asks for, if it differs
 /// from the one in use (`current`). It opens files or starts a thread: a
 /// reload calls it off the runtime, hence not a method of `Logging`.
-pub fn prepare_change(current: &LogConfig, wanted: &LogConfig) -> Result<Option<Prepared>, String> {
+pub fn prepare_change(current: &LogConfig, wanted: &LogConfig) -> Result<Option<Prepared>, LogError> {
     if same_output(current, wanted) {
         return Ok(None);
     }
@@ -108,7 +145,7 @@ fn same_output(a: &LogConfig, b: &LogConfig) -> bool {
         }
 }
 
-fn prepare(config: &LogConfig) -> Result<Prepared, String> {
+fn prepare(config: &LogConfig) -> Result<Prepared, LogError> {
     match config.target {
         LogTarget::Stderr => {
             let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
@@ -151,11 +188,14 @@ fn prepare(config: &LogConfig) -> Result<Prepared, String> {
 
 /// Opens (creating the directory if needed) the log file; rotated files get
 /// a `.YYYY-MM-DD` or `.YYYY-MM-DD-HH` suffix.
-fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("log.file {}: {e}", file.display());
-    let directory = file.parent().ok_or_else(|| fail(&"has no directory"))?;
-    let name = file.file_name().ok_or_else(|| fail(&"has no file name"))?;
-    std::fs::create_dir_all(directory).map_err(|e| fail(&e))?;
+fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender, LogError> {
+    let fail = |error: LogFileError| LogError::File {
+        path: file.to_path_buf(),
+        error,
+    };
+    let directory = file.parent().ok_or_else(|| fail(LogFileError::NoDirectory))?;
+    let name = file.file_name().ok_or_else(|| fail(LogFileError::NoFileName))?;
+    std::fs::create_dir_all(directory).map_err(|e| fail(LogFileError::Io(e)))?;
     let rolling = match rotation {
         Rotation::Daily => Rolling::DAILY,
         Rotation::Hourly => Rolling::HOURLY,
@@ -165,7 +205,7 @@ fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender,
         .rotation(rolling)
         .filename_prefix(name.to_string_lossy())
         .build(directory)
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(LogFileError::Open(e)))?;
     Ok(appender)
 }
 

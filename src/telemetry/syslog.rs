@@ -38,12 +38,12 @@ pub struct SyslogLayer {
 impl SyslogLayer {
     /// Starts the worker for `destination`. Connecting happens there, so an
     /// absent server at start-up only means dropped lines until it appears.
-    pub fn start(destination: Destination) -> Result<SyslogLayer, String> {
+    pub fn start(destination: Destination) -> Result<SyslogLayer, super::LogError> {
         let (lines, queue) = sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("interlude-syslog".into())
             .spawn(move || deliver(destination, queue))
-            .map_err(|e| format!("cannot start the syslog writer: {e}"))?;
+            .map_err(super::LogError::SyslogWriter)?;
         Ok(SyslogLayer { lines })
     }
 }
