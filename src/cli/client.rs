@@ -311,7 +311,6 @@ impl Daemon {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failure::runtime(format!("control socket {}: {e}", self.address)))?;
-        tokio::spawn(connection);
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -325,17 +324,17 @@ impl Daemon {
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| Failure::usage(format!("bad request: {e}")))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| Failure::runtime(format!("control socket {}: {e}", self.address)))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Failure::runtime(format!("control socket {}: {e}", self.address)))?
-            .to_bytes();
+        // The exchange and the connection run side by side in this task; the
+        // connection ends once the exchange drops its sender.
+        let exchange = async move {
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        };
+        let (answer, _) = tokio::join!(exchange, connection);
+        let (status, body) =
+            answer.map_err(|e| Failure::runtime(format!("control socket {}: {e}", self.address)))?;
         if status.is_success() {
             return Ok(body);
         }
