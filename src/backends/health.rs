@@ -4,27 +4,47 @@
 //! a row take it down. With `kind: none` only backends a failed connect
 //! marked down are probed (by connect), so they come back by themselves.
 //!
-//! Checks run off the connection path, one task per proxy; the settings are
-//! re-read every round, so a reload or deploy applies at the next one.
+//! Checks run off the connection path, one task per proxy; the backends
+//! and check settings are re-read every round, so a reload or deploy
+//! applies at the next one. The checker sees backends and probes, nothing
+//! of a proxy: its owner hands it a name, a way to read the current set,
+//! the events it shares, and when to stop.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Backend, Role};
+use super::{Backend, BackendSet, Role};
 use crate::config::{Address, HealthCheckConfig, HealthCheckKind, StatusRange};
-use crate::proxy::Proxy;
 use crate::sockets::stream::Stream;
 
-/// Probes until the proxy is retired.
-pub async fn run(proxy: Arc<Proxy>) {
+/// What a checker and its owner tell each other.
+#[derive(Debug, Default)]
+pub struct HealthEvents {
+    /// Woken when a check moves a backend up or down.
+    pub changed: Notify,
+    /// Asks the checker for a round now (a deploy added backends).
+    pub probe_now: Notify,
+}
+
+/// Probes `current()`'s backends until `retired` is cancelled; `proxy`
+/// names them in the log.
+pub async fn run<Current>(
+    proxy: Arc<str>,
+    events: Arc<HealthEvents>,
+    retired: CancellationToken,
+    current: Current,
+) where
+    Current: Fn() -> (Arc<BackendSet>, HealthCheckConfig),
+{
     loop {
-        let settings = proxy.settings.borrow().clone();
-        let check = settings.health.clone();
+        let (backends, check) = current();
         let mut probes = JoinSet::new();
-        for backend in &settings.backends.backends {
+        for backend in &backends.backends {
             let wanted = match check.kind {
                 HealthCheckKind::None => !backend.is_up() && backend.role() != Role::Draining,
                 _ => backend.role() != Role::Draining,
@@ -48,16 +68,16 @@ pub async fn run(proxy: Arc<Proxy>) {
             let detail = result.unwrap_or_else(|e| e);
             if let Some(up) = backend.record_check(ok, detail.clone(), check.rise, check.fall) {
                 changed = true;
-                log_change(&proxy.name, &backend, up, &detail);
+                log_change(&proxy, &backend, up, &detail);
             }
         }
         if changed {
-            proxy.health_changed.notify_waiters();
+            events.changed.notify_waiters();
         }
         tokio::select! {
-            () = proxy.retired.cancelled() => return,
+            () = retired.cancelled() => return,
             () = tokio::time::sleep(check.interval.0) => {}
-            () = proxy.probe_now.notified() => {}
+            () = events.probe_now.notified() => {}
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod balance;
 pub mod health;
+pub mod pool;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Address, BackendConfig, Balance};
 use crate::sockets::stream::Stream;
+use pool::{IdleConnection, IdlePool};
 
 /// Where a backend is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +54,9 @@ pub struct Backend {
     pub kill: CancellationToken,
     /// Woken when its last connection closes (the end of a drain).
     pub idle: Notify,
-    /// Keep-alive connections of `mode: http` waiting for their next request.
-    pub idle_http: crate::proxy::http::IdlePool,
+    /// Keep-alive connections of `mode: http` waiting for their next
+    /// request; use `take_idle`/`put_idle`, which honour `kill`.
+    pub idle_http: IdlePool,
 }
 
 impl Backend {
@@ -161,6 +164,26 @@ impl Backend {
     /// Leaves the rotation's idle keep-alive connections: they close now.
     pub fn close_idle(&self) {
         self.idle_http.clear();
+    }
+
+    /// An idle keep-alive connection, unless the backend was killed (its
+    /// drain is over, or its proxy or the daemon stops): then its pool is
+    /// emptied for good.
+    pub fn take_idle(&self) -> Option<IdleConnection> {
+        if self.kill.is_cancelled() {
+            self.idle_http.clear();
+            return None;
+        }
+        self.idle_http.take()
+    }
+
+    /// Pools an idle connection, unless the backend was killed.
+    pub fn put_idle(&self, connection: IdleConnection) {
+        if self.kill.is_cancelled() {
+            self.idle_http.clear();
+            return;
+        }
+        self.idle_http.put(connection);
     }
 }
 
@@ -331,6 +354,31 @@ mod tests {
 
     fn order(set: &BackendSet) -> Vec<String> {
         set.candidates().map(|b| b.address.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_killed_backend_pools_nothing_and_empties_its_pool() {
+        let idle = || {
+            let (near, _far) = tokio::net::UnixStream::pair().unwrap();
+            IdleConnection {
+                stream: Stream::Unix(near),
+                buf: bytes::BytesMut::new(),
+            }
+        };
+        let set = set(&["127.0.0.1:1"], Balance::Fallback);
+        let backend = &set.backends[0];
+        backend.put_idle(idle());
+        backend.put_idle(idle());
+        assert_eq!(backend.idle_http.len(), 2);
+        assert!(backend.take_idle().is_some());
+        backend.kill.cancel();
+        assert!(
+            backend.take_idle().is_none(),
+            "a killed backend hands out nothing"
+        );
+        assert!(backend.idle_http.is_empty(), "and its pool is emptied");
+        backend.put_idle(idle());
+        assert!(backend.idle_http.is_empty(), "nor takes anything back");
     }
 
     #[test]

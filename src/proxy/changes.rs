@@ -64,7 +64,7 @@ impl Proxy {
             next.extend(added.iter().cloned());
             *settings = Arc::new(settings.with_backends(next));
         });
-        self.probe_now.notify_one();
+        self.health.probe_now.notify_one();
         added
     }
 
@@ -73,7 +73,7 @@ impl Proxy {
     pub async fn wait_healthy(&self, added: &[Arc<Backend>], timeout: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let changed = self.health_changed.notified();
+            let changed = self.health.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if added.iter().all(|b| b.is_up()) {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::backends::health::{self, HealthEvents};
 use crate::backends::{Backend, BackendSet, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use crate::sockets::stream::{Client, Peer, Stream};
@@ -143,10 +144,8 @@ pub struct Proxy {
     pub gate: Arc<Gate>,
     /// Woken when the last forwarded connection closes (wait-idle).
     pub idle: Notify,
-    /// Woken when a health check moves a backend up or down.
-    pub health_changed: Notify,
-    /// Asks the health checker for a round now (a deploy added backends).
-    pub probe_now: Notify,
+    /// Shared with its health checker: backends moved up or down, probe now.
+    pub health: Arc<HealthEvents>,
     /// Cancelled when the proxy is removed or the daemon stops: its
     /// background tasks (health checks) end.
     pub retired: CancellationToken,
@@ -184,12 +183,20 @@ impl Proxy {
             settings,
             gate: Arc::new(gate),
             idle: Notify::new(),
-            health_changed: Notify::new(),
-            probe_now: Notify::new(),
+            health: Arc::default(),
             retired: CancellationToken::new(),
             tasks,
         });
-        proxy.tasks.spawn(crate::backends::health::run(proxy.clone()));
+        let settings = proxy.settings.subscribe();
+        proxy.tasks.spawn(health::run(
+            proxy.name.clone(),
+            proxy.health.clone(),
+            proxy.retired.clone(),
+            move || {
+                let settings = settings.borrow();
+                (settings.backends.clone(), settings.health.clone())
+            },
+        ));
         proxy
     }
 

@@ -32,7 +32,6 @@ use tracing::debug;
 
 use body::RequestBody;
 pub use route::VirtualHosts;
-pub use upstream::IdlePool;
 
 use super::forward::{self, Traffic};
 use super::gate::{Admission, HeldTicket, RejectReason};

@@ -8,7 +8,6 @@
 use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -21,12 +20,10 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::body::RequestBody;
 use super::wire::{self, BodyReader, Parsed, RequestFraming, ResponseHead};
+use crate::backends::pool::IdleConnection;
 use crate::backends::{Backend, ConnectFailure, Role};
 use crate::proxy::wake::PollWhenWoken;
 use crate::sockets::stream::Stream;
-
-/// Idle keep-alive connections kept per backend; more are closed.
-pub const MAX_IDLE_PER_BACKEND: usize = 32;
 
 /// First read size of a connection; doubled while reads fill it, up to
 /// `MAX_READ` (large bodies move in large reads).
@@ -35,79 +32,6 @@ const MAX_READ: usize = 256 * 1024;
 /// An idle connection (kept or pooled) keeps a read buffer no larger than
 /// this.
 const MAX_IDLE_BUFFER: usize = 16 * 1024;
-
-/// One backend's idle keep-alive connections, most recently used last. The
-/// lock is held for one push or pop.
-#[derive(Default)]
-pub struct IdlePool {
-    idle: Mutex<Vec<BackendConnection>>,
-    /// The backend was killed: nothing is pooled any more.
-    closed: AtomicBool,
-    /// A task empties the pool when the backend is killed.
-    watched: AtomicBool,
-    /// Connections client connections keep between requests (`Attached`).
-    kept: AtomicUsize,
-}
-
-impl std::fmt::Debug for IdlePool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IdlePool({})", self.lock().len())
-    }
-}
-
-impl IdlePool {
-    /// Closes every idle connection.
-    pub fn clear(&self) {
-        let idle = std::mem::take(&mut *self.lock());
-        drop(idle);
-    }
-
-    fn take(&self) -> Option<BackendConnection> {
-        self.lock().pop()
-    }
-
-    fn put(&self, connection: BackendConnection) {
-        let mut idle = self.lock();
-        if idle.len() < MAX_IDLE_PER_BACKEND && !self.closed.load(Relaxed) {
-            idle.push(connection);
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<BackendConnection>> {
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Counts one more kept connection, if under `MAX_KEPT_PER_BACKEND`.
-    fn count_kept(&self) -> bool {
-        if self.kept.fetch_add(1, Relaxed) < MAX_KEPT_PER_BACKEND {
-            return true;
-        }
-        self.kept.fetch_sub(1, Relaxed);
-        false
-    }
-
-    fn uncount_kept(&self) {
-        self.kept.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Empties `backend`'s pool for good once it is killed (its drain is over,
-/// or its proxy or the daemon stops). One task per backend, started with
-/// its first connection; it holds the backend only weakly.
-fn watch_kill(backend: &Arc<Backend>) {
-    if backend.idle_http.watched.load(Relaxed) || backend.idle_http.watched.swap(true, Relaxed) {
-        return;
-    }
-    let kill = backend.kill.clone();
-    let backend = Arc::downgrade(backend);
-    tokio::spawn(async move {
-        kill.cancelled().await;
-        if let Some(backend) = backend.upgrade() {
-            backend.idle_http.closed.store(true, Relaxed);
-            backend.idle_http.clear();
-        }
-    });
-}
 
 /// The backend connections a client connection keeps between its
 /// requests (as HAProxy keeps a session's own connections), so that its
@@ -120,10 +44,6 @@ pub struct Attached(Mutex<Vec<(Arc<Backend>, BackendConnection)>>);
 
 /// Backend connections a client connection keeps between requests.
 const MAX_ATTACHED: usize = 4;
-/// Connections to one backend that client connections keep between
-/// requests, all together: idle clients must not hold a backend's
-/// connections without bound. (Small in unit tests, to reach it.)
-const MAX_KEPT_PER_BACKEND: usize = if cfg!(test) { 8 } else { 1024 };
 
 impl Attached {
     /// The kept connection to `backend`, if any; connections kept for a
@@ -162,7 +82,7 @@ impl Drop for Attached {
         for (backend, connection) in std::mem::take(&mut *self.lock()) {
             backend.idle_http.uncount_kept();
             if connection.reusable(&backend) {
-                backend.idle_http.put(connection);
+                backend.put_idle(connection.into_idle());
             }
         }
     }
@@ -182,13 +102,13 @@ pub async fn connection(
     {
         return Ok((kept, false));
     }
-    while let Some(mut idle) = backend.idle_http.take() {
+    while let Some(idle) = backend.take_idle() {
+        let mut idle = BackendConnection::resume(idle, backend);
         if idle.is_live() {
             return Ok((idle, false));
         }
     }
     let stream = backend.connect(proxy, connect_timeout).await?;
-    watch_kill(backend);
     Ok((BackendConnection::new(stream, backend), true))
 }
 
@@ -203,7 +123,7 @@ pub fn release(backend: &Arc<Backend>, attached: &Attached, mut connection: Back
         connection.read_size = FIRST_READ;
     }
     if let Some(spare) = attached.keep(backend, connection) {
-        backend.idle_http.put(spare);
+        backend.put_idle(spare.into_idle());
     }
 }
 
@@ -231,12 +151,31 @@ pub struct BackendConnection {
 
 impl BackendConnection {
     fn new(stream: Stream, backend: &Backend) -> BackendConnection {
+        BackendConnection::resume(
+            IdleConnection {
+                stream,
+                buf: BytesMut::new(),
+            },
+            backend,
+        )
+    }
+
+    /// A pooled connection, ready for a request again.
+    fn resume(idle: IdleConnection, backend: &Backend) -> BackendConnection {
         BackendConnection {
-            stream,
-            buf: BytesMut::new(),
+            stream: idle.stream,
+            buf: idle.buf,
             read_size: FIRST_READ,
             kill: PollWhenWoken::new(backend.kill.clone().cancelled_owned()),
             killed: false,
+        }
+    }
+
+    /// What the pool keeps of a `reusable` connection.
+    fn into_idle(self) -> IdleConnection {
+        IdleConnection {
+            stream: self.stream,
+            buf: self.buf,
         }
     }
 
@@ -516,6 +455,7 @@ impl Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backends::pool::{MAX_IDLE_PER_BACKEND, MAX_KEPT_PER_BACKEND};
     use crate::config::{Address, BackendConfig};
     use tokio_util::sync::CancellationToken;
 
@@ -546,21 +486,21 @@ mod tests {
             attached.keep(&b, connection(&b)).is_some(),
             "one client keeps at most {MAX_ATTACHED}"
         );
-        assert_eq!(a.idle_http.kept.load(Relaxed), MAX_ATTACHED);
+        assert_eq!(a.idle_http.kept(), MAX_ATTACHED);
         assert!(attached.take(&b).is_none());
         assert!(attached.take(&a).is_some());
-        assert_eq!(a.idle_http.kept.load(Relaxed), MAX_ATTACHED - 1);
+        assert_eq!(a.idle_http.kept(), MAX_ATTACHED - 1);
 
         // A draining backend's kept connections are closed at the next take.
         a.set_role(Role::Draining);
         assert!(attached.take(&b).is_none());
-        assert_eq!(a.idle_http.kept.load(Relaxed), 0);
+        assert_eq!(a.idle_http.kept(), 0);
 
         // When the client connection ends, its kept connections go to the pool.
         assert!(attached.keep(&b, connection(&b)).is_none());
         drop(attached);
-        assert_eq!(b.idle_http.kept.load(Relaxed), 0);
-        assert_eq!(b.idle_http.lock().len(), 1);
+        assert_eq!(b.idle_http.kept(), 0);
+        assert_eq!(b.idle_http.len(), 1);
     }
 
     #[tokio::test]
@@ -574,10 +514,7 @@ mod tests {
         let one_more = Attached::default();
         assert!(one_more.keep(&a, connection(&a)).is_some());
         drop(clients);
-        assert_eq!(a.idle_http.kept.load(Relaxed), 0);
-        assert_eq!(
-            a.idle_http.lock().len(),
-            MAX_KEPT_PER_BACKEND.min(MAX_IDLE_PER_BACKEND)
-        );
+        assert_eq!(a.idle_http.kept(), 0);
+        assert_eq!(a.idle_http.len(), MAX_KEPT_PER_BACKEND.min(MAX_IDLE_PER_BACKEND));
     }
 }
