@@ -4,19 +4,27 @@
 //! A socket serves one `mode: tcp` proxy, or one or more `mode: http`
 //! proxies told apart by `Host` (virtual hosts). Which ones is its `Routes`,
 //! a watch value the daemon replaces on reload while the socket stays open.
+//!
+//! Before each accept the loop takes a permit of the socket's connection
+//! limit and of the daemon-wide one (`limit.rs`); at a limit it waits, and
+//! clients wait in the kernel's accept queue. The permits go with the
+//! connection's task and return when it ends.
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{info, warn};
 
 use super::Proxy;
 use super::http::VirtualHosts;
+use super::limit::{ConnectionLimit, Permit};
 use super::stream::Listener;
 
 /// Who serves the connections of one listening socket.
@@ -41,7 +49,70 @@ pub struct Site {
     pub closing: CancellationToken,
     /// Cancelled to close every HTTP connection at once (grace or drain over).
     pub kill: CancellationToken,
+    /// This socket's connections: its mode tcp proxy's `max_connections`,
+    /// or the sum of its virtual hosts' (0 = none).
+    pub limit: Arc<ConnectionLimit>,
+    /// `limits.max_connections`, shared by every socket.
+    pub daemon_limit: Arc<ConnectionLimit>,
 }
+
+/// The permits one connection holds until it ends.
+pub struct Permits {
+    _socket: Permit,
+    _daemon: Permit,
+}
+
+/// Which limit stopped the accept loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reached {
+    Socket,
+    Daemon,
+}
+
+impl Site {
+    /// Both permits if both limits have room now, else the one that has not.
+    fn try_permits(&self) -> Result<Permits, Reached> {
+        let socket = self.limit.try_acquire().ok_or(Reached::Socket)?;
+        let daemon = self.daemon_limit.try_acquire().ok_or(Reached::Daemon)?;
+        Ok(Permits {
+            _socket: socket,
+            _daemon: daemon,
+        })
+    }
+
+    /// Both permits, once both limits have room.
+    async fn permits(&self) -> Permits {
+        let socket = self.limit.acquire().await;
+        let daemon = self.daemon_limit.acquire().await;
+        Permits {
+            _socket: socket,
+            _daemon: daemon,
+        }
+    }
+
+    /// Counts a stop at `limit` on the limit and on the socket's proxies.
+    fn count_reached(&self, limit: Reached) {
+        let (counter, per_proxy): (&ConnectionLimit, fn(&Proxy) -> &AtomicU64) = match limit {
+            Reached::Socket => (&self.limit, |p| &p.stats.limit_reached),
+            Reached::Daemon => (&self.daemon_limit, |p| &p.stats.daemon_limit_reached),
+        };
+        counter.reached.fetch_add(1, Relaxed);
+        match &*self.routes.borrow() {
+            Routes::Tcp(proxy) => {
+                per_proxy(proxy).fetch_add(1, Relaxed);
+            }
+            Routes::Http(hosts) => {
+                for proxy in hosts.all() {
+                    per_proxy(proxy).fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// How often a socket may log that it reached a limit: a loop that hovers
+/// at its limit reaches it at every close.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Proof of life for the systemd watchdog: the daemon sends a tick, the
 /// accept loop answers it. A loop that is not being polled stops answering,
@@ -60,12 +131,39 @@ pub async fn accept_loop(
 ) -> Listener {
     let address = listener.local_address();
     let mut backoff = Backoff::default();
+    let mut limit_logged: Option<Instant> = None;
+    let mut limit_unlogged = 0u64;
     loop {
+        let permits = match site.try_permits() {
+            Ok(permits) => permits,
+            Err(reached) => {
+                site.count_reached(reached);
+                limit_unlogged += 1;
+                if limit_logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
+                    let (which, max) = match reached {
+                        Reached::Socket => ("max_connections", site.limit.max()),
+                        Reached::Daemon => ("limits.max_connections", site.daemon_limit.max()),
+                    };
+                    warn!(%address, limit = which, max, times = limit_unlogged, "connection limit reached: not accepting until connections close (new clients wait in the kernel's queue)");
+                    limit_logged = Some(Instant::now());
+                    limit_unlogged = 0;
+                }
+                let waited = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => None,
+                    permits = wait_for_permits(&site, &mut heartbeat) => Some(permits),
+                };
+                match waited {
+                    Some(permits) => permits,
+                    None => break,
+                }
+            }
+        };
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             Ok(()) = heartbeat.ticks.changed() => {
-                heartbeat.answered.store(*heartbeat.ticks.borrow_and_update(), Relaxed);
+                heartbeat.answer();
                 continue;
             }
             accepted = listener.accept() => accepted,
@@ -80,10 +178,15 @@ pub async fn accept_loop(
                 match routes {
                     Routes::Tcp(proxy) => {
                         proxy.stats.accepted.fetch_add(1, Relaxed);
-                        proxy.connections.spawn(proxy.clone().serve(client, peer));
+                        let serving = proxy.clone().serve(client, peer);
+                        proxy.connections.spawn(async move {
+                            let _permits = permits;
+                            serving.await;
+                        });
                     }
                     Routes::Http(hosts) => {
-                        let connection = super::http::serve_connection(site.clone(), hosts, client, peer);
+                        let connection =
+                            super::http::serve_connection(site.clone(), hosts, client, peer, permits);
                         site.connections.spawn(connection);
                     }
                 }
@@ -92,9 +195,10 @@ pub async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors or memory: wait for connections to
                 // close rather than spin; the kernel keeps queueing meanwhile.
+                // One line when it starts, one when accepting works again.
                 let pause = backoff.next();
                 if backoff.first() {
-                    error!(%address, error = %e, "accept failed; retrying");
+                    warn!(%address, error = %e, "accept failed; backing off until it works again");
                 }
                 tokio::select! {
                     () = stop.cancelled() => break,
@@ -104,6 +208,24 @@ pub async fn accept_loop(
         }
     }
     listener
+}
+
+impl Heartbeat {
+    fn answer(&mut self) {
+        self.answered.store(*self.ticks.borrow_and_update(), Relaxed);
+    }
+}
+
+/// Waits for both permits while still answering the watchdog: a loop at
+/// its limit is waiting, not stuck.
+async fn wait_for_permits(site: &Site, heartbeat: &mut Heartbeat) -> Permits {
+    loop {
+        tokio::select! {
+            biased;
+            Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
+            permits = site.permits() => return permits,
+        }
+    }
 }
 
 /// Errors that concern only the connection being accepted, not the listener.
