@@ -3,7 +3,8 @@
 //! `limits.max_connections` (derived from the open-files limit unless set).
 //!
 //! A limit is an atomic count and a maximum. An accept loop takes a
-//! `Permit` from each of its limits *before* it calls `accept`; the
+//! `Permit` of its socket's limit before it calls `accept`, and one of the
+//! daemon-wide limit right after (so that an idle socket holds none); the
 //! connection's task holds them until it ends. At a limit the loop waits,
 //! so new clients wait in the kernel's accept queue and none is refused.
 //! Taking and dropping a permit are atomic operations only: the `Notify`
@@ -174,14 +175,15 @@ const HTTP_POOL_RESERVE: usize = crate::proxy::http::MAX_IDLE_PER_BACKEND;
 /// ```text
 /// (open_files - reserve) / 2, at least 1
 /// reserve = 64 (process) + 64 (control connections)
-///         + 1 per listening socket
+///         + 2 per listening socket (it, and a client accepted
+///           while the daemon-wide limit is reached)
 ///         + 1 per backend (its health check)
 ///         + 32 per mode-http backend (its idle keep-alive pool)
 /// ```
 pub fn derived_max(open_files: u64, config: &Config) -> usize {
     let mut reserve = BASE_RESERVE + CONTROL_RESERVE;
     for proxy in &config.proxies {
-        reserve += 1 + proxy.backends.len();
+        reserve += 2 + proxy.backends.len();
         if proxy.mode == Mode::Http {
             reserve += HTTP_POOL_RESERVE * proxy.backends.len();
         }
@@ -285,7 +287,7 @@ mod tests {
             "proxies: [{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2', '127.0.0.1:3']}]",
         )
         .expect("test config");
-        // 256 - (64 + 64 + 1 + 2) = 125, halved.
+        // 256 - (64 + 64 + 2 + 2) = 124, halved.
         assert_eq!(derived_max(256, &config), 62);
         assert_eq!(derived_max(10, &config), 1);
         assert_eq!(daemon_max(256, &config), (62, true));

@@ -6,9 +6,10 @@
 //! a watch value the daemon replaces on reload while the socket stays open.
 //!
 //! Before each accept the loop takes a permit of the socket's connection
-//! limit and of the daemon-wide one (`limit.rs`); at a limit it waits, and
-//! clients wait in the kernel's accept queue. The permits go with the
-//! connection's task and return when it ends.
+//! limit, and after it one of the daemon-wide limit (`limit.rs`); at a
+//! limit it waits, and clients wait in the kernel's accept queue (at the
+//! daemon-wide limit, one accepted client per socket waits with them). The
+//! permits go with the connection's task and return when it ends.
 
 use std::io;
 use std::sync::Arc;
@@ -70,33 +71,20 @@ enum Reached {
 }
 
 impl Site {
-    /// Both permits if both limits have room now, else the one that has not.
-    fn try_permits(&self) -> Result<Permits, Reached> {
-        let socket = self.limit.try_acquire().ok_or(Reached::Socket)?;
-        let daemon = self.daemon_limit.try_acquire().ok_or(Reached::Daemon)?;
-        Ok(Permits {
-            _socket: socket,
-            _daemon: daemon,
-        })
-    }
-
-    /// Both permits, once both limits have room.
-    async fn permits(&self) -> Permits {
-        let socket = self.limit.acquire().await;
-        let daemon = self.daemon_limit.acquire().await;
-        Permits {
-            _socket: socket,
-            _daemon: daemon,
+    fn limit_of(&self, which: Reached) -> &Arc<ConnectionLimit> {
+        match which {
+            Reached::Socket => &self.limit,
+            Reached::Daemon => &self.daemon_limit,
         }
     }
 
-    /// Counts a stop at `limit` on the limit and on the socket's proxies.
-    fn count_reached(&self, limit: Reached) {
-        let (counter, per_proxy): (&ConnectionLimit, fn(&Proxy) -> &AtomicU64) = match limit {
-            Reached::Socket => (&self.limit, |p| &p.stats.limit_reached),
-            Reached::Daemon => (&self.daemon_limit, |p| &p.stats.daemon_limit_reached),
+    /// Counts a stop at `which` on the limit and on the socket's proxies.
+    fn count_reached(&self, which: Reached) {
+        let per_proxy: fn(&Proxy) -> &AtomicU64 = match which {
+            Reached::Socket => |p| &p.stats.limit_reached,
+            Reached::Daemon => |p| &p.stats.daemon_limit_reached,
         };
-        counter.reached.fetch_add(1, Relaxed);
+        self.limit_of(which).reached.fetch_add(1, Relaxed);
         match &*self.routes.borrow() {
             Routes::Tcp(proxy) => {
                 per_proxy(proxy).fetch_add(1, Relaxed);
@@ -113,6 +101,51 @@ impl Site {
 /// How often a socket may log that it reached a limit: a loop that hovers
 /// at its limit reaches it at every close.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The accept loop's side of the limits: counts each stop, logs at most
+/// one line a minute.
+struct AtLimit {
+    address: crate::config::Address,
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AtLimit {
+    /// A permit of `which`: at once if it has room, else once a connection
+    /// closes (counted as one stop), answering the watchdog meanwhile.
+    /// `None` when `stop` is cancelled first.
+    async fn permit(
+        &mut self,
+        site: &Site,
+        which: Reached,
+        stop: &CancellationToken,
+        heartbeat: &mut Heartbeat,
+    ) -> Option<Permit> {
+        let limit = site.limit_of(which);
+        if let Some(permit) = limit.try_acquire() {
+            return Some(permit);
+        }
+        site.count_reached(which);
+        self.unlogged += 1;
+        if self.logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
+            let key = match which {
+                Reached::Socket => "max_connections",
+                Reached::Daemon => "limits.max_connections",
+            };
+            warn!(address = %self.address, limit = key, max = limit.max(), times = self.unlogged, "connection limit reached: not accepting until connections close (new clients wait in the kernel's queue)");
+            self.logged = Some(Instant::now());
+            self.unlogged = 0;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
+                permit = limit.acquire() => return Some(permit),
+            }
+        }
+    }
+}
 
 /// Proof of life for the systemd watchdog: the daemon sends a tick, the
 /// accept loop answers it. A loop that is not being polled stops answering,
@@ -131,33 +164,20 @@ pub async fn accept_loop(
 ) -> Listener {
     let address = listener.local_address();
     let mut backoff = Backoff::default();
-    let mut limit_logged: Option<Instant> = None;
-    let mut limit_unlogged = 0u64;
+    let mut at_limit = AtLimit {
+        address: address.clone(),
+        logged: None,
+        unlogged: 0,
+    };
     loop {
-        let permits = match site.try_permits() {
-            Ok(permits) => permits,
-            Err(reached) => {
-                site.count_reached(reached);
-                limit_unlogged += 1;
-                if limit_logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
-                    let (which, max) = match reached {
-                        Reached::Socket => ("max_connections", site.limit.max()),
-                        Reached::Daemon => ("limits.max_connections", site.daemon_limit.max()),
-                    };
-                    warn!(%address, limit = which, max, times = limit_unlogged, "connection limit reached: not accepting until connections close (new clients wait in the kernel's queue)");
-                    limit_logged = Some(Instant::now());
-                    limit_unlogged = 0;
-                }
-                let waited = tokio::select! {
-                    biased;
-                    () = stop.cancelled() => None,
-                    permits = wait_for_permits(&site, &mut heartbeat) => Some(permits),
-                };
-                match waited {
-                    Some(permits) => permits,
-                    None => break,
-                }
-            }
+        // The socket's own limit before accepting: its clients wait in the
+        // kernel's queue. The daemon-wide one after: taken before, an idle
+        // socket would keep a permit that a busy one waits for.
+        let Some(socket_permit) = at_limit
+            .permit(&site, Reached::Socket, &stop, &mut heartbeat)
+            .await
+        else {
+            break;
         };
         let accepted = tokio::select! {
             biased;
@@ -174,6 +194,19 @@ pub async fn accept_loop(
                     info!(%address, failures = backoff.failures, "accepting again");
                     backoff.reset();
                 }
+                // At the daemon-wide limit this one client waits accepted
+                // (one descriptor per socket, in the reserve); the others
+                // wait in the kernel's queue.
+                let Some(daemon_permit) = at_limit
+                    .permit(&site, Reached::Daemon, &stop, &mut heartbeat)
+                    .await
+                else {
+                    break;
+                };
+                let permits = Permits {
+                    _socket: socket_permit,
+                    _daemon: daemon_permit,
+                };
                 let routes = site.routes.borrow().clone();
                 match routes {
                     Routes::Tcp(proxy) => {
@@ -213,18 +246,6 @@ pub async fn accept_loop(
 impl Heartbeat {
     fn answer(&mut self) {
         self.answered.store(*self.ticks.borrow_and_update(), Relaxed);
-    }
-}
-
-/// Waits for both permits while still answering the watchdog: a loop at
-/// its limit is waiting, not stuck.
-async fn wait_for_permits(site: &Site, heartbeat: &mut Heartbeat) -> Permits {
-    loop {
-        tokio::select! {
-            biased;
-            Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
-            permits = site.permits() => return permits,
-        }
     }
 }
 
