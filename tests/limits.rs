@@ -154,6 +154,45 @@ fn max_connections_queues_the_excess_in_the_kernel() {
     assert_eq!(server.accepted(), 15);
 }
 
+/// A reload that raises `max_connections` lets the waiting clients in,
+/// without closing the listener.
+#[test]
+fn a_reload_changes_the_limit_of_a_running_listener() {
+    let dir = tempdir();
+    let server = TestServer::echo_tcp();
+    let listen = format!("tcp://{}", free_tcp_addr());
+    let yaml = |max: u32| {
+        one_proxy_config(
+            dir.path(),
+            "5s",
+            &listen,
+            &[server.address()],
+            &format!("max_connections: {max}"),
+        )
+    };
+    let daemon = start_ready(dir.path(), &yaml(1));
+    let address = daemon.listen_addr("p");
+    let mut first = client(&address, b"first");
+    assert!(echoed(&mut first, b"first", WAIT));
+    let mut second = client(&address, b"second");
+    assert!(
+        !echoed(&mut second, b"second", QUIET),
+        "served beyond max_connections: 1"
+    );
+    replace_file(daemon.config.as_ref().expect("config path"), &yaml(2));
+    wait_generation(dir.path(), 2);
+    assert!(
+        echoed(&mut second, b"second", WAIT),
+        "not served after the limit was raised"
+    );
+    let mut third = client(&address, b"third");
+    assert!(
+        !echoed(&mut third, b"third", QUIET),
+        "served beyond max_connections: 2"
+    );
+    assert_eq!(u64_of(&proxy_status(dir.path(), "p"), "max_connections"), 2);
+}
+
 /// `limits.max_connections: 10` across two proxies: 10 served in all, the
 /// rest wait (none refused) and are served as others close.
 #[test]
