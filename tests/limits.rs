@@ -111,6 +111,19 @@ fn max_connections_queues_the_excess_in_the_kernel() {
             stream
         })
         .collect();
+    let entry = proxy_status(dir.path(), "p");
+    assert_eq!(u64_of(&entry, "connections"), 10, "{entry}");
+    drop(served.pop());
+    // Below the limit, `connections` counts connections, not the permit the
+    // accept loop holds for the next one.
+    let entry = wait_proxy(dir.path(), "p", "9 connections", |p| p["active"] == 9);
+    assert_eq!(u64_of(&entry, "connections"), 9, "{entry}");
+    let mut tenth = client(&address, b"tenth");
+    assert!(
+        echoed(&mut tenth, b"tenth", WAIT),
+        "the tenth client was not served"
+    );
+    served.push(tenth);
     let mut waiting: Vec<(Stream, String)> = (0..5)
         .map(|i| {
             let msg = format!("waiting {i}");
@@ -151,7 +164,7 @@ fn max_connections_queues_the_excess_in_the_kernel() {
             "{msg:?} was not served after the others closed"
         );
     }
-    assert_eq!(server.accepted(), 15);
+    assert_eq!(server.accepted(), 16, "10 served, one of them again, and 5 that waited");
 }
 
 /// A reload that raises `max_connections` lets the waiting clients in,

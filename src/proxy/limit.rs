@@ -24,6 +24,9 @@ use crate::config::{Config, Mode};
 #[derive(Debug, Default)]
 pub struct ConnectionLimit {
     open: AtomicUsize,
+    /// Permits an accept loop holds for the connection it has yet to
+    /// accept: counted against the limit, but no connection.
+    reserved: AtomicUsize,
     max: AtomicUsize,
     /// Woken when a permit is returned at the limit, or the maximum changes.
     freed: Notify,
@@ -43,9 +46,20 @@ impl ConnectionLimit {
         })
     }
 
-    /// Connections counted now.
+    /// Connections open now (permits held, less those an accept loop
+    /// holds for its next connection).
     pub fn open(&self) -> usize {
-        self.open.load(Relaxed)
+        self.open
+            .load(Relaxed)
+            .saturating_sub(self.reserved.load(Relaxed))
+    }
+
+    /// Marks `permit` as held for a connection not yet accepted, until the
+    /// returned guard is dropped.
+    pub fn reserve_for_accept<'a>(&'a self, permit: &Permit) -> Reserved<'a> {
+        debug_assert!(std::ptr::eq(&*permit.0, self));
+        self.reserved.fetch_add(1, Relaxed);
+        Reserved(self)
     }
 
     /// The maximum; 0 = none.
@@ -89,6 +103,16 @@ impl ConnectionLimit {
             }
             freed.await;
         }
+    }
+}
+
+/// A permit an accept loop holds for its next connection (see
+/// `ConnectionLimit::reserve_for_accept`).
+pub struct Reserved<'a>(&'a ConnectionLimit);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.0.reserved.fetch_sub(1, Relaxed);
     }
 }
 

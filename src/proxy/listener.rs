@@ -179,6 +179,7 @@ pub async fn accept_loop(
         else {
             break;
         };
+        let reserved = site.limit.reserve_for_accept(&socket_permit);
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -188,6 +189,7 @@ pub async fn accept_loop(
             }
             accepted = listener.accept() => accepted,
         };
+        drop(reserved);
         match accepted {
             Ok((client, peer)) => {
                 if backoff.failures > 0 {
