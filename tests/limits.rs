@@ -164,7 +164,11 @@ fn max_connections_queues_the_excess_in_the_kernel() {
             "{msg:?} was not served after the others closed"
         );
     }
-    assert_eq!(server.accepted(), 16, "10 served, one of them again, and 5 that waited");
+    assert_eq!(
+        server.accepted(),
+        16,
+        "10 served, one of them again, and 5 that waited"
+    );
 }
 
 /// A reload that raises `max_connections` lets the waiting clients in,
@@ -475,6 +479,68 @@ fn running_out_of_descriptors_is_not_the_backends_fault() {
         daemon.fail(&format!(
             "a log storm: {warnings} exhaustion lines, {accept_lines} accept-failure lines"
         ));
+    }
+}
+
+/// Mode http at descriptor exhaustion: a request that cannot reach a
+/// backend for lack of descriptors is answered 503, never 502, and the
+/// backend stays up.
+#[test]
+fn mode_http_answers_503_when_descriptors_run_out() {
+    let dir = tempdir();
+    let server = TestServer::tcp(|stream| {
+        let mut wire = http::Wire::new(stream);
+        while let Ok(Some(_head)) = wire.read_head() {
+            if wire
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let yaml = format!(
+        "{}limits:\n  max_connections: 100000\nproxies:\n{}",
+        preamble(dir.path(), "5s"),
+        checked_proxy("p", "tcp://127.0.0.1:0", &server.address())
+            .replace("    listen:", "    mode: http\n    listen:")
+    );
+    let daemon = start_with_open_files(dir.path(), &yaml, 256);
+    let address = daemon.listen_addr("p");
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut flood: Vec<Stream> = (0..400).map(|_| client(&address, request)).collect();
+    poll_until("the daemon to run out of descriptors", WAIT, || {
+        let stderr = daemon.stderr();
+        (stderr.contains("out of a local resource") || stderr.contains("accept failed")).then_some(())
+    });
+    thread::sleep(Duration::from_secs(1));
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for stream in &mut flood {
+        stream.set_read_timeout(Duration::from_millis(20));
+        let mut buf = [0u8; 12];
+        if stream.read_exact(&mut buf).is_ok() {
+            *statuses
+                .entry(String::from_utf8_lossy(&buf[9..]).into_owned())
+                .or_default() += 1;
+        }
+    }
+    drop(flood);
+    assert!(statuses.get("200").is_some_and(|&n| n > 0), "{statuses:?}");
+    assert!(
+        statuses.keys().all(|status| status == "200" || status == "503"),
+        "answers during the exhaustion: {statuses:?}"
+    );
+    poll_until("a request answered 200 after the flood", WAIT, || {
+        let stream = address.must_connect();
+        stream.set_timeouts(Duration::from_secs(2));
+        http_exchange(stream, "GET", "/", &[])
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    });
+    let entry = proxy_status(dir.path(), "p");
+    assert_eq!(entry["backends"][0]["up"], true, "{entry}");
+    if daemon.stderr().contains("backend down") {
+        daemon.fail("the backend was marked down for the daemon's own lack of descriptors");
     }
 }
 
