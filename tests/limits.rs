@@ -266,6 +266,9 @@ fn the_daemon_wide_limit_counts_every_proxy() {
     }
     let doc = status(dir.path());
     assert_eq!(u64_of(&doc["limits"], "connections"), 10, "{doc}");
+    let config = daemon.config.clone().expect("config path");
+    let out = run_cli([OsStr::new("status"), OsStr::new("-c"), config.as_os_str()]);
+    assert!(out.stdout.contains("connections 10/10"), "{}", out.describe());
     assert!(u64_of(&doc["limits"], "limit_reached") >= 1, "{doc}");
     let text = metrics(dir.path());
     let reached = metric(

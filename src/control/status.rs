@@ -231,12 +231,16 @@ pub fn table(doc: &StatusDoc) -> String {
         }
     }
     let mut out = format!(
-        "interlude {} (pid {}), config {} generation {}, up {}s{}\n",
+        "interlude {} (pid {}), config {} generation {}, up {}s{}{}\n",
         doc.version,
         doc.pid,
         doc.config,
         doc.generation,
         doc.uptime_s,
+        doc.limits.as_ref().map_or(String::new(), |limits| format!(
+            ", connections {}/{}",
+            limits.connections, limits.max_connections
+        )),
         match (&doc.last_reload.ok, &doc.last_reload.error) {
             (false, Some(error)) => format!("\nlast reload FAILED at {}: {error}", doc.last_reload.at),
             _ => String::new(),
