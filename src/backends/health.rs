@@ -52,7 +52,7 @@ pub async fn run<Current>(
             if wanted {
                 let (backend, check) = (backend.clone(), check.clone());
                 probes.spawn(async move {
-                    let result = probe(&backend.address, &check).await;
+                    let result = check_once(&backend.address, &check).await;
                     (backend, result)
                 });
             }
@@ -63,6 +63,15 @@ pub async fn run<Current>(
             // others' results still count.
             let Ok((backend, result)) = joined else {
                 continue;
+            };
+            let result = match result {
+                Ok(pass) => Ok(pass),
+                // Out of descriptors here is no news about the backend.
+                Err(Failure { detail, local: true }) => {
+                    backend.record_skipped_check(format!("not checked: {detail}"));
+                    continue;
+                }
+                Err(Failure { detail, .. }) => Err(detail),
             };
             let ok = result.is_ok();
             let detail = result.unwrap_or_else(|e| e);
@@ -92,20 +101,47 @@ fn log_change(proxy: &str, backend: &Backend, up: bool, detail: &str) {
 
 /// One check. Ok: a short description of the pass; Err: of the failure.
 pub async fn probe(address: &Address, check: &HealthCheckConfig) -> Result<String, String> {
+    check_once(address, check).await.map_err(|failure| failure.detail)
+}
+
+/// Why a check failed, and whether the failure was this process's own.
+struct Failure {
+    detail: String,
+    /// Out of descriptors, buffers or memory here: says nothing about
+    /// the backend.
+    local: bool,
+}
+
+impl From<String> for Failure {
+    fn from(detail: String) -> Failure {
+        Failure { detail, local: false }
+    }
+}
+
+async fn check_once(address: &Address, check: &HealthCheckConfig) -> Result<String, Failure> {
     let timeout = check.timeout.0;
     let attempt = async {
-        let stream = Stream::connect(address).await.map_err(|e| e.to_string())?;
+        let stream = Stream::connect(address).await.map_err(|e| {
+            let local = crate::proxy::limit::is_local_exhaustion(&e);
+            if local {
+                crate::proxy::limit::warn_exhausted(&format!("health check of {address}"), &e);
+            }
+            Failure {
+                detail: e.to_string(),
+                local,
+            }
+        })?;
         match check.kind {
-            HealthCheckKind::Http => http_get(stream, address, &check.path, check.expect_status).await,
+            HealthCheckKind::Http => Ok(http_get(stream, address, &check.path, check.expect_status).await?),
             _ => Ok("connect ok".to_string()),
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(format!(
+        Err(_) => Err(Failure::from(format!(
             "no answer within {}",
             humantime::format_duration(timeout)
-        )),
+        ))),
     }
 }
 

@@ -140,11 +140,19 @@ impl Backend {
     }
 
     /// One connect attempt within `connect_timeout`. A failure marks the
-    /// backend down, logged once (when it goes down).
+    /// backend down, logged once (when it goes down); a failure of this
+    /// process's own (out of descriptors, buffers or memory) does not.
     pub async fn connect(&self, proxy: &str, connect_timeout: Duration) -> Result<Stream, ConnectFailure> {
         let attempt = tokio::time::timeout(connect_timeout, Stream::connect(&self.address)).await;
         let (failure, why) = match attempt {
             Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) if crate::proxy::limit::is_local_exhaustion(&e) => {
+                crate::proxy::limit::warn_exhausted(
+                    &format!("proxy {proxy}: connect to {}", self.address),
+                    &e,
+                );
+                return Err(ConnectFailure::Local);
+            }
             Ok(Err(e)) => (ConnectFailure::Refused, e.to_string()),
             Err(_) => (
                 ConnectFailure::TimedOut,
@@ -159,6 +167,12 @@ impl Backend {
             tracing::warn!(%proxy, backend = %self.address, error = %why, "backend down: connect failed; trying the next");
         }
         Err(failure)
+    }
+
+    /// Notes a check that could not run (this process was out of
+    /// resources): the streak and the health stay as they were.
+    pub fn record_skipped_check(&self, detail: String) {
+        *self.last_check.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
     }
 
     /// Leaves the rotation's idle keep-alive connections: they close now.
@@ -192,6 +206,9 @@ impl Backend {
 pub enum ConnectFailure {
     Refused,
     TimedOut,
+    /// This process is out of descriptors, buffers or memory: no backend
+    /// is to blame, and none would do better.
+    Local,
 }
 
 /// One connection (mode tcp) or request (mode http) carried by a backend:
@@ -320,16 +337,22 @@ impl BackendSet {
 
     /// Connects to the first candidate that accepts within
     /// `connect_timeout`, marking each one that fails down (and logging it
-    /// once, when it goes down). `None` once all have failed.
-    pub async fn connect(&self, proxy: &str, connect_timeout: Duration) -> Option<Connected> {
+    /// once, when it goes down). Err once all have failed, or at once when
+    /// this process is out of resources (`ConnectFailure::Local`).
+    pub async fn connect(&self, proxy: &str, connect_timeout: Duration) -> Result<Connected, ConnectFailure> {
+        let mut failure = ConnectFailure::Refused;
         for backend in self.candidates() {
             let in_flight = InFlight::begin(backend);
-            if let Ok(stream) = backend.connect(proxy, connect_timeout).await {
-                in_flight.reached();
-                return Some(Connected { stream, in_flight });
+            match backend.connect(proxy, connect_timeout).await {
+                Ok(stream) => {
+                    in_flight.reached();
+                    return Ok(Connected { stream, in_flight });
+                }
+                Err(ConnectFailure::Local) => return Err(ConnectFailure::Local),
+                Err(other) => failure = other,
             }
         }
-        None
+        Err(failure)
     }
 }
 

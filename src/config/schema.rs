@@ -19,6 +19,7 @@ pub struct Config {
     pub stats: StatsConfig,
     pub control: ControlConfig,
     pub shutdown: ShutdownConfig,
+    pub limits: LimitsConfig,
     pub state_dir: Option<PathBuf>,
     pub proxies: Vec<ProxyConfig>,
 }
@@ -117,6 +118,15 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Daemon-wide limits.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Client connections open at once across every proxy; 0 = derived
+    /// from the open-files limit (`crate::proxy::limit::derived_max`).
+    pub max_connections: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
@@ -143,6 +153,10 @@ pub struct ProxyConfig {
     pub health_check: HealthCheckConfig,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// Client connections open at once (held ones included); 0 = no
+    /// per-proxy limit.
+    #[serde(default)]
+    pub max_connections: u32,
 }
 
 fn default_connect_timeout() -> Dur {

@@ -33,6 +33,7 @@ pub fn validate(config: &Config) -> (Vec<Issue>, TlsByProxy) {
         }
     }
     check_uniqueness(config, &mut issues);
+    check_shared_limits(config, &mut issues);
     (issues.0, tls)
 }
 
@@ -259,6 +260,32 @@ fn check_uniqueness(config: &Config, issues: &mut Issues) {
     }
 }
 
+/// Virtual hosts on one address share its connections: a connection is
+/// accepted before its `Host` says which proxy it is for, so their
+/// `max_connections` add up to one limit for the address. A proxy there
+/// without a limit would make that sum meaningless: all or none set one.
+fn check_shared_limits(config: &Config, issues: &mut Issues) {
+    for (index, proxy) in config.proxies.iter().enumerate() {
+        if proxy.listen.port() == Some(0) {
+            continue;
+        }
+        let unlimited_neighbour = config.proxies[..index]
+            .iter()
+            .enumerate()
+            .filter(|(_, other)| other.listen == proxy.listen)
+            .find(|(_, other)| (other.max_connections == 0) != (proxy.max_connections == 0));
+        if let Some((other, _)) = unlimited_neighbour {
+            issues.add(
+                format!("proxies[{index}].max_connections"),
+                format!(
+                    "proxies sharing listen address {} share one connection limit (the sum of theirs): set max_connections on all of them (proxies[{other}] differs) or on none",
+                    proxy.listen
+                ),
+            );
+        }
+    }
+}
+
 fn sharing_conflict(first: &ProxyConfig, second: &ProxyConfig) -> Option<String> {
     if first.mode != Mode::Http || second.mode != Mode::Http {
         return Some("only mode: http proxies with disjoint hosts may share a listener".into());
@@ -298,6 +325,29 @@ proxies:
     listen: 127.0.0.1:1001
     backends: [127.0.0.1:2000]
 ";
+
+    #[test]
+    fn virtual_hosts_set_max_connections_on_all_or_none() {
+        let shared = "
+proxies:
+  - name: a
+    listen: 127.0.0.1:1000
+    mode: http
+    hosts: [a.example]
+    max_connections: 10
+    backends: [127.0.0.1:2000]
+  - name: b
+    listen: 127.0.0.1:1000
+    mode: http
+    MAXB
+    backends: [127.0.0.1:2000]
+";
+        assert_eq!(paths(&shared.replace("MAXB", "")), ["proxies[1].max_connections"]);
+        assert_eq!(
+            paths(&shared.replace("MAXB", "max_connections: 5")),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn a_valid_config_has_no_issues() {

@@ -24,7 +24,14 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if !access.allows(authorization) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        // Closed after the answer: a client without the token gets
+        // nothing more from this connection.
+        let mut reply = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        reply.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return reply;
     }
     let query = Query::parse(request.uri().query().unwrap_or(""));
     let method = request.method().clone();
@@ -80,7 +87,10 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
             Err(reply) => reply,
         },
         (&Method::GET, "/metrics") => {
-            let mut response = respond(StatusCode::OK, super::metrics::render(&snapshot).into_bytes());
+            let mut response = respond(
+                StatusCode::OK,
+                super::metrics::render(shared, &snapshot).into_bytes(),
+            );
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

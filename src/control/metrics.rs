@@ -5,11 +5,11 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::config::Mode;
-use crate::daemon::Snapshot;
+use crate::daemon::{Shared, Snapshot};
 use crate::proxy::RESPONSE_CLASSES;
 use crate::telemetry::syslog;
 
-pub fn render(snapshot: &Snapshot) -> String {
+pub fn render(shared: &Shared, snapshot: &Snapshot) -> String {
     let mut out = String::with_capacity(4096);
     let proxies: Vec<_> = snapshot.proxies.iter().map(|e| &e.proxy).collect();
     let per_proxy = |out: &mut String,
@@ -89,6 +89,42 @@ pub fn render(snapshot: &Snapshot) -> String {
         "counter",
         "Failed TLS handshakes.",
         &|p| p.stats.tls_handshake_failures.load(Relaxed),
+    );
+
+    per_proxy(
+        &mut out,
+        "interlude_connections",
+        "gauge",
+        "Client connections open on the proxy's listening socket (held ones included; shared by the virtual hosts of one address).",
+        &|p| connections(snapshot, p),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP interlude_connection_limit_reached_total Times a listener stopped accepting at a connection limit (limit: proxy = its max_connections, daemon = limits.max_connections).\n# TYPE interlude_connection_limit_reached_total counter"
+    );
+    for proxy in &proxies {
+        for (limit, count) in [
+            ("proxy", &proxy.stats.limit_reached),
+            ("daemon", &proxy.stats.daemon_limit_reached),
+        ] {
+            let _ = writeln!(
+                out,
+                "interlude_connection_limit_reached_total{{proxy=\"{}\",limit=\"{limit}\"}} {}",
+                escape(&proxy.name),
+                count.load(Relaxed)
+            );
+        }
+    }
+    let daemon = &shared.daemon_limit.limit;
+    let _ = writeln!(
+        out,
+        "# HELP interlude_daemon_connections Client connections open across every proxy.\n# TYPE interlude_daemon_connections gauge\ninterlude_daemon_connections {}",
+        daemon.open()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP interlude_daemon_max_connections The daemon-wide connection limit (limits.max_connections or derived).\n# TYPE interlude_daemon_max_connections gauge\ninterlude_daemon_max_connections {}",
+        daemon.max()
     );
 
     let http: Vec<_> = snapshot
@@ -180,6 +216,16 @@ pub fn render(snapshot: &Snapshot) -> String {
         syslog::DROPPED.load(Relaxed)
     );
     out
+}
+
+/// Client connections open on `proxy`'s listening socket.
+fn connections(snapshot: &Snapshot, proxy: &crate::proxy::Proxy) -> u64 {
+    snapshot
+        .proxies
+        .iter()
+        .find(|e| std::ptr::eq(&*e.proxy, proxy))
+        .and_then(|e| e.limit.as_ref())
+        .map_or(0, |l| l.open() as u64)
 }
 
 /// Label values escape backslash, quote and newline.

@@ -7,15 +7,16 @@ mod metrics;
 pub mod status;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::{Address, ControlConfig};
 use crate::daemon::Shared;
@@ -45,14 +46,96 @@ impl Access {
         match &self.token {
             None => true,
             Some(token) => authorization
-                .and_then(|value| value.strip_prefix("Bearer "))
-                .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes())),
+                .and_then(bearer_token)
+                .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())),
         }
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` value. The scheme is
+/// case-insensitive (RFC 9110 §11.1), followed by one or more spaces.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Control connections served at once. Beyond it, a new connection
+/// closes the oldest one that is not in a request (a silent or idle one);
+/// if every one is in a request (long polls), accepting waits. Their
+/// descriptors are part of the reserve of the derived daemon-wide limit.
+pub const MAX_CONNECTIONS: usize = crate::proxy::limit::CONTROL_RESERVE;
+
+/// Time for a request head to arrive, from the connection's start or the
+/// end of the previous response (so also the keep-alive idle timeout). A
+/// request's own handling (a deploy, `/wait-idle`) is not bounded by it.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One open control connection, as the bound sees it.
+struct Slot {
+    /// Between a complete request head and the end of its answer.
+    busy: AtomicBool,
+    /// Closes the connection (shed to make room).
+    shed: CancellationToken,
+}
+
+/// The open control connections, oldest first. Only the control socket
+/// touches this lock, never a proxied connection.
+#[derive(Default)]
+struct Slots(Mutex<Vec<Arc<Slot>>>);
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Slot>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Room for one more connection: at the bound, sheds the oldest one not
+    /// in a request. False if all are in a request.
+    fn make_room(&self) -> bool {
+        let mut slots = self.lock();
+        if slots.len() < MAX_CONNECTIONS {
+            return true;
+        }
+        match slots.iter().position(|slot| !slot.busy.load(Relaxed)) {
+            Some(index) => {
+                slots.remove(index).shed.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn add(&self) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            busy: AtomicBool::new(false),
+            shed: CancellationToken::new(),
+        });
+        self.lock().push(slot.clone());
+        slot
+    }
+
+    fn remove(&self, slot: &Arc<Slot>) {
+        self.lock().retain(|other| !Arc::ptr_eq(other, slot));
+    }
+}
+
+/// Marks a slot busy while a request is handled, on every path.
+struct Busy(Arc<Slot>);
+
+impl Busy {
+    fn new(slot: &Arc<Slot>) -> Busy {
+        slot.busy.store(true, Relaxed);
+        Busy(slot.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Relaxed);
+    }
 }
 
 /// Serves the API on the socket the daemon bound until `stop` is
@@ -60,30 +143,66 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub async fn serve(listener: Listener, config: ControlConfig, shared: Arc<Shared>, stop: CancellationToken) {
     let access = Arc::new(Access::from_config(&config));
     let connections = TaskTracker::new();
+    let slots = Arc::new(Slots::default());
+    let mut failing = false;
     loop {
+        while !slots.make_room() {
+            // Every connection is in a request: wait for one to end.
+            tokio::select! {
+                () = stop.cancelled() => {
+                    connections.close();
+                    return;
+                }
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                if failing {
+                    info!("control socket: accepting again");
+                    failing = false;
+                }
+                stream
+            }
             Err(e) => {
-                warn!(error = %e, "control socket: accept failed");
+                // Once per episode: out of descriptors, this would repeat
+                // twenty times a second.
+                if !failing {
+                    warn!(error = %e, "control socket: accept failed; retrying");
+                    failing = true;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let (access, shared, stop) = (access.clone(), shared.clone(), stop.clone());
+        let slot = slots.add();
+        let slots = slots.clone();
         connections.spawn(async move {
+            let in_request = slot.clone();
             let service = service_fn(move |request| {
                 let (access, shared) = (access.clone(), shared.clone());
-                async move { Ok::<_, Infallible>(api::handle(request, &access, &shared).await) }
+                let busy = Busy::new(&in_request);
+                async move {
+                    let reply = api::handle(request, &access, &shared).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(reply)
+                }
             });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}
+                () = slot.shed.cancelled() => {}
                 () = stop.cancelled() => {}
             }
+            slots.remove(&slot);
         });
     }
     connections.close();

@@ -12,6 +12,7 @@ use crate::backends::Role;
 use crate::config::Mode;
 use crate::daemon::{ProxyEntry, Shared, Snapshot};
 use crate::proxy::RESPONSE_CLASSES;
+use crate::proxy::limit::DaemonLimit;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatusDoc {
@@ -21,7 +22,24 @@ pub struct StatusDoc {
     pub generation: u64,
     pub last_reload: LastReload,
     pub uptime_s: u64,
+    /// The daemon-wide connection limit.
+    #[serde(default)]
+    pub limits: Option<LimitsStatus>,
     pub proxies: Vec<ProxyStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LimitsStatus {
+    /// `limits.max_connections`, or the value derived from `open_files`.
+    pub max_connections: u64,
+    /// True when derived (the config says 0).
+    pub derived: bool,
+    /// The soft open-files limit (RLIMIT_NOFILE), raised to the hard one at start.
+    pub open_files: u64,
+    /// Client connections open now, across every proxy.
+    pub connections: u64,
+    /// Times an accept loop stopped at this limit.
+    pub limit_reached: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,6 +68,20 @@ pub struct ProxyStatus {
     pub connect_failures: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Its `max_connections` as its listening socket applies it (virtual
+    /// hosts of one address: the sum of theirs); 0 = none.
+    #[serde(default)]
+    pub max_connections: u64,
+    /// Client connections open now on its listening socket (held ones
+    /// included; shared by the virtual hosts of one address).
+    #[serde(default)]
+    pub connections: u64,
+    /// Times its listener stopped accepting at `max_connections`.
+    #[serde(default)]
+    pub limit_reached: u64,
+    /// Times its listener stopped accepting at `limits.max_connections`.
+    #[serde(default)]
+    pub daemon_limit_reached: u64,
     /// Mode http: requests received (the same count as `accepted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<u64>,
@@ -83,12 +115,23 @@ pub fn build(shared: &Shared, snapshot: &Snapshot, only: Option<&str>) -> Status
             at: rfc3339(snapshot.last_reload.at),
         },
         uptime_s: shared.started_at.elapsed().as_secs(),
+        limits: Some(limits_status(&shared.daemon_limit)),
         proxies: snapshot
             .proxies
             .iter()
             .filter(|entry| only.is_none_or(|name| *entry.proxy.name == *name))
             .map(proxy_status)
             .collect(),
+    }
+}
+
+fn limits_status(daemon: &DaemonLimit) -> LimitsStatus {
+    LimitsStatus {
+        max_connections: daemon.limit.max() as u64,
+        derived: daemon.derived.load(Relaxed),
+        open_files: daemon.open_files.load(Relaxed),
+        connections: daemon.limit.open() as u64,
+        limit_reached: daemon.limit.reached.load(Relaxed),
     }
 }
 
@@ -115,6 +158,10 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
         connect_failures: stats.connect_failures.load(Relaxed),
         bytes_in: stats.bytes_in.load(Relaxed),
         bytes_out: stats.bytes_out.load(Relaxed),
+        max_connections: entry.limit.as_ref().map_or(0, |l| l.max() as u64),
+        connections: entry.limit.as_ref().map_or(0, |l| l.open() as u64),
+        limit_reached: stats.limit_reached.load(Relaxed),
+        daemon_limit_reached: stats.daemon_limit_reached.load(Relaxed),
         requests: http.then(|| stats.accepted.load(Relaxed)),
         responses: http.then(|| {
             RESPONSE_CLASSES
@@ -184,12 +231,16 @@ pub fn table(doc: &StatusDoc) -> String {
         }
     }
     let mut out = format!(
-        "interlude {} (pid {}), config {} generation {}, up {}s{}\n",
+        "interlude {} (pid {}), config {} generation {}, up {}s{}{}\n",
         doc.version,
         doc.pid,
         doc.config,
         doc.generation,
         doc.uptime_s,
+        doc.limits.as_ref().map_or(String::new(), |limits| format!(
+            ", connections {}/{}",
+            limits.connections, limits.max_connections
+        )),
         match (&doc.last_reload.ok, &doc.last_reload.error) {
             (false, Some(error)) => format!("\nlast reload FAILED at {}: {error}", doc.last_reload.at),
             _ => String::new(),

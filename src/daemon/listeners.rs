@@ -20,6 +20,7 @@ use super::reconcile::ListenKey;
 use crate::config::{Address, Mode};
 use crate::drain::drain_within;
 use crate::proxy::http::VirtualHosts;
+use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
 use crate::sockets::stream::Listener;
 
@@ -37,12 +38,14 @@ pub(super) struct RunningListener {
 }
 
 impl RunningListener {
-    /// Starts accepting on `listener` for `routes`. `kill` closes its HTTP
-    /// connections (a child of the daemon's kill token).
+    /// Starts accepting on `listener` for `routes`, at most `max`
+    /// connections at once (0 = no limit) and within `daemon_limit`. `kill`
+    /// closes its HTTP connections (a child of the daemon's kill token).
     pub fn start(
         key: ListenKey,
         listener: Listener,
-        routes: Routes,
+        (routes, max): (Routes, usize),
+        daemon_limit: Arc<ConnectionLimit>,
         watchdog_ticks: &watch::Sender<u64>,
         kill: CancellationToken,
     ) -> RunningListener {
@@ -53,6 +56,8 @@ impl RunningListener {
             connections: TaskTracker::new(),
             closing: CancellationToken::new(),
             kill,
+            limit: ConnectionLimit::new(max),
+            daemon_limit,
         });
         let stop = CancellationToken::new();
         let answered = Arc::new(AtomicU64::new(*watchdog_ticks.borrow()));
@@ -73,9 +78,10 @@ impl RunningListener {
     }
 
     /// New connections (and, in mode http, new requests on open ones) go
-    /// to `routes` from now on.
-    pub fn route(&self, routes: Routes) {
+    /// to `routes` from now on, at most `max` at once.
+    pub fn route(&self, (routes, max): (Routes, usize)) {
         self.routes.send_replace(routes);
+        self.site.limit.set_max(max);
     }
 
     /// Stops accepting and closes the socket. Its HTTP connections finish
@@ -112,8 +118,23 @@ impl RunningListener {
 }
 
 /// Who serves `key` among `proxies`: its mode tcp proxy, or its mode http
-/// virtual hosts. `None` when no proxy listens there.
-pub(super) fn routes_for(key: &ListenKey, proxies: &[RunningProxy]) -> Option<Routes> {
+/// virtual hosts; and how many connections it may have open (0 = no
+/// limit): its proxy's `max_connections`, or the sum of its virtual
+/// hosts' (a connection is accepted before its `Host` names one of them;
+/// validation has them all set one or none). `None` when no proxy listens
+/// there.
+pub(super) fn routes_for(key: &ListenKey, proxies: &[RunningProxy]) -> Option<(Routes, usize)> {
+    let here = proxies.iter().filter(|r| &ListenKey::of(&r.config) == key);
+    let limits: Vec<usize> = here.map(|r| r.config.max_connections as usize).collect();
+    let max = if limits.contains(&0) {
+        0
+    } else {
+        limits.iter().sum()
+    };
+    Some((routes_of(key, proxies)?, max))
+}
+
+fn routes_of(key: &ListenKey, proxies: &[RunningProxy]) -> Option<Routes> {
     let mut here = proxies
         .iter()
         .filter(|r| &ListenKey::of(&r.config) == key)

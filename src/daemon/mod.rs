@@ -33,6 +33,7 @@ use crate::config::{self, Address, BackendConfig, Config, ControlConfig, Loaded,
 use crate::drain::{Drained, drain};
 use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
+use crate::proxy::limit::{ConnectionLimit, DaemonLimit};
 use crate::sockets::stream::{BindError, Listener};
 use crate::telemetry::stats::{self, StatsLog};
 use crate::telemetry::{self, LogError, Logging, systemd};
@@ -57,6 +58,8 @@ pub struct Shared {
     pub snapshot: latest::Receiver<Arc<Snapshot>>,
     pub config_path: PathBuf,
     pub started_at: Instant,
+    /// `limits.max_connections`, shared by every listener.
+    pub daemon_limit: Arc<DaemonLimit>,
 }
 
 /// The running configuration as the control API sees it.
@@ -71,6 +74,9 @@ pub struct ProxyEntry {
     /// The address actually bound (a port 0 shows the chosen port).
     pub listen: Address,
     pub mode: Mode,
+    /// The connection limit of its listening socket (shared by the virtual
+    /// hosts of one address).
+    pub limit: Option<Arc<ConnectionLimit>>,
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +221,8 @@ struct Daemon {
     stats: StatsLog,
     /// The STATUS= line last sent to systemd.
     status_line: String,
+    /// `limits.max_connections`, shared by every listener.
+    daemon_limit: Arc<DaemonLimit>,
 }
 
 struct RunningProxy {
@@ -258,11 +266,16 @@ impl RunningProxy {
     }
 
     /// How the control API sees this proxy.
-    fn entry(&self) -> ProxyEntry {
+    fn entry(&self, listeners: &[RunningListener]) -> ProxyEntry {
+        let key = ListenKey::of(&self.config);
         ProxyEntry {
             proxy: self.proxy.clone(),
             listen: self.bound.clone(),
             mode: self.config.mode,
+            limit: listeners
+                .iter()
+                .find(|l| l.key == key)
+                .map(|l| l.site.limit.clone()),
         }
     }
 }
@@ -307,6 +320,13 @@ impl Daemon {
 
         let kill_all = CancellationToken::new();
         let (watchdog_ticks, _) = latest::channel(0u64);
+        let daemon_limit = Arc::new(DaemonLimit::new(&config));
+        info!("connection limit: {}", daemon_limit.describe());
+        if daemon_limit.exceeds_open_files(&config) {
+            warn!(
+                "limits.max_connections leaves less than the descriptor reserve under the open-files limit: connections may fail with 'Too many open files' before the limit"
+            );
+        }
         let mut proxies = Vec::with_capacity(config.proxies.len());
         for proxy_config in &config.proxies {
             let restored = saved
@@ -335,6 +355,7 @@ impl Daemon {
                     key,
                     socket,
                     routes,
+                    daemon_limit.limit.clone(),
                     &watchdog_ticks,
                     kill_all.child_token(),
                 ));
@@ -359,13 +380,14 @@ impl Daemon {
                 error: None,
                 at: SystemTime::now(),
             },
-            proxies: proxies.iter().map(RunningProxy::entry).collect(),
+            proxies: proxies.iter().map(|p| p.entry(&listeners)).collect(),
         }));
         let shared = Arc::new(Shared {
             commands: command_sender.clone(),
             snapshot: snapshot_receiver,
             config_path: config_path.clone(),
             started_at: Instant::now(),
+            daemon_limit: daemon_limit.clone(),
         });
         let stop_control = CancellationToken::new();
         let control_task = tokio::spawn(serve_api(
@@ -402,6 +424,7 @@ impl Daemon {
             watchdog_ticks,
             stats: StatsLog::default(),
             status_line: String::new(),
+            daemon_limit,
         };
         daemon.publish();
         daemon.persist();
@@ -672,7 +695,7 @@ impl Daemon {
 
     /// Publishes the running proxies with a reload's outcome, in one step.
     fn publish_as(&self, generation: u64, last_reload: ReloadRecord) {
-        let proxies = self.proxies.iter().map(RunningProxy::entry).collect();
+        let proxies = self.proxies.iter().map(|p| p.entry(&self.listeners)).collect();
         self.snapshot.send_replace(Arc::new(Snapshot {
             generation,
             last_reload,

@@ -186,6 +186,7 @@ impl Daemon {
                     key,
                     socket,
                     routes,
+                    self.daemon_limit.limit.clone(),
                     &self.watchdog_ticks,
                     self.kill_all.child_token(),
                 ));
@@ -269,6 +270,9 @@ impl Daemon {
     /// address and state directory at the next start.
     fn apply_globals(&mut self, config: &Config, log_output: Option<Prepared>) {
         self.logging.apply(&config.log, log_output);
+        if self.daemon_limit.update(config) {
+            info!("connection limit: {}", self.daemon_limit.describe());
+        }
         if config.control != self.config.control {
             warn!(
                 "control settings change at the next start; the control socket stays at {}",

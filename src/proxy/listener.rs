@@ -4,19 +4,28 @@
 //! A socket serves one `mode: tcp` proxy, or one or more `mode: http`
 //! proxies told apart by `Host` (virtual hosts). Which ones is its `Routes`,
 //! a watch value the daemon replaces on reload while the socket stays open.
+//!
+//! Before each accept the loop takes a permit of the socket's connection
+//! limit, and after it one of the daemon-wide limit (`limit.rs`); at a
+//! limit it waits, and clients wait in the kernel's accept queue (at the
+//! daemon-wide limit, one accepted client per socket waits with them). The
+//! permits go with the connection's task and return when it ends.
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{info, warn};
 
 use super::Proxy;
 use super::http::VirtualHosts;
+use super::limit::{ConnectionLimit, Permit};
 use crate::sockets::stream::Listener;
 
 /// Who serves the connections of one listening socket.
@@ -41,6 +50,101 @@ pub struct Site {
     pub closing: CancellationToken,
     /// Cancelled to close every HTTP connection at once (grace or drain over).
     pub kill: CancellationToken,
+    /// This socket's connections: its mode tcp proxy's `max_connections`,
+    /// or the sum of its virtual hosts' (0 = none).
+    pub limit: Arc<ConnectionLimit>,
+    /// `limits.max_connections`, shared by every socket.
+    pub daemon_limit: Arc<ConnectionLimit>,
+}
+
+/// The permits one connection holds until it ends.
+pub struct Permits {
+    _socket: Permit,
+    _daemon: Permit,
+}
+
+/// Which limit stopped the accept loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reached {
+    Socket,
+    Daemon,
+}
+
+impl Site {
+    fn limit_of(&self, which: Reached) -> &Arc<ConnectionLimit> {
+        match which {
+            Reached::Socket => &self.limit,
+            Reached::Daemon => &self.daemon_limit,
+        }
+    }
+
+    /// Counts a stop at `which` on the limit and on the socket's proxies.
+    fn count_reached(&self, which: Reached) {
+        let per_proxy: fn(&Proxy) -> &AtomicU64 = match which {
+            Reached::Socket => |p| &p.stats.limit_reached,
+            Reached::Daemon => |p| &p.stats.daemon_limit_reached,
+        };
+        self.limit_of(which).reached.fetch_add(1, Relaxed);
+        match &*self.routes.borrow() {
+            Routes::Tcp(proxy) => {
+                per_proxy(proxy).fetch_add(1, Relaxed);
+            }
+            Routes::Http(hosts) => {
+                for proxy in hosts.all() {
+                    per_proxy(proxy).fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// How often a socket may log that it reached a limit: a loop that hovers
+/// at its limit reaches it at every close.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The accept loop's side of the limits: counts each stop, logs at most
+/// one line a minute.
+struct AtLimit {
+    address: crate::config::Address,
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AtLimit {
+    /// A permit of `which`: at once if it has room, else once a connection
+    /// closes (counted as one stop), answering the watchdog meanwhile.
+    /// `None` when `stop` is cancelled first.
+    async fn permit(
+        &mut self,
+        site: &Site,
+        which: Reached,
+        stop: &CancellationToken,
+        heartbeat: &mut Heartbeat,
+    ) -> Option<Permit> {
+        let limit = site.limit_of(which);
+        if let Some(permit) = limit.try_acquire() {
+            return Some(permit);
+        }
+        site.count_reached(which);
+        self.unlogged += 1;
+        if self.logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
+            let key = match which {
+                Reached::Socket => "max_connections",
+                Reached::Daemon => "limits.max_connections",
+            };
+            warn!(address = %self.address, limit = key, max = limit.max(), times = self.unlogged, "connection limit reached: not accepting until connections close (new clients wait in the kernel's queue)");
+            self.logged = Some(Instant::now());
+            self.unlogged = 0;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
+                permit = limit.acquire() => return Some(permit),
+            }
+        }
+    }
 }
 
 /// Proof of life for the systemd watchdog: the daemon sends a tick, the
@@ -60,30 +164,64 @@ pub async fn accept_loop(
 ) -> Listener {
     let address = listener.local_address();
     let mut backoff = Backoff::default();
+    let mut at_limit = AtLimit {
+        address: address.clone(),
+        logged: None,
+        unlogged: 0,
+    };
     loop {
+        // The socket's own limit before accepting: its clients wait in the
+        // kernel's queue. The daemon-wide one after: taken before, an idle
+        // socket would keep a permit that a busy one waits for.
+        let Some(socket_permit) = at_limit
+            .permit(&site, Reached::Socket, &stop, &mut heartbeat)
+            .await
+        else {
+            break;
+        };
+        let reserved = site.limit.reserve_for_accept(&socket_permit);
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             Ok(()) = heartbeat.ticks.changed() => {
-                heartbeat.answered.store(*heartbeat.ticks.borrow_and_update(), Relaxed);
+                heartbeat.answer();
                 continue;
             }
             accepted = listener.accept() => accepted,
         };
+        drop(reserved);
         match accepted {
             Ok((client, peer)) => {
                 if backoff.failures > 0 {
                     info!(%address, failures = backoff.failures, "accepting again");
                     backoff.reset();
                 }
+                // At the daemon-wide limit this one client waits accepted
+                // (one descriptor per socket, in the reserve); the others
+                // wait in the kernel's queue.
+                let Some(daemon_permit) = at_limit
+                    .permit(&site, Reached::Daemon, &stop, &mut heartbeat)
+                    .await
+                else {
+                    break;
+                };
+                let permits = Permits {
+                    _socket: socket_permit,
+                    _daemon: daemon_permit,
+                };
                 let routes = site.routes.borrow().clone();
                 match routes {
                     Routes::Tcp(proxy) => {
                         proxy.stats.accepted.fetch_add(1, Relaxed);
-                        proxy.connections.spawn(proxy.clone().serve(client, peer));
+                        let serving = proxy.clone().serve(client, peer);
+                        proxy.connections.spawn(async move {
+                            let _permits = permits;
+                            serving.await;
+                        });
                     }
                     Routes::Http(hosts) => {
-                        let connection = super::http::serve_connection(site.clone(), hosts, client, peer);
+                        let connection =
+                            super::http::serve_connection(site.clone(), hosts, client, peer, permits);
                         site.connections.spawn(connection);
                     }
                 }
@@ -92,9 +230,10 @@ pub async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors or memory: wait for connections to
                 // close rather than spin; the kernel keeps queueing meanwhile.
+                // One line when it starts, one when accepting works again.
                 let pause = backoff.next();
                 if backoff.first() {
-                    error!(%address, error = %e, "accept failed; retrying");
+                    warn!(%address, error = %e, "accept failed; backing off until it works again");
                 }
                 tokio::select! {
                     () = stop.cancelled() => break,
@@ -104,6 +243,12 @@ pub async fn accept_loop(
         }
     }
     listener
+}
+
+impl Heartbeat {
+    fn answer(&mut self) {
+        self.answered.store(*self.ticks.borrow_and_update(), Relaxed);
+    }
 }
 
 /// Errors that concern only the connection being accepted, not the listener.

@@ -10,6 +10,7 @@ pub mod forward;
 pub mod gate;
 pub mod hold;
 pub mod http;
+pub mod limit;
 pub mod listener;
 mod wake;
 
@@ -25,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backends::health::{self, HealthEvents};
-use crate::backends::{Backend, BackendSet, Role};
+use crate::backends::{Backend, BackendSet, ConnectFailure, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use crate::sockets::stream::{Client, Peer, Stream};
 use forward::{Ended, Traffic};
@@ -103,6 +104,10 @@ pub struct ProxyStats {
     pub responses: [AtomicU64; 5],
     pub connect_failures: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// Times its listener stopped accepting at its `max_connections`.
+    pub limit_reached: AtomicU64,
+    /// Times its listener stopped accepting at `limits.max_connections`.
+    pub daemon_limit_reached: AtomicU64,
     pub bytes_in: Padded<AtomicU64>,
     pub bytes_out: Padded<AtomicU64>,
 }
@@ -301,14 +306,22 @@ impl Proxy {
             }
         }
         let _active = ActiveGuard::up(&*self);
-        let Some(mut backend) = settings
+        let mut backend = match settings
             .backends
             .connect(&self.name, settings.connect_timeout)
             .await
-        else {
-            self.stats.connect_failures.fetch_add(1, Relaxed);
-            debug!(proxy = %self.name, %peer, "no backend accepted the connection; closing it");
-            return;
+        {
+            Ok(backend) => backend,
+            // Out of descriptors: closed, as if refused; no backend's fault.
+            Err(ConnectFailure::Local) => {
+                debug!(proxy = %self.name, %peer, "out of local resources to reach a backend; closing the connection");
+                return;
+            }
+            Err(_) => {
+                self.stats.connect_failures.fetch_add(1, Relaxed);
+                debug!(proxy = %self.name, %peer, "no backend accepted the connection; closing it");
+                return;
+            }
         };
         let traffic = Traffic {
             client_to_backend: &self.stats.bytes_in,

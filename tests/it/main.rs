@@ -10,6 +10,7 @@ mod control_api;
 mod forwarding;
 mod http;
 mod lifecycle;
+mod limits;
 mod manual;
 mod operations;
 mod pause;

@@ -36,7 +36,7 @@ pub use route::VirtualHosts;
 use super::forward::{self, Traffic};
 use super::gate::{Admission, HeldTicket, RejectReason};
 use super::hold::{self, Hold};
-use super::listener::{Routes, Site};
+use super::listener::{Permits, Routes, Site};
 use super::wake::PollWhenWoken;
 use super::{ActiveGuard, Proxy, ProxySettings};
 use crate::backends::{ConnectFailure, InFlight};
@@ -57,12 +57,21 @@ struct ClientConnection {
     identity: headers::ClientIdentity,
     /// Backend connections kept between its requests.
     attached: Arc<upstream::Attached>,
+    /// Its place under the connection limits, held while it is open (a
+    /// protocol switch's tunnel holds it too).
+    permits: Arc<Permits>,
 }
 
 /// Serves one accepted connection of an http listener until the client
 /// closes it, the listener closes (then it closes when idle) or the site
 /// is killed.
-pub async fn serve_connection(site: Arc<Site>, hosts: Arc<VirtualHosts>, client: Stream, peer: Peer) {
+pub async fn serve_connection(
+    site: Arc<Site>,
+    hosts: Arc<VirtualHosts>,
+    client: Stream,
+    peer: Peer,
+    permits: Permits,
+) {
     let Some(first) = hosts.any().cloned() else {
         return;
     };
@@ -83,6 +92,7 @@ pub async fn serve_connection(site: Arc<Site>, hosts: Arc<VirtualHosts>, client:
         fd,
         unix,
         attached: Default::default(),
+        permits: Arc::new(permits),
     });
     let service = service_fn(move |request| handle(connection.clone(), request));
     let mut builder = http1::Builder::new();
@@ -266,6 +276,12 @@ async fn forward(
             .await
             {
                 Ok(found) => found,
+                // Out of descriptors: no backend would do better, and none
+                // is to blame (their health stays): a 503, as for a pause.
+                Err(ConnectFailure::Local) => {
+                    debug!(proxy = %proxy.name, peer = %connection.peer, "out of local resources to reach a backend");
+                    return unavailable(settings, "out of resources, try again\n");
+                }
                 Err(failure) => {
                     timed_out |= failure == ConnectFailure::TimedOut;
                     break;
@@ -290,7 +306,7 @@ async fn forward(
                         attached: connection.attached.clone(),
                         active,
                     };
-                    return respond(response, upstream, exchange, client_upgrade, &connection.site);
+                    return respond(response, upstream, exchange, client_upgrade, connection);
                 }
                 Err(upstream::Failure::NoResponse(e)) if retryable => {
                     debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "connection closed under a request; sending it again");
@@ -344,7 +360,7 @@ fn respond(
     upstream: upstream::BackendConnection,
     exchange: Exchange,
     client_upgrade: Option<OnUpgrade>,
-    site: &Site,
+    connection: &ClientConnection,
 ) -> Response<ResponseBody> {
     let wire::ResponseHead {
         mut response,
@@ -354,7 +370,8 @@ fn respond(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
-        site.connections.spawn(tunnel(client_upgrade, upstream, exchange));
+        let tunnelled = tunnel(client_upgrade, upstream, exchange, connection.permits.clone());
+        connection.site.connections.spawn(tunnelled);
         return response.map(|()| ResponseBody::empty());
     }
     // The client's hop speaks HTTP/1.1 (hyper answers a 1.0 client in 1.0).
@@ -368,7 +385,12 @@ fn respond(
 /// or the backend's drain is over: mode tcp's copy path for TLS streams,
 /// counting bytes as they move. No idle timeout: in mode http that bounds
 /// the wait for a response, and a quiet WebSocket is not a late response.
-async fn tunnel(client: OnUpgrade, upstream: upstream::BackendConnection, exchange: Exchange) {
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: upstream::BackendConnection,
+    exchange: Exchange,
+    _permits: Arc<Permits>,
+) {
     let Ok(client) = client.await else {
         return;
     };

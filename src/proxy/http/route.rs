@@ -19,6 +19,8 @@ pub struct VirtualHosts {
     wildcard: Vec<(String, Arc<Proxy>)>,
     /// The proxy without `hosts`: it takes the rest.
     default: Option<Arc<Proxy>>,
+    /// Every proxy of the listener, once each.
+    all: Vec<Arc<Proxy>>,
 }
 
 impl VirtualHosts {
@@ -28,6 +30,7 @@ impl VirtualHosts {
             exact: Vec::new(),
             wildcard: Vec::new(),
             default: None,
+            all: proxies.iter().map(|(_, proxy)| proxy.clone()).collect(),
         };
         for (names, proxy) in proxies {
             if names.is_empty() {
@@ -63,6 +66,11 @@ impl VirtualHosts {
             })
         });
         named.map(|(_, proxy)| proxy).or(self.default.as_ref())
+    }
+
+    /// Every proxy of the listener, once each.
+    pub fn all(&self) -> &[Arc<Proxy>] {
+        &self.all
     }
 
     /// Any one of the proxies: they share the listener's TLS settings

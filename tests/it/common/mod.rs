@@ -242,7 +242,40 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Daemon::spawn_with_open_files(args, env, None)
+    }
+
+    /// Like [`Daemon::spawn_with_env`]; with `Some(n)`, the child runs
+    /// under an open-files limit (RLIMIT_NOFILE) of `n`, soft and hard, as
+    /// under `ulimit -n n`.
+    pub fn spawn_with_open_files<I, S>(
+        args: I,
+        env: &[(&str, Option<&str>)],
+        open_files: Option<u64>,
+    ) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut command = Command::new(binary());
+        if let Some(n) = open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: runs in the forked child before exec; setrlimit is
+            // async-signal-safe and touches only the given struct.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         command
             .args(args)
             .env_remove("INTERLUDE_CONFIG")
