@@ -9,6 +9,7 @@
 pub mod commands;
 mod deploy;
 mod listeners;
+pub mod preflight;
 mod reconcile;
 mod reload;
 mod signals;
@@ -97,6 +98,12 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Made here, not at the first runtime pause: a state directory that
+    // cannot be written is a config error now, not a lost pause later.
+    if let Err(problem) = preflight::prepare_state_dir(&loaded.config) {
+        eprintln!("{}", config::locate_problems(&text, config_path, vec![problem]));
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let logging = match telemetry::init(&loaded.config.log) {
         Ok(logging) => logging,
         Err(e) => {
@@ -242,11 +249,9 @@ impl Daemon {
                 sockets.push((key, listener));
             }
         }
-        if let Address::Unix(path) = &config.control.listen
-            && let Some(parent) = path.parent()
-        {
+        if let Address::Unix(path) = &config.control.listen {
             // systemd's RuntimeDirectory makes it; by hand it may be missing.
-            let _ = std::fs::create_dir_all(parent);
+            config::paths::prepare_socket_dir(path).map_err(|e| format!("control socket: {e}"))?;
         }
         let control_listener = Listener::bind(&config.control.listen)
             .await
