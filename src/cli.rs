@@ -166,7 +166,7 @@ mod tests {
             .filter(|c| !c.is_hide_set())
             .map(|c| c.get_name().to_string())
             .collect();
-        assert!(names.len() >= 12, "{names:?}");
+        assert!(names.len() >= 11, "{names:?}");
         for shell in [
             clap_complete::Shell::Bash,
             clap_complete::Shell::Zsh,
