@@ -72,6 +72,21 @@ pub fn default_control_socket(env: &Environment) -> PathBuf {
     tmp_fallback_dir(env.uid).join(SOCKET_NAME)
 }
 
+/// Where a client command looks for the daemon when neither the command
+/// line nor the config says: the user's own default socket, then the
+/// system one, so that a member of the group `interlude` reaches the
+/// packaged service too. The first that exists wins; with none, the user's
+/// own (the error then names it).
+pub fn client_control_socket(env: &Environment, exists: impl Fn(&Path) -> bool) -> PathBuf {
+    let own = default_control_socket(env);
+    let system = PathBuf::from(DEFAULT_CONTROL_SOCKET);
+    if !exists(&own) && exists(&system) {
+        system
+    } else {
+        own
+    }
+}
+
 /// The state directory: the config's `state_dir`, else systemd's
 /// `$STATE_DIRECTORY`, else `/var/lib/interlude` as root, else
 /// `$XDG_STATE_HOME/interlude`, else `~/.local/state/interlude` (and with no
@@ -273,6 +288,18 @@ mod tests {
             default_control_socket(&env),
             Path::new("/run/user/1000/interlude/control.sock")
         );
+    }
+
+    #[test]
+    fn a_client_falls_back_to_the_system_socket() {
+        let mut env = user(1000);
+        env.xdg_runtime_dir = Some("/run/user/1000".into());
+        let own = Path::new("/run/user/1000/interlude/control.sock");
+        let system = Path::new("/run/interlude/control.sock");
+        assert_eq!(client_control_socket(&env, |_| true), own);
+        assert_eq!(client_control_socket(&env, |_| false), own);
+        assert_eq!(client_control_socket(&env, |p| p == system), system);
+        assert_eq!(client_control_socket(&env, |p| p == own), own);
     }
 
     #[test]

@@ -289,7 +289,8 @@ impl Daemon {
         let address = match &client.control {
             Some(text) => Address::parse(text).map_err(|e| Failure::usage(format!("--control: {e}")))?,
             None => configured_address.unwrap_or_else(|| {
-                Address::Unix(paths::default_control_socket(&paths::Environment::current()))
+                let env = paths::Environment::current();
+                Address::Unix(paths::client_control_socket(&env, |p| p.exists()))
             }),
         };
         // A socket in the shared /tmp is trusted only in a directory of our own.
