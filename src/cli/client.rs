@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 use super::{ClientArgs, Command};
-use crate::config::{self, Address, DEFAULT_CONTROL_SOCKET, Dur};
+use crate::config::{self, Address, Dur, paths};
 use crate::control::status::{self, StatusDoc};
 use crate::daemon::commands::PauseReport;
 use crate::daemon::{EXIT_CONFIG, EXIT_RUNTIME};
@@ -208,7 +208,9 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Run | Command::Check => Err(Failure::usage("not a client command")),
+        Command::Run | Command::Check | Command::Completions { .. } => {
+            Err(Failure::usage("not a client command"))
+        }
     }
 }
 
@@ -286,8 +288,20 @@ impl Daemon {
         let (configured_address, configured_token) = config::control_settings(config_path);
         let address = match &client.control {
             Some(text) => Address::parse(text).map_err(|e| Failure::usage(format!("--control: {e}")))?,
-            None => configured_address.unwrap_or_else(|| Address::Unix(DEFAULT_CONTROL_SOCKET.into())),
+            None => configured_address.unwrap_or_else(|| {
+                let env = paths::Environment::current();
+                Address::Unix(paths::client_control_socket(&env, |p| p.exists()))
+            }),
         };
+        // A socket in the shared /tmp is trusted only in a directory of our own.
+        if let Address::Unix(socket) = &address
+            && let Some(dir) = socket.parent()
+        {
+            let uid = paths::effective_uid();
+            if dir == paths::tmp_fallback_dir(uid) && dir.exists() {
+                paths::check_private_dir(dir, uid).map_err(|e| Failure::runtime(e.to_string()))?;
+            }
+        }
         let token = client
             .token
             .clone()

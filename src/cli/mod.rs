@@ -13,10 +13,23 @@ use clap::{Args, Parser, Subcommand};
     name = "interlude",
     version,
     propagate_version = true,
-    about = "Zero-downtime proxy for TCP and UNIX sockets: pause, hold, resume, reload",
-    long_about = "interlude forwards TCP and UNIX socket connections to backends. While paused \
-it accepts and holds new connections without contacting any backend; on resume every held \
-client carries on. Without a subcommand it runs the daemon (same as `interlude run`)."
+    about = "Zero-downtime proxy for TCP, UNIX sockets and HTTP/1.1: pause, hold, resume, reload, deploy",
+    long_about = "\
+interlude is a zero-downtime proxy daemon.
+
+It forwards TCP and UNIX socket connections to backends, in any mix.
+In HTTP mode it is an HTTP/1.1 reverse proxy that holds requests, not
+connections, and serves virtual hosts on a shared listener.
+While a proxy is paused it accepts and holds new clients without contacting
+any backend; on resume every held client carries on as if nothing happened.
+A reload (a config file change, SIGHUP or `interlude reload`) applies the
+file without dropping a connection.
+A deploy (`interlude deploy`) replaces a proxy's backends once the new ones
+are healthy and lets the old ones drain.
+
+Without a subcommand it runs the daemon (same as `interlude run`).
+Read more in `man interlude` (commands, signals, files) and
+`man interlude.yaml` (every config key)."
 )]
 pub struct Cli {
     /// Configuration file
@@ -113,6 +126,19 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a shell completion script (the packages install them)
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Writes the completion script for `shell`, generated from this very
+/// definition, so it always knows every command and option.
+pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "interlude", out);
 }
 
 /// How a client command reaches the daemon.
@@ -134,6 +160,28 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_name_every_subcommand() {
+        let names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set())
+            .map(|c| c.get_name().to_string())
+            .collect();
+        assert!(names.len() >= 11, "{names:?}");
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            write_completions(shell, &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for name in &names {
+                assert!(script.contains(name.as_str()), "{shell}: no {name}");
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 mod address;
 pub mod keys;
 mod locate;
+pub mod paths;
 mod recover;
 mod schema;
 pub mod tls;
@@ -139,6 +140,23 @@ pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
     }
 }
 
+/// Problems found on this machine rather than in the text of `file` (a
+/// log directory that cannot be created, ...), each `(key path, message)`
+/// reported at the key that names the path, as `check` reports the others.
+pub fn locate_problems(text: &str, file: &Path, problems: Vec<(String, String)>) -> ConfigError {
+    let locations = Locations::index(text);
+    ConfigError {
+        file: file.to_path_buf(),
+        problems: problems
+            .into_iter()
+            .map(|(path, message)| Problem {
+                position: locations.find(&path),
+                message: format!("{path}: {message}"),
+            })
+            .collect(),
+    }
+}
+
 /// `control.listen` and `control.token` as far as they can be read from the
 /// file at `path`, even when the rest of it is invalid: `interlude reload`
 /// must reach the daemon precisely when the file has a mistake in it.
@@ -223,8 +241,8 @@ mod tests {
         );
         assert_eq!(config.shutdown.grace_period, Dur::secs(30));
         assert_eq!(
-            config.control.listen.to_string(),
-            "unix:/run/interlude/control.sock"
+            config.control.listen,
+            Address::Unix(paths::default_control_socket(&paths::Environment::current()))
         );
         assert_eq!(config.summary(), "1 proxy (a), 1 backend");
     }
@@ -306,6 +324,44 @@ proxies:
         )
         .unwrap();
         assert_eq!(control_settings(&path).0.unwrap().to_string(), "unix:/run/y.sock");
+    }
+
+    #[test]
+    fn health_check_interval_and_timeout_default_after_each_other() {
+        let health = |hc: &str| {
+            let yaml = format!(
+                "proxies: [{{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2'], health_check: {hc}}}]"
+            );
+            parse(&yaml, Path::new("x")).map(|l| {
+                let h = &l.config.proxies[0].health_check;
+                (h.interval, h.timeout)
+            })
+        };
+        let ms = |n| Dur(std::time::Duration::from_millis(n));
+        assert_eq!(health("{interval: 250ms}").unwrap(), (ms(250), ms(250)));
+        assert_eq!(health("{interval: 5s}").unwrap(), (Dur::secs(5), Dur::secs(1)));
+        assert_eq!(health("{timeout: 5s}").unwrap(), (Dur::secs(5), Dur::secs(5)));
+        assert_eq!(health("{timeout: 500ms}").unwrap(), (Dur::secs(2), ms(500)));
+        assert_eq!(health("{kind: tcp}").unwrap(), (Dur::secs(2), Dur::secs(1)));
+        let error = health("{interval: 250ms,\n  timeout: 1s}")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "x:2:12: proxies[0].health_check.timeout: timeout 1s is longer than interval 250ms"
+        );
+        let error = health("{interval: 0s}").unwrap_err().to_string();
+        assert!(
+            error.contains("health_check.interval: interval must be more than 0s"),
+            "{error}"
+        );
+        assert!(!error.contains("health_check.timeout"), "{error}");
+        assert!(
+            health("{intervall: 1s}")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `intervall`")
+        );
     }
 
     #[test]

@@ -86,6 +86,8 @@ impl Default for StatsConfig {
     }
 }
 
+/// The control socket as root outside systemd; other users get theirs
+/// from `paths::default_control_socket`.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/interlude/control.sock";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -98,7 +100,11 @@ pub struct ControlConfig {
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
-            listen: Address::Unix(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+            // The default that fits the user running this process, as the
+            // client commands compute it too.
+            listen: Address::Unix(super::paths::default_control_socket(
+                &super::paths::Environment::current(),
+            )),
             token: None,
         }
     }
@@ -304,7 +310,7 @@ impl<'de> Deserialize<'de> for BackendConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "HealthCheckFile")]
 pub struct HealthCheckConfig {
     pub kind: HealthCheckKind,
     pub interval: Dur,
@@ -327,6 +333,72 @@ impl Default for HealthCheckConfig {
             expect_status: StatusRange { low: 200, high: 399 },
         }
     }
+}
+
+/// `health_check` as written: `interval` and `timeout` default after each
+/// other (an unset timeout is at most the interval, an unset interval at
+/// least the timeout), so only a pair written in the file can conflict.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheckFile {
+    #[serde(default = "default_health_kind")]
+    kind: HealthCheckKind,
+    #[serde(default)]
+    interval: Option<Dur>,
+    #[serde(default)]
+    timeout: Option<Dur>,
+    #[serde(default = "default_rise")]
+    rise: u32,
+    #[serde(default = "default_fall")]
+    fall: u32,
+    #[serde(default = "default_health_path")]
+    path: String,
+    #[serde(default = "default_expect_status")]
+    expect_status: StatusRange,
+}
+
+impl From<HealthCheckFile> for HealthCheckConfig {
+    fn from(file: HealthCheckFile) -> HealthCheckConfig {
+        let defaults = HealthCheckConfig::default();
+        let (interval, timeout) = match (file.interval, file.timeout) {
+            (Some(interval), Some(timeout)) => (interval, timeout),
+            // A zero interval is refused on its own: no second error for a
+            // timeout the operator did not write.
+            (Some(interval), None) if interval.is_zero() => (interval, defaults.timeout),
+            (Some(interval), None) => (interval, Dur(defaults.timeout.0.min(interval.0))),
+            (None, Some(timeout)) => (Dur(defaults.interval.0.max(timeout.0)), timeout),
+            (None, None) => (defaults.interval, defaults.timeout),
+        };
+        HealthCheckConfig {
+            kind: file.kind,
+            interval,
+            timeout,
+            rise: file.rise,
+            fall: file.fall,
+            path: file.path,
+            expect_status: file.expect_status,
+        }
+    }
+}
+
+fn default_health_kind() -> HealthCheckKind {
+    HealthCheckConfig::default().kind
+}
+
+fn default_rise() -> u32 {
+    HealthCheckConfig::default().rise
+}
+
+fn default_fall() -> u32 {
+    HealthCheckConfig::default().fall
+}
+
+fn default_health_path() -> String {
+    HealthCheckConfig::default().path
+}
+
+fn default_expect_status() -> StatusRange {
+    HealthCheckConfig::default().expect_status
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -9,6 +9,7 @@
 pub mod commands;
 mod deploy;
 mod listeners;
+pub mod preflight;
 mod reconcile;
 mod reload;
 mod signals;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::config::paths::DirError;
 use crate::config::{self, Address, BackendConfig, Config, ControlConfig, Loaded, Mode, ProxyConfig};
 use crate::drain::{Drained, drain};
 use crate::proxy::Proxy;
@@ -102,15 +104,18 @@ pub enum StartError {
     Listener(BindError),
     /// The control socket cannot be bound (exit 1).
     ControlSocket(BindError),
+    /// The control socket's directory cannot be made or trusted (exit 1).
+    ControlSocketDir(DirError),
 }
 
 impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
             StartError::Config(_) | StartError::Log { .. } => EXIT_CONFIG,
-            StartError::Runtime { .. } | StartError::Listener(_) | StartError::ControlSocket(_) => {
-                EXIT_RUNTIME
-            }
+            StartError::Runtime { .. }
+            | StartError::Listener(_)
+            | StartError::ControlSocket(_)
+            | StartError::ControlSocketDir(_) => EXIT_RUNTIME,
         }
     }
 }
@@ -128,6 +133,7 @@ impl std::fmt::Display for StartError {
                     "interlude: control socket: {e} (set control.listen in the config)"
                 )
             }
+            StartError::ControlSocketDir(e) => write!(f, "interlude: control socket: {e}"),
         }
     }
 }
@@ -161,6 +167,10 @@ where
     let text = config::read(config_path).map_err(StartError::Config)?;
     // Certificates are loaded here too, before the runtime starts.
     let loaded = config::parse(&text, config_path).map_err(StartError::Config)?;
+    // Made here, not at the first runtime pause: a state directory that
+    // cannot be written is a config error now, not a lost pause later.
+    preflight::prepare_state_dir(&loaded.config)
+        .map_err(|problem| StartError::Config(config::locate_problems(&text, config_path, vec![problem])))?;
     let logging = telemetry::init(&loaded.config.log).map_err(|error| StartError::Log {
         config: config_path.to_path_buf(),
         error,
@@ -307,11 +317,9 @@ impl Daemon {
                 sockets.push((key, listener));
             }
         }
-        if let Address::Unix(path) = &config.control.listen
-            && let Some(parent) = path.parent()
-        {
+        if let Address::Unix(path) = &config.control.listen {
             // systemd's RuntimeDirectory makes it; by hand it may be missing.
-            let _ = std::fs::create_dir_all(parent);
+            config::paths::prepare_socket_dir(path).map_err(StartError::ControlSocketDir)?;
         }
         let control_listener = Listener::bind(&config.control.listen)
             .await

@@ -8,7 +8,6 @@
 //! and ignored, never fatal.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -17,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::config::{Address, BackendConfig};
+use crate::config::{Address, BackendConfig, paths};
 use crate::proxy::gate::RuntimePause;
 
 const FILE_NAME: &str = "state.json";
@@ -100,24 +99,10 @@ impl PauseRecord {
     }
 }
 
-/// Where runtime state lives: the config's `state_dir`, else systemd's
-/// `$STATE_DIRECTORY` (the first, if it lists several), else the default.
+/// Where runtime state lives: the config's `state_dir`, else the default
+/// for this process's user and environment (`config::paths::state_dir`).
 pub fn state_dir(configured: Option<&Path>) -> PathBuf {
-    state_dir_from(configured, std::env::var_os("STATE_DIRECTORY").as_deref())
-}
-
-/// `state_dir` with the environment passed in, so tests need not set it for
-/// the whole process.
-fn state_dir_from(configured: Option<&Path>, systemd: Option<&OsStr>) -> PathBuf {
-    if let Some(dir) = configured {
-        return dir.to_path_buf();
-    }
-    if let Some(dirs) = systemd
-        && let Some(first) = dirs.to_string_lossy().split(':').find(|d| !d.is_empty())
-    {
-        return PathBuf::from(first);
-    }
-    PathBuf::from("/var/lib/interlude")
+    paths::state_dir(configured, &paths::Environment::current())
 }
 
 /// Reads the state file; problems are logged and yield an empty state.
@@ -175,7 +160,7 @@ impl StateWriter {
 }
 
 fn write_atomically(dir: &Path, state: &State) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    paths::create_dirs(dir).map_err(std::io::Error::other)?;
     let path = dir.join(FILE_NAME);
     let temp = dir.join(format!(".{FILE_NAME}.tmp"));
     let mut file = std::fs::File::create(&temp)?;
@@ -208,24 +193,5 @@ mod tests {
         assert_eq!(loaded.paused["web"].to_pause(), Some(pause));
         std::fs::write(dir.path().join(FILE_NAME), "{not json").unwrap();
         assert_eq!(load(dir.path()), State::default());
-    }
-
-    #[test]
-    fn state_dir_precedence() {
-        let systemd = Some(OsStr::new("/var/lib/a:/var/lib/b"));
-        assert_eq!(
-            state_dir_from(Some(Path::new("/srv/x")), systemd),
-            PathBuf::from("/srv/x")
-        );
-        assert_eq!(state_dir_from(None, systemd), PathBuf::from("/var/lib/a"));
-        assert_eq!(
-            state_dir_from(None, Some(OsStr::new(":/var/lib/b"))),
-            PathBuf::from("/var/lib/b")
-        );
-        assert_eq!(
-            state_dir_from(None, Some(OsStr::new(""))),
-            PathBuf::from("/var/lib/interlude")
-        );
-        assert_eq!(state_dir_from(None, None), PathBuf::from("/var/lib/interlude"));
     }
 }

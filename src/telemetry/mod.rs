@@ -57,7 +57,7 @@ pub enum LogError {
 pub enum LogFileError {
     NoDirectory,
     NoFileName,
-    Io(std::io::Error),
+    Directory(crate::config::paths::DirError),
     Open(tracing_appender::rolling::InitError),
 }
 
@@ -69,7 +69,7 @@ impl std::fmt::Display for LogError {
                 match error {
                     LogFileError::NoDirectory => f.write_str("has no directory"),
                     LogFileError::NoFileName => f.write_str("has no file name"),
-                    LogFileError::Io(e) => write!(f, "{e}"),
+                    LogFileError::Directory(e) => write!(f, "{e}"),
                     LogFileError::Open(e) => write!(f, "{e}"),
                 }
             }
@@ -195,7 +195,7 @@ fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender,
     };
     let directory = file.parent().ok_or_else(|| fail(LogFileError::NoDirectory))?;
     let name = file.file_name().ok_or_else(|| fail(LogFileError::NoFileName))?;
-    std::fs::create_dir_all(directory).map_err(|e| fail(LogFileError::Io(e)))?;
+    crate::config::paths::create_dirs(directory).map_err(|e| fail(LogFileError::Directory(e)))?;
     let rolling = match rotation {
         Rotation::Daily => Rolling::DAILY,
         Rotation::Hourly => Rolling::HOURLY,
@@ -209,6 +209,44 @@ fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender,
     Ok(appender)
 }
 
+/// For `interlude check`: can `run` open the log file `config` names?
+/// Tries what `open_log_file` does (create the directory, open the current
+/// file for append), then removes whatever it created, so a check leaves the
+/// file system as it found it.
+pub fn check_log_file(config: &LogConfig) -> Result<(), String> {
+    if config.target != LogTarget::File {
+        return Ok(());
+    }
+    let file = &config.file;
+    let fail = |e: &dyn std::fmt::Display| format!("log.file {}: {e}", file.display());
+    let directory = file.parent().ok_or_else(|| fail(&"has no directory"))?;
+    let name = file.file_name().ok_or_else(|| fail(&"has no file name"))?;
+    let created = crate::config::paths::create_dirs(directory).map_err(|e| fail(&e))?;
+    let current = directory.join(current_file_name(&name.to_string_lossy(), config.rotation));
+    let existed = current.exists();
+    let opened = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&current)
+        .map_err(|e| fail(&format!("cannot open {} for append: {e}", current.display())));
+    if opened.is_ok() && !existed {
+        let _ = std::fs::remove_file(&current);
+    }
+    crate::config::paths::remove_created(&created);
+    opened.map(drop)
+}
+
+/// The name tracing-appender writes to now: `NAME.YYYY-MM-DD[-HH]` (UTC)
+/// when rotated.
+fn current_file_name(name: &str, rotation: Rotation) -> String {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    match rotation {
+        Rotation::Daily => format!("{name}.{}", &now[..10]),
+        Rotation::Hourly => format!("{name}.{}-{}", &now[..10], &now[11..13]),
+        Rotation::Never => name.to_string(),
+    }
+}
+
 fn level_filter(level: LogLevel) -> LevelFilter {
     match level {
         LogLevel::Error => LevelFilter::ERROR,
@@ -216,5 +254,53 @@ fn level_filter(level: LogLevel) -> LevelFilter {
         LogLevel::Info => LevelFilter::INFO,
         LogLevel::Debug => LevelFilter::DEBUG,
         LogLevel::Trace => LevelFilter::TRACE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_tries_the_file_run_opens_and_leaves_nothing() {
+        for rotation in [Rotation::Daily, Rotation::Hourly, Rotation::Never] {
+            let top = tempfile::tempdir().unwrap();
+            let config = LogConfig {
+                target: LogTarget::File,
+                file: top.path().join("logs/interlude.log"),
+                rotation,
+                ..LogConfig::default()
+            };
+            check_log_file(&config).unwrap();
+            assert!(
+                !top.path().join("logs").exists(),
+                "{rotation:?}: check left its directory"
+            );
+            let before = current_file_name("interlude.log", rotation);
+            drop(open_log_file(&config.file, rotation).unwrap());
+            let after = current_file_name("interlude.log", rotation);
+            let names: Vec<String> = std::fs::read_dir(top.path().join("logs"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            // The file check tries is the one run opens (the hour may turn in between).
+            assert!(
+                names == [before.clone()] || names == [after.clone()],
+                "{names:?} {before}"
+            );
+            check_log_file(&config).unwrap();
+        }
+        let top = tempfile::tempdir().unwrap();
+        std::fs::write(top.path().join("file"), "").unwrap();
+        let config = LogConfig {
+            target: LogTarget::File,
+            file: top.path().join("file/sub/interlude.log"),
+            ..LogConfig::default()
+        };
+        let error = check_log_file(&config).unwrap_err();
+        assert!(
+            error.contains("file/sub") && error.contains("Not a directory"),
+            "{error}"
+        );
     }
 }

@@ -7,6 +7,7 @@ mod common;
 mod backends;
 mod config_errors;
 mod control_api;
+mod first_run;
 mod forwarding;
 mod http;
 mod lifecycle;

@@ -294,6 +294,17 @@ fn without_tls(yaml: &str) -> String {
     out
 }
 
+/// Points `state_dir:` into `dir`: `check` tries to create and write the
+/// state directory, which a user running the tests may not do in /var/lib.
+fn with_state_dir_in(yaml: &str, dir: &Path) -> String {
+    yaml.lines()
+        .map(|line| match line.strip_prefix("state_dir:") {
+            Some(_) => format!("state_dir: {}\n", dir.join("state").display()),
+            None => format!("{line}\n"),
+        })
+        .collect()
+}
+
 fn check_config(path: &Path) -> Result<(), String> {
     let output = Command::new(env!("CARGO_BIN_EXE_interlude"))
         .args(["check", "-c"])
@@ -341,7 +352,12 @@ fn the_example_configs_pass_check() {
     let page = read("man/interlude.yaml.5");
     let dir = tempfile::tempdir().expect("temp dir");
     let example = dir.path().join("example.yaml");
-    std::fs::write(&example, without_tls(&page_example(&page))).expect("write the example");
+    let example_text = with_state_dir_in(&without_tls(&page_example(&page)), dir.path());
+    assert!(
+        example_text.contains("state_dir: "),
+        "the example lost its state_dir"
+    );
+    std::fs::write(&example, example_text).expect("write the example");
     if let Err(errors) = check_config(&example) {
         panic!("the example of man/interlude.yaml.5 does not pass `interlude check`:\n{errors}");
     }

@@ -284,6 +284,7 @@ impl Daemon {
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .env_remove("STATE_DIRECTORY")
+            .env_remove("RUNTIME_DIRECTORY")
             .env_remove("RUST_LOG");
         for (name, value) in env {
             match value {
