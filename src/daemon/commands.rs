@@ -1,26 +1,32 @@
 //! Requests to the daemon loop, each with a channel for its answer. Anything
 //! that changes what runs (the control API today) goes through here.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::backends::Backend;
+use super::state::Persisted;
 use crate::config::BackendConfig;
+
+/// The answer to a pause or resume: each proxy's state, and whether the
+/// change reached the state file (it is applied either way).
+pub type PauseReply = oneshot::Sender<Result<(Vec<PauseReport>, Persisted), UnknownProxy>>;
+/// The answer to a deploy: the new set and whether it reached the state
+/// file, or why there is no new set.
+pub type DeployReply = oneshot::Sender<Result<(Vec<BackendConfig>, Persisted), DeployError>>;
 
 pub enum Command {
     /// Set a runtime pause on the named proxies (all when empty).
     Pause {
         proxies: Vec<String>,
         by: String,
-        reply: oneshot::Sender<Result<Vec<PauseReport>, UnknownProxy>>,
+        reply: PauseReply,
     },
     /// Clear the runtime pause of the named proxies (all when empty).
     Resume {
         proxies: Vec<String>,
         by: String,
-        reply: oneshot::Sender<Result<Vec<PauseReport>, UnknownProxy>>,
+        reply: PauseReply,
     },
     /// Reload the config file: the new generation, or why it was rejected.
     Reload {
@@ -32,16 +38,17 @@ pub enum Command {
         proxy: String,
         backends: Vec<BackendConfig>,
         timeout: Duration,
-        reply: oneshot::Sender<Result<Vec<BackendConfig>, DeployError>>,
+        reply: DeployReply,
     },
-    /// Sent by a deploy's waiting task when its new backends are healthy
-    /// (or the time is up): the loop commits or rolls back.
+    /// Sent by deploy `id`'s waiting task when its new backends are
+    /// healthy, the time is up (`NotHealthy`) or its requester went away
+    /// (`Abandoned`): the loop commits or rolls back.
     DeployDone {
         proxy: String,
+        id: u64,
         backends: Vec<BackendConfig>,
-        added: Vec<Arc<Backend>>,
-        outcome: Result<(), String>,
-        reply: oneshot::Sender<Result<Vec<BackendConfig>, DeployError>>,
+        outcome: Result<(), DeployError>,
+        reply: DeployReply,
     },
 }
 
@@ -49,17 +56,23 @@ pub enum Command {
 #[derive(Debug)]
 pub enum DeployError {
     UnknownProxy(String),
-    /// Another deploy of this proxy is still waiting.
-    InProgress(String),
+    /// Rolled back before its end: a later deploy of the proxy, or a
+    /// reload that changed (or removed) it, took over. Says which.
+    Superseded(String),
     /// The new backends did not become healthy in time (rolled back).
     NotHealthy(String),
+    /// Its requester disconnected before the end (rolled back).
+    Abandoned,
 }
 
 impl std::fmt::Display for DeployError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeployError::UnknownProxy(name) => write!(f, "{}", UnknownProxy(name.clone())),
-            DeployError::InProgress(name) => write!(f, "a deploy of proxy {name:?} is already in progress"),
+            DeployError::Superseded(why) => {
+                write!(f, "deploy rolled back, superseded: {why}")
+            }
+            DeployError::Abandoned => write!(f, "deploy abandoned by its requester, rolled back"),
             DeployError::NotHealthy(why) => {
                 write!(f, "deploy failed, the previous backends keep serving: {why}")
             }

@@ -40,7 +40,7 @@ use commands::{Command, PauseReport, UnknownProxy};
 use listeners::RunningListener;
 use reconcile::ListenKey;
 use signals::{Signal, Signals};
-use state::{BackendRecord, DeployedRecord, PauseRecord, State, StateWriter};
+use state::{BackendRecord, DeployedRecord, PauseRecord, Persisted, State, StateWriter};
 
 /// How long connections get to close after being killed at the end of the
 /// grace period, before the process exits regardless.
@@ -178,8 +178,8 @@ struct RunningProxy {
     config: ProxyConfig,
     /// A backend set deployed at run time, overriding the file's list.
     deployed: Option<Vec<BackendConfig>>,
-    /// A deploy is waiting for its new backends.
-    deploying: bool,
+    /// A deploy waiting for its new backends.
+    deploying: Option<deploy::DeployInProgress>,
     /// The address its listener actually bound (a port 0 shows the chosen port).
     bound: Address,
 }
@@ -207,7 +207,7 @@ impl RunningProxy {
             proxy,
             config: config.clone(),
             deployed,
-            deploying: false,
+            deploying: None,
             bound: config.listen.clone(),
         }
     }
@@ -233,7 +233,10 @@ impl Daemon {
     ) -> Result<Daemon, String> {
         let Loaded { config, tls } = loaded;
         let state_dir = state::state_dir(config.state_dir.as_deref());
-        let saved = state::load(&state_dir);
+        let state::Loaded {
+            state: saved,
+            keep_off,
+        } = state::load(&state_dir);
         let mut sockets: Vec<(ListenKey, Listener)> = Vec::new();
         for proxy_config in &config.proxies {
             let key = ListenKey::of(proxy_config);
@@ -332,7 +335,7 @@ impl Daemon {
         };
 
         let daemon = Daemon {
-            state_writer: StateWriter::start(state_dir, saved),
+            state_writer: StateWriter::start(state_dir, saved, keep_off),
             config,
             config_path,
             config_fingerprint: fingerprint,
@@ -352,7 +355,8 @@ impl Daemon {
             status_line: String::new(),
         };
         daemon.publish();
-        daemon.persist();
+        // A failure is logged by the writer; start-up goes on.
+        drop(daemon.persist());
         info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %daemon.config_path.display(),
@@ -456,11 +460,11 @@ impl Daemon {
             } => self.deploy(proxy, backends, timeout, reply),
             Command::DeployDone {
                 proxy,
+                id,
                 backends,
-                added,
                 outcome,
                 reply,
-            } => self.deploy_done(proxy, backends, added, outcome, reply),
+            } => self.deploy_done(proxy, id, backends, outcome, reply),
         }
     }
 
@@ -514,7 +518,8 @@ impl Daemon {
             .collect()
     }
 
-    fn pause(&mut self, names: &[String], by: &str) -> Result<Vec<PauseReport>, UnknownProxy> {
+    /// Sets a runtime pause; the reports, and whether it reached the state file.
+    fn pause(&mut self, names: &[String], by: &str) -> Result<(Vec<PauseReport>, Persisted), UnknownProxy> {
         let selected = self.select(names)?;
         for &index in &selected {
             let proxy = &self.proxies[index].proxy;
@@ -528,11 +533,11 @@ impl Daemon {
             proxy.gate.set_runtime(Some(pause));
             info!(proxy = %proxy.name, by, "paused");
         }
-        self.persist();
-        Ok(self.reports(&selected))
+        let persisted = self.persist();
+        Ok((self.reports(&selected), persisted))
     }
 
-    fn resume(&mut self, names: &[String], by: &str) -> Result<Vec<PauseReport>, UnknownProxy> {
+    fn resume(&mut self, names: &[String], by: &str) -> Result<(Vec<PauseReport>, Persisted), UnknownProxy> {
         let selected = self.select(names)?;
         for &index in &selected {
             let proxy = &self.proxies[index].proxy;
@@ -546,8 +551,8 @@ impl Daemon {
                 info!(proxy = %proxy.name, by, "runtime pause cleared; the proxy stays paused by the config");
             }
         }
-        self.persist();
-        Ok(self.reports(&selected))
+        let persisted = self.persist();
+        Ok((self.reports(&selected), persisted))
     }
 
     fn reports(&self, selected: &[usize]) -> Vec<PauseReport> {
@@ -590,8 +595,9 @@ impl Daemon {
         let _ = self.resume(&[name], "fail-safe");
     }
 
-    /// Writes the runtime overrides (in the background, latest wins).
-    fn persist(&self) {
+    /// Writes the runtime overrides (in the background, latest wins); the
+    /// receiver says whether they reached the disk.
+    fn persist(&self) -> Persisted {
         let mut state = State::default();
         for running in &self.proxies {
             if let Some(pause) = running.proxy.gate.state().runtime {
@@ -607,7 +613,7 @@ impl Daemon {
                 state.backends.insert(running.proxy.name.to_string(), record);
             }
         }
-        self.state_writer.save(state);
+        self.state_writer.save(state)
     }
 
     /// Publishes the running proxies to the control API.

@@ -15,10 +15,11 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::deploy::effective_backends;
+use super::deploy::{effective_backends, supersede};
 use super::listeners::{self, RunningListener};
 use super::reconcile::{self, Action, ListenKey, Running};
 use super::{Daemon, ReloadRecord, RunningProxy};
+use crate::config::files::{READ_DEADLINE, with_deadline};
 use crate::config::{self, Config, Loaded};
 use crate::proxy::Proxy;
 use crate::proxy::stream::Listener;
@@ -50,14 +51,17 @@ impl Daemon {
     /// running config stays.
     pub(super) async fn reload_if_changed(&mut self) {
         let path = self.config_path.clone();
-        let text = tokio::task::spawn_blocking(move || config::read(&path)).await;
+        let text = with_deadline("reading the config file", READ_DEADLINE, move || {
+            config::read(&path)
+        })
+        .await;
         match text {
             Ok(Ok(text)) if fingerprint(&text) == self.config_fingerprint => {}
             Ok(Ok(text)) => {
                 let _ = self.reload_text(Some(text), "a change of the config file").await;
             }
             Ok(Err(e)) => warn!("{e}; the running config stays"),
-            Err(e) => warn!(error = %e, "cannot read the config file"),
+            Err(e) => warn!("{e}; the running config stays"),
         }
     }
 
@@ -73,8 +77,10 @@ impl Daemon {
         let path = self.config_path.clone();
         let log_now = self.logging.current().clone();
         // Reading certificates and opening a log file block: all of it
-        // happens here, none of it on a runtime worker.
-        let loaded = tokio::task::spawn_blocking(move || {
+        // happens here, none of it on a runtime worker, and the loop waits
+        // for it at most READ_DEADLINE (signals and commands are answered
+        // again after that, whatever a hung file system does).
+        let loaded = with_deadline("reading the config and its files", READ_DEADLINE, move || {
             let text = match text {
                 Some(text) => text,
                 None => config::read(&path)?,
@@ -100,7 +106,7 @@ impl Daemon {
                 }
             }
             Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("reading the config failed: {e}")),
+            Err(e) => Err(e),
         };
         let record = ReloadRecord {
             ok: result.is_ok(),
@@ -163,6 +169,15 @@ impl Daemon {
                 // certificate file is a change.
                 (Action::Unchanged, Some(current)) if wanted.tls.is_none() => current,
                 (Action::Unchanged | Action::Update | Action::Move, Some(mut current)) => {
+                    if current.config.backends != wanted.backends
+                        && let Some(deploy) = current.deploying.take()
+                    {
+                        supersede(
+                            &current.proxy,
+                            deploy,
+                            "a reload changed the proxy's backends in the config file",
+                        );
+                    }
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
                     self.update_proxy(&current.proxy, wanted, &backends, tls.get(&wanted.name).cloned());
                     current.config = wanted.clone();
@@ -221,7 +236,8 @@ impl Daemon {
         self.proxies = next;
         self.apply_globals(&config, log_output);
         self.config = config;
-        self.persist();
+        // A failure is logged by the writer; the reload itself applied.
+        drop(self.persist());
         Ok(plan.summary())
     }
 
@@ -243,7 +259,15 @@ impl Daemon {
     /// config is gone, so they are never forwarded), and lets forwarded ones
     /// run for `drain_timeout` before closing them.
     async fn retire(&self, removed: RunningProxy) {
-        let RunningProxy { proxy, config, .. } = removed;
+        let RunningProxy {
+            proxy,
+            config,
+            deploying,
+            ..
+        } = removed;
+        if let Some(deploy) = deploying {
+            supersede(&proxy, deploy, "a reload removed the proxy");
+        }
         proxy.wind_down();
         let drain = config.drain_timeout.0;
         let open = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed);
