@@ -11,6 +11,17 @@ use crate::config::BackendConfig;
 /// The answer to a pause or resume: each proxy's state, and whether the
 /// change reached the state file (it is applied either way).
 pub type PauseReply = oneshot::Sender<Result<(Vec<PauseReport>, Persisted), UnknownProxy>>;
+/// The answer to a reload: the new generation, or why it was rejected.
+pub type ReloadReply = oneshot::Sender<Result<u64, String>>;
+
+/// A reload asked for while another was being prepared.
+pub struct PendingReload {
+    pub trigger: String,
+    /// A file event: an unchanged or unreadable file changes nothing.
+    pub only_if_changed: bool,
+    pub reply: Option<ReloadReply>,
+}
+
 /// The answer to a deploy: the new set and whether it reached the state
 /// file, or why there is no new set.
 pub type DeployReply = oneshot::Sender<Result<(Vec<BackendConfig>, Persisted), DeployError>>;
@@ -29,8 +40,12 @@ pub enum Command {
         reply: PauseReply,
     },
     /// Reload the config file: the new generation, or why it was rejected.
-    Reload {
-        reply: oneshot::Sender<Result<u64, String>>,
+    Reload { reply: ReloadReply },
+    /// Sent by a reload's reading task with what it found (`Err`: it did
+    /// not finish in time): the loop applies it and answers `waiting`.
+    ReloadPrepared {
+        input: Result<super::reload::ReloadInput, String>,
+        waiting: Vec<PendingReload>,
     },
     /// Replace a proxy's backends: add the new ones, wait until healthy,
     /// then switch and drain the old ones.

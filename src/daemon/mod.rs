@@ -161,6 +161,8 @@ struct Daemon {
     /// For tasks that report back to the loop (a deploy's wait).
     command_sender: mpsc::Sender<Command>,
     watcher: Option<watch::ConfigWatcher>,
+    /// The reload being prepared off the loop, and those waiting for it.
+    reloads: reload::Reloads,
     state_writer: StateWriter,
     control_task: JoinHandle<()>,
     stop_control: CancellationToken,
@@ -347,6 +349,7 @@ impl Daemon {
             commands,
             command_sender,
             watcher,
+            reloads: reload::Reloads::default(),
             control_task,
             stop_control,
             snapshot,
@@ -404,9 +407,7 @@ impl Daemon {
                         info!("{name} received: stopping");
                         break;
                     }
-                    Signal::Reload => {
-                        let _ = self.reload("SIGHUP").await;
-                    }
+                    Signal::Reload => self.request_reload("SIGHUP", false, None),
                     Signal::Pause => {
                         let _ = self.pause(&[], "signal SIGUSR1");
                     }
@@ -418,7 +419,7 @@ impl Daemon {
                 Some(()) = file_changed => file_settles = Some(reload::debounce(file_settles)),
                 () = sleep_until(file_settles.map(|(_, at)| at)) => {
                     file_settles = None;
-                    self.reload_if_changed().await;
+                    self.request_reload("a change of the config file", true, None);
                 }
                 () = sleep_until(failsafe.as_ref().map(|(at, _)| *at)) => {
                     if let Some((_, index)) = failsafe {
@@ -449,9 +450,8 @@ impl Daemon {
             Command::Resume { proxies, by, reply } => {
                 let _ = reply.send(self.resume(&proxies, &by));
             }
-            Command::Reload { reply } => {
-                let _ = reply.send(self.reload("the control API").await);
-            }
+            Command::Reload { reply } => self.request_reload("the control API", false, Some(reply)),
+            Command::ReloadPrepared { input, waiting } => self.reload_prepared(input, waiting).await,
             Command::Deploy {
                 proxy,
                 backends,
