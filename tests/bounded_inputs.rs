@@ -408,6 +408,58 @@ fn a_reload_that_changes_the_backends_supersedes_a_deploy() {
     assert_eq!(code, 200, "a new deploy after the reload: {body}");
 }
 
+/// A reload that leaves the proxy's backends as they are (another key
+/// changed) does not disturb a deploy in progress: it completes once its
+/// backend comes up.
+#[test]
+fn a_reload_that_keeps_the_backends_keeps_the_deploy() {
+    let dir = tempdir();
+    let a = TestServer::echo_tcp();
+    let never = dir.path().join("late.sock");
+    let late = format!("unix:{}", never.display());
+    let yaml = |timeout: &str| {
+        one_proxy_config(
+            dir.path(),
+            "1s",
+            "tcp://127.0.0.1:0",
+            &[a.address()],
+            &format!("drain_timeout: {timeout}"),
+        )
+        .replace(
+            "kind: none",
+            "kind: tcp\n      interval: 100ms\n      timeout: 100ms",
+        )
+    };
+    let daemon = start_ready(dir.path(), &yaml("5m"));
+    let (done, answer) = mpsc::channel();
+    {
+        let (dir, late) = (dir.path().to_path_buf(), late.clone());
+        thread::spawn(move || {
+            let body = json!({"backends": [late], "timeout": "60s"}).to_string();
+            let _ = done.send(put_backends(&dir, "p", &body));
+        });
+    }
+    wait_proxy(dir.path(), "p", "the deploy's backend adding", |p| {
+        p.to_string().contains("late.sock")
+    });
+    let generation = generation(dir.path());
+    replace_file(&config_path(&daemon), &yaml("6m"));
+    daemon.signal(libc::SIGHUP);
+    wait_generation(dir.path(), generation + 1);
+    assert!(
+        proxy_status(dir.path(), "p").to_string().contains("late.sock"),
+        "the reload dropped the deploy's backend"
+    );
+    let _late = TestServer::echo_unix(&never);
+    let (code, body) = answer
+        .recv_timeout(WAIT)
+        .unwrap_or_else(|_| daemon.fail("the deploy did not complete"));
+    assert_eq!(code, 200, "{body}");
+    wait_proxy(dir.path(), "p", "only the deployed backend", |p| {
+        p["backends"].as_array().is_some_and(|b| b.len() == 1) && p.to_string().contains("late.sock")
+    });
+}
+
 /// A deploy whose requester disconnects is rolled back.
 #[test]
 fn a_deploy_ends_when_its_requester_disconnects() {
