@@ -8,9 +8,18 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
+/// The longest round-robin schedule built: its memory and the time to
+/// build it stay bounded whatever the weights (they are 1 to 1000 from the
+/// config and the state file, but the schedule does not rely on that).
+pub const MAX_SCHEDULE: usize = 1 << 16;
+
 /// A smooth weighted round-robin order (nginx's algorithm, run ahead of
 /// time): weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
+/// Weights are first divided by their common divisor; if they still sum
+/// past `MAX_SCHEDULE` they are scaled down to fit (each at least 1), so
+/// the shares are then approximate.
 pub fn smooth_schedule(weights: &[u32]) -> Vec<usize> {
+    let weights = fit(weights);
     let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
     let mut current = vec![0i64; weights.len()];
     let mut schedule = Vec::with_capacity(total as usize);
@@ -26,6 +35,26 @@ pub fn smooth_schedule(weights: &[u32]) -> Vec<usize> {
         schedule.push(best);
     }
     schedule
+}
+
+/// `weights` reduced by their greatest common divisor and, when their sum
+/// is still above `MAX_SCHEDULE`, scaled to about that sum.
+fn fit(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().fold(0u32, |a, &b| gcd(a, b)).max(1);
+    let reduced: Vec<u32> = weights.iter().map(|&w| w / divisor).collect();
+    let total: u64 = reduced.iter().map(|&w| u64::from(w)).sum();
+    let budget = (MAX_SCHEDULE as u64).max(weights.len() as u64);
+    if total <= budget {
+        return reduced;
+    }
+    reduced
+        .iter()
+        .map(|&w| ((u64::from(w) * budget / total) as u32).max(1))
+        .collect()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Round robin: the next scheduled index for which `usable` holds. Each
@@ -114,6 +143,17 @@ mod tests {
         assert_eq!(smooth_schedule(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
         assert_eq!(smooth_schedule(&[1, 1, 1]), [0, 1, 2]);
         assert_eq!(smooth_schedule(&[2, 1]).iter().filter(|&&i| i == 0).count(), 2);
+    }
+
+    #[test]
+    fn schedules_stay_bounded_whatever_the_weights() {
+        assert_eq!(smooth_schedule(&[1000, 1000]), [0, 1]);
+        assert_eq!(smooth_schedule(&[10, 5, 5]), [0, 1, 2, 0]);
+        let huge = smooth_schedule(&[u32::MAX, u32::MAX - 1, 1]);
+        assert!(huge.len() <= MAX_SCHEDULE + 3, "{}", huge.len());
+        assert!(huge.contains(&2), "every backend keeps a turn");
+        let share = huge.iter().filter(|&&i| i == 0).count() as f64 / huge.len() as f64;
+        assert!((0.49..0.51).contains(&share), "{share}");
     }
 
     #[test]

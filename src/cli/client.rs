@@ -131,7 +131,13 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
                 .into_iter()
                 .map(|a| json!(a.to_string()))
                 .collect();
-            Dur::parse(timeout).map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+            let parsed = Dur::parse(timeout).map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+            if parsed.0 > crate::control::MAX_DEPLOY_TIMEOUT {
+                return Err(Failure::usage(format!(
+                    "--timeout: {parsed} is longer than the maximum of {}",
+                    humantime::format_duration(crate::control::MAX_DEPLOY_TIMEOUT)
+                )));
+            }
             let daemon = Daemon::locate(client, config_path)?;
             deploy(&daemon, proxy, backends, timeout).await
         }

@@ -12,6 +12,43 @@ use saphyr_parser::{Event, Parser};
 /// 1-based line and column.
 pub type Position = (usize, usize);
 
+/// The deepest nesting of mappings and lists a config may have; a real one
+/// needs 5 or 6. The limit keeps every later pass linear in the file size.
+pub const MAX_DEPTH: usize = 64;
+
+/// Refuses a document nested deeper than `MAX_DEPTH`, located at the node
+/// that goes too deep. One streaming pass that stops there, so it costs at
+/// most the first `MAX_DEPTH` levels however deep the file goes. The
+/// scanner's own limit on flow nesting (`[[[[...`, about 256 levels, hit
+/// while it looks ahead) is the same problem and reported alike; any other
+/// syntax error is left to the full parse, which reports it with its
+/// location.
+pub fn check_depth(text: &str) -> Result<(), (Position, String)> {
+    let too_deep = || format!("nested more than {MAX_DEPTH} levels deep");
+    let mut depth = 0usize;
+    for item in Parser::new_from_str(text) {
+        let (event, span) = match item {
+            Ok(item) => item,
+            Err(e) if e.info().contains("recursion limit") => {
+                let at = e.marker();
+                return Err(((at.line(), at.col() + 1), too_deep()));
+            }
+            Err(_) => return Ok(()),
+        };
+        match event {
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(((span.start.line(), span.start.col() + 1), too_deep()));
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Default)]
 pub struct Locations {
     by_path: HashMap<String, Position>,
@@ -144,6 +181,26 @@ proxies:
         let locations = Locations::index(DOC);
         assert_eq!(locations.find("proxies[0].health_check.interval"), Some((4, 5)));
         assert_eq!(locations.find("stats.interval"), None);
+    }
+
+    #[test]
+    fn depth_is_limited_and_located() {
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(check_depth(&ok).is_ok());
+        let deep = format!("a:\n  {}", "[".repeat(100));
+        let ((line, column), message) = check_depth(&deep).unwrap_err();
+        assert_eq!((line, column), (2, 2 + MAX_DEPTH), "{message}");
+        assert!(message.contains("64 levels"), "{message}");
+        let deeper = format!("a:\n  {}", "[".repeat(100_000));
+        let ((line, _), message) = check_depth(&deeper).unwrap_err();
+        assert_eq!(line, 2, "{message}");
+        assert!(message.contains("64 levels"), "{message}");
+        let mut block = String::new();
+        for level in 0..70 {
+            block.push_str(&format!("{}k{level}:\n", "  ".repeat(level)));
+        }
+        block.push_str(&format!("{}end: 1\n", "  ".repeat(70)));
+        assert_eq!(check_depth(&block).unwrap_err().0.0, 65);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! while checking, so the daemon never reads a certificate a second time.
 
 mod address;
+pub mod files;
 pub mod keys;
 mod locate;
 pub mod paths;
@@ -25,6 +26,7 @@ pub use crate::sockets::{Address, TcpTarget};
 pub use address::SyslogDestination;
 pub use schema::*;
 pub use validate::backend_list_problems;
+pub use validate::{MAX_DAY_DURATION, MAX_LONG_DURATION, MAX_SHORT_DURATION};
 
 use locate::{Locations, Position};
 
@@ -88,9 +90,10 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     parse(&read(path)?, path)
 }
 
-/// The text of the config file, or an error naming it.
+/// The text of the config file, or an error naming it. Read safely
+/// (`files.rs`): a regular file of at most `files::MAX_CONFIG_BYTES`.
 pub fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
+    files::read_text_limited(path, files::MAX_CONFIG_BYTES)
         .map_err(|e| ConfigError::single(path, None, format!("cannot read config file: {e}")))
 }
 
@@ -103,6 +106,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
             None,
             "config file is empty (write `proxies: []` for a daemon with no proxies)".into(),
         ));
+    }
+    // Before any pass whose cost grows with depth: a deeply nested file is
+    // refused after reading at most MAX_DEPTH levels of it.
+    if let Err((position, message)) = locate::check_depth(text) {
+        return Err(ConfigError::single(file, Some(position), message));
     }
     let locations = Locations::index(text);
     let recovered = recover::deserialize(text, &locations);
@@ -161,9 +169,12 @@ pub fn locate_problems(text: &str, file: &Path, problems: Vec<(String, String)>)
 /// file at `path`, even when the rest of it is invalid: `interlude reload`
 /// must reach the daemon precisely when the file has a mistake in it.
 pub fn control_settings(path: &Path) -> (Option<Address>, Option<String>) {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    let Ok(text) = files::read_text_limited(path, files::MAX_CONFIG_BYTES) else {
         return (None, None);
     };
+    if locate::check_depth(&text).is_err() {
+        return (None, None);
+    }
     // A syntax error elsewhere must not hide the control block: failing the
     // whole document, read the top-level `control:` block on its own.
     let document = serde_yaml::from_str::<serde_yaml::Value>(&text)

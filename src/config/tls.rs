@@ -21,7 +21,7 @@ use super::TlsConfig;
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     let chain = certificates(&tls.cert)?;
     check_validity(&tls.cert, &chain[0])?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| {
+    let key = PrivateKeyDer::from_pem_slice(&read(&tls.key)?).map_err(|e| {
         format!(
             "{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
             tls.key.display()
@@ -56,9 +56,16 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// A certificate or key file, read safely (`files.rs`): a regular file of
+/// at most `MAX_TLS_FILE_BYTES`, so a FIFO or `/dev/zero` fails at once.
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    super::files::read_limited(path, super::files::MAX_TLS_FILE_BYTES)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let chain: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+    let pem = read(path)?;
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if chain.is_empty() {

@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_rustls::rustls::ServerConfig;
 
 use super::TlsByProxy;
-use super::schema::{BackendConfig, Config, HealthCheckKind, LogTarget, Mode, ProxyConfig};
+use super::schema::{BackendConfig, Config, Dur, HealthCheckKind, LogTarget, Mode, ProxyConfig};
 use crate::sockets::Address;
 
 /// One broken rule: where (a serde_yaml-style path) and what.
@@ -34,6 +35,7 @@ pub fn validate(config: &Config) -> (Vec<Issue>, TlsByProxy) {
     }
     check_uniqueness(config, &mut issues);
     check_shared_limits(config, &mut issues);
+    check_bounds(config, &mut issues);
     (issues.0, tls)
 }
 
@@ -220,6 +222,97 @@ pub fn backend_list_problems(backends: &[BackendConfig]) -> Vec<String> {
         .into_iter()
         .map(|i| format!("{}: {}", i.path, i.message))
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Bounds on operator input (issue 16): every duration has a ceiling, and a
+// token must be one a client can send.
+
+/// The longest `connect_timeout`, `tls.handshake_timeout` and
+/// `health_check.interval`/`timeout`.
+pub const MAX_SHORT_DURATION: Duration = Duration::from_secs(3600);
+/// The longest `stats.interval`, `shutdown.grace_period`,
+/// `pause.retry_after`, and a deploy's timeout.
+pub const MAX_DAY_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The longest `idle_timeout`, `drain_timeout` and `pause.max_duration`.
+pub const MAX_LONG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn check_bounds(config: &Config, issues: &mut Issues) {
+    if let Some(token) = &config.control.token {
+        if token.trim().is_empty() {
+            issues.add(
+                "control.token",
+                "control.token is empty or only whitespace: set a real token, or null for none",
+            );
+        } else if token.trim() != token {
+            issues.add(
+                "control.token",
+                "control.token starts or ends with whitespace, which no client can send",
+            );
+        }
+    }
+    let mut at_most = |path: String, value: Dur, max: Duration| {
+        if value.0 > max {
+            issues.add(
+                path,
+                format!(
+                    "{value} is longer than the maximum of {}",
+                    humantime::format_duration(max)
+                ),
+            );
+        }
+    };
+    at_most("stats.interval".into(), config.stats.interval, MAX_DAY_DURATION);
+    at_most(
+        "shutdown.grace_period".into(),
+        config.shutdown.grace_period,
+        MAX_DAY_DURATION,
+    );
+    for (index, proxy) in config.proxies.iter().enumerate() {
+        let at = format!("proxies[{index}]");
+        at_most(
+            format!("{at}.connect_timeout"),
+            proxy.connect_timeout,
+            MAX_SHORT_DURATION,
+        );
+        at_most(
+            format!("{at}.idle_timeout"),
+            proxy.idle_timeout,
+            MAX_LONG_DURATION,
+        );
+        at_most(
+            format!("{at}.drain_timeout"),
+            proxy.drain_timeout,
+            MAX_LONG_DURATION,
+        );
+        at_most(
+            format!("{at}.pause.max_duration"),
+            proxy.pause.max_duration,
+            MAX_LONG_DURATION,
+        );
+        at_most(
+            format!("{at}.pause.retry_after"),
+            proxy.pause.retry_after,
+            MAX_DAY_DURATION,
+        );
+        at_most(
+            format!("{at}.health_check.interval"),
+            proxy.health_check.interval,
+            MAX_SHORT_DURATION,
+        );
+        at_most(
+            format!("{at}.health_check.timeout"),
+            proxy.health_check.timeout,
+            MAX_SHORT_DURATION,
+        );
+        if let Some(tls) = &proxy.tls {
+            at_most(
+                format!("{at}.tls.handshake_timeout"),
+                tls.handshake_timeout,
+                MAX_SHORT_DURATION,
+            );
+        }
+    }
 }
 
 /// Names are unique; a listen address is used once, except by http proxies
@@ -430,6 +523,32 @@ proxies:
             vec![]
         );
         assert_eq!(issues("control: {listen: 'tcp://127.0.0.1:9'}"), vec![]);
+    }
+
+    #[test]
+    fn blank_tokens_and_endless_durations_are_refused() {
+        assert_eq!(paths("control: {token: '   '}"), ["control.token"]);
+        assert_eq!(paths("control: {token: ''}"), ["control.token"]);
+        assert_eq!(paths("control: {token: ' x'}"), ["control.token"]);
+        let yaml = "
+stats: {interval: 25h}
+shutdown: {grace_period: 24h}
+proxies:
+  - name: a
+    listen: 127.0.0.1:1
+    connect_timeout: 2h
+    idle_timeout: 99999999999h
+    pause: {max_duration: 7d}
+    backends: [127.0.0.1:2]
+";
+        assert_eq!(
+            paths(yaml),
+            [
+                "stats.interval",
+                "proxies[0].connect_timeout",
+                "proxies[0].idle_timeout"
+            ]
+        );
     }
 
     #[test]

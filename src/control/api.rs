@@ -11,9 +11,10 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::status;
-use super::{Access, DEFAULT_DEPLOY_TIMEOUT};
+use super::{Access, DEFAULT_DEPLOY_TIMEOUT, MAX_DEPLOY_TIMEOUT};
 use crate::config::{BackendConfig, Dur, backend_list_problems};
 use crate::daemon::commands::{Command, DeployError, PauseReport, UnknownProxy};
+use crate::daemon::state::Persisted;
 use crate::daemon::{Shared, Snapshot};
 
 type Reply = Response<Full<Bytes>>;
@@ -158,6 +159,15 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
         return error(StatusCode::UNPROCESSABLE_ENTITY, &problems.join("; "));
     }
     let timeout = match Dur::parse(request.timeout.as_deref().unwrap_or(DEFAULT_DEPLOY_TIMEOUT)) {
+        Ok(timeout) if timeout.0 > MAX_DEPLOY_TIMEOUT => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!(
+                    "timeout {timeout} is longer than the maximum of {}",
+                    humantime::format_duration(MAX_DEPLOY_TIMEOUT)
+                ),
+            );
+        }
         Ok(timeout) if !timeout.is_zero() => timeout.0,
         Ok(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "timeout must be more than 0s"),
         Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why),
@@ -169,7 +179,10 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
         reply,
     };
     match ask(shared, command).await {
-        Ok(Ok(backends)) => {
+        Ok(Ok((backends, persisted))) => {
+            if let Err(reply) = saved(persisted, "the deploy").await {
+                return reply;
+            }
             let backends: Vec<_> = backends
                 .iter()
                 .map(|b| json!({ "address": b.address.to_string(), "weight": b.weight }))
@@ -179,8 +192,10 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
         Ok(Err(e)) => {
             let status = match e {
                 DeployError::UnknownProxy(_) => StatusCode::NOT_FOUND,
-                DeployError::InProgress(_) => StatusCode::CONFLICT,
+                DeployError::Superseded(_) => StatusCode::CONFLICT,
                 DeployError::NotHealthy(_) => StatusCode::GATEWAY_TIMEOUT,
+                // Nobody is left to read it.
+                DeployError::Abandoned => StatusCode::INTERNAL_SERVER_ERROR,
             };
             error(status, &e.to_string())
         }
@@ -203,9 +218,25 @@ async fn ask_pause(
             Command::Resume { proxies, by, reply }
         }
     };
-    ask(shared, command)
+    let (reports, persisted) = ask(shared, command)
         .await?
-        .map_err(|unknown| error(StatusCode::NOT_FOUND, &unknown.to_string()))
+        .map_err(|unknown| error(StatusCode::NOT_FOUND, &unknown.to_string()))?;
+    saved(persisted, if pause { "the pause" } else { "the resume" }).await?;
+    Ok(reports)
+}
+
+/// Waits for a change to reach the state file: a 500 saying it was applied
+/// but not saved when it did not (it will not survive a restart).
+async fn saved(persisted: Persisted, change: &str) -> Result<(), Reply> {
+    let why = match persisted.await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(why)) => why,
+        Err(_) => "the daemon is stopping".to_string(),
+    };
+    Err(error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &format!("{change} was applied but not saved ({why}): it will not survive a restart"),
+    ))
 }
 
 /// Hands a command to the daemon loop and waits for its answer; a loop

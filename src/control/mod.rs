@@ -26,6 +26,9 @@ use crate::sockets::stream::Listener;
 /// backends unless told otherwise: one value, so `--help`, the client and a
 /// request without `timeout` all agree.
 pub const DEFAULT_DEPLOY_TIMEOUT: &str = "60s";
+/// The longest a deploy may wait: a longer `--timeout` or `timeout` is
+/// refused (422, exit 2), so no deploy can wait for ever.
+pub const MAX_DEPLOY_TIMEOUT: Duration = crate::config::MAX_DAY_DURATION;
 
 /// Who may use the API: a TCP control listener with a token configured
 /// requires `Authorization: Bearer TOKEN`; a UNIX socket is guarded by its

@@ -1,30 +1,51 @@
 //! Requests to the daemon loop, each with a channel for its answer. Anything
 //! that changes what runs (the control API today) goes through here.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::backends::Backend;
+use super::state::Persisted;
 use crate::config::BackendConfig;
+
+/// The answer to a pause or resume: each proxy's state, and whether the
+/// change reached the state file (it is applied either way).
+pub type PauseReply = oneshot::Sender<Result<(Vec<PauseReport>, Persisted), UnknownProxy>>;
+/// The answer to a reload: the new generation, or why it was rejected.
+pub type ReloadReply = oneshot::Sender<Result<u64, String>>;
+
+/// A reload asked for while another was being prepared.
+pub struct PendingReload {
+    pub trigger: String,
+    /// A file event: an unchanged or unreadable file changes nothing.
+    pub only_if_changed: bool,
+    pub reply: Option<ReloadReply>,
+}
+
+/// The answer to a deploy: the new set and whether it reached the state
+/// file, or why there is no new set.
+pub type DeployReply = oneshot::Sender<Result<(Vec<BackendConfig>, Persisted), DeployError>>;
 
 pub enum Command {
     /// Set a runtime pause on the named proxies (all when empty).
     Pause {
         proxies: Vec<String>,
         by: String,
-        reply: oneshot::Sender<Result<Vec<PauseReport>, UnknownProxy>>,
+        reply: PauseReply,
     },
     /// Clear the runtime pause of the named proxies (all when empty).
     Resume {
         proxies: Vec<String>,
         by: String,
-        reply: oneshot::Sender<Result<Vec<PauseReport>, UnknownProxy>>,
+        reply: PauseReply,
     },
     /// Reload the config file: the new generation, or why it was rejected.
-    Reload {
-        reply: oneshot::Sender<Result<u64, String>>,
+    Reload { reply: ReloadReply },
+    /// Sent by a reload's reading task with what it found (`Err`: it did
+    /// not finish in time): the loop applies it and answers `waiting`.
+    ReloadPrepared {
+        input: Result<super::reload::ReloadInput, String>,
+        waiting: Vec<PendingReload>,
     },
     /// Replace a proxy's backends: add the new ones, wait until healthy,
     /// then switch and drain the old ones.
@@ -32,16 +53,17 @@ pub enum Command {
         proxy: String,
         backends: Vec<BackendConfig>,
         timeout: Duration,
-        reply: oneshot::Sender<Result<Vec<BackendConfig>, DeployError>>,
+        reply: DeployReply,
     },
-    /// Sent by a deploy's waiting task when its new backends are healthy
-    /// (or the time is up): the loop commits or rolls back.
+    /// Sent by deploy `id`'s waiting task when its new backends are
+    /// healthy, the time is up (`NotHealthy`) or its requester went away
+    /// (`Abandoned`): the loop commits or rolls back.
     DeployDone {
         proxy: String,
+        id: u64,
         backends: Vec<BackendConfig>,
-        added: Vec<Arc<Backend>>,
-        outcome: Result<(), String>,
-        reply: oneshot::Sender<Result<Vec<BackendConfig>, DeployError>>,
+        outcome: Result<(), DeployError>,
+        reply: DeployReply,
     },
 }
 
@@ -49,17 +71,23 @@ pub enum Command {
 #[derive(Debug)]
 pub enum DeployError {
     UnknownProxy(String),
-    /// Another deploy of this proxy is still waiting.
-    InProgress(String),
+    /// Rolled back before its end: a later deploy of the proxy, or a
+    /// reload that changed (or removed) it, took over. Says which.
+    Superseded(String),
     /// The new backends did not become healthy in time (rolled back).
     NotHealthy(String),
+    /// Its requester disconnected before the end (rolled back).
+    Abandoned,
 }
 
 impl std::fmt::Display for DeployError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeployError::UnknownProxy(name) => write!(f, "{}", UnknownProxy(name.clone())),
-            DeployError::InProgress(name) => write!(f, "a deploy of proxy {name:?} is already in progress"),
+            DeployError::Superseded(why) => {
+                write!(f, "deploy rolled back, superseded: {why}")
+            }
+            DeployError::Abandoned => write!(f, "deploy abandoned by its requester, rolled back"),
             DeployError::NotHealthy(why) => {
                 write!(f, "deploy failed, the previous backends keep serving: {why}")
             }

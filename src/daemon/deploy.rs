@@ -8,19 +8,42 @@
 //! what runs and records the deployed set (a runtime override, kept in the
 //! state file, that lasts until the config file's list for that proxy
 //! changes).
+//!
+//! A deploy never blocks another: a later deploy of the same proxy, or a
+//! reload that changes (or removes) the proxy's backends in the file,
+//! supersedes it (it is rolled back and its requester told so), and a
+//! deploy whose requester disconnects is rolled back too.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::Daemon;
-use super::commands::{Command, DeployError};
+use super::commands::{Command, DeployError, DeployReply};
 use crate::backends::Backend;
 use crate::config::{BackendConfig, ProxyConfig};
+use crate::proxy::Proxy;
 
-type Reply = oneshot::Sender<Result<Vec<BackendConfig>, DeployError>>;
+/// Tells deploys apart, so a late report of a superseded one changes nothing.
+static NEXT_DEPLOY: AtomicU64 = AtomicU64::new(1);
+
+/// A deploy waiting for its new backends, as the loop keeps it.
+pub(super) struct DeployInProgress {
+    id: u64,
+    added: Vec<Arc<Backend>>,
+    /// Ends the waiting task, which tells the requester why.
+    supersede: oneshot::Sender<String>,
+}
+
+/// How a deploy's wait ended.
+enum Ended {
+    Waited(Result<(), String>),
+    Superseded(String),
+    Abandoned,
+}
 
 impl Daemon {
     pub(super) fn deploy(
@@ -28,19 +51,24 @@ impl Daemon {
         name: String,
         backends: Vec<BackendConfig>,
         timeout: Duration,
-        reply: Reply,
+        reply: DeployReply,
     ) {
         let Some(running) = self.proxies.iter_mut().find(|r| *r.proxy.name == name) else {
             let _ = reply.send(Err(DeployError::UnknownProxy(name)));
             return;
         };
-        if running.deploying {
-            let _ = reply.send(Err(DeployError::InProgress(name)));
-            return;
+        if let Some(previous) = running.deploying.take() {
+            supersede(&running.proxy, previous, "a later deploy of this proxy took over");
         }
-        running.deploying = true;
         let proxy = running.proxy.clone();
         let added = proxy.begin_deploy(&backends);
+        let id = NEXT_DEPLOY.fetch_add(1, Relaxed);
+        let (supersede, superseded) = oneshot::channel();
+        running.deploying = Some(DeployInProgress {
+            id,
+            added: added.clone(),
+            supersede,
+        });
         info!(
             proxy = %name,
             backends = %list(&backends),
@@ -50,11 +78,27 @@ impl Daemon {
         );
         let commands = self.command_sender.clone();
         tokio::spawn(async move {
-            let outcome = proxy.wait_healthy(&added, timeout).await;
+            let mut reply = reply;
+            let ended = tokio::select! {
+                outcome = proxy.wait_healthy(&added, timeout) => Ended::Waited(outcome),
+                reason = superseded => Ended::Superseded(
+                    reason.unwrap_or_else(|_| "the daemon dropped the deploy".into()),
+                ),
+                () = reply.closed() => Ended::Abandoned,
+            };
+            let outcome = match ended {
+                // The loop has rolled it back already.
+                Ended::Superseded(why) => {
+                    let _ = reply.send(Err(DeployError::Superseded(why)));
+                    return;
+                }
+                Ended::Waited(outcome) => outcome.map_err(DeployError::NotHealthy),
+                Ended::Abandoned => Err(DeployError::Abandoned),
+            };
             let done = Command::DeployDone {
                 proxy: name,
+                id,
                 backends,
-                added,
                 outcome,
                 reply,
             };
@@ -66,31 +110,47 @@ impl Daemon {
     pub(super) fn deploy_done(
         &mut self,
         name: String,
+        id: u64,
         backends: Vec<BackendConfig>,
-        added: Vec<Arc<Backend>>,
-        outcome: Result<(), String>,
-        reply: Reply,
+        outcome: Result<(), DeployError>,
+        reply: DeployReply,
     ) {
-        let Some(running) = self.proxies.iter_mut().find(|r| *r.proxy.name == name) else {
-            let _ = reply.send(Err(DeployError::UnknownProxy(name)));
+        let running = self.proxies.iter_mut().find(|r| *r.proxy.name == name);
+        let Some(running) = running.filter(|r| r.deploying.as_ref().is_some_and(|d| d.id == id)) else {
+            // Superseded while this report was on its way: already rolled back.
+            let why = "a reload or a later deploy took over".to_string();
+            let _ = reply.send(Err(DeployError::Superseded(why)));
             return;
         };
-        running.deploying = false;
+        let Some(deploy) = running.deploying.take() else {
+            return;
+        };
         match outcome {
             Ok(()) => {
                 running.proxy.commit_deploy(&backends);
                 running.deployed = Some(backends.clone());
                 info!(proxy = %name, backends = %list(&backends), "deploy done; the previous backends drain");
-                self.persist();
-                let _ = reply.send(Ok(backends));
+                let persisted = self.persist();
+                let _ = reply.send(Ok((backends, persisted)));
             }
-            Err(why) => {
-                running.proxy.abort_deploy(&added);
-                warn!(proxy = %name, "deploy failed, rolled back; the previous backends keep serving: {why}");
-                let _ = reply.send(Err(DeployError::NotHealthy(why)));
+            Err(DeployError::Abandoned) => {
+                running.proxy.abort_deploy(&deploy.added);
+                warn!(proxy = %name, "deploy abandoned: its requester disconnected; rolled back, the previous backends keep serving");
+            }
+            Err(e) => {
+                running.proxy.abort_deploy(&deploy.added);
+                warn!(proxy = %name, "deploy failed, rolled back; the previous backends keep serving: {e}");
+                let _ = reply.send(Err(e));
             }
         }
     }
+}
+
+/// Rolls back a deploy in progress and tells its requester `why`.
+pub(super) fn supersede(proxy: &Proxy, deploy: DeployInProgress, why: &str) {
+    proxy.abort_deploy(&deploy.added);
+    warn!(proxy = %proxy.name, "deploy in progress rolled back: {why}");
+    let _ = deploy.supersede.send(why.to_string());
 }
 
 /// The backends a proxy should serve after a reload to `wanted`: a deployed

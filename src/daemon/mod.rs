@@ -43,7 +43,7 @@ use commands::{Command, PauseReport, UnknownProxy};
 use listeners::RunningListener;
 use reconcile::ListenKey;
 use signals::{Signal, Signals};
-use state::{BackendRecord, DeployedRecord, PauseRecord, State, StateWriter};
+use state::{BackendRecord, DeployedRecord, PauseRecord, Persisted, State, StateWriter};
 
 /// How long connections get to close after being killed at the end of the
 /// grace period, before the process exits regardless.
@@ -222,6 +222,8 @@ struct Daemon {
     /// For tasks that report back to the loop (a deploy's wait).
     command_sender: mpsc::Sender<Command>,
     watcher: Option<watch::ConfigWatcher>,
+    /// The reload being prepared off the loop, and those waiting for it.
+    reloads: reload::Reloads,
     state_writer: StateWriter,
     control_task: JoinHandle<()>,
     stop_control: CancellationToken,
@@ -241,8 +243,8 @@ struct RunningProxy {
     config: ProxyConfig,
     /// A backend set deployed at run time, overriding the file's list.
     deployed: Option<Vec<BackendConfig>>,
-    /// A deploy is waiting for its new backends.
-    deploying: bool,
+    /// A deploy waiting for its new backends.
+    deploying: Option<deploy::DeployInProgress>,
     /// The address its listener actually bound (a port 0 shows the chosen port).
     bound: Address,
 }
@@ -270,7 +272,7 @@ impl RunningProxy {
             proxy,
             config: config.clone(),
             deployed,
-            deploying: false,
+            deploying: None,
             bound: config.listen.clone(),
         }
     }
@@ -306,7 +308,10 @@ impl Daemon {
     {
         let Loaded { config, tls } = loaded;
         let state_dir = state::state_dir(config.state_dir.as_deref());
-        let saved = state::load(&state_dir);
+        let state::Loaded {
+            state: saved,
+            keep_off,
+        } = state::load(&state_dir);
         let mut sockets: Vec<(ListenKey, Listener)> = Vec::new();
         for proxy_config in &config.proxies {
             let key = ListenKey::of(proxy_config);
@@ -414,7 +419,7 @@ impl Daemon {
         };
 
         let daemon = Daemon {
-            state_writer: StateWriter::start(state_dir, saved),
+            state_writer: StateWriter::start(state_dir, saved, keep_off),
             config,
             config_path,
             config_fingerprint: fingerprint,
@@ -426,6 +431,7 @@ impl Daemon {
             commands,
             command_sender,
             watcher,
+            reloads: reload::Reloads::default(),
             control_task,
             stop_control,
             snapshot,
@@ -435,7 +441,8 @@ impl Daemon {
             daemon_limit,
         };
         daemon.publish();
-        daemon.persist();
+        // A failure is logged by the writer; start-up goes on.
+        drop(daemon.persist());
         info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %daemon.config_path.display(),
@@ -483,9 +490,7 @@ impl Daemon {
                         info!("{name} received: stopping");
                         break;
                     }
-                    Signal::Reload => {
-                        let _ = self.reload("SIGHUP").await;
-                    }
+                    Signal::Reload => self.request_reload("SIGHUP", false, None),
                     Signal::Pause => {
                         let _ = self.pause(&[], "signal SIGUSR1");
                     }
@@ -497,7 +502,7 @@ impl Daemon {
                 Some(()) = file_changed => file_settles = Some(reload::debounce(file_settles)),
                 () = sleep_until(file_settles.map(|(_, at)| at)) => {
                     file_settles = None;
-                    self.reload_if_changed().await;
+                    self.request_reload("a change of the config file", true, None);
                 }
                 () = sleep_until(failsafe.as_ref().map(|(at, _)| *at)) => {
                     if let Some((_, index)) = failsafe {
@@ -527,9 +532,8 @@ impl Daemon {
             Command::Resume { proxies, by, reply } => {
                 let _ = reply.send(self.resume(&proxies, &by));
             }
-            Command::Reload { reply } => {
-                let _ = reply.send(self.reload("the control API").await);
-            }
+            Command::Reload { reply } => self.request_reload("the control API", false, Some(reply)),
+            Command::ReloadPrepared { input, waiting } => self.reload_prepared(input, waiting).await,
             Command::Deploy {
                 proxy,
                 backends,
@@ -538,11 +542,11 @@ impl Daemon {
             } => self.deploy(proxy, backends, timeout, reply),
             Command::DeployDone {
                 proxy,
+                id,
                 backends,
-                added,
                 outcome,
                 reply,
-            } => self.deploy_done(proxy, backends, added, outcome, reply),
+            } => self.deploy_done(proxy, id, backends, outcome, reply),
         }
     }
 
@@ -596,7 +600,8 @@ impl Daemon {
             .collect()
     }
 
-    fn pause(&mut self, names: &[String], by: &str) -> Result<Vec<PauseReport>, UnknownProxy> {
+    /// Sets a runtime pause; the reports, and whether it reached the state file.
+    fn pause(&mut self, names: &[String], by: &str) -> Result<(Vec<PauseReport>, Persisted), UnknownProxy> {
         let selected = self.select(names)?;
         for &index in &selected {
             let proxy = &self.proxies[index].proxy;
@@ -610,11 +615,11 @@ impl Daemon {
             proxy.gate.set_runtime(Some(pause));
             info!(proxy = %proxy.name, by, "paused");
         }
-        self.persist();
-        Ok(self.reports(&selected))
+        let persisted = self.persist();
+        Ok((self.reports(&selected), persisted))
     }
 
-    fn resume(&mut self, names: &[String], by: &str) -> Result<Vec<PauseReport>, UnknownProxy> {
+    fn resume(&mut self, names: &[String], by: &str) -> Result<(Vec<PauseReport>, Persisted), UnknownProxy> {
         let selected = self.select(names)?;
         for &index in &selected {
             let proxy = &self.proxies[index].proxy;
@@ -628,8 +633,8 @@ impl Daemon {
                 info!(proxy = %proxy.name, by, "runtime pause cleared; the proxy stays paused by the config");
             }
         }
-        self.persist();
-        Ok(self.reports(&selected))
+        let persisted = self.persist();
+        Ok((self.reports(&selected), persisted))
     }
 
     fn reports(&self, selected: &[usize]) -> Vec<PauseReport> {
@@ -672,8 +677,9 @@ impl Daemon {
         let _ = self.resume(&[name], "fail-safe");
     }
 
-    /// Writes the runtime overrides (in the background, latest wins).
-    fn persist(&self) {
+    /// Writes the runtime overrides (in the background, latest wins); the
+    /// receiver says whether they reached the disk.
+    fn persist(&self) -> Persisted {
         let mut state = State::default();
         for running in &self.proxies {
             if let Some(pause) = running.proxy.gate.state().runtime {
@@ -689,7 +695,7 @@ impl Daemon {
                 state.backends.insert(running.proxy.name.to_string(), record);
             }
         }
-        self.state_writer.save(state);
+        self.state_writer.save(state)
     }
 
     /// Publishes the running proxies to the control API.

@@ -1,29 +1,41 @@
 //! Applying a new config to the running daemon.
 //!
 //! A reload reads and validates the whole file first, with the certificates
-//! it names and the log output it asks for (off the runtime); if anything is
-//! wrong nothing changes. Then it plans (`reconcile.rs`), binds
+//! it names and the log output it asks for, in a task off the runtime and
+//! off the daemon loop, under a deadline (a file that cannot be read in
+//! time fails the reload; the loop answers signals and commands all the
+//! while); if anything is wrong nothing changes. Then it plans (`reconcile.rs`), binds
 //! every new socket, and only when all binds succeeded commits: hands
 //! sockets over, updates, adds, and retires removed proxies, whose open
 //! connections drain for their `drain_timeout`.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::deploy::effective_backends;
+use super::commands::{Command, PendingReload, ReloadReply};
+use super::deploy::{effective_backends, supersede};
 use super::listeners::{self, RunningListener};
 use super::reconcile::{self, Action, ListenKey, Running};
 use super::{Daemon, ReloadRecord, RunningProxy};
+use crate::config::files::{READ_DEADLINE, with_deadline};
 use crate::config::{self, Config, Loaded};
 use crate::drain::{Drained, drain_within};
 use crate::proxy::Proxy;
 use crate::sockets::stream::Listener;
 use crate::telemetry::{self, Prepared, systemd};
+
+/// Whether a reload is being prepared, and the requests waiting for the next.
+#[derive(Default)]
+pub struct Reloads {
+    running: bool,
+    waiting: Vec<PendingReload>,
+}
 
 /// Quiet time after the last file event before the file is read again.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -45,78 +57,146 @@ pub fn debounce(pending: Option<(Instant, Instant)>) -> (Instant, Instant) {
     (first, (now + SETTLE).min(first + SETTLE_AT_MOST))
 }
 
+/// What the off-loop half of a reload found.
+pub enum ReloadInput {
+    /// Only file events asked, and the text is the one last read.
+    Unchanged,
+    /// The config file could not be read.
+    Unreadable(String),
+    /// The text (by its fingerprint) and, if valid, the config with its
+    /// certificates and log output ready; else why not.
+    Read {
+        fingerprint: u64,
+        checked: Result<Box<(Loaded, Option<Prepared>)>, String>,
+    },
+}
+
+/// Reads and checks the config off the daemon loop: the blocking half of
+/// a reload. With `known`, an unchanged text stops there.
+fn prepare(path: &Path, log_now: &config::LogConfig, known: Option<u64>) -> ReloadInput {
+    let text = match config::read(path) {
+        Ok(text) => text,
+        Err(e) => return ReloadInput::Unreadable(e.to_string()),
+    };
+    let fingerprint = fingerprint(&text);
+    if known == Some(fingerprint) {
+        return ReloadInput::Unchanged;
+    }
+    let checked = config::parse(&text, path)
+        .map_err(|e| e.to_string())
+        .and_then(|loaded| {
+            let output = telemetry::prepare_change(log_now, &loaded.config.log)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(Box::new((loaded, output)))
+        });
+    ReloadInput::Read { fingerprint, checked }
+}
+
 impl Daemon {
-    /// Reloads after a file event if the file's content changed. A file that
-    /// disappeared is not a config of zero proxies: it is reported and the
-    /// running config stays.
-    pub(super) async fn reload_if_changed(&mut self) {
-        let path = self.config_path.clone();
-        let text = tokio::task::spawn_blocking(move || config::read(&path)).await;
-        match text {
-            Ok(Ok(text)) if fingerprint(&text) == self.config_fingerprint => {}
-            Ok(Ok(text)) => {
-                let _ = self.reload_text(Some(text), "a change of the config file").await;
-            }
-            Ok(Err(e)) => warn!("{e}; the running config stays"),
-            Err(e) => warn!(error = %e, "cannot read the config file"),
+    /// Asks for a reload: `only_if_changed` for a file event (an unchanged
+    /// or unreadable file then changes nothing), else a reload that is
+    /// reported either way. The file is read and checked in a task of its
+    /// own, under READ_DEADLINE, while the loop goes on answering signals
+    /// and commands; its `ReloadPrepared` comes back to the loop, which
+    /// applies it. One reload is prepared at a time: requests meanwhile
+    /// wait and are then served by one more read.
+    pub(super) fn request_reload(
+        &mut self,
+        trigger: &str,
+        only_if_changed: bool,
+        reply: Option<ReloadReply>,
+    ) {
+        self.reloads.waiting.push(PendingReload {
+            trigger: trigger.to_string(),
+            only_if_changed,
+            reply,
+        });
+        if !self.reloads.running {
+            self.start_reload();
         }
     }
 
-    /// Reloads the config file. Ok: the new generation. Err: why it was
-    /// rejected (the running config stays).
-    pub(super) async fn reload(&mut self, trigger: &str) -> Result<u64, String> {
-        self.reload_text(None, trigger).await
-    }
-
-    /// `reload`, with the file's text when the caller has just read it.
-    async fn reload_text(&mut self, text: Option<String>, trigger: &str) -> Result<u64, String> {
-        systemd::reloading();
+    fn start_reload(&mut self) {
+        let waiting = std::mem::take(&mut self.reloads.waiting);
+        if waiting.is_empty() {
+            return;
+        }
+        self.reloads.running = true;
+        let known = waiting
+            .iter()
+            .all(|w| w.only_if_changed)
+            .then_some(self.config_fingerprint);
         let path = self.config_path.clone();
         let log_now = self.logging.current().clone();
-        // Reading certificates and opening a log file block: all of it
-        // happens here, none of it on a runtime worker.
-        let loaded = tokio::task::spawn_blocking(move || {
-            let text = match text {
-                Some(text) => text,
-                None => config::read(&path)?,
-            };
-            let prepared = config::parse(&text, &path)
-                .map_err(|e| e.to_string())
-                .and_then(|loaded| {
-                    let output = telemetry::prepare_change(&log_now, &loaded.config.log)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                    Ok((loaded, output))
-                });
-            // Remember this text even if it is rejected: the watcher then
-            // waits for the next edit instead of re-reporting the same error.
-            Ok((prepared, fingerprint(&text)))
-        })
-        .await;
-        let result = match loaded {
-            Ok(Ok::<_, config::ConfigError>((prepared, fingerprint))) => {
-                self.config_fingerprint = fingerprint;
-                match prepared {
-                    Ok((loaded, output)) => self.apply(loaded, output).await,
-                    Err(e) => Err(e),
-                }
+        let commands = self.command_sender.clone();
+        tokio::spawn(async move {
+            let input = with_deadline("reading the config and its files", READ_DEADLINE, move || {
+                prepare(&path, &log_now, known)
+            })
+            .await;
+            // If the daemon is stopping, the replies are dropped: the API answers 503.
+            let _ = commands.send(Command::ReloadPrepared { input, waiting }).await;
+        });
+    }
+
+    /// The loop's half of a reload: applies what `prepare` found, records
+    /// and reports the outcome, answers every request it served, and
+    /// starts the next one if more came meanwhile.
+    pub(super) async fn reload_prepared(
+        &mut self,
+        input: Result<ReloadInput, String>,
+        waiting: Vec<PendingReload>,
+    ) {
+        self.reloads.running = false;
+        let reported = waiting.iter().any(|w| !w.only_if_changed);
+        let trigger = waiting
+            .iter()
+            .map(|w| w.trigger.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let outcome = match input {
+            Ok(ReloadInput::Unchanged) => None,
+            Ok(ReloadInput::Unreadable(e)) | Err(e) if !reported => {
+                // A file that disappeared is not a config of zero proxies.
+                warn!("{e}; the running config stays");
+                None
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("reading the config failed: {e}")),
+            Ok(ReloadInput::Unreadable(e)) | Err(e) => Some(Err(e)),
+            Ok(ReloadInput::Read { fingerprint, checked }) => {
+                // Remember this text even if it is rejected: the watcher then
+                // waits for the next edit instead of re-reporting the same error.
+                self.config_fingerprint = fingerprint;
+                Some(checked)
+            }
         };
-        let record = ReloadRecord {
-            ok: result.is_ok(),
-            error: result.as_ref().err().cloned(),
-            at: SystemTime::now(),
-        };
-        let generation = self.snapshot.borrow().generation + u64::from(result.is_ok());
-        match &result {
-            Ok(summary) => info!(generation, trigger, "reload applied: {summary}"),
-            Err(why) => error!(trigger, "reload rejected, the running config stays:\n{why}"),
+        if let Some(checked) = outcome {
+            systemd::reloading();
+            let result = match checked {
+                Ok(prepared) => {
+                    let (loaded, output) = *prepared;
+                    self.apply(loaded, output).await
+                }
+                Err(e) => Err(e),
+            };
+            let record = ReloadRecord {
+                ok: result.is_ok(),
+                error: result.as_ref().err().cloned(),
+                at: SystemTime::now(),
+            };
+            let generation = self.snapshot.borrow().generation + u64::from(result.is_ok());
+            match &result {
+                Ok(summary) => info!(generation, trigger, "reload applied: {summary}"),
+                Err(why) => error!(trigger, "reload rejected, the running config stays:\n{why}"),
+            }
+            self.publish_as(generation, record);
+            self.status_line = self.summary();
+            systemd::ready(&self.status_line);
+            let answer = result.map(|_| generation);
+            for reply in waiting.into_iter().filter_map(|w| w.reply) {
+                let _ = reply.send(answer.clone());
+            }
         }
-        self.publish_as(generation, record);
-        self.status_line = self.summary();
-        systemd::ready(&self.status_line);
-        result.map(|_| generation)
+        self.start_reload();
     }
 
     /// Converges the running proxies to `loaded`; returns a summary of what
@@ -164,6 +244,15 @@ impl Daemon {
                 // certificate file is a change.
                 (Action::Unchanged, Some(current)) if wanted.tls.is_none() => current,
                 (Action::Unchanged | Action::Update | Action::Move, Some(mut current)) => {
+                    if current.config.backends != wanted.backends
+                        && let Some(deploy) = current.deploying.take()
+                    {
+                        supersede(
+                            &current.proxy,
+                            deploy,
+                            "a reload changed the proxy's backends in the config file",
+                        );
+                    }
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
                     self.update_proxy(&current.proxy, wanted, &backends, tls.get(&wanted.name).cloned());
                     current.config = wanted.clone();
@@ -223,7 +312,8 @@ impl Daemon {
         self.proxies = next;
         self.apply_globals(&config, log_output);
         self.config = config;
-        self.persist();
+        // A failure is logged by the writer; the reload itself applied.
+        drop(self.persist());
         Ok(plan.summary())
     }
 
@@ -245,7 +335,15 @@ impl Daemon {
     /// config is gone, so they are never forwarded), and lets forwarded ones
     /// run for `drain_timeout` before closing them.
     async fn retire(&self, removed: RunningProxy) {
-        let RunningProxy { proxy, config, .. } = removed;
+        let RunningProxy {
+            proxy,
+            config,
+            deploying,
+            ..
+        } = removed;
+        if let Some(deploy) = deploying {
+            supersede(&proxy, deploy, "a reload removed the proxy");
+        }
         proxy.wind_down();
         let drain = config.drain_timeout.0;
         let open = proxy.stats.active.load(std::sync::atomic::Ordering::Relaxed);

@@ -5,8 +5,15 @@
 //! replace the file's inode, which a watch on the file itself would lose.
 //! Every event only says "look again"; the daemon debounces bursts and
 //! reloads when the file's content actually changed.
+//!
+//! Only events about the config file's own name count, and about the
+//! first step of its symlink (`..data` of a ConfigMap, whose swap changes
+//! the file without an event on its name): anything else in the
+//! directory, a log file written there for one, is ignored, so it cannot
+//! set off reads of the config.
 
-use std::path::Path;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -24,9 +31,18 @@ pub fn watch(config_path: &Path) -> Result<ConfigWatcher, String> {
         .ok_or_else(|| format!("{} has no parent directory", absolute.display()))?
         .to_path_buf();
     let (sender, changes) = mpsc::unbounded_channel();
+    let config = absolute.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reads (open, close without write) change nothing.
-        if event.is_ok_and(|e| !matches!(e.kind, EventKind::Access(_))) {
+        // Reads (open, close without write) change nothing. An error may
+        // have lost events: look again.
+        let relevant = match event {
+            Ok(event) => {
+                !matches!(event.kind, EventKind::Access(_))
+                    && (event.paths.is_empty() || event.paths.iter().any(|p| concerns(&config, p)))
+            }
+            Err(_) => true,
+        };
+        if relevant {
             let _ = sender.send(());
         }
     })
@@ -38,4 +54,48 @@ pub fn watch(config_path: &Path) -> Result<ConfigWatcher, String> {
         _watcher: watcher,
         changes,
     })
+}
+
+/// Whether a change at `path` can change what `config` reads: the file's
+/// own name, or the first component of a relative symlink target of it
+/// (`interlude.yaml -> ..data/interlude.yaml`: `..data`).
+fn concerns(config: &Path, path: &Path) -> bool {
+    if path == config {
+        return true;
+    }
+    let (Some(directory), Some(name)) = (config.parent(), path.file_name()) else {
+        return false;
+    };
+    path.parent() == Some(directory) && link_steps(config).iter().any(|step| step == name)
+}
+
+/// The names in the config's directory that its symlink goes through.
+fn link_steps(config: &Path) -> Vec<OsString> {
+    let Ok(target) = std::fs::read_link(config) else {
+        return Vec::new();
+    };
+    let target: PathBuf = target;
+    match target.components().next() {
+        Some(Component::Normal(first)) if target.is_relative() => vec![first.to_os_string()],
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_config_and_its_link_concern_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("interlude.yaml");
+        std::fs::write(&config, "proxies: []\n").unwrap();
+        assert!(concerns(&config, &config));
+        assert!(!concerns(&config, &dir.path().join("interlude.log")));
+        assert!(!concerns(&config, &dir.path().join("..data")));
+        std::fs::remove_file(&config).unwrap();
+        std::os::unix::fs::symlink("..data/interlude.yaml", &config).unwrap();
+        assert!(concerns(&config, &dir.path().join("..data")));
+        assert!(!concerns(&config, &dir.path().join("..data_tmp")));
+    }
 }

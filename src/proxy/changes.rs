@@ -37,6 +37,9 @@ impl Proxy {
             leaving = Departing::from(current, &staying);
             let mut next = staying;
             next.extend(leaving.draining.iter().cloned());
+            // A deploy in progress keeps its new backends (a reload that
+            // changes the file's list rolls the deploy back first).
+            next.append(&mut leaving.adding);
             *settings = Arc::new(ProxySettings::new(
                 config,
                 BackendSet::new(next, config.balance),
@@ -131,6 +134,9 @@ impl Proxy {
     /// settings swap: closing sockets inside `send_modify` would keep every
     /// new connection waiting on the settings.
     fn let_go(self: &Arc<Self>, leaving: Departing, drain_timeout: Duration) {
+        for backend in leaving.adding {
+            backend.kill.cancel();
+        }
         for backend in leaving.gone {
             backend.close_idle();
         }
@@ -195,16 +201,25 @@ struct Departing {
     draining: Vec<Arc<Backend>>,
     /// Carrying nothing: they just go.
     gone: Vec<Arc<Backend>>,
+    /// Added by a deploy in progress, which owns them.
+    adding: Vec<Arc<Backend>>,
 }
 
 impl Departing {
     fn from(current: &BackendSet, staying: &[Arc<Backend>]) -> Departing {
-        let (draining, gone) = current
+        let (adding, leaving): (Vec<_>, Vec<_>) = current
             .backends
             .iter()
             .filter(|b| !staying.iter().any(|s| Arc::ptr_eq(s, b)))
             .cloned()
+            .partition(|b| b.role() == Role::Adding);
+        let (draining, gone) = leaving
+            .into_iter()
             .partition(|b| b.active.load(Relaxed) > 0 || b.role() == Role::Draining);
-        Departing { draining, gone }
+        Departing {
+            draining,
+            gone,
+            adding,
+        }
     }
 }

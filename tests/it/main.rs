@@ -5,6 +5,7 @@
 mod common;
 
 mod backends;
+mod bounded_inputs;
 mod config_errors;
 mod control_api;
 mod first_run;

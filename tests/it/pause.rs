@@ -544,16 +544,17 @@ fn runtime_pause_survives_a_restart() {
     assert_echo(&mut daemon.listen_addr("p").must_connect(), b"serving");
 }
 
-/// A corrupt state file is reported (a warning) and ignored: the daemon
-/// starts and serves.
+/// A corrupt state file is reported (an error, issue 16) and moved aside:
+/// the daemon starts and serves.
 #[test]
-fn corrupt_state_file_is_ignored_with_a_warning() {
+fn corrupt_state_file_is_reported_and_moved_aside() {
     let dir = tempdir();
     fs::write(dir.path().join("state.json"), "{\"paused\": {\"p\": [not json").unwrap();
     let (_server, mut daemon, endpoint) = start_echo_proxy(dir.path(), "");
     daemon.assert_running("with a corrupt state file");
-    let warning = daemon.wait_for_line("state file", WAIT);
-    assert!(warning.contains("WARN"), "not a warning: {warning}");
+    let line = daemon.wait_for_line("state file", WAIT);
+    assert!(line.contains("ERROR"), "not an error: {line}");
+    assert!(line.contains("state.json.corrupt-"), "not moved aside: {line}");
     let p = proxy_status(dir.path(), "p");
     assert_eq!(p["paused"], false, "{p}");
     assert_echo(&mut endpoint.must_connect(), b"serving");
