@@ -29,6 +29,12 @@
 //!              SIGHUP to PID and times until a new connection is answered by
 //!              the other backend (one connection at a time, back to back).
 //!   idle       --target ADDR --conns N [--hold SECS] open N idle connections, hold
+//!   slowloris  --target ADDR --conns N [--hold SECS] [--gap SECS] keep N
+//!              connections sending an HTTP request head that never ends: the
+//!              start of a head, then one byte every --gap seconds (default 0.5);
+//!              a connection the server answers or closes is opened again at
+//!              once. Prints `mode=slowloris open=N ...` once all N are open,
+//!              then a `mode=slowloris-progress` line every second.
 //!   held       --target ADDR --conns N --control-unix PATH [--settle SECS]
 //!              [--rss-pid PID] [--backend-port PORT] [--wait SECS]
 //!              interlude only: pause it (POST /pause), open N connections that
@@ -114,6 +120,7 @@ fn usage() -> ! {
                       [--conns N] [--path P (http modes)]\n       \
                       [--tls [--cert PEM]]\n       \
          loadgen idle --target ADDR --conns N [--hold SECS]\n       \
+         loadgen slowloris --target ADDR --conns N [--hold SECS] [--gap SECS]\n       \
          loadgen held|http-held --target ADDR --conns N --control-unix PATH [--settle SECS]\n       \
                       [--rss-pid PID] [--backend-port PORT] [--wait SECS]\n       \
          loadgen reload-latency --target ADDR --pid PID --config PATH --config-a PATH\n       \
@@ -240,6 +247,7 @@ fn main() {
         "rr" => rt.block_on(rr(target(), o.conns, o.seconds)),
         "connrate" => rt.block_on(connrate(target(), o.conns, o.seconds)),
         "idle" => rt.block_on(idle(target(), o.conns, o.hold)),
+        "slowloris" => rt.block_on(slowloris(target(), o.conns, o.hold, o.gap)),
         "http-rr" => rt.block_on(http_client(
             target(),
             o.conns,
@@ -846,6 +854,93 @@ async fn idle(target: String, conns: usize, hold: f64) {
     // Hold the connections until killed (or the bounded hold time passes).
     sleep(Duration::from_secs_f64(hold)).await;
     drop(open);
+}
+
+/// Slow-client flood: `conns` connections, each sending the start of an
+/// HTTP request head and then one more byte every `gap` seconds, never the
+/// end of the head; one that the server answers (a 408, say) or closes is
+/// replaced at once, so `conns` stay open (as an attacker would keep them).
+async fn slowloris(target: String, conns: usize, hold: f64, gap: f64) {
+    let gap = Duration::from_secs_f64(if gap > 0.0 { gap } else { 1.0 });
+    let open = Arc::new(AtomicU64::new(0));
+    let reopened = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let sem = Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY));
+    let head: Arc<[u8]> = format!("GET /slow HTTP/1.1\r\nHost: {target}\r\nX-Slow: ")
+        .into_bytes()
+        .into();
+    let t0 = Instant::now();
+    for i in 0..conns {
+        let (open, reopened, errors, sem, head, target) = (
+            open.clone(),
+            reopened.clone(),
+            errors.clone(),
+            sem.clone(),
+            head.clone(),
+            target.clone(),
+        );
+        tokio::spawn(async move {
+            // Spread the drips over the gap.
+            let offset = gap.mul_f64((i % 1000) as f64 / 1000.0);
+            let mut first = true;
+            loop {
+                let opened = {
+                    let Ok(_permit) = sem.acquire().await else { return };
+                    match connect_tcp(&target).await {
+                        Ok(mut s) => match s.write_all(&head).await {
+                            Ok(()) => Some(s),
+                            Err(_) => None,
+                        },
+                        Err(_) => None,
+                    }
+                };
+                let Some(mut s) = opened else {
+                    errors.fetch_add(1, Relaxed);
+                    sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                open.fetch_add(1, Relaxed);
+                if !first {
+                    reopened.fetch_add(1, Relaxed);
+                }
+                first = false;
+                sleep(offset).await;
+                let mut buf = [0u8; 512];
+                loop {
+                    tokio::select! {
+                        // An answer or a close: this one is done.
+                        _ = s.read(&mut buf) => break,
+                        () = sleep(gap) => {
+                            if s.write_all(b"a").await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                open.fetch_sub(1, Relaxed);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open.load(Relaxed) < conns as u64 && Instant::now() < deadline {
+        sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "mode=slowloris open={} errors={} open_seconds={:.3}",
+        open.load(Relaxed),
+        errors.load(Relaxed),
+        t0.elapsed().as_secs_f64()
+    );
+    let end = Instant::now() + Duration::from_secs_f64(hold);
+    while Instant::now() < end {
+        sleep(Duration::from_secs(1)).await;
+        println!(
+            "mode=slowloris-progress open={} reopened={} errors={}",
+            open.load(Relaxed),
+            reopened.load(Relaxed),
+            errors.load(Relaxed)
+        );
+    }
 }
 
 // ---------------------------------------------------------------- HTTP/1.1 (backend and clients)

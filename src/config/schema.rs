@@ -154,6 +154,10 @@ pub struct ProxyConfig {
     pub connect_timeout: Dur,
     #[serde(default)]
     pub idle_timeout: Dur,
+    /// Mode http: how long a client may take to send a complete request
+    /// head (`None`: not written, `DEFAULT_REQUEST_TIMEOUT`).
+    #[serde(default)]
+    pub request_timeout: Option<Dur>,
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
     pub health_check: HealthCheckConfig,
@@ -171,6 +175,19 @@ fn default_connect_timeout() -> Dur {
 
 fn default_drain_timeout() -> Dur {
     Dur::secs(300)
+}
+
+/// `request_timeout` when the file does not set it, as HAProxy's
+/// `timeout http-request` is commonly set.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ProxyConfig {
+    /// The `request_timeout` in force: the file's, else the default.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+            .as_ref()
+            .map_or(DEFAULT_REQUEST_TIMEOUT, |d| d.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -117,6 +117,18 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
                 "pause.bypass applies to mode: http only",
             );
         }
+        if proxy.request_timeout.is_some() {
+            issues.add(
+                format!("{at}.request_timeout"),
+                "request_timeout applies to mode: http only",
+            );
+        }
+    }
+    if proxy.request_timeout.as_ref().is_some_and(|d| d.is_zero()) {
+        issues.add(
+            format!("{at}.request_timeout"),
+            "request_timeout must be more than 0s",
+        );
     }
     for (index, host) in proxy.hosts.iter().enumerate() {
         let bare = host.strip_prefix("*.").unwrap_or(host);
@@ -389,6 +401,10 @@ fn sharing_conflict(first: &ProxyConfig, second: &ProxyConfig) -> Option<String>
     if first.tls != second.tls {
         return Some("proxies sharing a listener need the same tls settings".into());
     }
+    // A request head is read before its Host says which proxy it is for.
+    if first.request_timeout() != second.request_timeout() {
+        return Some("proxies sharing a listener need the same request_timeout".into());
+    }
     let overlap = second
         .hosts
         .iter()
@@ -512,6 +528,28 @@ proxies:
             paths(&tcp),
             ["proxies[0].hosts", "proxies[1].listen", "proxies[2].listen"]
         );
+    }
+
+    #[test]
+    fn request_timeout_is_for_mode_http_more_than_zero_and_shared_alike() {
+        let http = "
+proxies:
+  - {name: a, mode: http, listen: 127.0.0.1:1, request_timeout: 2s, backends: [127.0.0.1:2]}
+";
+        assert_eq!(issues(http), vec![]);
+        assert_eq!(
+            paths(&http.replace("mode: http, ", "")),
+            ["proxies[0].request_timeout"]
+        );
+        assert_eq!(paths(&http.replace("2s", "0s")), ["proxies[0].request_timeout"]);
+        let shared = "
+proxies:
+  - {name: a, mode: http, listen: 127.0.0.1:1, hosts: [a.example], backends: [127.0.0.1:2]}
+  - {name: b, mode: http, listen: 127.0.0.1:1, request_timeout: 10s, backends: [127.0.0.1:2]}
+";
+        assert_eq!(issues(shared), vec![], "10s is the default");
+        let differing = shared.replace("10s", "3s");
+        assert!(issues(&differing)[0].message.contains("request_timeout"));
     }
 
     #[test]

@@ -38,6 +38,8 @@ use hold::{Hold, client_leaves, hold};
 pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// Mode http: the most a complete request head may take to arrive.
+    pub request_timeout: Duration,
     pub backends: Arc<BackendSet>,
     /// A rejected connection gets `HTTP/1.1 503` with this Retry-After, or
     /// is just closed when `None`.
@@ -69,6 +71,7 @@ impl ProxySettings {
         ProxySettings {
             connect_timeout: config.connect_timeout.0,
             idle_timeout: config.idle_timeout.non_zero(),
+            request_timeout: config.request_timeout(),
             backends: Arc::new(backends),
             reject_with_503: answer_503.then_some(config.pause.retry_after.0),
             health: config.health_check.clone(),

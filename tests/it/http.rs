@@ -1632,3 +1632,341 @@ fn status_metrics_and_stats_count_requests_and_responses() {
         "the stats line of an http proxy: {line}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Hostile clients: request head deadline and size, memory, HTTP semantics
+
+/// With `request_timeout: 1s`, 200 clients dripping a request head a byte
+/// every 100 ms, and one that sends nothing, are each answered `408` and
+/// closed after about a second; none of their requests reaches the
+/// backend. The deadline runs only while a head is awaited: a response
+/// slower than it is delivered whole, and the keep-alive connection it
+/// leaves idle is then closed without an answer. The proxy serves on.
+#[test]
+fn request_timeout_answers_slow_heads_408_and_closes_idle_keep_alive() {
+    const DRIPPERS: usize = 200;
+    let dir = tempdir();
+    let backend = HttpBackend::tcp("A", |request| match request.path() {
+        "/slow" => Reply::Download {
+            size: 10,
+            seed: 1,
+            chunk: 1,
+            delay: Duration::from_millis(200),
+            gate: None,
+        },
+        _ => Reply::ok("fine"),
+    });
+    let daemon = start_ready(
+        dir.path(),
+        &one(dir.path(), &[backend.address()], "request_timeout: 1s"),
+    );
+    let endpoint = daemon.listen_addr("p");
+
+    let mut keep_alive = Client::connect(&endpoint);
+    let slow = keep_alive.get_ok("/slow");
+    assert_eq!(
+        slow.body,
+        pattern_bytes(1, 10),
+        "a response slower than request_timeout, whole"
+    );
+
+    let mut crowd = Crowd::connect(&endpoint, DRIPPERS + 1);
+    let mut drip = b"GET /drip HTTP/1.1\r\nHost: test.example\r\nX-Drip: ".to_vec();
+    drip.resize(drip.len() + 1000, b'a');
+    let head_start = drip.len() - 1000;
+    // The first sends its head's start, then a byte a round; the last
+    // member sends nothing.
+    let silent = crowd.members.pop().expect("a silent member");
+    crowd.pump(&drip[..head_start], None);
+    crowd.members.push(silent);
+    let all_answered = crowd.run_until(
+        &drip,
+        Some(1),
+        Duration::from_millis(100),
+        Duration::from_secs(20),
+        |c| c.open() == 0,
+    );
+    assert!(
+        all_answered && crowd.answered("HTTP/1.1 408 ") == DRIPPERS + 1,
+        "{} of {} slow clients answered 408 and closed within 20s; {} still open; {}",
+        crowd.answered("HTTP/1.1 408 "),
+        DRIPPERS + 1,
+        crowd.open(),
+        crowd.odd_one("HTTP/1.1 408 ")
+    );
+    let quickest = crowd
+        .members
+        .iter()
+        .filter_map(|m| m.closed.map(|closed| closed - m.opened))
+        .min()
+        .expect("closed members");
+    assert!(
+        quickest >= Duration::from_millis(800),
+        "a slow client was cut after only {quickest:?} (request_timeout 1s)"
+    );
+    assert!(
+        !backend.targets().iter().any(|t| t == "/drip"),
+        "an unfinished head reached the backend: {:?}",
+        backend.targets()
+    );
+
+    // The idle keep-alive connection: closed, silently, by now.
+    if let Err(e) = keep_alive.expect_closed(WAIT) {
+        panic!("an idle keep-alive connection past request_timeout: {e}");
+    }
+    assert_eq!(Client::connect(&endpoint).get_ok("/after").text(), "fine");
+}
+
+/// A request head over 64 KiB is answered `431` and never forwarded; one
+/// just under the limit is forwarded intact.
+#[test]
+fn a_request_head_over_64_kib_is_answered_431() {
+    let dir = tempdir();
+    let backend = HttpBackend::tcp("A", |request| {
+        Reply::ok(format!("{}", request.header("X-Big").map_or(0, str::len)))
+    });
+    let daemon = start_ready(dir.path(), &one(dir.path(), &[backend.address()], ""));
+    let endpoint = daemon.listen_addr("p");
+
+    let fits = "b".repeat(60_000);
+    let got = Client::connect(&endpoint).request("GET", "/fits", &[("X-Big", &fits)], None);
+    assert_eq!(expect_status(got, 200, "a 60 kB head").text(), "60000");
+
+    let big = "b".repeat(70 * 1024);
+    let mut client = Client::connect(&endpoint);
+    client.send("GET", "/big", &[("X-Big", &big)], None).unwrap();
+    let refused = expect_status(client.read_response("GET"), 431, "a 70 KiB head");
+    assert!(refused.closes(), "{}", refused.describe());
+    if let Err(e) = client.expect_closed(WAIT) {
+        panic!("after the 431: {e}");
+    }
+    assert_eq!(backend.targets(), ["/fits"]);
+}
+
+/// 1000 clients (fewer if the open-files limit is low) each sending a
+/// request head and never finishing it cost the daemon at most about the
+/// 64 KiB head limit each, whether they stop short of it (held open) or
+/// try to send 390 KB (answered 431 at the limit); once they are gone the
+/// daemon's memory returns near where it was.
+#[test]
+fn a_flood_of_unfinished_heads_costs_bounded_memory_that_returns() {
+    const SHORT: usize = 60_000;
+    const LONG: usize = 390_000;
+    let limit = raise_fd_limit(4096);
+    let clients = usize::try_from(limit.saturating_sub(300)).unwrap_or(0).min(1000);
+    assert!(
+        clients >= 100,
+        "the open-files limit {limit} is too low for this test"
+    );
+    let dir = tempdir();
+    let backend = HttpBackend::echo("A");
+    let daemon = start_ready(
+        dir.path(),
+        &one(dir.path(), &[backend.address()], "request_timeout: 60s"),
+    );
+    let endpoint = daemon.listen_addr("p");
+    Client::connect(&endpoint).get_ok("/warm");
+    thread::sleep(Duration::from_millis(500));
+    let baseline = rss_mib(daemon.pid());
+    let head = |size: usize| {
+        let mut head = b"GET /flood HTTP/1.1\r\nHost: test.example\r\nX-Big: ".to_vec();
+        head.resize(head.len() + size, b'a');
+        head
+    };
+    let per_client_kib = 160;
+    let bound = baseline + (clients as u64 * per_client_kib) / 1024;
+
+    // Held just short of the limit.
+    let short = head(SHORT);
+    let mut crowd = Crowd::connect(&endpoint, clients);
+    crowd.run_until(&short, None, Duration::from_millis(50), WAIT, |c| {
+        c.members.iter().all(|m| m.sent == short.len())
+    });
+    thread::sleep(Duration::from_secs(1));
+    let held = rss_mib(daemon.pid());
+    assert_eq!(crowd.open(), clients, "{}", crowd.odd_one(""));
+
+    // Past the limit: answered 431.
+    let long = head(LONG);
+    let mut past = Crowd::connect(&endpoint, clients);
+    let answered = past.run_until(
+        &long,
+        None,
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+        |c| c.answered("HTTP/1.1 431 ") == clients,
+    );
+    let during = rss_mib(daemon.pid());
+    eprintln!("RSS MiB: baseline {baseline}, {clients} heads held {held}, 431 flood {during}");
+    assert!(
+        held <= bound && during <= bound,
+        "RSS grew from {baseline} MiB to {held} MiB ({clients} unfinished heads) and {during} MiB \
+         (the 431 flood): more than {per_client_kib} KiB a client"
+    );
+    assert!(
+        answered,
+        "{} of {clients} 390 KB heads answered 431; {}",
+        past.answered("HTTP/1.1 431 "),
+        past.odd_one("HTTP/1.1 431 ")
+    );
+
+    drop(crowd);
+    drop(past);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let near = baseline + 32;
+    let after = loop {
+        let now = rss_mib(daemon.pid());
+        if now <= near || Instant::now() >= deadline {
+            break now;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("RSS MiB after the clients left: {after}");
+    assert!(
+        after <= near,
+        "RSS stayed at {after} MiB after the flood (baseline {baseline} MiB, peak {})",
+        held.max(during)
+    );
+    assert_eq!(Client::connect(&endpoint).get_ok("/after").text(), "");
+}
+
+/// A chunked request body with a malformed chunk is the client's fault: a
+/// `400` (never a 502), and the connection is closed.
+#[test]
+fn a_malformed_request_chunk_is_answered_400() {
+    let dir = tempdir();
+    let backend = HttpBackend::echo("A");
+    let daemon = start_ready(dir.path(), &one(dir.path(), &[backend.address()], ""));
+    let endpoint = daemon.listen_addr("p");
+    let mut client = Client::connect(&endpoint);
+    client.send_chunked_head("POST", "/upload", &[]).unwrap();
+    client.wire.write_all(b"zz\r\nhello\r\n0\r\n\r\n").unwrap();
+    let got = expect_status(client.read_response("POST"), 400, "a malformed chunk");
+    assert!(got.closes(), "{}", got.describe());
+    if let Err(e) = client.expect_closed(WAIT) {
+        panic!("after the 400: {e}");
+    }
+    let mut next = Client::connect(&endpoint);
+    let echoed = next.request("POST", "/again", &[], Some(b"fine"));
+    assert_eq!(expect_status(echoed, 200, "the next upload").text(), "fine");
+}
+
+/// `CONNECT` is answered `405` with `Allow` (interlude is no forward
+/// proxy); a request with two `Host` headers, and an HTTP/1.1 request
+/// without one, are answered `400` (RFC 9112 section 3.2). None reaches
+/// the backend, and each connection is closed. (An HTTP/1.0 request
+/// without `Host` is served: `http_1_0_request_is_served_and_closed`.)
+#[test]
+fn connect_is_405_and_a_missing_or_repeated_host_is_400() {
+    let dir = tempdir();
+    let backend = HttpBackend::echo("A");
+    let daemon = start_ready(dir.path(), &one(dir.path(), &[backend.address()], ""));
+    let endpoint = daemon.listen_addr("p");
+    let cases: [(&[u8], u16); 4] = [
+        (
+            b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+            405,
+        ),
+        (
+            b"GET /two HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+            400,
+        ),
+        (b"GET /none HTTP/1.1\r\nUser-Agent: t\r\n\r\n", 400),
+        (b"GET http://a.example/absolute HTTP/1.1\r\n\r\n", 400),
+    ];
+    for (request, status) in cases {
+        let what = String::from_utf8_lossy(request)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let mut client = Client::connect(&endpoint);
+        client.wire.write_all(request).unwrap();
+        let method = what.split(' ').next().unwrap_or("GET").to_string();
+        let got = expect_status(client.read_response(&method), status, &what);
+        assert!(got.closes(), "{what}: {}", got.describe());
+        if status == 405 {
+            let allow = got
+                .header("Allow")
+                .unwrap_or_else(|| panic!("{what}: no Allow: {}", got.describe()));
+            assert!(
+                allow.contains("GET") && !allow.contains("CONNECT"),
+                "Allow: {allow}"
+            );
+        }
+        if let Err(e) = client.expect_closed(WAIT) {
+            panic!("after the answer to {what}: {e}");
+        }
+    }
+    assert_eq!(
+        backend.heads(),
+        0,
+        "refused requests reached the backend: {:?}",
+        backend.targets()
+    );
+    assert_eq!(Client::connect(&endpoint).get_ok("/ok").text(), "");
+}
+
+/// `Upgrade: h2c` is not passed on: the backend gets a plain HTTP/1.1
+/// request (no `Upgrade`, no `HTTP2-Settings`, no `Connection: upgrade`)
+/// and the client its answer, on a connection that carries on; a
+/// WebSocket upgrade on it still switches.
+#[test]
+fn an_h2c_upgrade_is_stripped_and_websocket_still_upgrades() {
+    let dir = tempdir();
+    let backend = HttpBackend::tcp("A", |request| {
+        if request.header("Upgrade").is_some() || request.headers.has_token("Connection", "upgrade") {
+            Reply::Upgrade {
+                greeting: b"switched\n".to_vec(),
+            }
+        } else {
+            Reply::ok("plain")
+        }
+    });
+    let daemon = start_ready(dir.path(), &one(dir.path(), &[backend.address()], ""));
+    let mut client = Client::connect(&daemon.listen_addr("p"));
+    let got = client.request(
+        "GET",
+        "/h2c",
+        &[
+            ("Connection", "Upgrade, HTTP2-Settings"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+        ],
+        None,
+    );
+    assert_eq!(expect_status(got, 200, "an h2c upgrade").text(), "plain");
+    let seen = backend.request("/h2c");
+    for field in ["Upgrade", "HTTP2-Settings"] {
+        assert!(
+            !seen.headers.has(field),
+            "{field} reached the backend: {:?}",
+            seen.headers
+        );
+    }
+    assert!(
+        !seen.headers.has_token("Connection", "upgrade"),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(client.get_ok("/next").text(), "plain");
+
+    client
+        .send(
+            "GET",
+            "/ws",
+            &[("Connection", "Upgrade"), ("Upgrade", "websocket")],
+            None,
+        )
+        .unwrap();
+    let (head, _) = client
+        .read_head("GET")
+        .unwrap_or_else(|e| panic!("the upgrade: {e}"));
+    assert_eq!(head.status, 101, "{}", head.describe());
+    assert_eq!(
+        client.wire.read_exact_vec(9).expect("the greeting"),
+        b"switched\n"
+    );
+    client.wire.write_all(b"ping").unwrap();
+    assert_eq!(client.wire.read_exact_vec(4).expect("an echo"), b"ping");
+}

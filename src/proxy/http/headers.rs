@@ -15,6 +15,8 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// RFC 9113 section 3.2.1 (h2c): connection-specific, never forwarded.
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// The fields that always stay on their hop (`Upgrade` is handled apart:
 /// it passes with a protocol switch).
@@ -33,10 +35,23 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade`
-/// with an `Upgrade` header): then both stay, and after a 101 the
-/// connection becomes a byte stream.
+/// with an `Upgrade` header naming a protocol other than `h2c`): then both
+/// stay, and after a 101 the connection becomes a byte stream. An upgrade
+/// to HTTP/2 in clear text is not passed on (the backend would switch the
+/// connection to a protocol this proxy does not speak): the request goes
+/// on as plain HTTP/1.1, without its `Upgrade` and `HTTP2-Settings`.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    headers.contains_key(UPGRADE)
+        && upgrade_protocols(headers).any(|protocol| !is_h2c(protocol))
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn upgrade_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    comma_list(headers, &UPGRADE)
+}
+
+fn is_h2c(protocol: &str) -> bool {
+    protocol.eq_ignore_ascii_case("h2c")
 }
 
 /// What a connection's requests tell their backend about the client,
@@ -90,6 +105,7 @@ pub fn write_to_backend(
                 !token.eq_ignore_ascii_case("upgrade") && token.eq_ignore_ascii_case(name.as_str())
             })
     };
+    let mut upgrade_written = false;
     for (name, value) in headers {
         let left_out = is_hop_by_hop(name)
             || *name == X_FORWARDED_FOR
@@ -97,11 +113,23 @@ pub fn write_to_backend(
             || *name == X_FORWARDED_PROTO
             || *name == EXPECT
             || (*name == UPGRADE && !upgrade)
+            || *name == HTTP2_SETTINGS
             || (*name == CONTENT_LENGTH && chunked)
             || named(name);
-        if !left_out {
-            write_field(out, name.as_str(), &[value.as_bytes()]);
+        if left_out {
+            continue;
         }
+        if *name == UPGRADE && upgrade_protocols(headers).any(is_h2c) {
+            // An upgrade offering h2c among others: the others go on, in
+            // one line for all of the field's lines.
+            if !upgrade_written {
+                let others: Vec<&str> = upgrade_protocols(headers).filter(|p| !is_h2c(p)).collect();
+                write_field(out, name.as_str(), &[others.join(", ").as_bytes()]);
+                upgrade_written = true;
+            }
+            continue;
+        }
+        write_field(out, name.as_str(), &[value.as_bytes()]);
     }
     if upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -168,8 +196,13 @@ fn list_field<'a>(out: &mut Vec<u8>, name: &str, earlier: impl Iterator<Item = &
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    comma_list(headers, &CONNECTION)
+}
+
+/// The items of a list field, over all its lines.
+fn comma_list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
     headers
-        .get_all(CONNECTION)
+        .get_all(name)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
@@ -236,6 +269,27 @@ mod tests {
         let map = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
         assert!(wants_upgrade(&map));
         let lines = written(&map, &local(), true, false);
+        assert_eq!(lines[..2], ["upgrade: websocket", "connection: upgrade"]);
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_left_out() {
+        let h2c = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert!(!wants_upgrade(&h2c));
+        let lines = written(&h2c, &local(), false, false);
+        assert!(
+            lines
+                .iter()
+                .all(|l| !l.starts_with("upgrade") && !l.starts_with("http2-settings")),
+            "{lines:?}"
+        );
+        let mixed = headers(&[("connection", "upgrade"), ("upgrade", "H2C, websocket")]);
+        assert!(wants_upgrade(&mixed));
+        let lines = written(&mixed, &local(), true, false);
         assert_eq!(lines[..2], ["upgrade: websocket", "connection: upgrade"]);
     }
 

@@ -10,6 +10,7 @@
 //! seen on a duplicate of its socket's descriptor and never forwarded.
 
 mod body;
+mod head;
 mod headers;
 mod route;
 mod upstream;
@@ -22,12 +23,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use body::RequestBody;
@@ -95,32 +96,43 @@ pub async fn serve_connection(
         permits: Arc::new(permits),
     });
     let service = service_fn(move |request| handle(connection.clone(), request));
+    let (client, mut reclaimed) = head::Reclaimable::new(client);
     let mut builder = http1::Builder::new();
-    if let Some(idle) = settings.idle_timeout {
-        // Also closes keep-alive connections idle for that long.
-        builder.timer(TokioTimer::new()).header_read_timeout(idle);
-    }
-    let serving = builder
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades();
-    tokio::pin!(serving);
-    let mut killed = PollWhenWoken::new(site.kill.cancelled());
-    let result = tokio::select! {
-        biased;
-        () = &mut killed => return,
-        result = serving.as_mut() => result,
-        () = PollWhenWoken::new(site.closing.cancelled()) => {
-            // Answer the request in flight with `Connection: close`, or
-            // close now if idle.
-            serving.as_mut().graceful_shutdown();
-            tokio::select! {
-                () = killed => return,
-                result = serving => result,
+    head::limit(&mut builder, settings.request_timeout);
+    // In a block of its own so that hyper's connection (and the client
+    // stream lent to it) is dropped when it ends.
+    let result = async {
+        let serving = builder
+            .serve_connection(TokioIo::new(client), service)
+            .with_upgrades();
+        tokio::pin!(serving);
+        let mut killed = PollWhenWoken::new(site.kill.cancelled());
+        tokio::select! {
+            biased;
+            () = &mut killed => None,
+            result = serving.as_mut() => Some(result),
+            () = PollWhenWoken::new(site.closing.cancelled()) => {
+                // Answer the request in flight with `Connection: close`, or
+                // close now if idle.
+                serving.as_mut().graceful_shutdown();
+                tokio::select! {
+                    () = killed => None,
+                    result = serving => Some(result),
+                }
             }
         }
-    };
-    if let Err(e) = result {
-        debug!(peer = %log_peer, error = %e, "http connection ended with an error");
+    }
+    .await;
+    match result {
+        Some(Err(e)) if e.is_timeout() => match reclaimed.try_recv() {
+            Ok(returned) if !returned.between_requests => {
+                debug!(peer = %log_peer, "no complete request head within request_timeout");
+                head::answer_timeout(returned.io).await;
+            }
+            _ => debug!(peer = %log_peer, "keep-alive connection idle for request_timeout"),
+        },
+        Some(Err(e)) => debug!(peer = %log_peer, error = %e, "http connection ended with an error"),
+        Some(Ok(())) | None => {}
     }
 }
 
@@ -128,6 +140,9 @@ async fn handle(
     connection: Arc<ClientConnection>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    if let Some(refused) = refuse(&request) {
+        return Ok(refused);
+    }
     let proxy = match &*connection.site.routes.borrow() {
         Routes::Http(hosts) => hosts.route(route::request_host(&request)).cloned(),
         // The listener turned mode tcp under this connection.
@@ -141,6 +156,41 @@ async fn handle(
     proxy.stats.count_response(response.status().as_u16());
     Ok(response)
 }
+
+/// The answer to a request no backend should see, if it is one: a
+/// `CONNECT` (this is a reverse proxy, not a tunnel) and a request whose
+/// `Host` is missing (HTTP/1.1) or repeated, which RFC 9112 section 3.2
+/// says to answer 400: routing by one `Host` while the backend reads
+/// another is how requests get smuggled past a virtual host.
+fn refuse(request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    if request.method() == Method::CONNECT {
+        let mut response = local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        let headers = response.headers_mut();
+        headers.insert(ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        return Some(response);
+    }
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let why = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => "more than one Host header\n",
+        (None, _) if request.version() == hyper::Version::HTTP_11 => "no Host header\n",
+        _ => return None,
+    };
+    Some(bad_request(why))
+}
+
+/// 400, closing the connection: what follows a bad request on it cannot
+/// be trusted to start where it seems to.
+fn bad_request(why: &'static str) -> Response<ResponseBody> {
+    let mut response = local(StatusCode::BAD_REQUEST, why);
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// What a `405` to `CONNECT` says is allowed: every standard method but it.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
 /// One request through the proxy's gate, then to a backend.
 async fn exchange(
@@ -313,6 +363,10 @@ async fn forward(
                     if fresh {
                         break;
                     }
+                }
+                Err(upstream::Failure::Client(e)) => {
+                    debug!(proxy = %proxy.name, peer = %connection.peer, error = %e, "the request's body could not be read");
+                    return bad_request("malformed request body\n");
                 }
                 Err(upstream::Failure::NoResponse(e) | upstream::Failure::Broken(e)) => {
                     debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "request failed at the backend");

@@ -133,9 +133,11 @@ pub enum Failure {
     /// The backend closed or reset the connection without answering a
     /// byte: a request safe to repeat may go down another connection.
     NoResponse(io::Error),
-    /// The client's body failed, the backend's answer was not HTTP, or the
-    /// backend was killed.
+    /// The backend's answer was not HTTP, or the backend was killed.
     Broken(io::Error),
+    /// The client's body could not be read: malformed (a bad chunk) or cut
+    /// short. The client's fault, not the backend's.
+    Client(io::Error),
 }
 
 /// One keep-alive connection to a backend.
@@ -230,7 +232,7 @@ impl BackendConnection {
         if !sending.finished {
             match sending.poll_write(&mut self.stream, head, cx) {
                 Poll::Ready(Ok(())) => sending.finished = true,
-                Poll::Ready(Err(SendError::Client(e))) => return Poll::Ready(Err(Failure::Broken(e))),
+                Poll::Ready(Err(SendError::Client(e))) => return Poll::Ready(Err(Failure::Client(e))),
                 // The backend may have answered before it stopped reading.
                 Poll::Ready(Err(SendError::Backend(e))) => {
                     tracing::debug!(error = %e, "the backend stopped taking the request");

@@ -1128,3 +1128,185 @@ impl Client {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------------------
+// Crowds of hostile clients
+
+/// Many non-blocking client connections driven from one thread: each sends
+/// a shared payload as its socket takes it (or drips it a byte at a time)
+/// and keeps what comes back, until the peer closes.
+pub struct Crowd {
+    pub members: Vec<Member>,
+}
+
+pub struct Member {
+    stream: std::net::TcpStream,
+    /// How much of the payload went out.
+    pub sent: usize,
+    pub received: Vec<u8>,
+    pub opened: Instant,
+    /// When the peer closed (EOF or reset).
+    pub closed: Option<Instant>,
+}
+
+impl Crowd {
+    /// `n` connections to `endpoint` (a TCP one).
+    pub fn connect(endpoint: &Endpoint, n: usize) -> Crowd {
+        let Endpoint::Tcp(addr) = endpoint else {
+            panic!("a crowd connects over TCP, not to {}", endpoint.config());
+        };
+        let members = (0..n)
+            .map(|i| {
+                let stream = std::net::TcpStream::connect_timeout(addr, WAIT)
+                    .unwrap_or_else(|e| panic!("crowd connection {i} to {addr}: {e}"));
+                stream.set_nonblocking(true).expect("non-blocking");
+                Member {
+                    stream,
+                    sent: 0,
+                    received: Vec::new(),
+                    opened: Instant::now(),
+                    closed: None,
+                }
+            })
+            .collect();
+        Crowd { members }
+    }
+
+    /// One round: each open member sends what its socket takes of
+    /// `payload` (at most `step` bytes more, all if `None`), and reads what
+    /// arrived. Whether any byte moved.
+    pub fn pump(&mut self, payload: &[u8], step: Option<usize>) -> bool {
+        let mut moved = false;
+        let mut buf = [0u8; 16 * 1024];
+        for member in &mut self.members {
+            if member.closed.is_some() {
+                continue;
+            }
+            loop {
+                match member.stream.read(&mut buf) {
+                    Ok(0) => {
+                        member.closed = Some(Instant::now());
+                        break;
+                    }
+                    Ok(n) => {
+                        member.received.extend_from_slice(&buf[..n]);
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        member.closed = Some(Instant::now());
+                        break;
+                    }
+                }
+            }
+            // A member that got an answer sends no more.
+            if member.closed.is_some() || !member.received.is_empty() {
+                continue;
+            }
+            let end = step.map_or(payload.len(), |step| (member.sent + step).min(payload.len()));
+            while member.sent < end {
+                match member.stream.write(&payload[member.sent..end]) {
+                    Ok(n) => {
+                        member.sent += n;
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // Full, or closed under it (the read above sees which).
+                    Err(_) => break,
+                }
+            }
+        }
+        moved
+    }
+
+    /// Pumps every `interval` until `done` or `timeout`; whether `done`.
+    pub fn run_until(
+        &mut self,
+        payload: &[u8],
+        step: Option<usize>,
+        interval: Duration,
+        timeout: Duration,
+        done: impl Fn(&Crowd) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.pump(payload, step);
+            if done(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(interval);
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.members.iter().filter(|m| m.closed.is_none()).count()
+    }
+
+    /// Members whose answer starts with `start` and who were then closed.
+    pub fn answered(&self, start: &str) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.closed.is_some() && m.received.starts_with(start.as_bytes()))
+            .count()
+    }
+
+    /// What the first member not answered `start` (and closed) got, for
+    /// failure messages.
+    pub fn odd_one(&self, start: &str) -> String {
+        self.members
+            .iter()
+            .enumerate()
+            .find(|(_, m)| !(m.closed.is_some() && m.received.starts_with(start.as_bytes())))
+            .map_or("none".into(), |(i, m)| {
+                let got = &m.received[..m.received.len().min(200)];
+                format!(
+                    "member {i}: sent {} bytes, closed: {}, got {:?}",
+                    m.sent,
+                    m.closed.is_some(),
+                    String::from_utf8_lossy(got)
+                )
+            })
+    }
+}
+
+/// A process's resident memory (`VmRSS` in /proc), in MiB.
+pub fn rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Raises this process's soft open-files limit towards `want` (as far as
+/// the hard limit allows); the limit now in force. Children (the daemon)
+/// inherit it.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < want {
+            let raised = libc::rlimit {
+                rlim_cur: want.min(limit.rlim_max),
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
