@@ -287,6 +287,13 @@ fn check_bounds(config: &Config, issues: &mut Issues) {
             proxy.connect_timeout,
             MAX_SHORT_DURATION,
         );
+        if let Some(request_timeout) = proxy.request_timeout {
+            at_most(
+                format!("{at}.request_timeout"),
+                request_timeout,
+                MAX_SHORT_DURATION,
+            );
+        }
         at_most(
             format!("{at}.idle_timeout"),
             proxy.idle_timeout,

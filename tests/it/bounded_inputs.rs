@@ -498,7 +498,7 @@ fn blank_tokens_and_endless_durations_are_located_errors() {
     let yaml = format!(
         "{}{}",
         preamble_with_control(dir.path(), "1s", "tcp://127.0.0.1:0", Some("\"   \"")),
-        "proxies:\n  - name: p\n    listen: tcp://127.0.0.1:0\n    connect_timeout: 99999999999h\n    backends: [tcp://127.0.0.1:9]\n"
+        "proxies:\n  - name: p\n    listen: tcp://127.0.0.1:0\n    connect_timeout: 99999999999h\n    backends: [tcp://127.0.0.1:9]\n  - name: h\n    mode: http\n    listen: tcp://127.0.0.1:0\n    request_timeout: 2h\n    backends: [tcp://127.0.0.1:9]\n"
     );
     let config = write_config(dir.path(), &yaml);
     let out = cli(&config, &["check"]);
@@ -520,6 +520,13 @@ fn blank_tokens_and_endless_durations_are_located_errors() {
     assert!(
         out.stderr.contains("longer than the maximum of 1h"),
         "{}",
+        out.describe()
+    );
+    let (line, column) = position_of(&yaml, "2h", 0);
+    let expected = format!("{}:{line}:{column}: proxies[1].request_timeout", config.display());
+    assert!(
+        out.stderr.contains(&expected),
+        "want {expected}: {}",
         out.describe()
     );
 }
