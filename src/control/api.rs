@@ -15,7 +15,7 @@ use super::{Access, DEFAULT_DEPLOY_TIMEOUT, MAX_DEPLOY_TIMEOUT};
 use crate::config::{BackendConfig, Dur, backend_list_problems};
 use crate::daemon::commands::{Command, DeployError, PauseReport, UnknownProxy};
 use crate::daemon::state::Persisted;
-use crate::daemon::{Shared, Snapshot};
+use crate::daemon::{RunningView, Shared};
 
 type Reply = Response<Full<Bytes>>;
 
@@ -37,7 +37,7 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
     let query = Query::parse(request.uri().query().unwrap_or(""));
     let method = request.method().clone();
     let path = request.uri().path().trim_end_matches('/').to_string();
-    let snapshot = shared.snapshot.borrow().clone();
+    let snapshot = shared.view.borrow().clone();
     let proxies = query.all("proxy");
     if let Some(unknown) = proxies
         .iter()
@@ -84,7 +84,7 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
         },
         (&Method::POST, "/reload") => match ask(shared, |reply| Command::Reload { reply }).await {
             Ok(Ok(generation)) => ok_json(StatusCode::OK, &json!({ "generation": generation })),
-            Ok(Err(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+            Ok(Err(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why.to_string()),
             Err(reply) => reply,
         },
         (&Method::GET, "/metrics") => {
@@ -252,7 +252,7 @@ async fn ask<T>(shared: &Shared, command: impl FnOnce(oneshot::Sender<T>) -> Com
 
 /// 204 once no forwarded connection is open on the selected proxies (held
 /// ones do not count); 408 when `timeout` passes first.
-async fn wait_idle(snapshot: &Arc<Snapshot>, names: &[String], timeout: Option<Duration>) -> Reply {
+async fn wait_idle(snapshot: &Arc<RunningView>, names: &[String], timeout: Option<Duration>) -> Reply {
     let selected = select(snapshot, names);
     let all_idle = async {
         // Waiting on each in turn, then checking all again, ends only at a
@@ -293,7 +293,7 @@ async fn wait_idle(snapshot: &Arc<Snapshot>, names: &[String], timeout: Option<D
     }
 }
 
-fn select<'a>(snapshot: &'a Snapshot, names: &[String]) -> Vec<&'a crate::daemon::ProxyEntry> {
+fn select<'a>(snapshot: &'a RunningView, names: &[String]) -> Vec<&'a crate::daemon::ProxyEntry> {
     snapshot
         .proxies
         .iter()

@@ -5,11 +5,11 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::config::Mode;
-use crate::daemon::{Shared, Snapshot};
+use crate::daemon::{RunningView, Shared};
 use crate::proxy::RESPONSE_CLASSES;
 use crate::telemetry::syslog;
 
-pub fn render(shared: &Shared, snapshot: &Snapshot) -> String {
+pub fn render(shared: &Shared, snapshot: &RunningView) -> String {
     let mut out = String::with_capacity(4096);
     let proxies: Vec<_> = snapshot.proxies.iter().map(|e| &e.proxy).collect();
     let per_proxy = |out: &mut String,
@@ -219,7 +219,7 @@ pub fn render(shared: &Shared, snapshot: &Snapshot) -> String {
 }
 
 /// Client connections open on `proxy`'s listening socket.
-fn connections(snapshot: &Snapshot, proxy: &crate::proxy::Proxy) -> u64 {
+fn connections(snapshot: &RunningView, proxy: &crate::proxy::Proxy) -> u64 {
     snapshot
         .proxies
         .iter()

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backends::Role;
 use crate::config::Mode;
-use crate::daemon::{ProxyEntry, Shared, Snapshot};
+use crate::daemon::{ProxyEntry, RunningView, Shared};
 use crate::proxy::RESPONSE_CLASSES;
 use crate::proxy::limit::DaemonLimit;
 
@@ -103,7 +103,7 @@ pub struct BackendStatus {
     pub last_check: Option<String>,
 }
 
-pub fn build(shared: &Shared, snapshot: &Snapshot, only: Option<&str>) -> StatusDoc {
+pub fn build(shared: &Shared, snapshot: &RunningView, only: Option<&str>) -> StatusDoc {
     StatusDoc {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),

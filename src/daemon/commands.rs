@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+pub use super::reload::ReloadError;
 use super::state::Persisted;
 use crate::config::BackendConfig;
 
@@ -12,7 +13,7 @@ use crate::config::BackendConfig;
 /// change reached the state file (it is applied either way).
 pub type PauseReply = oneshot::Sender<Result<(Vec<PauseReport>, Persisted), UnknownProxy>>;
 /// The answer to a reload: the new generation, or why it was rejected.
-pub type ReloadReply = oneshot::Sender<Result<u64, String>>;
+pub type ReloadReply = oneshot::Sender<Result<u64, ReloadError>>;
 
 /// A reload asked for while another was being prepared.
 pub struct PendingReload {
@@ -44,7 +45,7 @@ pub enum Command {
     /// Sent by a reload's reading task with what it found (`Err`: it did
     /// not finish in time): the loop applies it and answers `waiting`.
     ReloadPrepared {
-        input: Result<super::reload::ReloadInput, String>,
+        input: Result<super::reload::ReloadInput, ReloadError>,
         waiting: Vec<PendingReload>,
     },
     /// Replace a proxy's backends: add the new ones, wait until healthy,

@@ -53,7 +53,7 @@ impl Daemon {
         timeout: Duration,
         reply: DeployReply,
     ) {
-        let Some(running) = self.proxies.iter_mut().find(|r| *r.proxy.name == name) else {
+        let Some(running) = self.running.find_mut(&name) else {
             let _ = reply.send(Err(DeployError::UnknownProxy(name)));
             return;
         };
@@ -77,7 +77,7 @@ impl Daemon {
             humantime::format_duration(timeout)
         );
         let commands = self.command_sender.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut reply = reply;
             let ended = tokio::select! {
                 outcome = proxy.wait_healthy(&added, timeout) => Ended::Waited(outcome),
@@ -115,7 +115,7 @@ impl Daemon {
         outcome: Result<(), DeployError>,
         reply: DeployReply,
     ) {
-        let running = self.proxies.iter_mut().find(|r| *r.proxy.name == name);
+        let running = self.running.find_mut(&name);
         let Some(running) = running.filter(|r| r.deploying.as_ref().is_some_and(|d| d.id == id)) else {
             // Superseded while this report was on its way: already rolled back.
             let why = "a reload or a later deploy took over".to_string();

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::RunningProxy;
 use super::reconcile::ListenKey;
+use super::registry::RunningProxy;
 use crate::config::{Address, Mode};
 use crate::drain::drain_within;
 use crate::proxy::http::VirtualHosts;
@@ -124,7 +124,7 @@ impl RunningListener {
 /// validation has them all set one or none). `None` when no proxy listens
 /// there.
 pub(super) fn routes_for(key: &ListenKey, proxies: &[RunningProxy]) -> Option<(Routes, usize)> {
-    let here = proxies.iter().filter(|r| &ListenKey::of(&r.config) == key);
+    let here = proxies.iter().filter(|r| &r.key == key);
     let limits: Vec<usize> = here.map(|r| r.config.max_connections as usize).collect();
     let max = if limits.contains(&0) {
         0
@@ -135,10 +135,7 @@ pub(super) fn routes_for(key: &ListenKey, proxies: &[RunningProxy]) -> Option<(R
 }
 
 fn routes_of(key: &ListenKey, proxies: &[RunningProxy]) -> Option<Routes> {
-    let mut here = proxies
-        .iter()
-        .filter(|r| &ListenKey::of(&r.config) == key)
-        .peekable();
+    let mut here = proxies.iter().filter(|r| &r.key == key).peekable();
     let first = here.peek()?;
     if first.config.mode == Mode::Tcp {
         return Some(Routes::Tcp(first.proxy.clone()));

@@ -15,6 +15,7 @@ use crate::config::{Address, ProxyConfig};
 pub struct Running<'a> {
     pub name: &'a str,
     pub config: &'a ProxyConfig,
+    pub key: &'a ListenKey,
 }
 
 /// Identifies a listening socket across reloads: its address, except that
@@ -46,7 +47,7 @@ impl ListenKey {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Plan {
     /// One step per desired proxy, in config order.
     pub steps: Vec<Step>,
@@ -58,13 +59,22 @@ pub struct Plan {
     pub close: Vec<ListenKey>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// One desired proxy and what to do for it; it carries its config entry
+/// and listen key, so applying it needs nothing else from the file.
+#[derive(Debug)]
 pub struct Step {
-    pub name: String,
     pub action: Action,
+    pub wanted: ProxyConfig,
+    pub key: ListenKey,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+impl Step {
+    pub fn name(&self) -> &str {
+        &self.wanted.name
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Same name, same config: nothing to do.
     Unchanged,
@@ -83,7 +93,7 @@ impl Plan {
             self.steps
                 .iter()
                 .filter(|s| pick(&s.action))
-                .map(|s| s.name.as_str())
+                .map(Step::name)
                 .collect()
         };
         let parts = [
@@ -105,30 +115,29 @@ impl Plan {
     }
 }
 
-pub fn plan(desired: &[ProxyConfig], running: &[Running<'_>]) -> Plan {
+/// The plan from what runs to `desired` (in config order).
+pub fn plan(desired: Vec<ProxyConfig>, running: &[Running<'_>]) -> Plan {
     let by_name = |name: &str| running.iter().find(|r| r.name == name);
-    let steps = desired
-        .iter()
-        .map(|wanted| {
-            let action = match by_name(&wanted.name) {
-                Some(current) if current.config == wanted => Action::Unchanged,
-                Some(current) if ListenKey::of(current.config) == ListenKey::of(wanted) => Action::Update,
-                Some(_) => Action::Move,
-                None => Action::Add,
-            };
-            Step {
-                name: wanted.name.clone(),
-                action,
-            }
-        })
-        .collect();
     let remove = running
         .iter()
         .filter(|r| !desired.iter().any(|d| d.name == r.name))
         .map(|r| r.name.to_string())
         .collect();
-    let wanted_keys = unique(desired.iter().map(ListenKey::of));
-    let running_keys = unique(running.iter().map(|r| ListenKey::of(r.config)));
+    let steps: Vec<Step> = desired
+        .into_iter()
+        .map(|wanted| {
+            let key = ListenKey::of(&wanted);
+            let action = match by_name(&wanted.name) {
+                Some(current) if *current.config == wanted => Action::Unchanged,
+                Some(current) if *current.key == key => Action::Update,
+                Some(_) => Action::Move,
+                None => Action::Add,
+            };
+            Step { action, wanted, key }
+        })
+        .collect();
+    let wanted_keys = unique(steps.iter().map(|s| s.key.clone()));
+    let running_keys = unique(running.iter().map(|r| r.key.clone()));
     Plan {
         steps,
         remove,
@@ -167,21 +176,29 @@ mod tests {
 
     fn plan_between(before: &str, after: &str) -> Plan {
         let before = proxies(before);
+        let keys: Vec<ListenKey> = before.iter().map(ListenKey::of).collect();
         let running: Vec<Running> = before
             .iter()
-            .map(|config| Running {
+            .zip(&keys)
+            .map(|(config, key)| Running {
                 name: &config.name,
                 config,
+                key,
             })
             .collect();
-        plan(&proxies(after), &running)
+        plan(proxies(after), &running)
     }
 
-    fn step(name: &str, action: Action) -> Step {
-        Step {
-            name: name.into(),
-            action,
-        }
+    fn step(name: &str, action: Action) -> (String, Action) {
+        (name.into(), action)
+    }
+
+    /// Each step's proxy and action, to compare with `step`s.
+    fn actions(plan: &Plan) -> Vec<(String, Action)> {
+        plan.steps
+            .iter()
+            .map(|s| (s.name().to_string(), s.action))
+            .collect()
     }
 
     fn key(address: &str) -> ListenKey {
@@ -210,7 +227,7 @@ proxies:
         );
         let plan = plan_between(BASE, &after);
         assert_eq!(
-            plan.steps,
+            actions(&plan),
             [step("web", Action::Unchanged), step("db", Action::Update)]
         );
         assert!(plan.bind.is_empty() && plan.close.is_empty());
@@ -225,7 +242,7 @@ proxies:
         );
         let plan = plan_between(BASE, &after);
         assert_eq!(
-            plan.steps,
+            actions(&plan),
             [step("web", Action::Unchanged), step("cache", Action::Add)]
         );
         assert_eq!(plan.remove, ["db"]);
@@ -238,7 +255,7 @@ proxies:
     fn renamed_on_the_same_address_keeps_the_socket() {
         let after = BASE.replace("name: db", "name: database");
         let plan = plan_between(BASE, &after);
-        assert_eq!(plan.steps[1], step("database", Action::Add));
+        assert_eq!(actions(&plan)[1], step("database", Action::Add));
         assert_eq!(plan.remove, ["db"]);
         assert!(plan.bind.is_empty() && plan.close.is_empty());
     }
@@ -247,7 +264,7 @@ proxies:
     fn moved_address_binds_the_new_and_closes_the_old() {
         let after = BASE.replace("127.0.0.1:2", "127.0.0.1:4");
         let plan = plan_between(BASE, &after);
-        assert_eq!(plan.steps[1], step("db", Action::Move));
+        assert_eq!(actions(&plan)[1], step("db", Action::Move));
         assert!(plan.remove.is_empty());
         assert_eq!(plan.bind, [key("127.0.0.1:4")]);
         assert_eq!(plan.close, [key("127.0.0.1:2")]);
@@ -261,7 +278,10 @@ proxies:
   - {name: db, listen: '127.0.0.1:1', backends: ['127.0.0.1:9']}
 ";
         let plan = plan_between(BASE, after);
-        assert_eq!(plan.steps, [step("web", Action::Move), step("db", Action::Move)]);
+        assert_eq!(
+            actions(&plan),
+            [step("web", Action::Move), step("db", Action::Move)]
+        );
         assert!(plan.bind.is_empty() && plan.close.is_empty());
     }
 
@@ -275,7 +295,7 @@ proxies:
             "{one}  - {{name: b, mode: http, listen: '127.0.0.1:1', hosts: [b.example], backends: ['127.0.0.1:9']}}\n"
         );
         let joined = plan_between(one, &two);
-        assert_eq!(joined.steps[1], step("b", Action::Add));
+        assert_eq!(actions(&joined)[1], step("b", Action::Add));
         assert!(joined.bind.is_empty() && joined.close.is_empty());
         let left = plan_between(&two, one);
         assert_eq!(left.remove, ["b"]);

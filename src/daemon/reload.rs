@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,8 +21,9 @@ use tracing::{error, info, warn};
 use super::commands::{Command, PendingReload, ReloadReply};
 use super::deploy::{effective_backends, supersede};
 use super::listeners::{self, RunningListener};
-use super::reconcile::{self, Action, ListenKey, Running};
-use super::{Daemon, ReloadRecord, RunningProxy};
+use super::reconcile::{self, Action, Running};
+use super::registry::RunningProxy;
+use super::{Daemon, ReloadRecord};
 use crate::config::files::{READ_DEADLINE, with_deadline};
 use crate::config::{self, Config, Loaded};
 use crate::drain::{Drained, drain_within};
@@ -57,17 +58,43 @@ pub fn debounce(pending: Option<(Instant, Instant)>) -> (Instant, Instant) {
     (first, (now + SETTLE).min(first + SETTLE_AT_MOST))
 }
 
+/// Why a reload changed nothing (the running config stays). `Display` is
+/// what the log, `/status`, the API's 422 and `interlude reload` say.
+#[derive(Debug, Clone)]
+pub enum ReloadError {
+    /// The config file cannot be read, or not within the deadline.
+    Unreadable(String),
+    /// The file is invalid: every problem, located.
+    Config(String),
+    /// The log output it asks for cannot be opened.
+    Log { config: PathBuf, error: String },
+    /// A new listening socket cannot be bound.
+    Bind { proxies: Vec<String>, error: String },
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Unreadable(why) | ReloadError::Config(why) => f.write_str(why),
+            ReloadError::Log { config, error } => write!(f, "{}: {error}", config.display()),
+            ReloadError::Bind { proxies, error } => write!(f, "proxy {:?}: {error}", proxies.join(", ")),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
 /// What the off-loop half of a reload found.
 pub enum ReloadInput {
     /// Only file events asked, and the text is the one last read.
     Unchanged,
     /// The config file could not be read.
-    Unreadable(String),
+    Unreadable(ReloadError),
     /// The text (by its fingerprint) and, if valid, the config with its
     /// certificates and log output ready; else why not.
     Read {
         fingerprint: u64,
-        checked: Result<Box<(Loaded, Option<Prepared>)>, String>,
+        checked: Result<Box<(Loaded, Option<Prepared>)>, ReloadError>,
     },
 }
 
@@ -76,17 +103,20 @@ pub enum ReloadInput {
 fn prepare(path: &Path, log_now: &config::LogConfig, known: Option<u64>) -> ReloadInput {
     let text = match config::read(path) {
         Ok(text) => text,
-        Err(e) => return ReloadInput::Unreadable(e.to_string()),
+        Err(e) => return ReloadInput::Unreadable(ReloadError::Unreadable(e.to_string())),
     };
     let fingerprint = fingerprint(&text);
     if known == Some(fingerprint) {
         return ReloadInput::Unchanged;
     }
     let checked = config::parse(&text, path)
-        .map_err(|e| e.to_string())
+        .map_err(|e| ReloadError::Config(e.to_string()))
         .and_then(|loaded| {
-            let output = telemetry::prepare_change(log_now, &loaded.config.log)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let output =
+                telemetry::prepare_change(log_now, &loaded.config.log).map_err(|e| ReloadError::Log {
+                    config: path.to_path_buf(),
+                    error: e.to_string(),
+                })?;
             Ok(Box::new((loaded, output)))
         });
     ReloadInput::Read { fingerprint, checked }
@@ -129,11 +159,12 @@ impl Daemon {
         let path = self.config_path.clone();
         let log_now = self.logging.current().clone();
         let commands = self.command_sender.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let input = with_deadline("reading the config and its files", READ_DEADLINE, move || {
                 prepare(&path, &log_now, known)
             })
-            .await;
+            .await
+            .map_err(|e| ReloadError::Unreadable(e.to_string()));
             // If the daemon is stopping, the replies are dropped: the API answers 503.
             let _ = commands.send(Command::ReloadPrepared { input, waiting }).await;
         });
@@ -144,7 +175,7 @@ impl Daemon {
     /// starts the next one if more came meanwhile.
     pub(super) async fn reload_prepared(
         &mut self,
-        input: Result<ReloadInput, String>,
+        input: Result<ReloadInput, ReloadError>,
         waiting: Vec<PendingReload>,
     ) {
         self.reloads.running = false;
@@ -180,10 +211,10 @@ impl Daemon {
             };
             let record = ReloadRecord {
                 ok: result.is_ok(),
-                error: result.as_ref().err().cloned(),
+                error: result.as_ref().err().map(ToString::to_string),
                 at: SystemTime::now(),
             };
-            let generation = self.snapshot.borrow().generation + u64::from(result.is_ok());
+            let generation = self.view.borrow().generation + u64::from(result.is_ok());
             match &result {
                 Ok(summary) => info!(generation, trigger, "reload applied: {summary}"),
                 Err(why) => error!(trigger, "reload rejected, the running config stays:\n{why}"),
@@ -201,49 +232,57 @@ impl Daemon {
 
     /// Converges the running proxies to `loaded`; returns a summary of what
     /// changed. Fails, changing nothing, if a new socket cannot be bound.
-    async fn apply(&mut self, loaded: Loaded, log_output: Option<Prepared>) -> Result<String, String> {
-        let Loaded { config, tls } = loaded;
+    async fn apply(&mut self, loaded: Loaded, log_output: Option<Prepared>) -> Result<String, ReloadError> {
+        let Loaded { mut config, tls } = loaded;
         let running: Vec<Running> = self
+            .running
             .proxies
             .iter()
             .map(|r| Running {
                 name: &r.proxy.name,
                 config: &r.config,
+                key: &r.key,
             })
             .collect();
-        let plan = reconcile::plan(&config.proxies, &running);
+        let plan = reconcile::plan(std::mem::take(&mut config.proxies), &running);
 
         // Bind first: a failure here leaves everything as it was.
         let mut fresh = Vec::with_capacity(plan.bind.len());
         for key in &plan.bind {
-            let listener = Listener::bind(key.address()).await.map_err(|e| {
-                let names: Vec<&str> = config
-                    .proxies
-                    .iter()
-                    .filter(|p| &ListenKey::of(p) == key)
-                    .map(|p| p.name.as_str())
-                    .collect();
-                format!("proxy {:?}: {e}", names.join(", "))
-            })?;
+            let listener = Listener::bind(key.address())
+                .await
+                .map_err(|e| ReloadError::Bind {
+                    proxies: plan
+                        .steps
+                        .iter()
+                        .filter(|s| &s.key == key)
+                        .map(|s| s.name().to_string())
+                        .collect(),
+                    error: e.to_string(),
+                })?;
             fresh.push((key.clone(), listener));
         }
 
         // Commit: proxies first, then the routes of every socket (new ones
         // start accepting), then the sockets no proxy uses any more close.
+        let summary = plan.summary();
         let mut old: HashMap<String, RunningProxy> = self
+            .running
             .proxies
             .drain(..)
             .map(|r| (r.proxy.name.to_string(), r))
             .collect();
-        let mut next = Vec::with_capacity(config.proxies.len());
-        for (step, wanted) in plan.steps.iter().zip(&config.proxies) {
-            let current = old.remove(&step.name);
-            let running = match (&step.action, current) {
+        let mut next = Vec::with_capacity(plan.steps.len());
+        let mut addressed = Vec::new();
+        for step in plan.steps {
+            let wanted = &step.wanted;
+            let tls = tls.get(&wanted.name).cloned();
+            let running = match (step.action, old.remove(step.name())) {
                 // Certificates were read again with this config, also for
                 // proxies whose settings did not change: a renewed
                 // certificate file is a change.
                 (Action::Unchanged, Some(current)) if wanted.tls.is_none() => current,
-                (Action::Unchanged | Action::Update | Action::Move, Some(mut current)) => {
+                (_, Some(mut current)) => {
                     if current.config.backends != wanted.backends
                         && let Some(deploy) = current.deploying.take()
                     {
@@ -254,24 +293,21 @@ impl Daemon {
                         );
                     }
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
-                    self.update_proxy(&current.proxy, wanted, &backends, tls.get(&wanted.name).cloned());
-                    current.config = wanted.clone();
+                    self.update_proxy(&current.proxy, wanted, &backends, tls);
+                    current.reconfigure(wanted);
                     current
                 }
-                (Action::Add, _) => RunningProxy::start(
-                    wanted,
-                    None,
-                    tls.get(&wanted.name).cloned(),
-                    self.kill_all.child_token(),
-                    None,
-                ),
-                (_, None) => unreachable!("the plan keeps only proxies that run"),
+                (_, None) => RunningProxy::start(wanted, None, tls, self.kill_all.child_token(), None),
             };
+            if matches!(step.action, Action::Add | Action::Move) {
+                addressed.push(next.len());
+            }
             next.push(running);
         }
+        let listeners = &mut self.running.listeners;
         for (key, socket) in fresh {
             if let Some(routes) = listeners::routes_for(&key, &next) {
-                self.listeners.push(RunningListener::start(
+                listeners.push(RunningListener::start(
                     key,
                     socket,
                     routes,
@@ -281,23 +317,21 @@ impl Daemon {
                 ));
             }
         }
-        for listener in &self.listeners {
+        for listener in listeners.iter() {
             if let Some(routes) = listeners::routes_for(&listener.key, &next) {
                 listener.route(routes);
             }
         }
-        for (step, running) in plan.steps.iter().zip(&mut next) {
-            if matches!(step.action, Action::Add | Action::Move) {
-                running.take_address(&self.listeners);
-            }
+        for index in addressed {
+            next[index].take_address(listeners);
         }
         for key in &plan.close {
-            if let Some(index) = self.listeners.iter().position(|l| &l.key == key) {
-                let listener = self.listeners.remove(index);
+            if let Some(index) = listeners.iter().position(|l| &l.key == key) {
+                let listener = listeners.remove(index);
                 let drain = old
                     .values()
                     .chain(next.iter())
-                    .filter(|r| &ListenKey::of(&r.config) == key)
+                    .filter(|r| &r.key == key)
                     .map(|r| r.config.drain_timeout.0)
                     .max()
                     .unwrap_or_default();
@@ -309,12 +343,13 @@ impl Daemon {
                 self.retire(removed).await;
             }
         }
-        self.proxies = next;
+        config.proxies = next.iter().map(|r| r.config.clone()).collect();
+        self.running.proxies = next;
         self.apply_globals(&config, log_output);
         self.config = config;
         // A failure is logged by the writer; the reload itself applied.
         drop(self.persist());
-        Ok(plan.summary())
+        Ok(summary)
     }
 
     fn update_proxy(

@@ -24,6 +24,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info};
 
 use crate::config::files::{MAX_CONFIG_BYTES, read_limited};
@@ -339,9 +340,11 @@ pub struct StateWriter {
 impl StateWriter {
     /// `written` is what the file holds now (nothing is written until it
     /// changes); `keep_off` refuses every write (see `Loaded`).
-    pub fn start(dir: PathBuf, written: State, keep_off: Option<String>) -> StateWriter {
+    /// Starts the writer on `tasks`; it ends once this `StateWriter` is
+    /// dropped and what was queued is written.
+    pub fn start(tasks: &TaskTracker, dir: PathBuf, written: State, keep_off: Option<String>) -> StateWriter {
         let (latest, mut changes) = mpsc::unbounded_channel::<Save>();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut on_disk = Some(written);
             while let Some((mut state, waiter)) = changes.recv().await {
                 let mut waiters: Vec<_> = waiter.into_iter().collect();
