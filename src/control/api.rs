@@ -230,7 +230,7 @@ async fn ask_pause(
 async fn saved(persisted: Persisted, change: &str) -> Result<(), Reply> {
     let why = match persisted.await {
         Ok(Ok(())) => return Ok(()),
-        Ok(Err(why)) => why,
+        Ok(Err(why)) => why.to_string(),
         Err(_) => "the daemon is stopping".to_string(),
     };
     Err(error(

@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 pub use super::reload::ReloadError;
 use super::state::Persisted;
 use crate::config::BackendConfig;
+use crate::proxy::changes::NotHealthy;
 
 /// The answer to a pause or resume: each proxy's state, and whether the
 /// change reached the state file (it is applied either way).
@@ -76,7 +77,7 @@ pub enum DeployError {
     /// reload that changed (or removed) it, took over. Says which.
     Superseded(String),
     /// The new backends did not become healthy in time (rolled back).
-    NotHealthy(String),
+    NotHealthy(NotHealthy),
     /// Its requester disconnected before the end (rolled back).
     Abandoned,
 }

@@ -26,6 +26,7 @@ use super::commands::{Command, DeployError, DeployReply};
 use crate::backends::Backend;
 use crate::config::{BackendConfig, ProxyConfig};
 use crate::proxy::Proxy;
+use crate::proxy::changes::NotHealthy;
 
 /// Tells deploys apart, so a late report of a superseded one changes nothing.
 static NEXT_DEPLOY: AtomicU64 = AtomicU64::new(1);
@@ -40,7 +41,7 @@ pub(super) struct DeployInProgress {
 
 /// How a deploy's wait ended.
 enum Ended {
-    Waited(Result<(), String>),
+    Waited(Result<(), NotHealthy>),
     Superseded(String),
     Abandoned,
 }

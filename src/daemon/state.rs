@@ -327,10 +327,36 @@ fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
 
 /// Whether a saved state reached the disk: `Err` says why not. Dropped
 /// without an answer only if the daemon is stopping.
-pub type Persisted = oneshot::Receiver<Result<(), String>>;
+pub type Persisted = oneshot::Receiver<Result<(), NotSaved>>;
+
+/// Why runtime overrides did not reach the state file.
+#[derive(Debug, Clone)]
+pub enum NotSaved {
+    /// The file found at start was corrupt and could not be moved aside:
+    /// writes are refused so it is never overwritten. Says why.
+    KeptOff(String),
+    /// Writing failed.
+    Write { path: PathBuf, error: String },
+    /// The writer's blocking task failed.
+    Writer(String),
+}
+
+impl fmt::Display for NotSaved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotSaved::KeptOff(why) => f.write_str(why),
+            NotSaved::Write { path, error } => {
+                write!(f, "cannot write the state file {}: {error}", path.display())
+            }
+            NotSaved::Writer(why) => write!(f, "the state writer failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for NotSaved {}
 
 /// A state to write, and who waits to hear whether it was written.
-type Save = (State, Option<oneshot::Sender<Result<(), String>>>);
+type Save = (State, Option<oneshot::Sender<Result<(), NotSaved>>>);
 
 /// Hands states to the background writer; only the latest one is written.
 pub struct StateWriter {
@@ -357,7 +383,7 @@ impl StateWriter {
                 let result = if on_disk.as_ref() == Some(&state) {
                     Ok(())
                 } else if let Some(why) = &keep_off {
-                    Err(why.clone())
+                    Err(NotSaved::KeptOff(why.clone()))
                 } else {
                     let path = dir.join(FILE_NAME);
                     let target = dir.clone();
@@ -370,11 +396,14 @@ impl StateWriter {
                         }
                         Ok(Err(e)) => {
                             on_disk = None;
-                            Err(format!("cannot write the state file {}: {e}", path.display()))
+                            Err(NotSaved::Write {
+                                path,
+                                error: e.to_string(),
+                            })
                         }
                         Err(e) => {
                             on_disk = None;
-                            Err(format!("the state writer failed: {e}"))
+                            Err(NotSaved::Writer(e.to_string()))
                         }
                     }
                 };

@@ -24,11 +24,38 @@ pub struct ConfigWatcher {
     pub changes: mpsc::UnboundedReceiver<()>,
 }
 
-pub fn watch(config_path: &Path) -> Result<ConfigWatcher, String> {
-    let absolute = std::path::absolute(config_path).map_err(|e| e.to_string())?;
+/// Why the config file cannot be watched (the daemon then reloads on
+/// SIGHUP or `interlude reload` only).
+#[derive(Debug)]
+pub enum WatchError {
+    /// The config path cannot be made absolute.
+    Path(std::io::Error),
+    NoParent(std::path::PathBuf),
+    Notify(notify::Error),
+    Directory {
+        directory: std::path::PathBuf,
+        error: notify::Error,
+    },
+}
+
+impl std::fmt::Display for WatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WatchError::Path(e) => write!(f, "{e}"),
+            WatchError::NoParent(path) => write!(f, "{} has no parent directory", path.display()),
+            WatchError::Notify(e) => write!(f, "{e}"),
+            WatchError::Directory { directory, error } => write!(f, "{}: {error}", directory.display()),
+        }
+    }
+}
+
+impl std::error::Error for WatchError {}
+
+pub fn watch(config_path: &Path) -> Result<ConfigWatcher, WatchError> {
+    let absolute = std::path::absolute(config_path).map_err(WatchError::Path)?;
     let directory = absolute
         .parent()
-        .ok_or_else(|| format!("{} has no parent directory", absolute.display()))?
+        .ok_or_else(|| WatchError::NoParent(absolute.clone()))?
         .to_path_buf();
     let (sender, changes) = mpsc::unbounded_channel();
     let config = absolute.clone();
@@ -46,10 +73,13 @@ pub fn watch(config_path: &Path) -> Result<ConfigWatcher, String> {
             let _ = sender.send(());
         }
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(WatchError::Notify)?;
     watcher
         .watch(&directory, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("{}: {e}", directory.display()))?;
+        .map_err(|error| WatchError::Directory {
+            directory: directory.clone(),
+            error,
+        })?;
     Ok(ConfigWatcher {
         _watcher: watcher,
         changes,

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{Proxy, ProxySettings, until_zero};
 use crate::backends::{Backend, BackendSet, Role};
-use crate::config::{BackendConfig, ProxyConfig};
+use crate::config::{Address, BackendConfig, ProxyConfig};
 use crate::drain::{Drained, drain_within};
 use tokio_rustls::rustls::ServerConfig;
 
@@ -73,7 +73,7 @@ impl Proxy {
 
     /// Waits until every backend in `added` passed its health checks, or
     /// `timeout`; the error names those still failing.
-    pub async fn wait_healthy(&self, added: &[Arc<Backend>], timeout: Duration) -> Result<(), String> {
+    pub async fn wait_healthy(&self, added: &[Arc<Backend>], timeout: Duration) -> Result<(), NotHealthy> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = self.health.changed.notified();
@@ -85,16 +85,12 @@ impl Proxy {
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep_until(deadline) => {
-                    let failing: Vec<String> = added
+                    let failing = added
                         .iter()
                         .filter(|b| !b.is_up())
-                        .map(|b| format!("{} ({})", b.address, b.last_check().unwrap_or_else(|| "not checked yet".into())))
+                        .map(|b| (b.address.clone(), b.last_check().unwrap_or_else(|| "not checked yet".into())))
                         .collect();
-                    return Err(format!(
-                        "not healthy within {}: {}",
-                        humantime::format_duration(timeout),
-                        failing.join(", ")
-                    ));
+                    return Err(NotHealthy { within: timeout, failing });
                 }
             }
         }
@@ -192,6 +188,33 @@ impl Proxy {
         });
     }
 }
+
+/// New backends that did not pass their health checks in time.
+#[derive(Debug, Clone)]
+pub struct NotHealthy {
+    pub within: Duration,
+    /// Each backend still down, with its last check's result.
+    pub failing: Vec<(Address, String)>,
+}
+
+impl std::fmt::Display for NotHealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "not healthy within {}: ",
+            humantime::format_duration(self.within)
+        )?;
+        for (index, (address, check)) in self.failing.iter().enumerate() {
+            if index > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{address} ({check})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for NotHealthy {}
 
 /// Backends of `current` that are not in `staying`.
 #[derive(Default)]

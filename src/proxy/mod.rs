@@ -5,7 +5,7 @@
 //! an immutable snapshot of the config a connection was accepted under, so a
 //! later change never alters a connection already running.
 
-mod changes;
+pub mod changes;
 pub mod forward;
 pub mod gate;
 pub mod hold;
