@@ -133,7 +133,8 @@ impl Daemon {
             let input = with_deadline("reading the config and its files", READ_DEADLINE, move || {
                 prepare(&path, &log_now, known)
             })
-            .await;
+            .await
+            .map_err(|e| e.to_string());
             // If the daemon is stopping, the replies are dropped: the API answers 503.
             let _ = commands.send(Command::ReloadPrepared { input, waiting }).await;
         });

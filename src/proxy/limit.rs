@@ -227,16 +227,10 @@ pub fn daemon_max(open_files: u64, config: &Config) -> (usize, bool) {
 
 /// The soft open-files limit (RLIMIT_NOFILE) of this process.
 pub fn open_files_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the local struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
-    } else {
-        1024
-    }
+    use rustix::process::{Resource, getrlimit};
+    // No soft limit (RLIM_INFINITY) reads as the largest number, as the
+    // raw value did.
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 /// Errors that mean this process ran out of something (descriptors,
