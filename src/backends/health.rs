@@ -10,7 +10,10 @@
 //! of a proxy: its owner hands it a name, a way to read the current set,
 //! the events it shares, and when to stop.
 
+use std::fmt;
+use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -52,7 +55,7 @@ pub async fn run<Current>(
             if wanted {
                 let (backend, check) = (backend.clone(), check.clone());
                 probes.spawn(async move {
-                    let result = check_once(&backend.address, &check).await;
+                    let result = probe(&backend.address, &check).await;
                     (backend, result)
                 });
             }
@@ -64,17 +67,15 @@ pub async fn run<Current>(
             let Ok((backend, result)) = joined else {
                 continue;
             };
-            let result = match result {
-                Ok(pass) => Ok(pass),
+            let (ok, detail) = match result {
+                Ok(pass) => (true, pass),
                 // Out of descriptors here is no news about the backend.
-                Err(Failure { detail, local: true }) => {
-                    backend.record_skipped_check(format!("not checked: {detail}"));
+                Err(failure) if failure.is_local() => {
+                    backend.record_skipped_check(format!("not checked: {failure}"));
                     continue;
                 }
-                Err(Failure { detail, .. }) => Err(detail),
+                Err(failure) => (false, failure.to_string()),
             };
-            let ok = result.is_ok();
-            let detail = result.unwrap_or_else(|e| e);
             if let Some(up) = backend.record_check(ok, detail.clone(), check.rise, check.fall) {
                 changed = true;
                 log_change(&proxy, &backend, up, &detail);
@@ -99,58 +100,75 @@ fn log_change(proxy: &str, backend: &Backend, up: bool, detail: &str) {
     }
 }
 
-/// One check. Ok: a short description of the pass; Err: of the failure.
-pub async fn probe(address: &Address, check: &HealthCheckConfig) -> Result<String, String> {
-    check_once(address, check).await.map_err(|failure| failure.detail)
-}
-
-/// Why a check failed, and whether the failure was this process's own.
-struct Failure {
-    detail: String,
-    /// Out of descriptors, buffers or memory here: says nothing about
-    /// the backend.
-    local: bool,
-}
-
-impl From<String> for Failure {
-    fn from(detail: String) -> Failure {
-        Failure { detail, local: false }
-    }
-}
-
-async fn check_once(address: &Address, check: &HealthCheckConfig) -> Result<String, Failure> {
+/// One check. Ok: a short description of the pass.
+pub async fn probe(address: &Address, check: &HealthCheckConfig) -> Result<String, ProbeError> {
     let timeout = check.timeout.0;
     let attempt = async {
-        let stream = Stream::connect(address).await.map_err(|e| {
-            let local = crate::proxy::limit::is_local_exhaustion(&e);
-            if local {
-                crate::proxy::limit::warn_exhausted(&format!("health check of {address}"), &e);
-            }
-            Failure {
-                detail: e.to_string(),
-                local,
-            }
-        })?;
+        let stream = Stream::connect(address).await.map_err(ProbeError::Connect)?;
         match check.kind {
-            HealthCheckKind::Http => Ok(http_get(stream, address, &check.path, check.expect_status).await?),
+            HealthCheckKind::Http => http_get(stream, address, &check.path, check.expect_status).await,
             _ => Ok("connect ok".to_string()),
         }
     };
-    match tokio::time::timeout(timeout, attempt).await {
+    let result = match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(Failure::from(format!(
-            "no answer within {}",
-            humantime::format_duration(timeout)
-        ))),
+        Err(_) => Err(ProbeError::Timeout(timeout)),
+    };
+    if let Err(failure @ ProbeError::Connect(e)) = &result
+        && failure.is_local()
+    {
+        crate::sockets::exhaustion::warn_exhausted(&format!("health check of {address}"), e);
+    }
+    result
+}
+
+/// Why a check failed. `Display` is the detail the status and the log
+/// show; `is_local` tells this process's own trouble from the backend's.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// The connect failed.
+    Connect(io::Error),
+    /// Sending the request or reading the answer failed.
+    Io(io::Error),
+    /// No pass (connect, and for HTTP the status line) within the timeout.
+    Timeout(Duration),
+    /// The answer does not begin with an HTTP status line.
+    NoStatusLine,
+    /// A status outside the expected range.
+    Status { status: u16, expected: StatusRange },
+}
+
+impl ProbeError {
+    /// Out of descriptors, buffers or memory here: the failure says nothing
+    /// about the backend, whose health stays as it was.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ProbeError::Connect(e) if crate::sockets::exhaustion::is_local_exhaustion(e))
     }
 }
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::Connect(e) | ProbeError::Io(e) => write!(f, "{e}"),
+            ProbeError::Timeout(timeout) => {
+                write!(f, "no answer within {}", humantime::format_duration(*timeout))
+            }
+            ProbeError::NoStatusLine => f.write_str("no HTTP status line in the answer"),
+            ProbeError::Status { status, expected } => {
+                write!(f, "HTTP {status}, expected {}-{}", expected.low, expected.high)
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {}
 
 async fn http_get(
     mut stream: Stream,
     address: &Address,
     path: &str,
     expect: StatusRange,
-) -> Result<String, String> {
+) -> Result<String, ProbeError> {
     let host = match address {
         Address::Tcp(target) => target.to_string(),
         Address::Unix(_) => "localhost".to_string(),
@@ -161,12 +179,12 @@ async fn http_get(
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ProbeError::Io)?;
     // The status line is all we need; read until it is complete.
     let mut head = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !head.contains(&b'\n') && head.len() < 4096 {
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        let n = stream.read(&mut chunk).await.map_err(ProbeError::Io)?;
         if n == 0 {
             break;
         }
@@ -179,11 +197,14 @@ async fn http_get(
         .and_then(|l| l.strip_prefix("HTTP/"))
         .and_then(|rest| rest.split_whitespace().nth(1))
         .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| "no HTTP status line in the answer".to_string())?;
+        .ok_or(ProbeError::NoStatusLine)?;
     if (expect.low..=expect.high).contains(&status) {
         Ok(format!("HTTP {status}"))
     } else {
-        Err(format!("HTTP {status}, expected {}-{}", expect.low, expect.high))
+        Err(ProbeError::Status {
+            status,
+            expected: expect,
+        })
     }
 }
 
@@ -191,7 +212,6 @@ async fn http_get(
 mod tests {
     use super::*;
     use crate::config::Dur;
-    use std::time::Duration;
 
     fn check(kind: HealthCheckKind) -> HealthCheckConfig {
         HealthCheckConfig {
@@ -220,24 +240,59 @@ mod tests {
     async fn http_checks_honour_the_expected_status() {
         let good = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
         assert_eq!(
-            probe(&good, &check(HealthCheckKind::Http)).await,
-            Ok("HTTP 204".into())
+            probe(&good, &check(HealthCheckKind::Http)).await.unwrap(),
+            "HTTP 204"
         );
         let bad = http_server("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n").await;
-        assert_eq!(
-            probe(&bad, &check(HealthCheckKind::Http)).await,
-            Err("HTTP 500, expected 200-399".into())
+        let failure = probe(&bad, &check(HealthCheckKind::Http)).await.unwrap_err();
+        assert!(
+            matches!(failure, ProbeError::Status { status: 500, .. }),
+            "{failure:?}"
         );
+        assert_eq!(failure.to_string(), "HTTP 500, expected 200-399");
+        assert!(!failure.is_local());
         let garbage = http_server("SSH-2.0-OpenSSH\r\n").await;
-        assert!(probe(&garbage, &check(HealthCheckKind::Http)).await.is_err());
+        let failure = probe(&garbage, &check(HealthCheckKind::Http)).await.unwrap_err();
+        assert!(matches!(failure, ProbeError::NoStatusLine), "{failure:?}");
+        assert_eq!(failure.to_string(), "no HTTP status line in the answer");
+    }
+
+    #[tokio::test]
+    async fn a_silent_backend_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let mut quick = check(HealthCheckKind::Http);
+        quick.timeout = Dur(Duration::from_millis(100));
+        // Accepted by the kernel's backlog, never answered.
+        let failure = probe(&address, &quick).await.unwrap_err();
+        assert!(matches!(failure, ProbeError::Timeout(_)), "{failure:?}");
+        assert_eq!(failure.to_string(), "no answer within 100ms");
+        assert!(!failure.is_local());
+    }
+
+    #[test]
+    fn only_running_out_of_descriptors_or_memory_here_is_local() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let failure = ProbeError::Connect(io::Error::from_raw_os_error(errno));
+            assert!(failure.is_local(), "{failure}");
+        }
+        let refused = ProbeError::Connect(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(!refused.is_local());
+        // Once connected, the trouble is the exchange with the backend.
+        assert!(!ProbeError::Io(io::Error::from_raw_os_error(libc::EMFILE)).is_local());
     }
 
     #[tokio::test]
     async fn tcp_checks_connect() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
-        assert!(probe(&address, &check(HealthCheckKind::Tcp)).await.is_ok());
+        assert_eq!(
+            probe(&address, &check(HealthCheckKind::Tcp)).await.unwrap(),
+            "connect ok"
+        );
         drop(listener);
-        assert!(probe(&address, &check(HealthCheckKind::Tcp)).await.is_err());
+        let failure = probe(&address, &check(HealthCheckKind::Tcp)).await.unwrap_err();
+        assert!(matches!(failure, ProbeError::Connect(_)), "{failure:?}");
+        assert!(!failure.is_local());
     }
 }

@@ -146,8 +146,8 @@ impl Backend {
         let attempt = tokio::time::timeout(connect_timeout, Stream::connect(&self.address)).await;
         let (failure, why) = match attempt {
             Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(e)) if crate::proxy::limit::is_local_exhaustion(&e) => {
-                crate::proxy::limit::warn_exhausted(
+            Ok(Err(e)) if crate::sockets::exhaustion::is_local_exhaustion(&e) => {
+                crate::sockets::exhaustion::warn_exhausted(
                     &format!("proxy {proxy}: connect to {}", self.address),
                     &e,
                 );

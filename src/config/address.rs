@@ -28,7 +28,7 @@ pub enum SyslogDestination {
 impl SyslogDestination {
     /// The one reading of `log.syslog`: the config holds the parsed value,
     /// so a value `interlude check` accepts is one the logger can use.
-    pub fn parse(text: &str) -> Result<SyslogDestination, String> {
+    pub fn parse(text: &str) -> Result<SyslogDestination, SyslogAddressError> {
         let host_port = |rest: &str| matches!(Address::parse(rest), Ok(Address::Tcp(_)));
         if let Some(path) = text.strip_prefix("unix:")
             && path.starts_with('/')
@@ -45,11 +45,30 @@ impl SyslogDestination {
         {
             return Ok(SyslogDestination::Tcp(address.trim().to_string()));
         }
-        Err(format!(
-            "syslog address {text:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"
-        ))
+        Err(SyslogAddressError {
+            text: text.to_string(),
+        })
     }
 }
+
+/// A `log.syslog` value of none of the three forms (the config's fault);
+/// `text` is the value as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogAddressError {
+    pub text: String,
+}
+
+impl fmt::Display for SyslogAddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "syslog address {:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT",
+            self.text
+        )
+    }
+}
+
+impl std::error::Error for SyslogAddressError {}
 
 impl fmt::Display for SyslogDestination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

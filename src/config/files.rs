@@ -6,6 +6,7 @@
 //! file cannot grow memory). Callers in the daemon run these reads off its
 //! event loop, under a deadline (`with_deadline`).
 
+use std::fmt;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, Read};
@@ -88,7 +89,7 @@ pub async fn with_deadline<T: Send + 'static>(
     what: &str,
     deadline: Duration,
     work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, BlockingWorkError> {
     bounded(what, deadline, tokio::task::spawn_blocking(work)).await
 }
 
@@ -96,16 +97,46 @@ async fn bounded<T>(
     what: &str,
     deadline: Duration,
     work: impl Future<Output = Result<T, tokio::task::JoinError>>,
-) -> Result<T, String> {
+) -> Result<T, BlockingWorkError> {
     match tokio::time::timeout(deadline, work).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(format!("{what} failed: {e}")),
-        Err(_) => Err(format!(
-            "{what} took longer than {}: given up (a file on a hung file system?)",
-            humantime::format_duration(deadline)
-        )),
+        Ok(Err(error)) => Err(BlockingWorkError::Failed {
+            what: what.to_string(),
+            error,
+        }),
+        Err(_) => Err(BlockingWorkError::TimedOut {
+            what: what.to_string(),
+            deadline,
+        }),
     }
 }
+
+/// Blocking work that gave no result; `what` is the caller's name for it.
+#[derive(Debug)]
+pub enum BlockingWorkError {
+    /// The work panicked, or the runtime shut down under it: a defect here.
+    Failed {
+        what: String,
+        error: tokio::task::JoinError,
+    },
+    /// The deadline passed first: the file system did not answer.
+    TimedOut { what: String, deadline: Duration },
+}
+
+impl fmt::Display for BlockingWorkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlockingWorkError::Failed { what, error } => write!(f, "{what} failed: {error}"),
+            BlockingWorkError::TimedOut { what, deadline } => write!(
+                f,
+                "{what} took longer than {}: given up (a file on a hung file system?)",
+                humantime::format_duration(*deadline)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BlockingWorkError {}
 
 #[cfg(test)]
 mod tests {
@@ -129,9 +160,8 @@ mod tests {
         let error = read_limited(dir.path(), 10).unwrap_err();
         assert!(error.to_string().contains("a directory"), "{error}");
         let fifo = dir.path().join("fifo");
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo on a NUL-terminated path we own.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        use rustix::fs::{CWD, Mode, mkfifoat};
+        mkfifoat(CWD, &fifo, Mode::RUSR | Mode::WUSR).unwrap();
         let error = read_limited(&fifo, 10).unwrap_err();
         assert!(error.to_string().contains("a FIFO"), "{error}");
     }
@@ -142,8 +172,22 @@ mod tests {
             std::thread::sleep(Duration::from_millis(500));
         });
         let error = slow.await.unwrap_err();
-        assert!(error.contains("reading x took longer than 50ms"), "{error}");
+        assert!(matches!(error, BlockingWorkError::TimedOut { .. }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "reading x took longer than 50ms: given up (a file on a hung file system?)"
+        );
         let quick = with_deadline("reading y", Duration::from_secs(5), || 7).await;
-        assert_eq!(quick, Ok(7));
+        assert_eq!(quick.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn work_that_panics_is_a_failure_not_a_timeout() {
+        let broken = with_deadline("reading z", Duration::from_secs(5), || -> u8 {
+            panic!("broken on purpose");
+        });
+        let error = broken.await.unwrap_err();
+        assert!(matches!(error, BlockingWorkError::Failed { .. }), "{error:?}");
+        assert!(error.to_string().starts_with("reading z failed: "), "{error}");
     }
 }

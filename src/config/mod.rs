@@ -14,6 +14,7 @@ mod recover;
 mod schema;
 pub mod tls;
 mod validate;
+mod value_error;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,10 +24,11 @@ use std::sync::Arc;
 use tokio_rustls::rustls::ServerConfig;
 
 pub use crate::sockets::{Address, TcpTarget};
-pub use address::SyslogDestination;
+pub use address::{SyslogAddressError, SyslogDestination};
 pub use schema::*;
 pub use validate::backend_list_problems;
 pub use validate::{MAX_DAY_DURATION, MAX_LONG_DURATION, MAX_SHORT_DURATION};
+pub use value_error::{DurationError, StatusRangeError};
 
 use locate::{Locations, Position};
 

@@ -50,9 +50,7 @@ impl Environment {
 }
 
 pub fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions, cannot fail and touches no memory
-    // of ours; std offers no safe equivalent.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// The default control socket: `$RUNTIME_DIRECTORY/control.sock` under

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::address::SyslogDestination;
+use super::value_error::{DurationError, StatusRangeError};
 use crate::sockets::Address;
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -129,7 +130,7 @@ impl Default for ShutdownConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Client connections open at once across every proxy; 0 = derived
-    /// from the open-files limit (`crate::proxy::limit::derived_max`).
+    /// from the open-files limit (the proxy layer's `limit::derived_max`).
     pub max_connections: u32,
 }
 
@@ -434,19 +435,17 @@ pub struct StatusRange {
 }
 
 impl StatusRange {
-    pub fn parse(text: &str) -> Result<StatusRange, String> {
-        let code = |s: &str| -> Result<u16, String> {
-            match s.trim().parse::<u16>() {
-                Ok(n) if (100..=599).contains(&n) => Ok(n),
-                _ => Err(format!("{s:?} is not an HTTP status code (100-599)")),
-            }
+    pub fn parse(text: &str) -> Result<StatusRange, StatusRangeError> {
+        let code = |s: &str| match s.trim().parse::<u16>() {
+            Ok(n) if (100..=599).contains(&n) => Ok(n),
+            _ => Err(StatusRangeError::NotAStatusCode(s.to_string())),
         };
         let (low, high) = match text.split_once('-') {
             Some((low, high)) => (code(low)?, code(high)?),
             None => (code(text)?, code(text)?),
         };
         if low > high {
-            return Err(format!("status range {text:?} is empty (low above high)"));
+            return Err(StatusRangeError::Empty(text.to_string()));
         }
         Ok(StatusRange { low, high })
     }
@@ -514,19 +513,20 @@ impl fmt::Display for Dur {
 }
 
 impl Dur {
-    pub fn parse(text: &str) -> Result<Dur, String> {
+    pub fn parse(text: &str) -> Result<Dur, DurationError> {
         let text = text.trim();
         if text == "0" {
             return Ok(Dur::default());
         }
         if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-            return Err(format!(
-                "duration {text} has no unit: write it as {text}s or {text}ms"
-            ));
+            return Err(DurationError::NoUnit(text.to_string()));
         }
         humantime::parse_duration(text)
             .map(Dur)
-            .map_err(|e| format!("invalid duration {text:?}: {e} (write e.g. 100ms, 3s, 5m)"))
+            .map_err(|why| DurationError::Invalid {
+                text: text.to_string(),
+                why,
+            })
     }
 }
 

@@ -193,7 +193,7 @@ fn check_tls(proxy: &ProxyConfig, at: &str, issues: &mut Issues) -> Option<Arc<S
         );
     }
     super::tls::server_config(tls)
-        .map_err(|why| issues.add(format!("{at}.tls"), why))
+        .map_err(|why| issues.add(format!("{at}.tls"), why.to_string()))
         .ok()
 }
 

@@ -64,7 +64,7 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
         (&Method::GET, "/wait-idle") | (&Method::GET, "/paused/block-until-idle") => {
             let timeout = match query.first("timeout").map(Dur::parse).transpose() {
                 Ok(timeout) => timeout.and_then(Dur::non_zero),
-                Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+                Err(why) => return error(StatusCode::BAD_REQUEST, &why.to_string()),
             };
             wait_idle(&snapshot, &proxies, timeout).await
         }
@@ -170,7 +170,7 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
         }
         Ok(timeout) if !timeout.is_zero() => timeout.0,
         Ok(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "timeout must be more than 0s"),
-        Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+        Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why.to_string()),
     };
     let command = |reply| Command::Deploy {
         proxy: proxy.clone(),

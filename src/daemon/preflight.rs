@@ -13,7 +13,7 @@ use crate::telemetry;
 pub fn check(config: &Config) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     if let Err(e) = telemetry::check_log_file(&config.log) {
-        problems.push(("log.file".to_string(), strip_key(&e, "log.file ")));
+        problems.push(("log.file".to_string(), strip_key(&e.to_string(), "log.file ")));
     }
     if let Err(e) = state_dir(config, false) {
         problems.push(e);

@@ -227,38 +227,10 @@ pub fn daemon_max(open_files: u64, config: &Config) -> (usize, bool) {
 
 /// The soft open-files limit (RLIMIT_NOFILE) of this process.
 pub fn open_files_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the local struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
-    } else {
-        1024
-    }
-}
-
-/// Errors that mean this process ran out of something (descriptors,
-/// buffers, memory), never that the peer failed.
-pub fn is_local_exhaustion(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// Logs that this process ran out of a resource while doing `what`, at
-/// most once every 10 seconds across the process: at exhaustion every
-/// connection fails alike, and one line says it all.
-pub fn warn_exhausted(what: &str, error: &std::io::Error) {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let now = START.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
-    let last = LAST.load(Relaxed);
-    if (last == 0 || now >= last + 10) && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
-        tracing::warn!(error = %error, "{what}: out of a local resource (interlude's own, not the backend's fault; its health is unchanged); lower max_connections or raise LimitNOFILE");
-    }
+    use rustix::process::{Resource, getrlimit};
+    // No soft limit (RLIM_INFINITY) reads as the largest number, as the
+    // raw value did.
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

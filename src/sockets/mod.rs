@@ -4,6 +4,7 @@
 //! of configs, proxies or backends.
 
 pub mod address;
+pub mod exhaustion;
 pub mod stream;
 
 pub use address::{Address, AddressError, TcpAddressProblem, TcpTarget};

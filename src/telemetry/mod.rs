@@ -59,6 +59,12 @@ pub enum LogFileError {
     NoFileName,
     Directory(crate::config::paths::DirError),
     Open(tracing_appender::rolling::InitError),
+    /// `interlude check`'s trial: the file logging would write to now
+    /// cannot be opened for append.
+    Append {
+        current: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for LogError {
@@ -71,6 +77,9 @@ impl std::fmt::Display for LogError {
                     LogFileError::NoFileName => f.write_str("has no file name"),
                     LogFileError::Directory(e) => write!(f, "{e}"),
                     LogFileError::Open(e) => write!(f, "{e}"),
+                    LogFileError::Append { current, error } => {
+                        write!(f, "cannot open {} for append: {error}", current.display())
+                    }
                 }
             }
             LogError::SyslogWriter(e) => write!(f, "cannot start the syslog writer: {e}"),
@@ -213,22 +222,31 @@ fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender,
 /// Tries what `open_log_file` does (create the directory, open the current
 /// file for append), then removes whatever it created, so a check leaves the
 /// file system as it found it.
-pub fn check_log_file(config: &LogConfig) -> Result<(), String> {
+pub fn check_log_file(config: &LogConfig) -> Result<(), LogError> {
     if config.target != LogTarget::File {
         return Ok(());
     }
     let file = &config.file;
-    let fail = |e: &dyn std::fmt::Display| format!("log.file {}: {e}", file.display());
-    let directory = file.parent().ok_or_else(|| fail(&"has no directory"))?;
-    let name = file.file_name().ok_or_else(|| fail(&"has no file name"))?;
-    let created = crate::config::paths::create_dirs(directory).map_err(|e| fail(&e))?;
+    let fail = |error: LogFileError| LogError::File {
+        path: file.clone(),
+        error,
+    };
+    let directory = file.parent().ok_or_else(|| fail(LogFileError::NoDirectory))?;
+    let name = file.file_name().ok_or_else(|| fail(LogFileError::NoFileName))?;
+    let created =
+        crate::config::paths::create_dirs(directory).map_err(|e| fail(LogFileError::Directory(e)))?;
     let current = directory.join(current_file_name(&name.to_string_lossy(), config.rotation));
     let existed = current.exists();
     let opened = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .open(&current)
-        .map_err(|e| fail(&format!("cannot open {} for append: {e}", current.display())));
+        .map_err(|error| {
+            fail(LogFileError::Append {
+                current: current.clone(),
+                error,
+            })
+        });
     if opened.is_ok() && !existed {
         let _ = std::fs::remove_file(&current);
     }
@@ -299,7 +317,39 @@ mod tests {
         };
         let error = check_log_file(&config).unwrap_err();
         assert!(
-            error.contains("file/sub") && error.contains("Not a directory"),
+            matches!(
+                &error,
+                LogError::File {
+                    error: LogFileError::Directory(_),
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let error = error.to_string();
+        assert!(
+            error.starts_with("log.file ") && error.contains("file/sub") && error.contains("Not a directory"),
+            "{error}"
+        );
+
+        let taken = top.path().join("taken");
+        std::fs::create_dir(&taken).unwrap();
+        let config = LogConfig {
+            target: LogTarget::File,
+            file: taken.clone(),
+            rotation: Rotation::Never,
+            ..LogConfig::default()
+        };
+        let error = check_log_file(&config).unwrap_err();
+        assert!(
+            matches!(&error, LogError::File { error: LogFileError::Append { current, .. }, .. } if *current == taken),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().starts_with(&format!(
+                "log.file {0}: cannot open {0} for append: ",
+                taken.display()
+            )),
             "{error}"
         );
     }

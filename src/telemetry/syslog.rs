@@ -204,11 +204,11 @@ mod tests {
             "tcp://unix:/x",
             "syslog.example:514",
         ] {
+            let error = Destination::parse(wrong).unwrap_err();
+            assert_eq!(error.text, wrong);
             assert_eq!(
-                Destination::parse(wrong),
-                Err(format!(
-                    "syslog address {wrong:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT"
-                ))
+                error.to_string(),
+                format!("syslog address {wrong:?} must be unix:/path, udp://HOST:PORT or tcp://HOST:PORT")
             );
         }
     }
