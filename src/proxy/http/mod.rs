@@ -10,6 +10,7 @@
 //! seen on a duplicate of its socket's descriptor and never forwarded.
 
 mod body;
+mod client;
 mod head;
 mod headers;
 mod route;
@@ -17,8 +18,6 @@ mod upstream;
 mod wire;
 
 use std::convert::Infallible;
-use std::io;
-use std::os::fd::{FromRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -43,17 +42,16 @@ use super::{ActiveGuard, Proxy, ProxySettings};
 use crate::backends::{ConnectFailure, InFlight};
 use crate::sockets::stream::{Peer, Stream};
 use body::{Exchange, ResponseBody};
+use client::{ClientSocket, SharedClient};
 use wire::RequestFraming;
 
 /// One client connection, as its requests see it.
 struct ClientConnection {
     site: Arc<Site>,
     peer: Peer,
-    /// The client socket's descriptor, to watch for a hang-up while a
-    /// request is held. Valid while any request runs: requests run inside
-    /// the connection that owns it.
-    fd: RawFd,
-    unix: bool,
+    /// The client's socket, to watch for a hang-up while a request is
+    /// held (hyper owns the stream).
+    socket: ClientSocket,
     /// What its requests tell the backend about the client.
     identity: headers::ClientIdentity,
     /// Backend connections kept between its requests.
@@ -77,7 +75,6 @@ pub async fn serve_connection(
         return;
     };
     let settings = first.settings.borrow().clone();
-    let (fd, unix) = (client.fd(), matches!(client, Stream::Unix(_)));
     let client = match &settings.tls {
         None => crate::sockets::stream::Client::Plain(client),
         Some(tls) => match first.accept_tls(client, &peer, tls).await {
@@ -86,12 +83,12 @@ pub async fn serve_connection(
         },
     };
     let log_peer = peer.clone();
+    let (client, socket) = SharedClient::new(client);
     let connection = Arc::new(ClientConnection {
         site: site.clone(),
         identity: headers::ClientIdentity::new(&peer, settings.tls.is_some()),
         peer,
-        fd,
-        unix,
+        socket,
         attached: Default::default(),
         permits: Arc::new(permits),
     });
@@ -262,7 +259,7 @@ async fn hold_request(proxy: &Proxy, connection: &ClientConnection, ticket: Held
 /// Returns when the client closes or resets its connection. Bytes it sends
 /// meanwhile (a body) are left for hyper to read after the release.
 async fn client_leaves(connection: &ClientConnection) {
-    match watch_socket(connection.fd, connection.unix) {
+    match connection.socket.watch() {
         Ok(socket) => {
             let _ = socket.hung_up().await;
         }
@@ -271,26 +268,6 @@ async fn client_leaves(connection: &ClientConnection) {
             std::future::pending().await
         }
     }
-}
-
-/// A second descriptor for the client socket, registered on its own, so
-/// its readiness can be watched without disturbing hyper's.
-fn watch_socket(fd: RawFd, unix: bool) -> io::Result<Stream> {
-    // SAFETY: `fd` is the open client socket (see `ClientConnection::fd`).
-    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if duplicate < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `duplicate` is a new descriptor that nothing else owns.
-    Ok(if unix {
-        let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(duplicate) };
-        socket.set_nonblocking(true)?;
-        Stream::Unix(tokio::net::UnixStream::from_std(socket)?)
-    } else {
-        let socket = unsafe { std::net::TcpStream::from_raw_fd(duplicate) };
-        socket.set_nonblocking(true)?;
-        Stream::Tcp(tokio::net::TcpStream::from_std(socket)?)
-    })
 }
 
 /// Sends a request to a backend and returns its response: candidates in
