@@ -144,10 +144,15 @@ pub fn control_settings(path: &Path) -> (Option<Address>, Option<String>) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return (None, None);
     };
+    control_settings_from_text(&text)
+}
+
+/// `control_settings` of a config file's text.
+pub fn control_settings_from_text(text: &str) -> (Option<Address>, Option<String>) {
     // A syntax error elsewhere must not hide the control block: failing the
     // whole document, read the top-level `control:` block on its own.
-    let document = serde_yaml::from_str::<serde_yaml::Value>(&text)
-        .or_else(|_| serde_yaml::from_str::<serde_yaml::Value>(&top_level_block(&text, "control")));
+    let document = serde_yaml::from_str::<serde_yaml::Value>(text)
+        .or_else(|_| serde_yaml::from_str::<serde_yaml::Value>(&top_level_block(text, "control")));
     let Ok(document) = document else {
         return (None, None);
     };

@@ -120,6 +120,34 @@ struct DeployRequest {
     timeout: Option<String>,
 }
 
+/// A deploy request's body, parsed and checked.
+#[derive(Debug)]
+pub struct DeployBody {
+    pub backends: Vec<BackendConfig>,
+    pub timeout: Duration,
+}
+
+/// Parses and checks the body of `PUT /proxies/NAME/backends`; the error is
+/// the 422's message.
+pub fn parse_deploy_body(bytes: &[u8]) -> Result<DeployBody, String> {
+    let request: DeployRequest = serde_json::from_slice(bytes).map_err(|e| {
+        format!("expected {{\"backends\": [ADDR, ...], \"timeout\": \"{DEFAULT_DEPLOY_TIMEOUT}\"}}: {e}")
+    })?;
+    let problems = backend_list_problems(&request.backends);
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let timeout = match Dur::parse(request.timeout.as_deref().unwrap_or(DEFAULT_DEPLOY_TIMEOUT)) {
+        Ok(timeout) if !timeout.is_zero() => timeout.0,
+        Ok(_) => return Err("timeout must be more than 0s".into()),
+        Err(why) => return Err(why),
+    };
+    Ok(DeployBody {
+        backends: request.backends,
+        timeout,
+    })
+}
+
 /// `PUT /proxies/NAME/backends`: answers once the deploy is done (200 with
 /// the new set), refused (422), or rolled back (504).
 async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
@@ -132,30 +160,14 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
             );
         }
     };
-    let request: DeployRequest = match serde_json::from_slice(&bytes) {
+    let request = match parse_deploy_body(&bytes) {
         Ok(request) => request,
-        Err(e) => {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &format!(
-                    "expected {{\"backends\": [ADDR, ...], \"timeout\": \"{DEFAULT_DEPLOY_TIMEOUT}\"}}: {e}"
-                ),
-            );
-        }
-    };
-    let problems = backend_list_problems(&request.backends);
-    if !problems.is_empty() {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, &problems.join("; "));
-    }
-    let timeout = match Dur::parse(request.timeout.as_deref().unwrap_or(DEFAULT_DEPLOY_TIMEOUT)) {
-        Ok(timeout) if !timeout.is_zero() => timeout.0,
-        Ok(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "timeout must be more than 0s"),
         Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why),
     };
     let command = |reply| Command::Deploy {
         proxy: proxy.clone(),
         backends: request.backends,
-        timeout,
+        timeout: request.timeout,
         reply,
     };
     match ask(shared, command).await {
@@ -293,10 +305,10 @@ fn respond(status: StatusCode, body: Vec<u8>) -> Reply {
 }
 
 /// The query string as ordered pairs (`proxy` may repeat).
-struct Query(Vec<(String, String)>);
+pub struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(query: &str) -> Query {
+    pub fn parse(query: &str) -> Query {
         Query(
             query
                 .split('&')
@@ -309,7 +321,7 @@ impl Query {
         )
     }
 
-    fn all(&self, key: &str) -> Vec<String> {
+    pub fn all(&self, key: &str) -> Vec<String> {
         self.0
             .iter()
             .filter(|(k, _)| k == key)
@@ -317,12 +329,12 @@ impl Query {
             .collect()
     }
 
-    fn first(&self, key: &str) -> Option<&str> {
+    pub fn first(&self, key: &str) -> Option<&str> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -131,13 +131,30 @@ pub fn load(dir: &Path) -> State {
             return State::default();
         }
     };
-    match serde_json::from_str(&text) {
+    match parse(text.as_bytes()) {
         Ok(state) => state,
         Err(e) => {
             warn!(file = %path.display(), error = %e, "the state file is corrupt; ignoring it (it is rewritten on the next change)");
             State::default()
         }
     }
+}
+
+/// Why a state file's contents were not accepted.
+#[derive(Debug)]
+pub struct StateFileError(String);
+
+impl std::fmt::Display for StateFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StateFileError {}
+
+/// The state in a state file's contents (the fuzz target's entry point).
+pub fn parse(data: &[u8]) -> Result<State, StateFileError> {
+    serde_json::from_slice(data).map_err(|e| StateFileError(e.to_string()))
 }
 
 /// Hands states to the background writer; only the latest one is written.

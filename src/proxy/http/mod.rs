@@ -10,10 +10,11 @@
 //! seen on a duplicate of its socket's descriptor and never forwarded.
 
 mod body;
-mod headers;
-mod route;
+// Public for the fuzz targets (fuzz/), which feed them arbitrary bytes.
+pub mod headers;
+pub mod route;
 mod upstream;
-mod wire;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::io;

@@ -98,12 +98,14 @@ pub enum Parsed {
 pub fn parse_response_head(buf: &mut BytesMut, method: &Method, upgrade: bool) -> io::Result<Parsed> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
+    // Only the first `MAX_HEAD` bytes are parsed, so that what is past the
+    // limit cannot change the outcome (nor how the bytes arrived).
     let status = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut parsed, buf, &mut fields)
+        .parse_response_with_uninit_headers(&mut parsed, &buf[..buf.len().min(MAX_HEAD)], &mut fields)
         .map_err(|e| invalid(format!("malformed response head: {e}")))?;
     let length = match status {
-        httparse::Status::Complete(length) if length <= MAX_HEAD => length,
-        httparse::Status::Partial if buf.len() <= MAX_HEAD => return Ok(Parsed::Partial),
+        httparse::Status::Complete(length) => length,
+        httparse::Status::Partial if buf.len() < MAX_HEAD => return Ok(Parsed::Partial),
         _ => return Err(invalid(format!("response head longer than {MAX_HEAD} bytes"))),
     };
     let code = parsed.code.unwrap_or_default();
@@ -366,7 +368,10 @@ impl ChunkedDecoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Decoded> {
         loop {
             match self.state {
-                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                // Only the first `MAX_CHUNK_LINE` bytes are parsed: past the
+                // limit the line is too long whatever else it holds, so the
+                // outcome is the same however its bytes arrived.
+                ChunkState::Size => match httparse::parse_chunk_size(&buf[..buf.len().min(MAX_CHUNK_LINE)]) {
                     Ok(httparse::Status::Complete((used, size))) => {
                         let _ = buf.split_to(used);
                         self.state = if size == 0 {
@@ -375,7 +380,7 @@ impl ChunkedDecoder {
                             ChunkState::Data(size)
                         };
                     }
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                    Ok(httparse::Status::Partial) if buf.len() >= MAX_CHUNK_LINE => {
                         return Err(invalid("chunk-size line too long".into()));
                     }
                     Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
@@ -411,7 +416,8 @@ impl ChunkedDecoder {
                         return Ok(Decoded::End);
                     }
                     let mut fields = [httparse::EMPTY_HEADER; 32];
-                    return match httparse::parse_headers(buf, &mut fields) {
+                    // As for the chunk-size line: only up to the limit.
+                    return match httparse::parse_headers(&buf[..buf.len().min(MAX_HEAD)], &mut fields) {
                         Ok(httparse::Status::Complete((used, fields))) => {
                             let mut trailers = HeaderMap::with_capacity(fields.len());
                             for field in fields {
@@ -426,7 +432,7 @@ impl ChunkedDecoder {
                             self.state = ChunkState::Done;
                             Ok(Decoded::Trailers(trailers))
                         }
-                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                             Err(invalid("trailer section too long".into()))
                         }
                         Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
