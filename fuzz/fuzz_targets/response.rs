@@ -21,7 +21,7 @@ impl Pieces {
         x ^= x >> 17;
         x ^= x << 5;
         self.0 = x;
-        if x % 8 == 0 {
+        if x.is_multiple_of(8) {
             (x >> 8) as usize % 512 + 1
         } else {
             (x >> 8) as usize % 16 + 1

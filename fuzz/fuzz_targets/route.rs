@@ -162,7 +162,7 @@ fuzz_target!(|data: &[u8]| {
         1 => Peer::Tcp("127.0.0.1:5000".parse().expect("address")),
         _ => Peer::Tcp("[::1]:5000".parse().expect("address")),
     };
-    let client = ClientIdentity::new(&peer, data.len() % 2 == 0);
+    let client = ClientIdentity::new(&peer, data.len().is_multiple_of(2));
     let framing = [
         RequestFraming::Empty,
         RequestFraming::Length,
