@@ -174,13 +174,18 @@ pub fn control_settings(path: &Path) -> (Option<Address>, Option<String>) {
     let Ok(text) = files::read_text_limited(path, files::MAX_CONFIG_BYTES) else {
         return (None, None);
     };
-    if locate::check_depth(&text).is_err() {
+    control_settings_from_text(&text)
+}
+
+/// `control_settings` of a config file's text.
+pub fn control_settings_from_text(text: &str) -> (Option<Address>, Option<String>) {
+    if locate::check_depth(text).is_err() {
         return (None, None);
     }
     // A syntax error elsewhere must not hide the control block: failing the
     // whole document, read the top-level `control:` block on its own.
-    let document = serde_yaml::from_str::<serde_yaml::Value>(&text)
-        .or_else(|_| serde_yaml::from_str::<serde_yaml::Value>(&top_level_block(&text, "control")));
+    let document = serde_yaml::from_str::<serde_yaml::Value>(text)
+        .or_else(|_| serde_yaml::from_str::<serde_yaml::Value>(&top_level_block(text, "control")));
     let Ok(document) = document else {
         return (None, None);
     };

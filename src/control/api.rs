@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use super::status;
 use super::{Access, DEFAULT_DEPLOY_TIMEOUT, MAX_DEPLOY_TIMEOUT};
-use crate::config::{BackendConfig, Dur, backend_list_problems};
+use crate::config::{BackendConfig, Dur, DurationError, backend_list_problems};
 use crate::daemon::commands::{Command, DeployError, PauseReport, UnknownProxy};
 use crate::daemon::state::Persisted;
 use crate::daemon::{RunningView, Shared};
@@ -131,6 +131,67 @@ struct DeployRequest {
     timeout: Option<String>,
 }
 
+/// A deploy request's body, parsed and checked.
+#[derive(Debug)]
+pub struct DeployBody {
+    pub backends: Vec<BackendConfig>,
+    pub timeout: Duration,
+}
+
+/// Parses and checks the body of `PUT /proxies/NAME/backends`; the error is
+/// the 422's message.
+pub fn parse_deploy_body(bytes: &[u8]) -> Result<DeployBody, DeployBodyError> {
+    let request: DeployRequest = serde_json::from_slice(bytes).map_err(DeployBodyError::Json)?;
+    let problems = backend_list_problems(&request.backends);
+    if !problems.is_empty() {
+        return Err(DeployBodyError::Backends(problems));
+    }
+    let timeout = match Dur::parse(request.timeout.as_deref().unwrap_or(DEFAULT_DEPLOY_TIMEOUT)) {
+        Ok(timeout) if timeout.0 > MAX_DEPLOY_TIMEOUT => {
+            return Err(DeployBodyError::TimeoutTooLong(timeout));
+        }
+        Ok(timeout) if !timeout.is_zero() => timeout.0,
+        Ok(_) => return Err(DeployBodyError::ZeroTimeout),
+        Err(why) => return Err(DeployBodyError::Timeout(why)),
+    };
+    Ok(DeployBody {
+        backends: request.backends,
+        timeout,
+    })
+}
+
+/// Why a deploy's body was refused (422). `Display` is the answer's text.
+#[derive(Debug)]
+pub enum DeployBodyError {
+    Json(serde_json::Error),
+    /// The new backend list breaks the config's rules.
+    Backends(Vec<String>),
+    TimeoutTooLong(Dur),
+    ZeroTimeout,
+    Timeout(DurationError),
+}
+
+impl std::fmt::Display for DeployBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeployBodyError::Json(e) => write!(
+                f,
+                "expected {{\"backends\": [ADDR, ...], \"timeout\": \"{DEFAULT_DEPLOY_TIMEOUT}\"}}: {e}"
+            ),
+            DeployBodyError::Backends(problems) => f.write_str(&problems.join("; ")),
+            DeployBodyError::TimeoutTooLong(timeout) => write!(
+                f,
+                "timeout {timeout} is longer than the maximum of {}",
+                humantime::format_duration(MAX_DEPLOY_TIMEOUT)
+            ),
+            DeployBodyError::ZeroTimeout => f.write_str("timeout must be more than 0s"),
+            DeployBodyError::Timeout(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for DeployBodyError {}
+
 /// `PUT /proxies/NAME/backends`: answers once the deploy is done (200 with
 /// the new set), refused (422), or rolled back (504).
 async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
@@ -143,39 +204,14 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
             );
         }
     };
-    let request: DeployRequest = match serde_json::from_slice(&bytes) {
+    let request = match parse_deploy_body(&bytes) {
         Ok(request) => request,
-        Err(e) => {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &format!(
-                    "expected {{\"backends\": [ADDR, ...], \"timeout\": \"{DEFAULT_DEPLOY_TIMEOUT}\"}}: {e}"
-                ),
-            );
-        }
-    };
-    let problems = backend_list_problems(&request.backends);
-    if !problems.is_empty() {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, &problems.join("; "));
-    }
-    let timeout = match Dur::parse(request.timeout.as_deref().unwrap_or(DEFAULT_DEPLOY_TIMEOUT)) {
-        Ok(timeout) if timeout.0 > MAX_DEPLOY_TIMEOUT => {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &format!(
-                    "timeout {timeout} is longer than the maximum of {}",
-                    humantime::format_duration(MAX_DEPLOY_TIMEOUT)
-                ),
-            );
-        }
-        Ok(timeout) if !timeout.is_zero() => timeout.0,
-        Ok(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "timeout must be more than 0s"),
-        Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why.to_string()),
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
     };
     let command = |reply| Command::Deploy {
         proxy: proxy.clone(),
         backends: request.backends,
-        timeout,
+        timeout: request.timeout,
         reply,
     };
     match ask(shared, command).await {
@@ -334,10 +370,10 @@ fn respond(status: StatusCode, body: Vec<u8>) -> Reply {
 }
 
 /// The query string as ordered pairs (`proxy` may repeat).
-struct Query(Vec<(String, String)>);
+pub struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(query: &str) -> Query {
+    pub fn parse(query: &str) -> Query {
         Query(
             query
                 .split('&')
@@ -350,7 +386,7 @@ impl Query {
         )
     }
 
-    fn all(&self, key: &str) -> Vec<String> {
+    pub fn all(&self, key: &str) -> Vec<String> {
         self.0
             .iter()
             .filter(|(k, _)| k == key)
@@ -358,12 +394,12 @@ impl Query {
             .collect()
     }
 
-    fn first(&self, key: &str) -> Option<&str> {
+    pub fn first(&self, key: &str) -> Option<&str> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

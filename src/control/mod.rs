@@ -2,7 +2,8 @@
 //! a UNIX socket by default. It reads live state from the daemon's snapshot
 //! and asks the daemon loop for every change; it owns no state itself.
 
-mod api;
+// Public for the fuzz targets (fuzz/): its request parsing.
+pub mod api;
 mod metrics;
 pub mod status;
 

@@ -10,6 +10,7 @@ mod config_errors;
 mod control_api;
 mod first_run;
 mod forwarding;
+mod fuzz_regressions;
 mod http;
 mod lifecycle;
 mod limits;

@@ -12,10 +12,11 @@
 mod body;
 mod client;
 mod head;
-mod headers;
-mod route;
+// Public for the fuzz targets (fuzz/), which feed them arbitrary bytes.
+pub mod headers;
+pub mod route;
 mod upstream;
-mod wire;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -11,8 +11,8 @@ mod response_body;
 use std::io;
 
 pub use request::{RequestFraming, chunk_line, encode_request_head, last_chunk};
-pub use response::{Parsed, ResponseHead, parse_response_head};
-pub use response_body::{BodyReader, Step};
+pub use response::{Parsed, ResponseFraming, ResponseHead, parse_response_head};
+pub use response_body::{BodyReader, ChunkedDecoder, Decoded, Step};
 
 /// The longest response head (or trailer section) accepted from a backend.
 pub const MAX_HEAD: usize = 64 * 1024;

@@ -53,12 +53,14 @@ pub enum Parsed {
 pub fn parse_response_head(buf: &mut BytesMut, method: &Method, upgrade: bool) -> io::Result<Parsed> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
+    // Only the first `MAX_HEAD` bytes are parsed, so that what is past the
+    // limit cannot change the outcome (nor how the bytes arrived).
     let status = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut parsed, buf, &mut fields)
+        .parse_response_with_uninit_headers(&mut parsed, &buf[..buf.len().min(MAX_HEAD)], &mut fields)
         .map_err(|e| invalid(format!("malformed response head: {e}")))?;
     let length = match status {
-        httparse::Status::Complete(length) if length <= MAX_HEAD => length,
-        httparse::Status::Partial if buf.len() <= MAX_HEAD => return Ok(Parsed::Partial),
+        httparse::Status::Complete(length) => length,
+        httparse::Status::Partial if buf.len() < MAX_HEAD => return Ok(Parsed::Partial),
         _ => return Err(invalid(format!("response head longer than {MAX_HEAD} bytes"))),
     };
     let code = parsed.code.unwrap_or_default();

@@ -134,7 +134,10 @@ impl ChunkedDecoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Decoded> {
         loop {
             match self.state {
-                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                // Only the first `MAX_CHUNK_LINE` bytes are parsed: past the
+                // limit the line is too long whatever else it holds, so the
+                // outcome is the same however its bytes arrived.
+                ChunkState::Size => match httparse::parse_chunk_size(&buf[..buf.len().min(MAX_CHUNK_LINE)]) {
                     Ok(httparse::Status::Complete((used, size))) => {
                         let _ = buf.split_to(used);
                         self.state = if size == 0 {
@@ -143,7 +146,7 @@ impl ChunkedDecoder {
                             ChunkState::Data(size)
                         };
                     }
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                    Ok(httparse::Status::Partial) if buf.len() >= MAX_CHUNK_LINE => {
                         return Err(invalid("chunk-size line too long".into()));
                     }
                     Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
@@ -179,7 +182,8 @@ impl ChunkedDecoder {
                         return Ok(Decoded::End);
                     }
                     let mut fields = [httparse::EMPTY_HEADER; 32];
-                    return match httparse::parse_headers(buf, &mut fields) {
+                    // As for the chunk-size line: only up to the limit.
+                    return match httparse::parse_headers(&buf[..buf.len().min(MAX_HEAD)], &mut fields) {
                         Ok(httparse::Status::Complete((used, fields))) => {
                             let mut trailers = HeaderMap::with_capacity(fields.len());
                             for field in fields {
@@ -194,7 +198,7 @@ impl ChunkedDecoder {
                             self.state = ChunkState::Done;
                             Ok(Decoded::Trailers(trailers))
                         }
-                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                             Err(invalid("trailer section too long".into()))
                         }
                         Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
