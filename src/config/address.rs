@@ -10,7 +10,7 @@ use crate::sockets::Address;
 
 impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_str(super::schema::ScalarVisitor {
+        deserializer.deserialize_str(super::values::ScalarVisitor {
             expecting: "an address such as tcp://127.0.0.1:8080 or unix:/run/app.sock",
             parse: Address::parse,
         })
@@ -82,7 +82,7 @@ impl fmt::Display for SyslogDestination {
 
 impl<'de> Deserialize<'de> for SyslogDestination {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_str(super::schema::ScalarVisitor {
+        deserializer.deserialize_str(super::values::ScalarVisitor {
             expecting: "a syslog address such as unix:/dev/log or udp://127.0.0.1:514",
             parse: SyslogDestination::parse,
         })

@@ -15,6 +15,7 @@ mod schema;
 pub mod tls;
 mod validate;
 mod value_error;
+mod values;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +30,7 @@ pub use schema::*;
 pub use validate::backend_list_problems;
 pub use validate::{MAX_DAY_DURATION, MAX_LONG_DURATION, MAX_SHORT_DURATION};
 pub use value_error::{DurationError, StatusRangeError};
+pub use values::{Dur, StatusRange};
 
 use locate::{Locations, Position};
 
