@@ -20,7 +20,7 @@ use interlude::proxy::Proxy;
 use interlude::proxy::http::headers::{ClientIdentity, wants_upgrade};
 use interlude::proxy::http::route::{VirtualHosts, bypasses, request_host};
 use interlude::proxy::http::wire::{RequestFraming, encode_request_head};
-use interlude::proxy::stream::Peer;
+use interlude::sockets::stream::Peer;
 use libfuzzer_sys::fuzz_target;
 
 /// Three proxies, made once (a proxy starts a health checker: on a runtime
