@@ -36,8 +36,8 @@ use tracing::{info, warn};
 
 use crate::config::{Address, Config, Mode};
 use crate::drain::{Drained, drain};
-use crate::proxy::Proxy;
 use crate::proxy::limit::{ConnectionLimit, DaemonLimit};
+use crate::proxy::{Proxy, ProxyEvent, ProxyEvents};
 use crate::telemetry::stats::{self, StatsLog};
 use crate::telemetry::{Logging, systemd};
 use commands::{Command, PauseReport, UnknownProxy};
@@ -105,6 +105,9 @@ struct Daemon {
     /// waiting for health, the state writer, the control API): joined on
     /// stop.
     tasks: TaskTracker,
+    /// What the proxies' background tasks found (a backend drained).
+    proxy_events: mpsc::UnboundedReceiver<ProxyEvent>,
+    proxy_event_sender: ProxyEvents,
     /// Proxies removed by a reload while their connections drain.
     retiring: TaskTracker,
     /// Parent of every proxy's kill token: cancelled at the end of the grace period.
@@ -175,6 +178,7 @@ impl Daemon {
                     }
                 },
                 Some(command) = self.commands.recv() => self.handle(command).await,
+                Some(event) = self.proxy_events.recv() => self.on_proxy_event(event),
                 Some(()) = file_changed => file_settles = Some(reload::debounce(file_settles)),
                 () = sleep_until(file_settles.map(|(_, at)| at)) => {
                     file_settles = None;
@@ -223,6 +227,18 @@ impl Daemon {
                 outcome,
                 reply,
             } => self.deploy_done(proxy, id, backends, outcome, reply),
+        }
+    }
+
+    /// Acts on what a proxy's background task found.
+    fn on_proxy_event(&mut self, event: ProxyEvent) {
+        match event {
+            ProxyEvent::BackendDrained { proxy, backend } => {
+                // A proxy removed meanwhile took its backends with it.
+                if let Some(running) = self.running.find_mut(&proxy) {
+                    running.proxy.forget(std::slice::from_ref(&backend));
+                }
+            }
         }
     }
 

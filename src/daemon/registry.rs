@@ -21,8 +21,8 @@ use super::listeners::RunningListener;
 use super::reconcile::ListenKey;
 use super::{ProxyEntry, RunningView};
 use crate::config::{Address, BackendConfig, ProxyConfig};
-use crate::proxy::Proxy;
 use crate::proxy::gate::RuntimePause;
+use crate::proxy::{Proxy, ProxyEvents};
 
 /// One proxy as the daemon runs it: its shared state, the config entry it
 /// was built from, and what was changed at run time.
@@ -50,9 +50,10 @@ impl RunningProxy {
         tls: Option<Arc<ServerConfig>>,
         kill: CancellationToken,
         restored: Option<RuntimePause>,
+        events: ProxyEvents,
     ) -> RunningProxy {
         let backends = deployed.as_deref().unwrap_or(&config.backends);
-        let proxy = Proxy::new(config, backends, tls, kill, restored.clone());
+        let proxy = Proxy::new(config, backends, tls, kill, restored.clone(), events);
         if config.paused {
             info!(proxy = %proxy.name, by = "config", "paused");
         }
@@ -229,11 +230,12 @@ mod tests {
     fn registry(yaml: &str) -> Registry {
         let config: crate::config::Config = serde_yaml::from_str(yaml).unwrap();
         let kill = CancellationToken::new();
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
         Registry {
             proxies: config
                 .proxies
                 .iter()
-                .map(|p| RunningProxy::start(p, None, None, kill.child_token(), None))
+                .map(|p| RunningProxy::start(p, None, None, kill.child_token(), None, events.clone()))
                 .collect(),
             listeners: Vec::new(),
         }

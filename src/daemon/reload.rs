@@ -297,7 +297,14 @@ impl Daemon {
                     current.reconfigure(wanted);
                     current
                 }
-                (_, None) => RunningProxy::start(wanted, None, tls, self.kill_all.child_token(), None),
+                (_, None) => RunningProxy::start(
+                    wanted,
+                    None,
+                    tls,
+                    self.kill_all.child_token(),
+                    None,
+                    self.proxy_event_sender.clone(),
+                ),
             };
             if matches!(step.action, Action::Add | Action::Move) {
                 addressed.push(next.len());

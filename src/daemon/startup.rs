@@ -192,6 +192,7 @@ impl Daemon {
                 "limits.max_connections leaves less than the descriptor reserve under the open-files limit: connections may fail with 'Too many open files' before the limit"
             );
         }
+        let (proxy_event_sender, proxy_events) = mpsc::unbounded_channel();
         let mut proxies = Vec::with_capacity(config.proxies.len());
         for proxy_config in &config.proxies {
             let restored = saved
@@ -211,6 +212,7 @@ impl Daemon {
                 tls.get(&proxy_config.name).cloned(),
                 kill_all.child_token(),
                 restored,
+                proxy_event_sender.clone(),
             ));
         }
         let mut listeners = Vec::with_capacity(sockets.len());
@@ -277,6 +279,8 @@ impl Daemon {
             logging,
             running,
             tasks,
+            proxy_events,
+            proxy_event_sender,
             retiring: TaskTracker::new(),
             kill_all,
             commands,

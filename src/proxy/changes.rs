@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{Proxy, ProxySettings, until_zero};
+use super::{Proxy, ProxyEvent, ProxySettings, until_zero};
 use crate::backends::{Backend, BackendSet, Role};
 use crate::config::{Address, BackendConfig, ProxyConfig};
 use crate::drain::{Drained, drain_within};
@@ -165,13 +165,18 @@ impl Proxy {
             if outcome == Drained::Finished && open > 0 {
                 info!(proxy = %proxy.name, backend = %backend.address, "backend drained");
             }
-            proxy.forget(std::slice::from_ref(&backend));
+            // The loop takes it out of the set (`forget`).
+            let drained = ProxyEvent::BackendDrained {
+                proxy: proxy.name.clone(),
+                backend,
+            };
+            let _ = proxy.events.send(drained);
         });
     }
 
     /// Removes `gone` from the set (identity, not address: a backend that
     /// came back under the same address stays).
-    fn forget(&self, gone: &[Arc<Backend>]) {
+    pub fn forget(&self, gone: &[Arc<Backend>]) {
         self.settings.send_if_modified(|settings| {
             let current = &settings.backends;
             let next: Vec<Arc<Backend>> = current

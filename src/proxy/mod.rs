@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
@@ -160,7 +160,22 @@ pub struct Proxy {
     /// Its background tasks (the health checker, backend drains): closed
     /// by `wind_down`, joined with the connections on stop or removal.
     pub tasks: TaskTracker,
+    /// Where its background tasks report what they found: the daemon loop
+    /// acts on it, so only the loop changes what runs.
+    pub events: ProxyEvents,
 }
+
+/// What a proxy's background tasks found, for the daemon loop to act on.
+#[derive(Debug)]
+pub enum ProxyEvent {
+    /// A draining backend's connections ended (or were cut at its
+    /// `drain_timeout`): it can leave its proxy's set.
+    BackendDrained { proxy: Arc<str>, backend: Arc<Backend> },
+}
+
+/// The daemon loop's inbox for `ProxyEvent`s (events are rare: one per
+/// drained backend).
+pub type ProxyEvents = mpsc::UnboundedSender<ProxyEvent>;
 
 impl Proxy {
     /// A proxy for `config`, serving `backends` (the config's, or a deployed
@@ -171,6 +186,7 @@ impl Proxy {
         tls: Option<Arc<ServerConfig>>,
         kill: CancellationToken,
         runtime_pause: Option<RuntimePause>,
+        events: ProxyEvents,
     ) -> Arc<Proxy> {
         let live = BackendSet::reuse_or_create(backends, None, Role::Serving, &kill);
         let settings = ProxySettings::new(config, BackendSet::new(live, config.balance), tls);
@@ -194,6 +210,7 @@ impl Proxy {
             health: Arc::default(),
             retired: CancellationToken::new(),
             tasks,
+            events,
         });
         let settings = proxy.settings.subscribe();
         proxy.tasks.spawn(health::run(
@@ -414,12 +431,14 @@ async fn answer_503(client: &mut Client, retry_after: Duration, reason: RejectRe
 pub(crate) fn test_proxy(name: &str) -> Arc<Proxy> {
     let yaml = format!("proxies: [{{name: {name}, listen: '127.0.0.1:1', backends: ['127.0.0.1:2']}}]");
     let config: crate::config::Config = serde_yaml::from_str(&yaml).expect("test config");
+    let (events, _) = mpsc::unbounded_channel();
     Proxy::new(
         &config.proxies[0],
         &config.proxies[0].backends,
         None,
         CancellationToken::new(),
         None,
+        events,
     )
 }
 
