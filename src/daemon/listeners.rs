@@ -65,7 +65,11 @@ impl RunningListener {
             ticks: watchdog_ticks.subscribe(),
             answered: answered.clone(),
         };
-        let task = tokio::spawn(accept_loop(site.clone(), listener, stop.clone(), heartbeat));
+        // The accept loop is the site's first task; `stop` joins it (and
+        // gets the socket back) before the site's connections are waited on.
+        let task = site
+            .connections
+            .spawn(accept_loop(site.clone(), listener, stop.clone(), heartbeat));
         RunningListener {
             key,
             bound,
