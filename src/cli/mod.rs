@@ -4,7 +4,8 @@
 
 pub mod client;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -150,6 +151,31 @@ pub struct ClientArgs {
     /// Bearer token for a TCP control listener (default: the config's control.token)
     #[arg(long, env = "INTERLUDE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// `interlude check`: every problem on stderr (exit 2), or a one-line
+/// summary. Beyond the file itself it tries what `run` needs from this
+/// machine (log file, state directory) and leaves nothing behind.
+pub fn check(config_path: &Path) -> ExitCode {
+    let checked = crate::config::read(config_path).and_then(|text| {
+        let loaded = crate::config::parse(&text, config_path)?;
+        let problems = crate::daemon::preflight::check(&loaded.config);
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(crate::config::locate_problems(&text, config_path, problems))
+        }
+    });
+    match checked {
+        Ok(loaded) => {
+            println!("{}: ok: {}", config_path.display(), loaded.config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(crate::daemon::EXIT_CONFIG)
+        }
+    }
 }
 
 #[cfg(test)]
