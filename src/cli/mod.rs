@@ -1,6 +1,7 @@
 //! The command line: one clap definition that is the single source of
 //! `--help`, the dispatch in `main.rs` and the man page consistency test;
-//! `client` runs the client commands against the control API.
+//! `client` runs the client commands against the control API, and `check`
+//! is `interlude check`.
 
 pub mod client;
 
