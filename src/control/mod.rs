@@ -1,6 +1,7 @@
 //! The control API: HTTP/1.1 with JSON bodies (hyper) on the control socket,
-//! a UNIX socket by default. It reads live state from the daemon's snapshot
-//! and asks the daemon loop for every change; it owns no state itself.
+//! a UNIX socket by default. It reads live state from the view the daemon
+//! publishes (`RunningView`) and asks the daemon loop for every change; it
+//! owns no state itself.
 
 // Public for the fuzz targets (fuzz/): its request parsing.
 pub mod api;

@@ -1,5 +1,6 @@
-//! The `/status` document: built by the daemon from live counters, read back
-//! by `interlude status`. Field names are fixed by the interface contract;
+//! The `/status` document: built by the control API from the daemon's
+//! published view and the proxies' live counters, read back by
+//! `interlude status`. Field names are fixed by the interface contract;
 //! new fields may be added, none renamed.
 
 use std::collections::BTreeMap;

@@ -1,5 +1,7 @@
-//! One proxy at run time: its listener task, its counters, and what happens
-//! to each accepted connection (choose a backend, connect, forward).
+//! One proxy at run time: its counters, its gate, its health checker, and
+//! what happens to each connection its listening socket hands it (choose a
+//! backend, connect, forward). The socket and its accept loop belong to the
+//! address, not the proxy (`listener.rs`, owned by the daemon).
 //!
 //! `Proxy` is the part shared with every connection task; `ProxySettings` is
 //! an immutable snapshot of the config a connection was accepted under, so a
