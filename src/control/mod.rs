@@ -150,19 +150,16 @@ pub async fn serve(listener: Listener, config: ControlConfig, shared: Arc<Shared
     let connections = TaskTracker::new();
     let slots = Arc::new(Slots::default());
     let mut failing = false;
-    loop {
+    'accepting: loop {
         while !slots.make_room() {
             // Every connection is in a request: wait for one to end.
             tokio::select! {
-                () = stop.cancelled() => {
-                    connections.close();
-                    return;
-                }
+                () = stop.cancelled() => break 'accepting,
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
         let accepted = tokio::select! {
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => break 'accepting,
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
@@ -210,5 +207,8 @@ pub async fn serve(listener: Listener, config: ControlConfig, shared: Arc<Shared
             slots.remove(&slot);
         });
     }
+    // Every connection task ends at `stop` (it selects on it), so this
+    // wait is short; it makes the daemon's join of the API cover them.
     connections.close();
+    connections.wait().await;
 }
