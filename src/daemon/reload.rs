@@ -347,7 +347,7 @@ impl Daemon {
         }
         for name in &plan.remove {
             if let Some(removed) = old.remove(name) {
-                self.retire(removed).await;
+                self.retire(removed);
             }
         }
         config.proxies = next.iter().map(|r| r.config.clone()).collect();
@@ -376,7 +376,7 @@ impl Daemon {
     /// A removed proxy: stops accepting, closes its held connections (its
     /// config is gone, so they are never forwarded), and lets forwarded ones
     /// run for `drain_timeout` before closing them.
-    async fn retire(&self, removed: RunningProxy) {
+    fn retire(&self, removed: RunningProxy) {
         let RunningProxy {
             proxy,
             config,
