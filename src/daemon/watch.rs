@@ -58,7 +58,7 @@ pub fn watch(config_path: &Path) -> Result<ConfigWatcher, WatchError> {
         .ok_or_else(|| WatchError::NoParent(absolute.clone()))?
         .to_path_buf();
     let (sender, changes) = mpsc::unbounded_channel();
-    let config = absolute.clone();
+    let config = absolute;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (open, close without write) change nothing. An error may
         // have lost events: look again.
