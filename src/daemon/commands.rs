@@ -1,5 +1,7 @@
-//! Requests to the daemon loop, each with a channel for its answer. Anything
-//! that changes what runs (the control API today) goes through here.
+//! Requests to the daemon loop, each with a channel for its answer: the
+//! control API's changes, and the reports of the loop's own tasks (a
+//! reload's reading, a deploy's wait), so that only the loop changes what
+//! runs.
 
 use std::time::Duration;
 
