@@ -43,6 +43,7 @@ fn proxies() -> &'static [Arc<Proxy>; 3] {
                     None,
                     Default::default(),
                     None,
+                    tokio::sync::mpsc::unbounded_channel().0,
                 );
                 proxy.retired.cancel();
                 proxy
