@@ -3,8 +3,9 @@
 //! converges it to the file (`reload.rs`), signals and the control API
 //! change it only through the loop. It answers the questions the loop
 //! asks of the whole (which proxies a request names, what to report, which
-//! runtime pause ends first, which accept loop is stuck) so that no other
-//! place walks the lists itself.
+//! runtime pause ends first, which accept loop is stuck). A reload
+//! (`reload.rs`) and the routes of a socket (`listeners.rs`) work on its
+//! lists directly: they rebuild them.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -70,9 +71,10 @@ impl RunningProxy {
         }
     }
 
-    /// Takes a config entry of the same name (a reload's update or move).
-    pub fn reconfigure(&mut self, config: &ProxyConfig) {
-        self.key = ListenKey::of(config);
+    /// Takes a config entry of the same name and its listen key, as the
+    /// reload's plan worked it out (an update or a move).
+    pub fn reconfigure(&mut self, config: &ProxyConfig, key: &ListenKey) {
+        self.key = key.clone();
         self.config = config.clone();
     }
 

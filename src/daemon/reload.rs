@@ -294,7 +294,7 @@ impl Daemon {
                     }
                     let backends = effective_backends(&mut current.deployed, &current.config, wanted);
                     self.update_proxy(&current.proxy, wanted, &backends, tls);
-                    current.reconfigure(wanted);
+                    current.reconfigure(wanted, &step.key);
                     current
                 }
                 (_, None) => RunningProxy::start(
