@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         None | Some(Command::Run) => daemon::run(&cli.config, control::serve),
         Some(Command::Check) => cli::check(&cli.config),
         Some(Command::Completions { shell }) => {
-            interlude::cli::write_completions(*shell, &mut std::io::stdout());
+            cli::write_completions(*shell, &mut std::io::stdout());
             ExitCode::SUCCESS
         }
         Some(client_command) => cli::client::run(client_command, &cli.config),

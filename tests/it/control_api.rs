@@ -52,18 +52,7 @@ fn expect_error(dir: &Path, method: &str, path: &str, code: u16) -> String {
 fn two_proxies(dir: &Path) -> (Daemon, TestServer, TestServer) {
     let server_a = TestServer::echo_tcp();
     let server_b = TestServer::echo_tcp();
-    let yaml = format!(
-        "{}proxies:\n{}{}",
-        preamble(dir, "5s"),
-        proxy_entry("a", "tcp://127.0.0.1:0", &[server_a.address()], ""),
-        // A UNIX listener: two proxies may not share one (even port-0) TCP address.
-        proxy_entry(
-            "b",
-            &format!("unix:{}/b.sock", dir.display()),
-            &[server_b.address()],
-            ""
-        )
-    );
+    let yaml = two_proxies_config(dir, "", &server_a.address(), &server_b.address());
     (start_ready(dir, &yaml), server_a, server_b)
 }
 

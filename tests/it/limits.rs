@@ -40,6 +40,22 @@ fn checked_proxy(name: &str, listen: &str, backend: &str) -> String {
     )
 }
 
+/// An HTTP/1.1 backend answering `200 ok` to every request on a
+/// keep-alive connection.
+fn http_ok_server() -> TestServer {
+    TestServer::tcp(|stream| {
+        let mut wire = http::Wire::new(stream);
+        while let Ok(Some(_head)) = wire.read_head() {
+            if wire
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
 /// Connects and sends one message; the client is served if the echo comes back.
 fn client(endpoint: &Endpoint, msg: &[u8]) -> Stream {
     let mut stream = endpoint.must_connect();
@@ -217,16 +233,11 @@ fn the_daemon_wide_limit_counts_every_proxy() {
     let dir = tempdir();
     let server_a = TestServer::echo_tcp();
     let server_b = TestServer::echo_tcp();
-    let yaml = format!(
-        "{}limits:\n  max_connections: 10\nproxies:\n{}{}",
-        preamble(dir.path(), "5s"),
-        proxy_entry("a", "tcp://127.0.0.1:0", &[server_a.address()], ""),
-        proxy_entry(
-            "b",
-            &format!("unix:{}/b.sock", dir.path().display()),
-            &[server_b.address()],
-            ""
-        ),
+    let yaml = two_proxies_config(
+        dir.path(),
+        "limits:\n  max_connections: 10\n",
+        &server_a.address(),
+        &server_b.address(),
     );
     let daemon = start_ready(dir.path(), &yaml);
     let (a, b) = (daemon.listen_addr("a"), daemon.listen_addr("b"));
@@ -314,17 +325,7 @@ fn the_daemon_wide_limit_counts_every_proxy() {
 #[test]
 fn mode_http_counts_client_connections() {
     let dir = tempdir();
-    let server = TestServer::tcp(|stream| {
-        let mut wire = http::Wire::new(stream);
-        while let Ok(Some(_head)) = wire.read_head() {
-            if wire
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    let server = http_ok_server();
     let daemon = start_ready(
         dir.path(),
         &one_proxy_config(
@@ -491,17 +492,7 @@ fn running_out_of_descriptors_is_not_the_backends_fault() {
 #[test]
 fn mode_http_answers_503_when_descriptors_run_out() {
     let dir = tempdir();
-    let server = TestServer::tcp(|stream| {
-        let mut wire = http::Wire::new(stream);
-        while let Ok(Some(_head)) = wire.read_head() {
-            if wire
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    let server = http_ok_server();
     let yaml = format!(
         "{}limits:\n  max_connections: 100000\nproxies:\n{}",
         preamble(dir.path(), "5s"),

@@ -185,18 +185,7 @@ fn pausing_one_proxy_leaves_the_other_forwarding() {
     let dir = tempdir();
     let server_a = TestServer::echo_tcp();
     let server_b = TestServer::echo_tcp();
-    let yaml = format!(
-        "{}proxies:\n{}{}",
-        preamble(dir.path(), "5s"),
-        proxy_entry("a", "tcp://127.0.0.1:0", &[server_a.address()], ""),
-        // A UNIX listener: two proxies may not share one (even port-0) TCP address.
-        proxy_entry(
-            "b",
-            &format!("unix:{}/b.sock", dir.path().display()),
-            &[server_b.address()],
-            ""
-        )
-    );
+    let yaml = two_proxies_config(dir.path(), "", &server_a.address(), &server_b.address());
     let daemon = start_ready(dir.path(), &yaml);
     let (a, b) = (daemon.listen_addr("a"), daemon.listen_addr("b"));
 

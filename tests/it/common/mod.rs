@@ -89,6 +89,24 @@ pub fn proxy_entry(name: &str, listen: &str, backends: &[String], extra: &str) -
     yaml
 }
 
+/// A whole config with two proxies: `a` on TCP port 0 and `b` on the
+/// UNIX socket `dir/b.sock` (two proxies may not share one, even port-0,
+/// TCP address), each with its own backend; `top` is inserted before
+/// `proxies:` (e.g. a `limits:` block).
+pub fn two_proxies_config(dir: &Path, top: &str, backend_a: &str, backend_b: &str) -> String {
+    format!(
+        "{}{top}proxies:\n{}{}",
+        preamble(dir, "5s"),
+        proxy_entry("a", "tcp://127.0.0.1:0", &[backend_a.to_string()], ""),
+        proxy_entry(
+            "b",
+            &format!("unix:{}/b.sock", dir.display()),
+            &[backend_b.to_string()],
+            ""
+        )
+    )
+}
+
 /// A whole config ([`preamble`]) with one proxy named `p` ([`proxy_entry`]).
 pub fn one_proxy_config(dir: &Path, grace: &str, listen: &str, backends: &[String], extra: &str) -> String {
     format!(
