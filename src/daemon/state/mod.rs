@@ -356,7 +356,7 @@ impl fmt::Display for NotSaved {
 impl std::error::Error for NotSaved {}
 
 /// A state to write, and who waits to hear whether it was written.
-type Save = (State, Option<oneshot::Sender<Result<(), NotSaved>>>);
+type Save = (State, oneshot::Sender<Result<(), NotSaved>>);
 
 /// Hands states to the background writer; only the latest one is written.
 pub struct StateWriter {
@@ -373,12 +373,12 @@ impl StateWriter {
         tasks.spawn(async move {
             let mut on_disk = Some(written);
             while let Some((mut state, waiter)) = changes.recv().await {
-                let mut waiters: Vec<_> = waiter.into_iter().collect();
+                let mut waiters = vec![waiter];
                 // Latest wins: everything queued meanwhile is answered by
                 // this one write.
                 while let Ok((next, waiter)) = changes.try_recv() {
                     state = next;
-                    waiters.extend(waiter);
+                    waiters.push(waiter);
                 }
                 let result = if on_disk.as_ref() == Some(&state) {
                     Ok(())
@@ -422,7 +422,7 @@ impl StateWriter {
     /// state) was written, or why it could not be.
     pub fn save(&self, state: State) -> Persisted {
         let (done, persisted) = oneshot::channel();
-        if self.latest.send((state, Some(done))).is_err() {
+        if self.latest.send((state, done)).is_err() {
             info!("state writer gone: the daemon is stopping");
         }
         persisted
