@@ -24,6 +24,7 @@ use super::{Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, 
 use crate::config::paths::DirError;
 use crate::config::{self, Address, ControlConfig, Loaded};
 use crate::proxy::limit::DaemonLimit;
+use crate::sockets::inherited::Inherited;
 use crate::sockets::stream::{BindError, Listener};
 use crate::telemetry::stats::StatsLog;
 use crate::telemetry::{self, LogError, Logging, systemd};
@@ -134,6 +135,7 @@ where
             config_path.to_path_buf(),
             reload::fingerprint(&text),
             logging,
+            Inherited::default(),
             serve_api,
         )
         .await?;
@@ -152,6 +154,7 @@ impl Daemon {
         config_path: PathBuf,
         fingerprint: u64,
         logging: Logging,
+        mut inherited: Inherited,
         serve_api: Api,
     ) -> Result<Daemon, StartError>
     where
@@ -168,20 +171,30 @@ impl Daemon {
         for proxy_config in &config.proxies {
             let key = ListenKey::of(proxy_config);
             if !sockets.iter().any(|(bound, _)| *bound == key) {
-                let listener = Listener::bind(key.address())
+                let listener = take_or_bind(&mut inherited, key.address())
                     .await
                     .map_err(StartError::Listener)?;
                 sockets.push((key, listener));
             }
         }
-        if let Address::Unix(path) = &config.control.listen {
-            // systemd's RuntimeDirectory makes it; by hand it may be missing.
-            config::paths::prepare_socket_dir(path).map_err(StartError::ControlSocketDir)?;
-        }
-        let control_listener = Listener::bind(&config.control.listen)
+        let control_listener = match inherited
+            .take(&config.control.listen)
             .await
-            .map_err(StartError::ControlSocket)?;
-        restrict_socket_mode(&config.control.listen);
+            .map_err(|e| StartError::ControlSocket(BindError::inherited(&config.control.listen, e)))?
+        {
+            Some(listener) => listener,
+            None => {
+                if let Address::Unix(path) = &config.control.listen {
+                    // systemd's RuntimeDirectory makes it; by hand it may be missing.
+                    config::paths::prepare_socket_dir(path).map_err(StartError::ControlSocketDir)?;
+                }
+                let listener = Listener::bind(&config.control.listen)
+                    .await
+                    .map_err(StartError::ControlSocket)?;
+                restrict_socket_mode(&config.control.listen);
+                listener
+            }
+        };
 
         let kill_all = CancellationToken::new();
         let (watchdog_ticks, _) = latest::channel(0u64);
@@ -307,6 +320,15 @@ impl Daemon {
         daemon.status_line = daemon.summary();
         systemd::ready(&daemon.status_line);
         Ok(daemon)
+    }
+}
+
+/// The inherited socket for `address`, else a new one bound there.
+async fn take_or_bind(inherited: &mut Inherited, address: &Address) -> Result<Listener, BindError> {
+    match inherited.take(address).await {
+        Ok(Some(listener)) => Ok(listener),
+        Ok(None) => Listener::bind(address).await,
+        Err(e) => Err(BindError::inherited(address, e)),
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod exhaustion;
+pub mod inherited;
 pub mod stream;
 
 pub use address::{Address, AddressError, TcpAddressProblem, TcpTarget};

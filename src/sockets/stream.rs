@@ -7,9 +7,10 @@
 //! flight: an idle connection owns no buffer at all.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -209,10 +210,53 @@ impl Listener {
                     listener,
                     OwnedSocketFile {
                         path: path.clone(),
-                        identity: (meta.dev(), meta.ino()),
+                        identity: Some((meta.dev(), meta.ino())),
                     },
                 ))
             }
+        }
+    }
+
+    /// A listening socket this process inherited (see `inherited`), for
+    /// `address`. A UNIX socket file is removed on drop only if
+    /// `owns_file` (systemd's files are systemd's).
+    pub fn adopt(fd: OwnedFd, address: &Address, owns_file: bool) -> io::Result<Listener> {
+        let listening = rustix::net::sockopt::socket_acceptconn(&fd)?;
+        if !listening {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the socket passed for {address} is not listening"),
+            ));
+        }
+        match address {
+            Address::Tcp(_) => {
+                let listener = std::net::TcpListener::from(fd);
+                listener.set_nonblocking(true)?;
+                Ok(Listener::Tcp(TcpListener::from_std(listener)?))
+            }
+            Address::Unix(path) => {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                listener.set_nonblocking(true)?;
+                let identity = match std::fs::metadata(path) {
+                    Ok(meta) if owns_file => Some((meta.dev(), meta.ino())),
+                    _ => None,
+                };
+                Ok(Listener::Unix(
+                    UnixListener::from_std(listener)?,
+                    OwnedSocketFile {
+                        path: path.clone(),
+                        identity,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// The listening socket, to hand over to another process.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
         }
     }
 
@@ -241,17 +285,34 @@ impl Listener {
     }
 }
 
-/// The socket file a UNIX listener created, identified by device and inode.
+/// The socket file a UNIX listener created, identified by device and inode
+/// (`None`: a file this process does not own, never removed).
 #[derive(Debug)]
 pub struct OwnedSocketFile {
     path: PathBuf,
-    identity: (u64, u64),
+    identity: Option<(u64, u64)>,
+}
+
+/// Set once this process has handed its sockets to its successor: from
+/// then on every socket file is the successor's, and none is removed.
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
+/// Leaves every UNIX socket file in place from now on (after an upgrade
+/// handed the sockets to the new process, which listens on them).
+pub fn keep_socket_files() {
+    HANDED_OVER.store(true, Ordering::SeqCst);
 }
 
 impl Drop for OwnedSocketFile {
     fn drop(&mut self) {
+        if HANDED_OVER.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(identity) = self.identity else {
+            return;
+        };
         let still_ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.identity);
+            std::fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == identity);
         if still_ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -287,9 +348,22 @@ pub struct BindError {
     pub cause: BindFailure,
 }
 
+impl BindError {
+    /// A socket passed to this process for `address` that cannot serve as
+    /// its listener.
+    pub fn inherited(address: &Address, error: io::Error) -> BindError {
+        BindError {
+            address: address.clone(),
+            cause: BindFailure::Inherited(error),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum BindFailure {
     Io(io::Error),
+    /// The socket inherited for it (upgrade, systemd) is unusable.
+    Inherited(io::Error),
     /// A host name that resolves to no address.
     ResolvesToNothing(String),
     /// Something other than a socket is at a UNIX listener's path.
@@ -309,6 +383,7 @@ impl std::fmt::Display for BindError {
         write!(f, "cannot listen on {address}: ")?;
         match &self.cause {
             BindFailure::Io(e) => f.write_str(&describe_bind_error(e, address)),
+            BindFailure::Inherited(e) => write!(f, "the socket passed for it is unusable: {e}"),
             BindFailure::ResolvesToNothing(host) => write!(f, "{host} resolves to no address"),
             BindFailure::NotASocket(path) => {
                 write!(
