@@ -12,6 +12,7 @@
 
 pub mod commands;
 mod deploy;
+pub mod handover;
 mod listeners;
 pub mod preflight;
 mod reconcile;

@@ -1,0 +1,455 @@
+//! The upgrade's handover protocol: what the old and the new process say to
+//! each other over their private UNIX socket, and how it travels.
+//!
+//! The socket is a `SOCK_SEQPACKET` pair: one packet per message, its
+//! descriptors attached with `SCM_RIGHTS` (at most 253 per packet, the
+//! kernel's limit). A packet is a little-endian `u32` header length, a JSON
+//! header `{"version": V, "message": {"kind": ..., ...}}`, then raw payload
+//! bytes that the header refers to by offset and length (bytes read from a
+//! held client travel unencoded).
+//!
+//! The conversation, old → new unless marked:
+//! `offer` (listening sockets, control socket, run-time state) → new:
+//! `ready` or `failed` → `held` packets (held clients, one descriptor each)
+//! → `done` → new: `adopted` → `commit` (the old has stopped accepting and
+//! told systemd the new pid). After that the new may send `resumed` for a
+//! proxy whose clients the old still holds (TLS, or requests that could not
+//! move), so the old releases them.
+//!
+//! Versions: every version reads every earlier one. A field added later has
+//! a default; a message kind added later is sent only to a peer whose
+//! version knows it (the offer and `ready` carry each side's version). A
+//! peer's unknown fields are ignored, so an old process reads a newer
+//! process's answers.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+
+use super::state::State;
+
+/// This build's protocol version.
+pub const VERSION: u32 = 1;
+
+/// The environment variable naming the new process's end of the socket.
+pub const HANDOVER_FD_ENV: &str = "INTERLUDE_HANDOVER_FD";
+
+/// Descriptors per packet: the kernel's `SCM_MAX_FD`.
+pub const MAX_FDS: usize = 253;
+
+/// The largest packet either side sends or reads (well under the default
+/// socket buffer, which bounds a `SOCK_SEQPACKET` packet).
+pub const MAX_PACKET: usize = 128 * 1024;
+
+/// Room for the header of a packet of held clients; payload fills the rest.
+pub const HEADER_ROOM: usize = 32 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Message {
+    /// Old → new, first: the sockets and the run-time state.
+    Offer(Offer),
+    /// New → old: started with the offered sockets and state, serving.
+    Ready { pid: u32, version: String },
+    /// New → old: could not start; the old carries on.
+    Failed { error: String },
+    /// Old → new: held clients, one descriptor each, in the packet's order.
+    Held { clients: Vec<HeldClient> },
+    /// Old → new: no more held clients. `staying` names the proxies whose
+    /// clients the old still holds (they could not move): tell it when they
+    /// resume.
+    Done {
+        #[serde(default)]
+        staying: Vec<String>,
+    },
+    /// New → old: every held client sent is being served.
+    Adopted { count: u64 },
+    /// Old → new: the old stopped accepting and told systemd the new pid:
+    /// the new process is the daemon now.
+    Commit,
+    /// New → old: this proxy is open in the new process; release what the
+    /// old still holds of it.
+    Resumed { proxy: String },
+}
+
+/// The old process's sockets and run-time state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    pub pid: u32,
+    /// The old binary's version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// The config generation, carried on.
+    pub generation: u64,
+    /// Runtime pauses and deployed backend sets, as the state file has them.
+    pub state: State,
+    /// One entry per listening socket; `fd` indexes the packet's descriptors.
+    pub listeners: Vec<SocketEntry>,
+    pub control: Option<SocketEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SocketEntry {
+    /// The listen address as the config writes it.
+    pub address: String,
+    pub fd: usize,
+}
+
+/// A held client: its socket (`fd` indexes the packet's descriptors) and
+/// the bytes already read from it (`early`, a span of the payload), to be
+/// served as if just read: in mode tcp sent to the backend first, in mode
+/// http parsed as the start of the connection's next request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldClient {
+    pub proxy: String,
+    pub fd: usize,
+    pub early: Span,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Span {
+    pub fn of<'a>(&self, payload: &'a [u8]) -> Option<&'a [u8]> {
+        payload.get(self.offset..self.offset.checked_add(self.len)?)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    version: u32,
+    message: Message,
+}
+
+/// A message as received, with its payload and descriptors.
+#[derive(Debug)]
+pub struct Packet {
+    pub version: u32,
+    pub message: Message,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+#[derive(Debug)]
+pub enum HandoverError {
+    Io(io::Error),
+    /// The peer closed its end (it exited).
+    Closed,
+    /// A packet this version cannot read.
+    Malformed(String),
+    /// A message other than the one the conversation expects.
+    Unexpected { expected: &'static str, got: String },
+}
+
+impl std::fmt::Display for HandoverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandoverError::Io(e) => write!(f, "handover socket: {e}"),
+            HandoverError::Closed => f.write_str("the other process closed the handover socket"),
+            HandoverError::Malformed(why) => write!(f, "unreadable handover message: {why}"),
+            HandoverError::Unexpected { expected, got } => {
+                write!(f, "handover: expected {expected}, got {got}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for HandoverError {}
+
+impl From<io::Error> for HandoverError {
+    fn from(e: io::Error) -> Self {
+        HandoverError::Io(e)
+    }
+}
+
+impl Message {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Offer(_) => "offer",
+            Message::Ready { .. } => "ready",
+            Message::Failed { .. } => "failed",
+            Message::Held { .. } => "held",
+            Message::Done { .. } => "done",
+            Message::Adopted { .. } => "adopted",
+            Message::Commit => "commit",
+            Message::Resumed { .. } => "resumed",
+        }
+    }
+}
+
+/// Encodes one packet's bytes (without its descriptors).
+pub fn encode(message: &Message, payload: &[u8]) -> Result<Vec<u8>, HandoverError> {
+    let header = serde_json::to_vec(&Envelope {
+        version: VERSION,
+        message: message.clone(),
+    })
+    .map_err(|e| HandoverError::Malformed(e.to_string()))?;
+    let length = u32::try_from(header.len()).map_err(|_| HandoverError::Malformed("header too long".into()))?;
+    let mut bytes = Vec::with_capacity(4 + header.len() + payload.len());
+    bytes.extend_from_slice(&length.to_le_bytes());
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(payload);
+    if bytes.len() > MAX_PACKET {
+        return Err(HandoverError::Malformed(format!(
+            "a {} packet of {} bytes is over the limit of {MAX_PACKET}",
+            message.kind(),
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Decodes one packet's bytes: the version, the message and the payload.
+pub fn decode(bytes: &[u8]) -> Result<(u32, Message, Vec<u8>), HandoverError> {
+    let malformed = |why: String| HandoverError::Malformed(why);
+    let (length, rest) = bytes
+        .split_first_chunk::<4>()
+        .ok_or_else(|| malformed("shorter than its length prefix".into()))?;
+    let length = u32::from_le_bytes(*length) as usize;
+    let header = rest
+        .get(..length)
+        .ok_or_else(|| malformed("shorter than its header".into()))?;
+    let envelope: Envelope = serde_json::from_slice(header).map_err(|e| malformed(e.to_string()))?;
+    Ok((envelope.version, envelope.message, rest[length..].to_vec()))
+}
+
+/// One end of the handover socket, driven by the tokio runtime (a
+/// `UnixDatagram` for its readiness only: the socket is a packet socket
+/// and every read and write goes through `sendmsg`/`recvmsg`).
+pub struct Channel {
+    socket: UnixDatagram,
+}
+
+/// A new socket pair: our end, and the end for the new process (not
+/// close-on-exec, so that the child inherits it; drop it once spawned).
+pub fn pair() -> io::Result<(Channel, OwnedFd)> {
+    let (ours, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    // `dup` clears close-on-exec on the copy, which is what the child needs;
+    // the pair itself stays close-on-exec so no other child gets it.
+    let inheritable = rustix::io::dup(&theirs)?;
+    rustix::fs::fcntl_setfl(&inheritable, rustix::fs::OFlags::empty())?;
+    drop(theirs);
+    Ok((Channel::new(ours)?, inheritable))
+}
+
+impl Channel {
+    /// Wraps an end of the socket pair (made non-blocking here).
+    pub fn new(socket: OwnedFd) -> io::Result<Channel> {
+        rustix::fs::fcntl_setfl(&socket, rustix::fs::OFlags::NONBLOCK)?;
+        let socket = std::os::unix::net::UnixDatagram::from(socket);
+        Ok(Channel {
+            socket: UnixDatagram::from_std(socket)?,
+        })
+    }
+
+    pub async fn send(&self, message: &Message, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), HandoverError> {
+        let bytes = encode(message, payload)?;
+        loop {
+            self.socket.writable().await?;
+            match self
+                .socket
+                .try_io(Interest::WRITABLE, || send_packet(self.socket.as_fd(), &bytes, fds))
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return result.map_err(closed_or_io),
+            }
+        }
+    }
+
+    /// Sends without waiting (a small message on an idle socket never
+    /// has to): for a failing start-up, on its way out.
+    pub fn send_now(&self, message: &Message) -> Result<(), HandoverError> {
+        let bytes = encode(message, &[])?;
+        send_packet(self.socket.as_fd(), &bytes, &[]).map_err(closed_or_io)
+    }
+
+    pub async fn recv(&self) -> Result<Packet, HandoverError> {
+        let mut buffer = vec![0u8; MAX_PACKET];
+        loop {
+            self.socket.readable().await?;
+            let received = self
+                .socket
+                .try_io(Interest::READABLE, || recv_packet(self.socket.as_fd(), &mut buffer));
+            match received {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok((0, _)) => return Err(HandoverError::Closed),
+                Ok((length, fds)) => {
+                    let (version, message, payload) = decode(&buffer[..length])?;
+                    return Ok(Packet {
+                        version,
+                        message,
+                        payload,
+                        fds,
+                    });
+                }
+                Err(e) => return Err(closed_or_io(e)),
+            }
+        }
+    }
+}
+
+fn closed_or_io(e: io::Error) -> HandoverError {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => HandoverError::Closed,
+        _ => HandoverError::Io(e),
+    }
+}
+
+fn send_packet(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "more descriptors than one packet carries",
+        ));
+    }
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("no room for the descriptors"));
+    }
+    let sent = rustix::net::sendmsg(socket, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
+    if sent != bytes.len() {
+        return Err(io::Error::other("a packet was cut short"));
+    }
+    Ok(())
+}
+
+fn recv_packet(socket: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        socket,
+        &mut [IoSliceMut::new(buffer)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    if received.flags.contains(rustix::net::ReturnFlags::TRUNC) {
+        return Err(io::Error::other("a packet longer than the limit"));
+    }
+    if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(io::Error::other("more descriptors than one packet carries"));
+    }
+    Ok((received.bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version 1 offer exactly as version 1 writes it. Kept as it is for
+    /// ever: every later version must read it (that is how version N+1
+    /// takes over from version N).
+    const V1_OFFER: &str = r#"{"version":1,"message":{"kind":"offer","pid":4242,"version":"0.1.0","generation":7,"state":{"paused":{"web":{"since":"2026-12-04T08:00:00Z","by":"cli"}},"backends":{}},"listeners":[{"address":"tcp://127.0.0.1:8080","fd":0},{"address":"unix:/run/app.sock","fd":1}],"control":{"address":"unix:/run/interlude/control.sock","fd":2}}}"#;
+
+    const V1_HELD: &str = r#"{"version":1,"message":{"kind":"held","clients":[{"proxy":"web","fd":0,"early":{"offset":0,"len":5}}]}}"#;
+
+    fn packet(header: &str, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[test]
+    fn reads_the_version_1_offer() {
+        let (version, message, payload) = decode(&packet(V1_OFFER, b"")).expect("v1 offer");
+        assert_eq!(version, 1);
+        assert!(payload.is_empty());
+        let Message::Offer(offer) = message else {
+            panic!("not an offer: {message:?}");
+        };
+        assert_eq!((offer.pid, offer.generation), (4242, 7));
+        assert_eq!(offer.listeners[1].address, "unix:/run/app.sock");
+        assert_eq!(offer.control.map(|c| c.fd), Some(2));
+        assert!(offer.state.paused.contains_key("web"));
+    }
+
+    #[test]
+    fn reads_the_version_1_held_clients_and_their_bytes() {
+        let (_, message, payload) = decode(&packet(V1_HELD, b"hello")).expect("v1 held");
+        let Message::Held { clients } = message else {
+            panic!("not held clients: {message:?}");
+        };
+        assert_eq!(clients[0].early.of(&payload), Some(&b"hello"[..]));
+    }
+
+    /// A newer peer's answer with fields this version does not know.
+    #[test]
+    fn ignores_what_a_newer_version_adds() {
+        let newer = r#"{"version":2,"message":{"kind":"ready","pid":7,"version":"0.2.0","moves_live_connections":true},"trace":"x"}"#;
+        let (version, message, _) = decode(&packet(newer, b"")).expect("newer ready");
+        assert_eq!(version, 2);
+        assert_eq!(
+            message,
+            Message::Ready {
+                pid: 7,
+                version: "0.2.0".into()
+            }
+        );
+        // `done` without the later `staying` list.
+        let (_, done, _) = decode(&packet(r#"{"version":1,"message":{"kind":"done"}}"#, b"")).expect("done");
+        assert_eq!(done, Message::Done { staying: vec![] });
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        for bad in [&b"\x01"[..], &packet("{", b""), &packet(r#"{"version":1,"message":{"kind":"teleport"}}"#, b"")] {
+            assert!(matches!(decode(bad), Err(HandoverError::Malformed(_))), "{bad:?}");
+        }
+        let oversized = Message::Done { staying: vec![] };
+        assert!(matches!(
+            encode(&oversized, &vec![0; MAX_PACKET]),
+            Err(HandoverError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn carries_messages_payload_and_descriptors() {
+        let (ours, theirs) = pair().expect("pair");
+        let theirs = Channel::new(theirs).expect("channel");
+        let (probe, mut kept) = std::os::unix::net::UnixStream::pair().expect("probe pair");
+        let held = Message::Held {
+            clients: vec![HeldClient {
+                proxy: "web".into(),
+                fd: 0,
+                early: Span { offset: 0, len: 3 },
+            }],
+        };
+        ours.send(&held, b"abc", &[probe.as_fd()]).await.expect("send");
+        drop(probe);
+        let packet = theirs.recv().await.expect("recv");
+        assert_eq!(packet.message, held);
+        assert_eq!(packet.payload, b"abc");
+        assert_eq!(packet.fds.len(), 1);
+        // The descriptor is the same socket: writing to it reaches `kept`.
+        let mut passed = std::os::unix::net::UnixStream::from(packet.fds.into_iter().next().expect("fd"));
+        use std::io::{Read, Write};
+        passed.write_all(b"!").expect("write");
+        let mut byte = [0u8; 1];
+        kept.read_exact(&mut byte).expect("read");
+        assert_eq!(&byte, b"!");
+        drop(ours);
+        assert!(matches!(theirs.recv().await, Err(HandoverError::Closed)));
+    }
+}
