@@ -45,6 +45,14 @@ impl ListenKey {
             ListenKey::Address(address) | ListenKey::Ephemeral { address, .. } => address,
         }
     }
+
+    /// The proxy a port 0 is bound for (each gets a socket of its own).
+    pub fn owner(&self) -> Option<&str> {
+        match self {
+            ListenKey::Address(_) => None,
+            ListenKey::Ephemeral { proxy, .. } => Some(proxy),
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -171,14 +171,14 @@ impl Daemon {
         for proxy_config in &config.proxies {
             let key = ListenKey::of(proxy_config);
             if !sockets.iter().any(|(bound, _)| *bound == key) {
-                let listener = take_or_bind(&mut inherited, key.address())
+                let listener = take_or_bind(&mut inherited, &key)
                     .await
                     .map_err(StartError::Listener)?;
                 sockets.push((key, listener));
             }
         }
         let control_listener = match inherited
-            .take(&config.control.listen)
+            .take(&config.control.listen, None)
             .await
             .map_err(|e| StartError::ControlSocket(BindError::inherited(&config.control.listen, e)))?
         {
@@ -323,9 +323,10 @@ impl Daemon {
     }
 }
 
-/// The inherited socket for `address`, else a new one bound there.
-async fn take_or_bind(inherited: &mut Inherited, address: &Address) -> Result<Listener, BindError> {
-    match inherited.take(address).await {
+/// The inherited socket for `key`, else a new one bound there.
+async fn take_or_bind(inherited: &mut Inherited, key: &ListenKey) -> Result<Listener, BindError> {
+    let address = key.address();
+    match inherited.take(address, key.owner()).await {
         Ok(Some(listener)) => Ok(listener),
         Ok(None) => Listener::bind(address).await,
         Err(e) => Err(BindError::inherited(address, e)),

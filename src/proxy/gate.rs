@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::Rele
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{PauseConfig, WhenPaused};
+use crate::sockets::stream::Stream;
 
 /// A pause set at run time (signal, API, CLI), as opposed to one the config declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +108,34 @@ pub struct Gate {
     pub close_held: CancellationToken,
     /// Where a paced release runs: its proxy's background tasks.
     tasks: TaskTracker,
+    /// Where held clients go when an upgrade takes them (see `start_moving`).
+    moving: Mutex<Moving>,
+    /// Held clients that could move to another process (plain sockets).
+    movable: Arc<AtomicU64>,
+}
+
+/// An upgrade's call for the held clients: cancelled when it wants them,
+/// with the place to send them.
+struct Moving {
+    wanted: CancellationToken,
+    sink: Option<mpsc::UnboundedSender<MovedClient>>,
+}
+
+/// A held client on its way to another process: its socket and the bytes
+/// already read from it.
+pub struct MovedClient {
+    pub proxy: Arc<str>,
+    pub socket: Stream,
+    pub early: Vec<u8>,
+}
+
+/// Counts a held client that could move while it is held.
+pub struct Movable(Arc<AtomicU64>);
+
+impl Drop for Movable {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 struct Inner {
@@ -137,7 +166,52 @@ impl Gate {
             held: Arc::new(AtomicU64::new(0)),
             close_held,
             tasks,
+            moving: Mutex::new(Moving {
+                wanted: CancellationToken::new(),
+                sink: None,
+            }),
+            movable: Arc::default(),
         }
+    }
+
+    /// Marks a held client as one that can move, for as long as the guard
+    /// lives; with the token that says an upgrade wants it.
+    pub fn movable(&self) -> (Movable, CancellationToken) {
+        self.movable.fetch_add(1, Relaxed);
+        (Movable(self.movable.clone()), self.lock_moving().wanted.clone())
+    }
+
+    /// Held clients that could move, still held here.
+    pub fn movable_held(&self) -> u64 {
+        self.movable.load(Relaxed)
+    }
+
+    /// An upgrade wants the held clients: each movable one sends itself to
+    /// `sink` and ends its hold here.
+    pub fn start_moving(&self, sink: mpsc::UnboundedSender<MovedClient>) {
+        let mut moving = self.lock_moving();
+        moving.sink = Some(sink);
+        moving.wanted.cancel();
+    }
+
+    /// The upgrade is over (or failed): clients held from now on stay.
+    pub fn stop_moving(&self) {
+        let mut moving = self.lock_moving();
+        moving.sink = None;
+        moving.wanted = CancellationToken::new();
+    }
+
+    /// Sends a held client to the upgrade that asked for it; gives it back
+    /// if that upgrade is over.
+    pub fn hand_over(&self, client: MovedClient) -> Result<(), MovedClient> {
+        match &self.lock_moving().sink {
+            Some(sink) => sink.send(client).map_err(|returned| returned.0),
+            None => Err(client),
+        }
+    }
+
+    fn lock_moving(&self) -> MutexGuard<'_, Moving> {
+        self.moving.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Decides for one new connection.

@@ -24,15 +24,31 @@ pub enum Hold {
     ClientLeft,
     /// The daemon is stopping or the proxy went away: close, never forward.
     Closed,
+    /// An upgrade takes the held client to the new process.
+    Moving,
 }
 
 /// Waits for the release of `ticket`, unless the proxy closes its held
-/// clients first or `client_leaves` (it watches the client) returns.
-pub async fn hold(ticket: &mut HeldTicket, closing: &CancellationToken, client_leaves: impl Future) -> Hold {
+/// clients first, an upgrade wants it (`moving`, for a client that can
+/// move) or `client_leaves` (it watches the client) returns.
+pub async fn hold(
+    ticket: &mut HeldTicket,
+    closing: &CancellationToken,
+    moving: Option<&CancellationToken>,
+    client_leaves: impl Future,
+) -> Hold {
+    // Only a client that can move pays for watching the token.
+    let moving = async {
+        match moving {
+            Some(token) => PollWhenWoken::new(token.cancelled()).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
         () = PollWhenWoken::new(closing.cancelled()) => Hold::Closed,
         released = ticket.released() => if released { Hold::Released } else { Hold::Closed },
+        () = moving => Hold::Moving,
         _ = client_leaves => Hold::ClientLeft,
     }
 }

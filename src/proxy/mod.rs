@@ -32,7 +32,7 @@ use crate::backends::{Backend, BackendSet, ConnectFailure, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use crate::sockets::stream::{Client, Peer, Stream};
 use forward::{Ended, Traffic};
-use gate::{Admission, Gate, RejectReason, RuntimePause};
+use gate::{Admission, Gate, MovedClient, RejectReason, RuntimePause};
 use hold::{Hold, client_leaves, hold};
 
 /// What a new connection needs from the config, shared read-only.
@@ -257,7 +257,7 @@ impl Proxy {
         // lock is shared by every connection of the proxy.
         let settings = self.settings.borrow().clone();
         match &settings.tls {
-            None => self.serve_client(Client::Plain(client), peer, settings).await,
+            None => self.serve_client(Client::Plain(client), peer, settings, Vec::new()).await,
             // A TLS session's state is large: boxed, so that every plain
             // connection's task does not carry room for it.
             Some(tls) => {
@@ -277,7 +277,7 @@ impl Proxy {
         settings: Arc<ProxySettings>,
     ) {
         if let Some(client) = self.accept_tls(client, &peer, &tls).await {
-            self.serve_client(client, peer, settings).await;
+            self.serve_client(client, peer, settings, Vec::new()).await;
         }
     }
 
@@ -299,10 +299,23 @@ impl Proxy {
         }
     }
 
+    /// A held client handed over by the process this one upgraded from:
+    /// through the gate again (held while paused here), then forwarded
+    /// with the bytes it had already sent.
+    pub async fn serve_moved(self: Arc<Self>, client: Stream, peer: Peer, early: Vec<u8>) {
+        let settings = self.settings.borrow().clone();
+        self.serve_client(Client::Plain(client), peer, settings, early).await;
+    }
+
     /// A client past its TLS handshake (if any): through the gate, then to
-    /// a backend.
-    async fn serve_client(self: Arc<Self>, mut client: Client, peer: Peer, mut settings: Arc<ProxySettings>) {
-        let mut early = Vec::new();
+    /// a backend. `early`: bytes already read from it.
+    async fn serve_client(
+        self: Arc<Self>,
+        mut client: Client,
+        peer: Peer,
+        mut settings: Arc<ProxySettings>,
+        mut early: Vec<u8>,
+    ) {
         match self.gate.admit() {
             Admission::Forward => {}
             Admission::Reject(reason) => {
@@ -313,19 +326,52 @@ impl Proxy {
                 }
                 return;
             }
-            Admission::Hold(mut ticket) => {
+            Admission::Hold(mut ticket) => loop {
+                // A plain socket can move to an upgraded process; a TLS
+                // session's keys cannot, so it stays held here.
+                let movable = matches!(client, Client::Plain(_)).then(|| self.gate.movable());
                 let leaves = client_leaves(&mut client, &mut early);
-                match hold(&mut ticket, &self.gate.close_held, leaves).await {
+                let moving = movable.as_ref().map(|(_, token)| token);
+                match hold(&mut ticket, &self.gate.close_held, moving, leaves).await {
                     // The backends current at the release.
-                    Hold::Released => settings = self.settings.borrow().clone(),
+                    Hold::Released => {
+                        settings = self.settings.borrow().clone();
+                        break;
+                    }
                     Hold::ClientLeft => {
                         ticket.client_left(&self.stats.dropped_while_held);
                         debug!(proxy = %self.name, %peer, "held client left before the resume");
                         return;
                     }
                     Hold::Closed => return,
+                    Hold::Moving => {
+                        let Client::Plain(socket) = client else {
+                            unreachable!("only a plain client is given the upgrade's token")
+                        };
+                        let moved = MovedClient {
+                            proxy: self.name.clone(),
+                            socket,
+                            early,
+                        };
+                        // The ticket and the movable count end after the
+                        // client is on its way, so the upgrade, waiting
+                        // for the count to reach zero, has it.
+                        match self.gate.hand_over(moved) {
+                            Ok(()) => {
+                                drop(movable);
+                                return;
+                            }
+                            // The upgrade ended meanwhile: hold on here
+                            // (once it has reset its call for clients).
+                            Err(back) => {
+                                (client, early) = (Client::Plain(back.socket), back.early);
+                                drop(movable);
+                                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                            }
+                        }
+                    }
                 }
-            }
+            },
         }
         let _active = ActiveGuard::up(&*self);
         let mut backend = match settings

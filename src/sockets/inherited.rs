@@ -17,10 +17,10 @@ use super::stream::Listener;
 #[derive(Debug)]
 pub struct InheritedSocket {
     fd: OwnedFd,
-    /// The listen address as the handing process's config spelled it: an
-    /// upgrade hands its sockets over by configured address, so a port 0
-    /// or a host name matches too.
-    configured: Option<String>,
+    /// The listen address as the handing process's config spelled it, and
+    /// for a port 0 the proxy it was bound for: an upgrade hands its sockets
+    /// over by configured address, so a port 0 or a host name matches too.
+    configured: Option<(String, Option<String>)>,
     /// systemd's name for it (`FDNAME`), to remove it from the fd store.
     pub name: Option<String>,
     /// Passed by systemd: its UNIX socket file is systemd's, never unlinked.
@@ -28,11 +28,12 @@ pub struct InheritedSocket {
 }
 
 impl InheritedSocket {
-    /// A socket the previous process listened on for `configured`.
-    pub fn handed_over(fd: OwnedFd, configured: String) -> InheritedSocket {
+    /// A socket the previous process listened on for `configured` (and,
+    /// for a port 0, for proxy `owner`).
+    pub fn handed_over(fd: OwnedFd, configured: String, owner: Option<String>) -> InheritedSocket {
         InheritedSocket {
             fd,
-            configured: Some(configured),
+            configured: Some((configured, owner)),
             name: None,
             from_systemd: false,
         }
@@ -52,11 +53,11 @@ impl InheritedSocket {
         self.fd.as_fd()
     }
 
-    /// Whether this socket listens on `address`: handed over under that
-    /// configured spelling, or bound there.
-    async fn listens_on(&self, address: &Address) -> bool {
-        if let Some(configured) = &self.configured {
-            return *configured == address.to_string();
+    /// Whether this socket listens on `address` (for `owner`, a port 0's
+    /// proxy): handed over under that configured spelling, or bound there.
+    async fn listens_on(&self, address: &Address, owner: Option<&str>) -> bool {
+        if let Some((configured, for_proxy)) = &self.configured {
+            return *configured == address.to_string() && for_proxy.as_deref() == owner;
         }
         bound_to(self.fd.as_fd(), address).await
     }
@@ -106,13 +107,14 @@ impl Inherited {
         self.sockets.is_empty()
     }
 
-    /// The inherited socket listening on `address`, as a listener, if there
-    /// is one. A socket that cannot be used as a listener is an error (it
-    /// is not silently bound again: the operator passed it on purpose).
-    pub async fn take(&mut self, address: &Address) -> io::Result<Option<Listener>> {
+    /// The inherited socket listening on `address` (`owner`: the proxy a
+    /// port 0 is bound for), as a listener, if there is one. A socket that
+    /// cannot be used as a listener is an error (it is not silently bound
+    /// again: it was passed on purpose).
+    pub async fn take(&mut self, address: &Address, owner: Option<&str>) -> io::Result<Option<Listener>> {
         let mut found = None;
         for (index, socket) in self.sockets.iter().enumerate() {
-            if socket.listens_on(address).await {
+            if socket.listens_on(address, owner).await {
                 found = Some(index);
                 break;
             }

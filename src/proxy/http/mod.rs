@@ -215,6 +215,9 @@ async fn exchange(
                 // Nobody reads this answer; the connection is closing.
                 Hold::ClientLeft => return unavailable(&settings, "client left\n"),
                 Hold::Closed => return unavailable(&settings, "shutting down\n"),
+                // Held requests do not move (yet): `hold_request` passes no
+                // upgrade token, so this is never the outcome.
+                Hold::Moving => return unavailable(&settings, "shutting down\n"),
             },
         }
     }
@@ -248,7 +251,7 @@ async fn hold_request(proxy: &Proxy, connection: &ClientConnection, ticket: Held
         ticket: Some(ticket),
     };
     let outcome = match &mut held.ticket {
-        Some(ticket) => hold::hold(ticket, &proxy.gate.close_held, client_leaves(connection)).await,
+        Some(ticket) => hold::hold(ticket, &proxy.gate.close_held, None, client_leaves(connection)).await,
         None => Hold::Closed,
     };
     if outcome != Hold::ClientLeft {
