@@ -214,6 +214,23 @@ async fn execute(command: &Command, config_path: &Path) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Upgrade { timeout, client } => {
+            let body = json!({ "timeout": timeout }).to_string();
+            crate::control::api::parse_upgrade_body(body.as_bytes())
+                .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+            let daemon = Daemon::locate(client, config_path)?;
+            let answer = daemon.call(Method::POST, "/upgrade", Some(body)).await?;
+            let answer: serde_json::Value = serde_json::from_slice(&answer)
+                .map_err(|e| Failure::runtime(format!("unexpected /upgrade answer: {e}")))?;
+            let field = |name: &str| answer.get(name).map(ToString::to_string).unwrap_or_default();
+            println!(
+                "upgraded: pid {} (version {}) took over from pid {}",
+                field("pid"),
+                answer.get("version").and_then(|v| v.as_str()).unwrap_or("?"),
+                field("previous_pid")
+            );
+            Ok(())
+        }
         Command::Run | Command::Check | Command::Completions { .. } => {
             Err(Failure::usage("not a client command"))
         }

@@ -102,6 +102,15 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Replace the running daemon by the binary now on disk, handing over
+    /// its sockets, run-time state and held clients
+    Upgrade {
+        /// How long the new process may take to serve
+        #[arg(long, value_name = "DUR", default_value = crate::control::api::DEFAULT_UPGRADE_TIMEOUT)]
+        timeout: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Add backends to a proxy
     Add {
         proxy: String,

@@ -14,6 +14,7 @@ use super::status;
 use super::{Access, DEFAULT_DEPLOY_TIMEOUT, MAX_DEPLOY_TIMEOUT};
 use crate::config::{BackendConfig, Dur, DurationError, backend_list_problems};
 use crate::daemon::commands::{Command, DeployError, PauseReport, UnknownProxy};
+use crate::daemon::upgrade::UpgradeError;
 use crate::daemon::state::Persisted;
 use crate::daemon::{RunningView, Shared};
 
@@ -98,6 +99,7 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
             );
             response
         }
+        (&Method::POST, "/upgrade") => upgrade(shared, request.into_body()).await,
         (&Method::PUT, p) if p.starts_with("/proxies/") && p.ends_with("/backends") => {
             let name = percent_decode(&p["/proxies/".len()..p.len() - "/backends".len()]);
             deploy(shared, name, request.into_body()).await
@@ -111,6 +113,7 @@ pub async fn handle(request: Request<Incoming>, access: &Access, shared: &Shared
             | "/paused"
             | "/paused/block-until-idle"
             | "/reload"
+            | "/upgrade"
             | "/metrics",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -235,6 +238,63 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
             };
             error(status, &e.to_string())
         }
+        Err(reply) => reply,
+    }
+}
+
+/// How long an upgrade waits for its new process unless told otherwise.
+pub const DEFAULT_UPGRADE_TIMEOUT: &str = "60s";
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeRequest {
+    timeout: Option<String>,
+}
+
+/// The timeout of a `POST /upgrade` body (empty: the default).
+pub fn parse_upgrade_body(bytes: &[u8]) -> Result<Duration, String> {
+    let timeout = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let request: UpgradeRequest = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the body must be {{\"timeout\": \"60s\"}} or empty: {e}"))?;
+        request.timeout
+    };
+    let timeout = Dur::parse(timeout.as_deref().unwrap_or(DEFAULT_UPGRADE_TIMEOUT)).map_err(|e| e.to_string())?;
+    match timeout.non_zero() {
+        Some(timeout) if timeout > super::MAX_DEPLOY_TIMEOUT => Err(format!(
+            "timeout {} is longer than the most allowed, {}",
+            humantime::format_duration(timeout),
+            humantime::format_duration(super::MAX_DEPLOY_TIMEOUT)
+        )),
+        Some(timeout) => Ok(timeout),
+        None => Err("timeout must be more than 0s".into()),
+    }
+}
+
+/// `POST /upgrade`: answers once the new process serves (200, sent by the
+/// old process), failed (500: nothing changed) or another runs (409).
+async fn upgrade(shared: &Shared, body: Incoming) -> Reply {
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("cannot read the request body: {e}"),
+            );
+        }
+    };
+    let timeout = match parse_upgrade_body(&bytes) {
+        Ok(timeout) => timeout,
+        Err(why) => return error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+    };
+    match ask(shared, |reply| Command::Upgrade { timeout, reply }).await {
+        Ok(Ok(upgraded)) => ok_json(
+            StatusCode::OK,
+            &json!({ "pid": upgraded.pid, "previous_pid": upgraded.previous_pid, "version": upgraded.version }),
+        ),
+        Ok(Err(UpgradeError::InProgress)) => error(StatusCode::CONFLICT, &UpgradeError::InProgress.to_string()),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         Err(reply) => reply,
     }
 }

@@ -79,6 +79,9 @@ pub const MAX_CONNECTIONS: usize = crate::proxy::limit::CONTROL_RESERVE;
 /// request's own handling (a deploy, `/wait-idle`) is not bounded by it.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an answer in flight gets when the API stops.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
 /// One open control connection, as the bound sees it.
 struct Slot {
     /// Between a complete request head and the end of its answer.
@@ -199,10 +202,16 @@ pub async fn serve(listener: Listener, config: ControlConfig, shared: Arc<Shared
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
             tokio::select! {
-                _ = connection => {}
+                _ = connection.as_mut() => {}
                 () = slot.shed.cancelled() => {}
-                () = stop.cancelled() => {}
+                () = stop.cancelled() => {
+                    // An answer being written still goes out (an upgrade's
+                    // is written just as its old process stops serving).
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_WAIT, connection).await;
+                }
             }
             slots.remove(&slot);
         });

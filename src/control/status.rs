@@ -23,6 +23,10 @@ pub struct StatusDoc {
     pub generation: u64,
     pub last_reload: LastReload,
     pub uptime_s: u64,
+    /// The pid this process took over from by `upgrade` (always present,
+    /// `null` when none).
+    #[serde(default)]
+    pub previous_pid: Option<u32>,
     /// The daemon-wide connection limit.
     #[serde(default)]
     pub limits: Option<LimitsStatus>,
@@ -116,6 +120,7 @@ pub fn build(shared: &Shared, snapshot: &RunningView, only: Option<&str>) -> Sta
             at: rfc3339(snapshot.last_reload.at),
         },
         uptime_s: shared.started_at.elapsed().as_secs(),
+        previous_pid: shared.previous_pid,
         limits: Some(limits_status(&shared.daemon_limit)),
         proxies: snapshot
             .proxies

@@ -69,6 +69,25 @@ pub enum Command {
         outcome: Result<(), DeployError>,
         reply: DeployReply,
     },
+    /// Replace this process by the binary on disk (`upgrade.rs`).
+    Upgrade {
+        timeout: Duration,
+        reply: super::upgrade::UpgradeReply,
+    },
+    /// Sent by an upgrade's handshake: the new process is ready, or why not.
+    UpgradeStarted(Box<Result<super::upgrade::Successor, super::upgrade::UpgradeError>>),
+    /// In the new process: held clients from the previous one.
+    AdoptHeld(Vec<crate::proxy::gate::MovedClient>),
+    /// In the new process: every held client was sent; the previous
+    /// process's state as it is now and the proxies it still holds clients
+    /// of. Answered with the number of clients adopted.
+    HandoverDone {
+        staying: Vec<String>,
+        state: Option<super::state::State>,
+        reply: oneshot::Sender<u64>,
+    },
+    /// In the new process: the previous one stepped aside; this is the daemon.
+    HandoverCommitted,
 }
 
 /// Why a deploy did not happen.

@@ -69,6 +69,10 @@ pub enum Message {
     Done {
         #[serde(default)]
         staying: Vec<String>,
+        /// The run-time state as it is now (a pause set during the upgrade
+        /// included).
+        #[serde(default)]
+        state: Option<State>,
     },
     /// New → old: every held client sent is being served.
     Adopted { count: u64 },
@@ -99,6 +103,9 @@ pub struct Offer {
 pub struct SocketEntry {
     /// The listen address as the config writes it.
     pub address: String,
+    /// For a port 0: the proxy it was bound for (each has its own socket).
+    #[serde(default)]
+    pub proxy: Option<String>,
     pub fd: usize,
 }
 
@@ -271,13 +278,6 @@ impl Channel {
         }
     }
 
-    /// Sends without waiting (a small message on an idle socket never
-    /// has to): for a failing start-up, on its way out.
-    pub fn send_now(&self, message: &Message) -> Result<(), HandoverError> {
-        let bytes = encode(message, &[])?;
-        send_packet(self.socket.as_fd(), &bytes, &[]).map_err(closed_or_io)
-    }
-
     pub async fn recv(&self) -> Result<Packet, HandoverError> {
         let mut buffer = vec![0u8; MAX_PACKET];
         loop {
@@ -301,6 +301,13 @@ impl Channel {
             }
         }
     }
+}
+
+/// Sends a small message on a socket not driven by the runtime (a failing
+/// start-up, on its way out).
+pub fn send_blocking(socket: BorrowedFd<'_>, message: &Message) -> Result<(), HandoverError> {
+    let bytes = encode(message, &[])?;
+    send_packet(socket, &bytes, &[]).map_err(closed_or_io)
 }
 
 fn closed_or_io(e: io::Error) -> HandoverError {
@@ -409,7 +416,13 @@ mod tests {
         );
         // `done` without the later `staying` list.
         let (_, done, _) = decode(&packet(r#"{"version":1,"message":{"kind":"done"}}"#, b"")).expect("done");
-        assert_eq!(done, Message::Done { staying: vec![] });
+        assert_eq!(
+            done,
+            Message::Done {
+                staying: vec![],
+                state: None
+            }
+        );
     }
 
     #[test]
@@ -417,7 +430,10 @@ mod tests {
         for bad in [&b"\x01"[..], &packet("{", b""), &packet(r#"{"version":1,"message":{"kind":"teleport"}}"#, b"")] {
             assert!(matches!(decode(bad), Err(HandoverError::Malformed(_))), "{bad:?}");
         }
-        let oversized = Message::Done { staying: vec![] };
+        let oversized = Message::Done {
+            staying: vec![],
+            state: None,
+        };
         assert!(matches!(
             encode(&oversized, &vec![0; MAX_PACKET]),
             Err(HandoverError::Malformed(_))

@@ -5,6 +5,8 @@
 //! proxy, or moves virtual hosts on and off a shared address, only replaces
 //! the socket's routes; the socket itself keeps accepting.
 
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -35,6 +37,35 @@ pub(super) struct RunningListener {
     pub answered: Arc<AtomicU64>,
     routes: watch::Sender<Routes>,
     pub site: Arc<Site>,
+    /// A second descriptor for the socket, to offer an upgrade (`None`:
+    /// none could be made, out of descriptors; an upgrade then fails).
+    socket: Option<OwnedFd>,
+}
+
+/// A socket no longer accepted on (an upgrade's new process accepts on it
+/// now), kept open until the upgrade commits or is undone.
+pub(super) struct HaltedListener {
+    key: ListenKey,
+    /// `None` if its accept loop had panicked and the socket could not be
+    /// recovered from the spare descriptor.
+    listener: Option<Listener>,
+    site: Arc<Site>,
+}
+
+impl HaltedListener {
+    pub fn into_parts(self) -> (ListenKey, Option<Listener>, Arc<Site>) {
+        (self.key, self.listener, self.site)
+    }
+
+    /// Closes the socket here (the new process keeps it open); its HTTP
+    /// connections finish the request in flight and close. Returns the
+    /// site, whose connections the caller waits for.
+    pub fn close(self) -> Arc<Site> {
+        drop(self.listener);
+        self.site.closing.cancel();
+        self.site.connections.close();
+        self.site
+    }
 }
 
 impl RunningListener {
@@ -50,6 +81,7 @@ impl RunningListener {
         kill: CancellationToken,
     ) -> RunningListener {
         let bound = listener.local_address();
+        let socket = listener.as_fd().try_clone_to_owned().ok();
         let (routes, receiver) = watch::channel(routes);
         let site = Arc::new(Site {
             routes: receiver,
@@ -78,6 +110,34 @@ impl RunningListener {
             answered,
             routes,
             site,
+            socket,
+        }
+    }
+
+    /// The listening socket, to offer an upgrade.
+    pub fn socket(&self) -> io::Result<BorrowedFd<'_>> {
+        self.socket
+            .as_ref()
+            .map(AsFd::as_fd)
+            .ok_or_else(|| io::Error::other(format!("no spare descriptor for {}", self.bound)))
+    }
+
+    /// Stops accepting but keeps the socket open and its HTTP connections
+    /// serving: an upgrade's new process accepts on it now.
+    pub async fn halt(self) -> HaltedListener {
+        self.stop.cancel();
+        let listener = match self.task.await {
+            Ok(listener) => Some(listener),
+            // The accept loop panicked and took its socket with it: the
+            // descriptor kept for the upgrade stands in for it.
+            Err(_) => self
+                .socket
+                .and_then(|socket| Listener::adopt(socket, self.key.address(), false).ok()),
+        };
+        HaltedListener {
+            key: self.key,
+            listener,
+            site: self.site,
         }
     }
 

@@ -21,6 +21,7 @@ mod reload;
 mod signals;
 mod startup;
 pub mod state;
+pub mod upgrade;
 mod watch;
 
 pub use startup::{StartError, run};
@@ -67,6 +68,8 @@ pub struct Shared {
     pub started_at: Instant,
     /// `limits.max_connections`, shared by every listener.
     pub daemon_limit: Arc<DaemonLimit>,
+    /// The process this one took over from by `upgrade`.
+    pub previous_pid: Option<u32>,
 }
 
 /// The running configuration as the control API sees it.
@@ -129,6 +132,19 @@ struct Daemon {
     status_line: String,
     /// `limits.max_connections`, shared by every listener.
     daemon_limit: Arc<DaemonLimit>,
+    /// A second descriptor for the control socket, to offer an upgrade.
+    control_socket: std::os::fd::OwnedFd,
+    /// The upgrade under way, waiting for its new process.
+    upgrading: Option<upgrade::UpgradeReply>,
+    /// Whether systemd has been told READY=1 (a process started by an
+    /// upgrade tells it only once the old one has stepped aside).
+    announced: bool,
+    /// After an upgrade, in the new process: proxies the previous process
+    /// still holds clients of, and where to say that they resumed.
+    predecessor_holds: upgrade::PredecessorHolds,
+    to_predecessor: Option<mpsc::UnboundedSender<String>>,
+    /// Held clients adopted from the previous process so far.
+    adopted: u64,
 }
 
 impl Daemon {
@@ -157,7 +173,9 @@ impl Daemon {
                 .interval
                 .non_zero()
                 .map(|every| last_stats + every);
-            let ping_due = watchdog_every.map(|every| last_ping + every);
+            let ping_due = watchdog_every
+                .filter(|_| self.announced)
+                .map(|every| last_ping + every);
             let file_changed = async {
                 match self.watcher.as_mut() {
                     Some(watcher) => watcher.changes.recv().await,
@@ -178,7 +196,16 @@ impl Daemon {
                         let _ = self.resume(&[], "signal SIGUSR2");
                     }
                 },
-                Some(command) = self.commands.recv() => self.handle(command).await,
+                Some(command) = self.commands.recv() => {
+                    if let Command::UpgradeStarted(outcome) = command {
+                        if let Some(handed) = self.upgrade_started(*outcome).await {
+                            self.stop_after_upgrade(handed, &mut signals).await;
+                            return;
+                        }
+                    } else {
+                        self.handle(command).await;
+                    }
+                }
                 Some(event) = self.proxy_events.recv() => self.on_proxy_event(event),
                 Some(()) = file_changed => file_settles = Some(reload::debounce(file_settles)),
                 () = sleep_until(file_settles.map(|(_, at)| at)) => {
@@ -201,6 +228,7 @@ impl Daemon {
                 }
                 _ = status_refresh.tick() => self.refresh_status(),
             }
+            self.tell_predecessor();
         }
         self.stop(&mut signals).await;
     }
@@ -228,6 +256,23 @@ impl Daemon {
                 outcome,
                 reply,
             } => self.deploy_done(proxy, id, backends, outcome, reply),
+            Command::Upgrade { timeout, reply } => self.upgrade(timeout, reply),
+            // Handled by the loop itself: it may end the loop.
+            Command::UpgradeStarted(_) => {}
+            Command::AdoptHeld(clients) => {
+                let count = self.adopt_held(clients);
+                self.adopted += count;
+            }
+            Command::HandoverDone { staying, state, reply } => {
+                self.handover_done(staying, state);
+                let _ = reply.send(std::mem::take(&mut self.adopted));
+            }
+            Command::HandoverCommitted => {
+                info!("upgrade: the previous process stepped aside; serving");
+                self.announced = true;
+                systemd::ready(&self.status_line);
+                systemd::watchdog();
+            }
         }
     }
 
@@ -297,6 +342,11 @@ impl Daemon {
     /// Writes the runtime overrides (in the background, latest wins); the
     /// receiver says whether they reached the disk.
     fn persist(&self) -> Persisted {
+        self.state_writer.save(self.current_state())
+    }
+
+    /// The runtime overrides: pauses and deployed backend sets.
+    fn current_state(&self) -> State {
         let mut state = State::default();
         for running in &self.running.proxies {
             if let Some(pause) = running.proxy.gate.state().runtime {
@@ -312,7 +362,7 @@ impl Daemon {
                 state.backends.insert(running.proxy.name.to_string(), record);
             }
         }
-        self.state_writer.save(state)
+        state
     }
 
     /// Publishes the running proxies to the control API.
@@ -335,7 +385,6 @@ impl Daemon {
     /// A second stop signal cuts the grace period short.
     async fn stop(mut self, signals: &mut Signals) {
         systemd::stopping();
-        let grace = self.config.shutdown.grace_period.0;
         // The API keeps answering status during the grace period, but changes
         // are refused (503) rather than left waiting for a loop that is gone.
         self.commands.close();
@@ -348,6 +397,36 @@ impl Daemon {
         for running in &self.running.proxies {
             running.proxy.wind_down();
         }
+        self.finish(sites, signals).await;
+    }
+
+    /// After an upgrade committed: the new process serves; this one lets
+    /// its connections finish within the grace period and exits. It does
+    /// not tell systemd it stops (the service goes on) and leaves every
+    /// socket file to the new process. Clients it still holds (TLS) are
+    /// released when the new process says their proxy resumed.
+    async fn stop_after_upgrade(mut self, handed: upgrade::HandedOver, signals: &mut Signals) {
+        self.commands.close();
+        while self.commands.try_recv().is_ok() {}
+        // The control socket is the new process's: stop accepting on it
+        // (the upgrade's answer still goes out).
+        self.stop_control.cancel();
+        self.watcher = None;
+        let sites: Vec<_> = handed.halted.into_iter().map(|halted| halted.close()).collect();
+        for running in &self.running.proxies {
+            running.proxy.retire_keeping_held();
+        }
+        let proxies: Vec<Arc<Proxy>> = self.running.proxies.iter().map(|r| r.proxy.clone()).collect();
+        let listening = self.kill_all.clone();
+        self.tasks.spawn(upgrade::release_when_resumed(handed.channel, proxies, listening));
+        self.finish(sites, signals).await;
+    }
+
+    /// The end of a stop: waits for the connections within the grace
+    /// period (a second stop signal cuts it short), closes what is left,
+    /// then joins the daemon's own tasks.
+    async fn finish(self, sites: Vec<Arc<crate::proxy::listener::Site>>, signals: &mut Signals) {
+        let grace = self.config.shutdown.grace_period.0;
         self.retiring.close();
         let open = self.running.active_connections();
         if open > 0 {
@@ -400,6 +479,9 @@ impl Daemon {
         self.stop_control.cancel();
         // What is left of the daemon goes (deploys in progress end, the
         // state writer writes what is queued), then its tasks are joined.
+        // Tasks that run until the connections end (a previous process's
+        // releases after an upgrade) end now.
+        self.kill_all.cancel();
         let Daemon { tasks, .. } = self;
         tasks.close();
         if tokio::time::timeout(TASKS_WAIT, tasks.wait()).await.is_err() {

@@ -4,6 +4,7 @@
 //! the control API its socket, and tell systemd. Each way it can fail is a
 //! `StartError`, which decides the exit status.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,8 +20,9 @@ use super::listeners::{self, RunningListener};
 use super::reconcile::ListenKey;
 use super::registry::{Registry, RunningProxy};
 use super::signals::Signals;
-use super::state::{self, PauseRecord, StateWriter};
-use super::{Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, reload, watch};
+use super::handover::Message;
+use super::state::{self, PauseRecord, State, StateWriter};
+use super::{upgrade, Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, reload, watch};
 use crate::config::paths::DirError;
 use crate::config::{self, Address, ControlConfig, Loaded};
 use crate::proxy::limit::DaemonLimit;
@@ -47,6 +49,8 @@ pub enum StartError {
     ControlSocket(BindError),
     /// The control socket's directory cannot be made or trusted (exit 1).
     ControlSocketDir(DirError),
+    /// Started by an upgrade, the conversation with the old process failed (exit 1).
+    Handover(String),
 }
 
 impl StartError {
@@ -56,7 +60,8 @@ impl StartError {
             StartError::Runtime { .. }
             | StartError::Listener(_)
             | StartError::ControlSocket(_)
-            | StartError::ControlSocketDir(_) => EXIT_RUNTIME,
+            | StartError::ControlSocketDir(_)
+            | StartError::Handover(_) => EXIT_RUNTIME,
         }
     }
 }
@@ -75,6 +80,7 @@ impl std::fmt::Display for StartError {
                 )
             }
             StartError::ControlSocketDir(e) => write!(f, "interlude: control socket: {e}"),
+            StartError::Handover(e) => write!(f, "interlude: upgrade: {e}"),
         }
     }
 }
@@ -91,16 +97,38 @@ where
     Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
     Serving: Future<Output = ()> + Send + 'static,
 {
-    match start_and_serve(config_path, serve_api) {
+    upgrade::remember_launch();
+    // Started by an upgrade: the old process waits on this socket, and
+    // hears why if this start fails.
+    let handover = match upgrade::handover_socket().transpose() {
+        Ok(handover) => handover,
+        Err(error) => {
+            let e = StartError::Runtime {
+                what: "take the upgrade's handover socket",
+                error,
+            };
+            eprintln!("{e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let refusal = handover.as_ref().and_then(|socket| socket.try_clone().ok());
+    match start_and_serve(config_path, handover, serve_api) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
+            if let Some(socket) = &refusal {
+                upgrade::refuse(socket.as_fd(), &e.to_string());
+            }
             ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn start_and_serve<Api, Serving>(config_path: &Path, serve_api: Api) -> Result<(), StartError>
+fn start_and_serve<Api, Serving>(
+    config_path: &Path,
+    handover: Option<OwnedFd>,
+    serve_api: Api,
+) -> Result<(), StartError>
 where
     Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
     Serving: Future<Output = ()> + Send + 'static,
@@ -130,15 +158,33 @@ where
             what: "install signal handlers",
             error,
         })?;
-        let daemon = Daemon::start(
+        let (predecessor, inherited) = match handover {
+            Some(socket) => {
+                let (predecessor, inherited) = upgrade::receive_offer(socket)
+                    .await
+                    .map_err(|e| StartError::Handover(e.to_string()))?;
+                (Some(predecessor), inherited)
+            }
+            None => (None, Inherited::default()),
+        };
+        let origin = Origin {
+            previous_pid: predecessor.as_ref().map(|p| p.pid),
+            generation: predecessor.as_ref().map_or(1, |p| p.generation),
+            state: predecessor.as_ref().map(|p| p.state.clone()),
+        };
+        let mut daemon = Daemon::start(
             loaded,
             config_path.to_path_buf(),
             reload::fingerprint(&text),
             logging,
-            Inherited::default(),
+            inherited,
+            origin,
             serve_api,
         )
         .await?;
+        if let Some(predecessor) = predecessor {
+            daemon.follow(predecessor).await?;
+        }
         daemon.run(signals).await;
         Ok(())
     });
@@ -155,6 +201,7 @@ impl Daemon {
         fingerprint: u64,
         logging: Logging,
         mut inherited: Inherited,
+        origin: Origin,
         serve_api: Api,
     ) -> Result<Daemon, StartError>
     where
@@ -167,6 +214,8 @@ impl Daemon {
             state: saved,
             keep_off,
         } = state::load(&state_dir);
+        // After an upgrade the old process's state is the newest there is.
+        let saved = origin.state.unwrap_or(saved);
         let mut sockets: Vec<(ListenKey, Listener)> = Vec::new();
         for proxy_config in &config.proxies {
             let key = ListenKey::of(proxy_config);
@@ -259,14 +308,20 @@ impl Daemon {
             error: None,
             at: SystemTime::now(),
         };
-        let (view, view_receiver) = latest::channel(Arc::new(running.view(1, first_load)));
+        let (view, view_receiver) = latest::channel(Arc::new(running.view(origin.generation, first_load)));
         let shared = Arc::new(Shared {
             commands: command_sender.clone(),
             view: view_receiver,
             config_path: config_path.clone(),
             started_at: Instant::now(),
             daemon_limit: daemon_limit.clone(),
+            previous_pid: origin.previous_pid,
         });
+        // Kept for an upgrade's offer.
+        let control_socket = control_listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| StartError::ControlSocket(BindError::inherited(&config.control.listen, e)))?;
         let stop_control = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(serve_api(
@@ -306,6 +361,12 @@ impl Daemon {
             stats: StatsLog::default(),
             status_line: String::new(),
             daemon_limit,
+            control_socket,
+            upgrading: None,
+            announced: origin.previous_pid.is_none(),
+            predecessor_holds: Default::default(),
+            to_predecessor: None,
+            adopted: 0,
         };
         daemon.publish();
         // A failure is logged by the writer; start-up goes on.
@@ -318,9 +379,46 @@ impl Daemon {
         );
         let mut daemon = daemon;
         daemon.status_line = daemon.summary();
-        systemd::ready(&daemon.status_line);
+        // Started by an upgrade, READY=1 waits until the old process has
+        // made this one the main process (systemd ignores it before).
+        if daemon.announced {
+            systemd::ready(&daemon.status_line);
+        }
         Ok(daemon)
     }
+
+    /// Started by an upgrade: tells the old process this one serves, and
+    /// follows the rest of the conversation (held clients, the commit) on
+    /// a task that reports to the loop.
+    async fn follow(&mut self, predecessor: upgrade::Predecessor) -> Result<(), StartError> {
+        let ready = Message::Ready {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        predecessor
+            .channel
+            .send(&ready, &[], &[])
+            .await
+            .map_err(|e| StartError::Handover(e.to_string()))?;
+        info!(previous_pid = predecessor.pid, "upgrade: took over the sockets; waiting for the previous process to step aside");
+        let (to_predecessor, resumed) = mpsc::unbounded_channel();
+        self.to_predecessor = Some(to_predecessor);
+        self.tasks.spawn(upgrade::follow(
+            predecessor.channel,
+            self.command_sender.clone(),
+            resumed,
+            self.kill_all.clone(),
+        ));
+        Ok(())
+    }
+}
+
+/// Where a start begins: afresh (generation 1, state from the state file),
+/// or from the process it upgrades (its generation and state).
+pub(super) struct Origin {
+    pub previous_pid: Option<u32>,
+    pub generation: u64,
+    pub state: Option<State>,
 }
 
 /// The inherited socket for `key`, else a new one bound there.

@@ -238,6 +238,15 @@ impl Proxy {
         self.tasks.close();
     }
 
+    /// Like `wind_down`, after an upgrade: the clients it still holds
+    /// (those that could not move) stay held until the new process says
+    /// the proxy resumed, or the grace period ends.
+    pub fn retire_keeping_held(&self) {
+        self.retired.cancel();
+        self.connections.close();
+        self.tasks.close();
+    }
+
     /// Waits until its connections and background tasks have ended (after
     /// `wind_down`).
     pub async fn ended(&self) {

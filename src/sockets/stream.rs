@@ -29,6 +29,30 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// A connected socket handed over by another process.
+    pub fn adopt(fd: OwnedFd) -> io::Result<Stream> {
+        let local = rustix::net::getsockname(&fd)?;
+        if local.address_family() == rustix::net::AddressFamily::UNIX {
+            let socket = std::os::unix::net::UnixStream::from(fd);
+            socket.set_nonblocking(true)?;
+            Ok(Stream::Unix(UnixStream::from_std(socket)?))
+        } else {
+            let socket = std::net::TcpStream::from(fd);
+            socket.set_nonblocking(true)?;
+            tcp(TcpStream::from_std(socket)?)
+        }
+    }
+
+    /// Who is at the other end, for logs.
+    pub fn peer(&self) -> Peer {
+        match self {
+            Stream::Tcp(socket) => socket
+                .peer_addr()
+                .map_or(Peer::Unix, Peer::Tcp),
+            Stream::Unix(_) => Peer::Unix,
+        }
+    }
+
     /// Connects to `address`; TCP streams get TCP_NODELAY.
     pub async fn connect(address: &Address) -> io::Result<Stream> {
         match address {

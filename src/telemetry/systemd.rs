@@ -38,6 +38,11 @@ pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
+/// During an upgrade: the new process is the service's main process now.
+pub fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
+}
+
 pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
