@@ -14,8 +14,8 @@ use super::status;
 use super::{Access, DEFAULT_DEPLOY_TIMEOUT, MAX_DEPLOY_TIMEOUT};
 use crate::config::{BackendConfig, Dur, DurationError, backend_list_problems};
 use crate::daemon::commands::{Command, DeployError, PauseReport, UnknownProxy};
-use crate::daemon::upgrade::UpgradeError;
 use crate::daemon::state::Persisted;
+use crate::daemon::upgrade::UpgradeError;
 use crate::daemon::{RunningView, Shared};
 
 type Reply = Response<Full<Bytes>>;
@@ -260,7 +260,8 @@ pub fn parse_upgrade_body(bytes: &[u8]) -> Result<Duration, String> {
             .map_err(|e| format!("the body must be {{\"timeout\": \"60s\"}} or empty: {e}"))?;
         request.timeout
     };
-    let timeout = Dur::parse(timeout.as_deref().unwrap_or(DEFAULT_UPGRADE_TIMEOUT)).map_err(|e| e.to_string())?;
+    let timeout =
+        Dur::parse(timeout.as_deref().unwrap_or(DEFAULT_UPGRADE_TIMEOUT)).map_err(|e| e.to_string())?;
     match timeout.non_zero() {
         Some(timeout) if timeout > super::MAX_DEPLOY_TIMEOUT => Err(format!(
             "timeout {} is longer than the most allowed, {}",
@@ -293,7 +294,9 @@ async fn upgrade(shared: &Shared, body: Incoming) -> Reply {
             StatusCode::OK,
             &json!({ "pid": upgraded.pid, "previous_pid": upgraded.previous_pid, "version": upgraded.version }),
         ),
-        Ok(Err(UpgradeError::InProgress)) => error(StatusCode::CONFLICT, &UpgradeError::InProgress.to_string()),
+        Ok(Err(UpgradeError::InProgress)) => {
+            error(StatusCode::CONFLICT, &UpgradeError::InProgress.to_string())
+        }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         Err(reply) => reply,
     }

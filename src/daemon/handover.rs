@@ -155,7 +155,10 @@ pub enum HandoverError {
     /// A packet this version cannot read.
     Malformed(String),
     /// A message other than the one the conversation expects.
-    Unexpected { expected: &'static str, got: String },
+    Unexpected {
+        expected: &'static str,
+        got: String,
+    },
 }
 
 impl std::fmt::Display for HandoverError {
@@ -201,7 +204,8 @@ pub fn encode(message: &Message, payload: &[u8]) -> Result<Vec<u8>, HandoverErro
         message: message.clone(),
     })
     .map_err(|e| HandoverError::Malformed(e.to_string()))?;
-    let length = u32::try_from(header.len()).map_err(|_| HandoverError::Malformed("header too long".into()))?;
+    let length =
+        u32::try_from(header.len()).map_err(|_| HandoverError::Malformed("header too long".into()))?;
     let mut bytes = Vec::with_capacity(4 + header.len() + payload.len());
     bytes.extend_from_slice(&length.to_le_bytes());
     bytes.extend_from_slice(&header);
@@ -264,14 +268,18 @@ impl Channel {
         })
     }
 
-    pub async fn send(&self, message: &Message, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), HandoverError> {
+    pub async fn send(
+        &self,
+        message: &Message,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), HandoverError> {
         let bytes = encode(message, payload)?;
         loop {
             self.socket.writable().await?;
-            match self
-                .socket
-                .try_io(Interest::WRITABLE, || send_packet(self.socket.as_fd(), &bytes, fds))
-            {
+            match self.socket.try_io(Interest::WRITABLE, || {
+                send_packet(self.socket.as_fd(), &bytes, fds)
+            }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 result => return result.map_err(closed_or_io),
             }
@@ -282,9 +290,9 @@ impl Channel {
         let mut buffer = vec![0u8; MAX_PACKET];
         loop {
             self.socket.readable().await?;
-            let received = self
-                .socket
-                .try_io(Interest::READABLE, || recv_packet(self.socket.as_fd(), &mut buffer));
+            let received = self.socket.try_io(Interest::READABLE, || {
+                recv_packet(self.socket.as_fd(), &mut buffer)
+            });
             match received {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Ok((0, _)) => return Err(HandoverError::Closed),
@@ -427,7 +435,11 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_read() {
-        for bad in [&b"\x01"[..], &packet("{", b""), &packet(r#"{"version":1,"message":{"kind":"teleport"}}"#, b"")] {
+        for bad in [
+            &b"\x01"[..],
+            &packet("{", b""),
+            &packet(r#"{"version":1,"message":{"kind":"teleport"}}"#, b""),
+        ] {
             assert!(matches!(decode(bad), Err(HandoverError::Malformed(_))), "{bad:?}");
         }
         let oversized = Message::Done {

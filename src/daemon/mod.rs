@@ -263,7 +263,11 @@ impl Daemon {
                 let count = self.adopt_held(clients);
                 self.adopted += count;
             }
-            Command::HandoverDone { staying, state, reply } => {
+            Command::HandoverDone {
+                staying,
+                state,
+                reply,
+            } => {
                 self.handover_done(staying, state);
                 let _ = reply.send(std::mem::take(&mut self.adopted));
             }
@@ -418,7 +422,8 @@ impl Daemon {
         }
         let proxies: Vec<Arc<Proxy>> = self.running.proxies.iter().map(|r| r.proxy.clone()).collect();
         let listening = self.kill_all.clone();
-        self.tasks.spawn(upgrade::release_when_resumed(handed.channel, proxies, listening));
+        self.tasks
+            .spawn(upgrade::release_when_resumed(handed.channel, proxies, listening));
         self.finish(sites, signals).await;
     }
 

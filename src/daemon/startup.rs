@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::handover::Message;
 use super::listeners::{self, RunningListener};
 use super::reconcile::ListenKey;
 use super::registry::{Registry, RunningProxy};
 use super::signals::Signals;
-use super::handover::Message;
 use super::state::{self, PauseRecord, State, StateWriter};
-use super::{upgrade, Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, reload, watch};
+use super::{Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, reload, upgrade, watch};
 use crate::config::paths::DirError;
 use crate::config::{self, Address, ControlConfig, Loaded};
 use crate::proxy::limit::DaemonLimit;
@@ -400,7 +400,10 @@ impl Daemon {
             .send(&ready, &[], &[])
             .await
             .map_err(|e| StartError::Handover(e.to_string()))?;
-        info!(previous_pid = predecessor.pid, "upgrade: took over the sockets; waiting for the previous process to step aside");
+        info!(
+            previous_pid = predecessor.pid,
+            "upgrade: took over the sockets; waiting for the previous process to step aside"
+        );
         let (to_predecessor, resumed) = mpsc::unbounded_channel();
         self.to_predecessor = Some(to_predecessor);
         self.tasks.spawn(upgrade::follow(

@@ -29,14 +29,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::Daemon;
 use super::commands::Command;
 use super::handover::{
-    self, Channel, HANDOVER_FD_ENV, HEADER_ROOM, HandoverError, HeldClient, MAX_FDS, MAX_PACKET, Message, Offer,
-    SocketEntry, Span,
+    self, Channel, HANDOVER_FD_ENV, HEADER_ROOM, HandoverError, HeldClient, MAX_FDS, MAX_PACKET, Message,
+    Offer, SocketEntry, Span,
 };
 use super::listeners::{HaltedListener, RunningListener, routes_for};
 use super::state::State;
-use super::Daemon;
 use crate::proxy::Proxy;
 use crate::proxy::gate::MovedClient;
 use crate::sockets::inherited::{Inherited, InheritedSocket};
@@ -105,7 +105,9 @@ impl std::fmt::Display for UpgradeError {
             UpgradeError::InProgress => f.write_str("an upgrade is already in progress"),
             UpgradeError::Launch(why) => write!(f, "cannot start the new process: {why}"),
             UpgradeError::Refused(why) => write!(f, "the new process failed: {why}"),
-            UpgradeError::Exited(status) => write!(f, "the new process exited before it was ready ({status})"),
+            UpgradeError::Exited(status) => {
+                write!(f, "the new process exited before it was ready ({status})")
+            }
             UpgradeError::TimedOut(after) => write!(
                 f,
                 "the new process was not ready within {}; it was ended",
@@ -152,7 +154,9 @@ impl Daemon {
         let (offer, fds) = match self.offer() {
             Ok(offer) => offer,
             Err(e) => {
-                let _ = reply.send(Err(UpgradeError::Launch(format!("cannot share the sockets: {e}"))));
+                let _ = reply.send(Err(UpgradeError::Launch(format!(
+                    "cannot share the sockets: {e}"
+                ))));
                 return;
             }
         };
@@ -163,7 +167,10 @@ impl Daemon {
                 return;
             }
         };
-        info!(pid = child.id().unwrap_or(0), "upgrade: new process started; handing over");
+        info!(
+            pid = child.id().unwrap_or(0),
+            "upgrade: new process started; handing over"
+        );
         let commands = self.command_sender.clone();
         self.tasks.spawn(async move {
             let outcome = handshake(channel, child, offer, fds, timeout).await;
@@ -210,10 +217,11 @@ impl Daemon {
 
     /// The new process is ready (or failed): hand over, or carry on.
     /// Returns what the old process keeps once it has handed over.
-    pub(super) async fn upgrade_started(&mut self, outcome: Result<Successor, UpgradeError>) -> Option<HandedOver> {
-        let Some(reply) = self.upgrading.take() else {
-            return None;
-        };
+    pub(super) async fn upgrade_started(
+        &mut self,
+        outcome: Result<Successor, UpgradeError>,
+    ) -> Option<HandedOver> {
+        let reply = self.upgrading.take()?;
         let successor = match outcome {
             Ok(successor) => successor,
             Err(e) => {
@@ -281,12 +289,20 @@ impl Daemon {
             while let Ok(client) = arriving.try_recv() {
                 moved.push(client);
             }
-            let waiting: u64 = self.running.proxies.iter().map(|r| r.proxy.gate.movable_held()).sum();
+            let waiting: u64 = self
+                .running
+                .proxies
+                .iter()
+                .map(|r| r.proxy.gate.movable_held())
+                .sum();
             if waiting == 0 {
                 break;
             }
             if Instant::now() >= deadline {
-                warn!(waiting, "upgrade: some held clients did not leave their hold in time; they stay here");
+                warn!(
+                    waiting,
+                    "upgrade: some held clients did not leave their hold in time; they stay here"
+                );
                 break;
             }
             tokio::select! {
@@ -311,7 +327,8 @@ impl Daemon {
             let (key, listener, site) = halted.into_parts();
             // Its HTTP connections carry on; the stop waits for them.
             let retiring = site.clone();
-            self.retiring.spawn(async move { retiring.connections.wait().await });
+            self.retiring
+                .spawn(async move { retiring.connections.wait().await });
             site.connections.close();
             let Some(listener) = listener else {
                 warn!(address = %key.address(), "a socket lost with its accept loop is not served again");
@@ -358,7 +375,10 @@ impl Daemon {
 
     /// The new process's side: held clients from the previous process.
     pub(super) fn adopt_held(&self, clients: Vec<MovedClient>) -> u64 {
-        clients.into_iter().map(|client| u64::from(self.serve_moved(client))).sum()
+        clients
+            .into_iter()
+            .map(|client| u64::from(self.serve_moved(client)))
+            .sum()
     }
 
     /// The new process's side: the previous process's run-time state as it
@@ -429,7 +449,10 @@ pub(super) async fn release_when_resumed(channel: Channel, proxies: Vec<Arc<Prox
                     proxy.gate.set_runtime(None);
                 }
             }
-            Ok(other) => warn!(kind = other.kind(), "upgrade: unexpected message from the new process; ignored"),
+            Ok(other) => warn!(
+                kind = other.kind(),
+                "upgrade: unexpected message from the new process; ignored"
+            ),
             Err(_) => return,
         }
     }
@@ -441,13 +464,20 @@ fn launch() -> Result<(Channel, Child), UpgradeError> {
     let launch = match LAUNCH.get() {
         Some(Ok(launch)) => launch,
         Some(Err(why)) => return Err(UpgradeError::Launch(why.clone())),
-        None => return Err(UpgradeError::Launch("the program's path was not recorded at start".into())),
+        None => {
+            return Err(UpgradeError::Launch(
+                "the program's path was not recorded at start".into(),
+            ));
+        }
     };
     let (channel, theirs) = handover::pair().map_err(|e| UpgradeError::Launch(e.to_string()))?;
     let mut command = tokio::process::Command::new(&launch.exe);
     command
         .args(&launch.args)
-        .env(HANDOVER_FD_ENV, std::os::fd::AsRawFd::as_raw_fd(&theirs).to_string())
+        .env(
+            HANDOVER_FD_ENV,
+            std::os::fd::AsRawFd::as_raw_fd(&theirs).to_string(),
+        )
         // systemd's watchdog is the new process's once it is the main pid;
         // without WATCHDOG_PID it applies to whoever reads it.
         .env_remove("WATCHDOG_PID")
@@ -590,11 +620,20 @@ async fn send_held(
         .await?;
     let adopted = tokio::time::timeout(STEP_TIMEOUT, channel.recv())
         .await
-        .map_err(|_| HandoverError::Io(io::Error::new(io::ErrorKind::TimedOut, "no answer to the held clients")))??;
+        .map_err(|_| {
+            HandoverError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no answer to the held clients",
+            ))
+        })??;
     match adopted.message {
         Message::Adopted { count } => {
             if count != moved.len() as u64 {
-                warn!(sent = moved.len(), adopted = count, "upgrade: the new process did not take every held client");
+                warn!(
+                    sent = moved.len(),
+                    adopted = count,
+                    "upgrade: the new process did not take every held client"
+                );
             }
             Ok(())
         }
@@ -640,7 +679,12 @@ pub async fn receive_offer(socket: OwnedFd) -> Result<(Predecessor, Inherited), 
     let channel = Channel::new(socket)?;
     let packet = tokio::time::timeout(STEP_TIMEOUT, channel.recv())
         .await
-        .map_err(|_| HandoverError::Io(io::Error::new(io::ErrorKind::TimedOut, "no offer from the previous process")))??;
+        .map_err(|_| {
+            HandoverError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no offer from the previous process",
+            ))
+        })??;
     let Message::Offer(offer) = packet.message else {
         return Err(HandoverError::Unexpected {
             expected: "offer",
@@ -654,7 +698,11 @@ pub async fn receive_offer(socket: OwnedFd) -> Result<(Predecessor, Inherited), 
             .get_mut(entry.fd)
             .and_then(Option::take)
             .ok_or_else(|| HandoverError::Malformed(format!("no descriptor for {}", entry.address)))?;
-        inherited.push(InheritedSocket::handed_over(fd, entry.address.clone(), entry.proxy.clone()));
+        inherited.push(InheritedSocket::handed_over(
+            fd,
+            entry.address.clone(),
+            entry.proxy.clone(),
+        ));
     }
     Ok((
         Predecessor {
@@ -697,11 +745,17 @@ pub async fn follow(
             }
         };
         let command = match packet.message {
-            Message::Held { clients } => Command::AdoptHeld(held_clients(clients, &packet.payload, packet.fds)),
+            Message::Held { clients } => {
+                Command::AdoptHeld(held_clients(clients, &packet.payload, packet.fds))
+            }
             Message::Done { staying, state } => {
                 let (reply, adopted) = oneshot::channel();
                 if commands
-                    .send(Command::HandoverDone { staying, state, reply })
+                    .send(Command::HandoverDone {
+                        staying,
+                        state,
+                        reply,
+                    })
                     .await
                     .is_err()
                 {
@@ -716,7 +770,10 @@ pub async fn follow(
             }
             Message::Commit => Command::HandoverCommitted,
             other => {
-                warn!(kind = other.kind(), "upgrade: unexpected message from the previous process; ignored");
+                warn!(
+                    kind = other.kind(),
+                    "upgrade: unexpected message from the previous process; ignored"
+                );
                 continue;
             }
         };

@@ -211,7 +211,9 @@ impl Gate {
     }
 
     fn lock_moving(&self) -> MutexGuard<'_, Moving> {
-        self.moving.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.moving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Decides for one new connection.

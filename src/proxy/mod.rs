@@ -266,7 +266,10 @@ impl Proxy {
         // lock is shared by every connection of the proxy.
         let settings = self.settings.borrow().clone();
         match &settings.tls {
-            None => self.serve_client(Client::Plain(client), peer, settings, Vec::new()).await,
+            None => {
+                self.serve_client(Client::Plain(client), peer, settings, Vec::new())
+                    .await
+            }
             // A TLS session's state is large: boxed, so that every plain
             // connection's task does not carry room for it.
             Some(tls) => {
@@ -313,7 +316,8 @@ impl Proxy {
     /// with the bytes it had already sent.
     pub async fn serve_moved(self: Arc<Self>, client: Stream, peer: Peer, early: Vec<u8>) {
         let settings = self.settings.borrow().clone();
-        self.serve_client(Client::Plain(client), peer, settings, early).await;
+        self.serve_client(Client::Plain(client), peer, settings, early)
+            .await;
     }
 
     /// A client past its TLS handshake (if any): through the gate, then to

@@ -46,9 +46,7 @@ impl Stream {
     /// Who is at the other end, for logs.
     pub fn peer(&self) -> Peer {
         match self {
-            Stream::Tcp(socket) => socket
-                .peer_addr()
-                .map_or(Peer::Unix, Peer::Tcp),
+            Stream::Tcp(socket) => socket.peer_addr().map_or(Peer::Unix, Peer::Tcp),
             Stream::Unix(_) => Peer::Unix,
         }
     }

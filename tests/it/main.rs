@@ -19,3 +19,4 @@ mod operations;
 mod pause;
 mod reload;
 mod tls;
+mod upgrade;

@@ -275,7 +275,22 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut command = Command::new(binary());
+        Daemon::spawn_program(&binary(), args, env, open_files)
+    }
+
+    /// Like [`Daemon::spawn_with_open_files`], running `program` instead of
+    /// the binary under test (a copy an upgrade test replaces).
+    pub fn spawn_program<I, S>(
+        program: &Path,
+        args: I,
+        env: &[(&str, Option<&str>)],
+        open_files: Option<u64>,
+    ) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(program);
         if let Some(n) = open_files {
             use std::os::unix::process::CommandExt;
             let limit = libc::rlimit {
@@ -315,7 +330,7 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary().display()));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let (stderr, _) = Capture::drain(child.stderr.take().unwrap());
         let (stdout, _) = Capture::drain(child.stdout.take().unwrap());
         Daemon {

@@ -1,0 +1,434 @@
+//! `interlude upgrade`: the daemon runs from a temporary copy of the binary,
+//! the test replaces that file the way dpkg does (a new file renamed over
+//! it), then upgrades, and checks what clients see: the new pid serves, the
+//! old one exits, nothing is refused, held clients are carried over and
+//! released on resume as if nothing had happened, and a new binary that
+//! fails leaves the old daemon serving exactly as before.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::common::{self, Daemon, Endpoint, TestServer, WAIT, run_cli};
+
+/// A process the daemon started (the upgraded one): ended by pid when the
+/// test is over, whatever happened.
+struct Started(i32);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a pid this test's daemon started.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+        }
+    }
+}
+
+/// Copies the binary under test into `dir` (the file an upgrade replaces).
+fn install(dir: &Path) -> PathBuf {
+    let program = dir.join("interlude");
+    fs::copy(common::binary(), &program).expect("copy the binary");
+    program
+}
+
+/// Replaces `program` as a package upgrade does: a new file, renamed over
+/// the old one (the running process keeps the old, now deleted, inode).
+fn replace_with(program: &Path, contents: &[u8]) {
+    let staged = program.with_extension("dpkg-new");
+    fs::write(&staged, contents).expect("write the new binary");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::rename(&staged, program).expect("rename over the old binary");
+}
+
+fn replace_with_binary(program: &Path) {
+    replace_with(program, &fs::read(common::binary()).expect("read the binary"));
+}
+
+fn start(program: &Path, config: &Path) -> Daemon {
+    let mut daemon = Daemon::spawn_program(
+        program,
+        [OsStr::new("run"), OsStr::new("-c"), config.as_os_str()],
+        &[],
+        None,
+    );
+    daemon.config = Some(config.to_path_buf());
+    daemon
+}
+
+fn cli(config: &Path, args: &[&str]) -> common::CliOutput {
+    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    all.extend([OsStr::new("-c"), config.as_os_str()]);
+    run_cli(all)
+}
+
+fn status(config: &Path) -> serde_json::Value {
+    let out = cli(config, &["status", "--json"]);
+    assert_eq!(out.code(), Some(0), "status: {}", out.describe());
+    serde_json::from_str(&out.stdout).expect("status JSON")
+}
+
+/// Runs `interlude upgrade` and returns the new pid (asserting success).
+fn upgrade(config: &Path, daemon: &Daemon) -> i32 {
+    let out = cli(config, &["upgrade", "--timeout", "30s"]);
+    if out.code() != Some(0) {
+        daemon.fail(&format!("upgrade failed: {}", out.describe()));
+    }
+    let status = status(config);
+    let pid = status["pid"].as_i64().expect("pid") as i32;
+    assert_ne!(pid, daemon.pid(), "the same process still answers");
+    pid
+}
+
+fn tcp_config(dir: &Path, listen: &str, backend: &str, grace: &str) -> String {
+    common::one_proxy_config(dir, grace, listen, &[backend.to_string()], "")
+}
+
+#[test]
+fn upgrade_hands_the_sockets_to_the_new_binary() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "20s"),
+    );
+    let mut old = start(&program, &config);
+    let listen = old.listen_addr("p");
+    // A connection forwarded by the old process: it finishes there.
+    let mut before = listen.must_connect();
+    common::assert_echo(&mut before, b"before");
+    let port_before = match &listen {
+        Endpoint::Tcp(addr) => addr.port(),
+        Endpoint::Unix(_) => unreachable!(),
+    };
+
+    replace_with_binary(&program);
+    let new_pid = upgrade(&config, &old);
+    let _new = Started(new_pid);
+    let doc = status(&config);
+    assert_eq!(doc["previous_pid"].as_i64(), Some(i64::from(old.pid())));
+    assert_eq!(doc["generation"].as_u64(), Some(1), "the generation carries over");
+    // Same port, new process.
+    let mut after = listen.must_connect();
+    common::assert_echo(&mut after, b"after");
+    assert_eq!(
+        doc["proxies"][0]["listen"]
+            .as_str()
+            .map(|l| l.ends_with(&format!(":{port_before}"))),
+        Some(true),
+        "{doc}"
+    );
+    // The old process serves what it forwarded until it ends, then exits.
+    common::assert_echo(&mut before, b"still");
+    old.assert_running("an open connection keeps the old process");
+    drop(before);
+    let status = old.wait_exit(WAIT);
+    assert!(status.success(), "old process: {status:?}");
+    common::assert_echo(&mut after, b"after the old one left");
+    // The UNIX control socket is still there, served by the new process.
+    assert!(dir.path().join("control.sock").exists());
+    assert_eq!(status_pid(&config), new_pid);
+}
+
+fn status_pid(config: &Path) -> i32 {
+    status(config)["pid"].as_i64().expect("pid") as i32
+}
+
+/// A counter of connections that failed (refused, reset, or unanswered),
+/// from clients that connect, write and read in a loop.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` threads, each opening a new connection per round trip.
+    fn new_connections(listen: &Endpoint, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|i| {
+                let (listen, stop, ok, failed) = (listen.clone(), stop.clone(), ok.clone(), failed.clone());
+                thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let message = format!("client {i} round {n}\n");
+                        let outcome = listen
+                            .connect()
+                            .map_err(|e| e.to_string())
+                            .and_then(|mut stream| {
+                                stream.set_timeouts(Duration::from_secs(10));
+                                common::roundtrip(&mut stream, message.as_bytes())
+                            });
+                        match outcome {
+                            Ok(echoed) if echoed == message.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
+                            Ok(echoed) => {
+                                eprintln!("client {i}: wrong echo {echoed:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(e) => {
+                                eprintln!("client {i}: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            threads,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; returns (succeeded, failed).
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn three_upgrades_under_load_refuse_nothing() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "10s"),
+    );
+    let old = start(&program, &config);
+    let listen = old.listen_addr("p");
+    let load = Load::new_connections(&listen, 8);
+    let mut previous = old.pid();
+    let mut started = Vec::new();
+    let mut log = old;
+    for round in 0..3 {
+        let before = load.ok();
+        wait_until("traffic before the upgrade", WAIT, || load.ok() > before + 50);
+        replace_with_binary(&program);
+        let out = cli(&config, &["upgrade", "--timeout", "30s"]);
+        if out.code() != Some(0) {
+            log.fail(&format!("upgrade {round}: {}", out.describe()));
+        }
+        let doc = status(&config);
+        let pid = doc["pid"].as_i64().expect("pid") as i32;
+        assert_eq!(
+            doc["previous_pid"].as_i64(),
+            Some(i64::from(previous)),
+            "round {round}"
+        );
+        started.push(Started(pid));
+        previous = pid;
+        let after = load.ok();
+        wait_until("traffic after the upgrade", WAIT, || load.ok() > after + 50);
+    }
+    let (ok, failed) = load.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed across three upgrades",
+        ok + failed
+    );
+    let _ = log.wait_exit(WAIT);
+    drop(started);
+}
+
+/// Reads what the backend saw: the first bytes of every connection.
+fn held_clients_config(dir: &Path, listen: &str, backend: &str) -> String {
+    common::one_proxy_config(dir, "10s", listen, &[backend.to_string()], "")
+}
+
+#[test]
+fn held_tcp_clients_move_and_are_served_on_resume() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &held_clients_config(dir.path(), "127.0.0.1:0", &backend.address()),
+    );
+    let mut old = start(&program, &config);
+    let listen = old.listen_addr("p");
+    let out = cli(&config, &["pause", "p"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let mut held = Vec::new();
+    for i in 0..30 {
+        let mut stream = listen.must_connect();
+        stream.set_timeouts(Duration::from_secs(20));
+        // Bytes sent while held travel with the client.
+        stream.write_all(format!("early {i};").as_bytes()).expect("write");
+        held.push(stream);
+    }
+    wait_until("30 held", WAIT, || {
+        status(&config)["proxies"][0]["held"].as_u64() == Some(30)
+    });
+    let accepted_before = backend.accepted();
+
+    replace_with_binary(&program);
+    let new_pid = upgrade(&config, &old);
+    let _new = Started(new_pid);
+    let doc = status(&config);
+    assert_eq!(
+        doc["proxies"][0]["held"].as_u64(),
+        Some(30),
+        "held in the new process: {doc}"
+    );
+    assert_eq!(
+        doc["proxies"][0]["paused"].as_bool(),
+        Some(true),
+        "the runtime pause carried over"
+    );
+    // The old one holds nothing, forwards nothing: it exits at once.
+    let exited = old.wait_exit(WAIT);
+    assert!(exited.success(), "{exited:?}");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        backend.accepted(),
+        accepted_before,
+        "a held client reached the backend before the resume"
+    );
+
+    let out = cli(&config, &["resume", "p"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    for (i, stream) in held.iter_mut().enumerate() {
+        stream.write_all(format!("late {i}\n").as_bytes()).expect("write");
+        let expected = format!("early {i};late {i}\n");
+        let mut echoed = vec![0u8; expected.len()];
+        stream.read_exact(&mut echoed).expect("echo after the resume");
+        assert_eq!(String::from_utf8_lossy(&echoed), expected);
+    }
+    assert_eq!(backend.accepted(), accepted_before + 30);
+    drop(old);
+}
+
+/// A new binary that fails leaves the old daemon as it was: serving, its
+/// held clients held (and served on resume), no new process left behind.
+fn assert_failed_upgrade_keeps_the_old(new_binary: &[u8], timeout: &str, expect_in_error: &str) {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &held_clients_config(dir.path(), "127.0.0.1:0", &backend.address()),
+    );
+    let mut old = start(&program, &config);
+    let listen = old.listen_addr("p");
+    assert_eq!(cli(&config, &["pause", "p"]).code(), Some(0));
+    let mut held = listen.must_connect();
+    held.set_timeouts(Duration::from_secs(20));
+    held.write_all(b"held;").expect("write");
+    wait_until("held", WAIT, || {
+        status(&config)["proxies"][0]["held"].as_u64() == Some(1)
+    });
+
+    replace_with(&program, new_binary);
+    let began = Instant::now();
+    let out = cli(&config, &["upgrade", "--timeout", timeout]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains(expect_in_error), "{}", out.describe());
+    assert!(
+        began.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        began.elapsed()
+    );
+    let doc = status(&config);
+    assert_eq!(doc["pid"].as_i64(), Some(i64::from(old.pid())));
+    assert!(doc["previous_pid"].is_null());
+    assert_eq!(doc["proxies"][0]["held"].as_u64(), Some(1), "{doc}");
+    old.assert_running("after a failed upgrade");
+    assert_no_children(old.pid());
+    // New clients are accepted (and held) as before; resume serves all.
+    let mut newcomer = listen.must_connect();
+    newcomer.set_timeouts(Duration::from_secs(20));
+    newcomer.write_all(b"newcomer\n").expect("write");
+    assert_eq!(cli(&config, &["resume", "p"]).code(), Some(0));
+    held.write_all(b"\n").expect("write");
+    let mut echoed = [0u8; 6];
+    held.read_exact(&mut echoed).expect("held client echoed");
+    assert_eq!(&echoed, b"held;\n");
+    let mut echoed = [0u8; 9];
+    newcomer.read_exact(&mut echoed).expect("newcomer echoed");
+    assert_eq!(&echoed, b"newcomer\n");
+}
+
+/// The daemon's children (a stray new process would be one).
+fn assert_no_children(pid: i32) {
+    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut alive = Vec::new();
+    for child in children.split_whitespace() {
+        // A zombie not yet reaped is not a running process.
+        let state = fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        if !state.contains(") Z") && !state.is_empty() {
+            alive.push(child.to_string());
+        }
+    }
+    assert!(alive.is_empty(), "the daemon has children left: {alive:?}");
+}
+
+#[test]
+fn a_new_binary_that_exits_leaves_the_old_serving() {
+    assert_failed_upgrade_keeps_the_old(b"#!/bin/sh\necho broken >&2\nexit 1\n", "30s", "exited");
+}
+
+#[test]
+fn a_new_binary_that_never_gets_ready_is_ended() {
+    assert_failed_upgrade_keeps_the_old(b"#!/bin/sh\nexec sleep 600\n", "3s", "not ready within 3s");
+}
+
+#[test]
+fn a_new_binary_that_refuses_the_config_says_why() {
+    // The real binary, but the config changed under it into one it refuses.
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let yaml = tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "5s");
+    let config = common::write_config(dir.path(), &yaml);
+    let old = start(&program, &config);
+    let listen = old.listen_addr("p");
+    fs::write(&config, format!("{yaml}bogus_key: 1\n")).expect("break the config");
+    let out = cli(&config, &["upgrade", "--timeout", "30s"]);
+    // The client reads the control socket from the (broken) file: give it
+    // the socket explicitly.
+    let out = if out.code() == Some(2) {
+        let control = format!("unix:{}/control.sock", dir.path().display());
+        run_cli(["upgrade", "--control", &control, "--timeout", "30s"])
+    } else {
+        out
+    };
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("bogus_key"), "{}", out.describe());
+    let mut stream = listen.must_connect();
+    common::assert_echo(&mut stream, b"still the old one");
+    assert_no_children(old.pid());
+}
