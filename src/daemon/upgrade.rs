@@ -37,7 +37,10 @@ use super::handover::{
 };
 use super::listeners::{HaltedListener, RunningListener, routes_for};
 use super::state::State;
+use crate::config::Mode;
 use crate::proxy::Proxy;
+use crate::proxy::http;
+use crate::proxy::listener::{Permits, Routes};
 use crate::proxy::gate::MovedClient;
 use crate::sockets::inherited::{Inherited, InheritedSocket};
 use crate::sockets::stream::Stream;
@@ -355,22 +358,39 @@ impl Daemon {
     }
 
     /// Serves a held client handed over (by the previous process, or back
-    /// from a failed upgrade) on its proxy; false if there is none.
+    /// from a failed upgrade) on its proxy; false if there is none. A
+    /// mode http client is served by its proxy's listening socket, from
+    /// the bytes of its held request.
     fn serve_moved(&self, client: MovedClient) -> bool {
         let Some(running) = self.running.proxies.iter().find(|r| r.proxy.name == client.proxy) else {
             warn!(proxy = %client.proxy, "a held client handed over for a proxy this config does not have; closing it");
             return false;
         };
-        if running.config.mode != crate::config::Mode::Tcp {
-            warn!(proxy = %client.proxy, "a held connection handed over for a proxy that is no longer mode tcp; closing it");
-            return false;
-        }
-        let proxy = running.proxy.clone();
         let peer = client.socket.peer();
-        proxy
-            .connections
-            .spawn(proxy.clone().serve_moved(client.socket, peer, client.early));
-        true
+        match running.config.mode {
+            Mode::Tcp => {
+                let proxy = running.proxy.clone();
+                proxy
+                    .connections
+                    .spawn(proxy.clone().serve_moved(client.socket, peer, client.early));
+                true
+            }
+            Mode::Http => {
+                let Some(listener) = self.running.listeners.iter().find(|l| l.key == running.key) else {
+                    warn!(proxy = %client.proxy, "a held request handed over for a proxy that listens nowhere; closing it");
+                    return false;
+                };
+                let site = listener.site.clone();
+                let Routes::Http(hosts) = site.routes.borrow().clone() else {
+                    warn!(proxy = %client.proxy, "a held request handed over for a socket no longer mode http; closing it");
+                    return false;
+                };
+                let permits = Permits::admitted(&site);
+                let serving = http::serve_connection(site.clone(), hosts, client.socket, peer, permits, client.early);
+                site.connections.spawn(serving);
+                true
+            }
+        }
     }
 
     /// The new process's side: held clients from the previous process.

@@ -9,7 +9,7 @@
 //! the held ones instead of jumping the line.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -68,6 +68,25 @@ impl HeldTicket {
 impl Drop for HeldTicket {
     fn drop(&mut self) {
         self.held.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Paused gates in this process. Mode http reads it on every read from a
+/// client (one load of a counter written only when a proxy pauses or
+/// resumes) to know whether a request head may be held, and so must be
+/// kept to move with an upgrade.
+static PAUSED_GATES: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any proxy of this process is paused.
+pub fn any_paused() -> bool {
+    PAUSED_GATES.load(Relaxed) > 0
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if self.lock().state.paused() {
+            PAUSED_GATES.fetch_sub(1, Relaxed);
+        }
     }
 }
 
@@ -155,6 +174,9 @@ impl Gate {
         tasks: TaskTracker,
     ) -> Gate {
         let state = PauseState { declared, runtime };
+        if state.paused() {
+            PAUSED_GATES.fetch_add(1, Relaxed);
+        }
         Gate {
             slow_path: AtomicBool::new(state.paused()),
             inner: Mutex::new(Inner {
@@ -279,7 +301,11 @@ impl Gate {
         if paused {
             self.slow_path.store(true, Relaxed);
         }
+        if paused && !was_paused {
+            PAUSED_GATES.fetch_add(1, Relaxed);
+        }
         if was_paused && !paused {
+            PAUSED_GATES.fetch_sub(1, Relaxed);
             self.release(inner);
         }
         was_paused != paused

@@ -90,6 +90,13 @@ impl ConnectionLimit {
         }
     }
 
+    /// A permit for a connection already accepted elsewhere (an upgrade
+    /// brought it over): counted even past the maximum.
+    pub fn admit(self: &Arc<Self>) -> Permit {
+        self.open.fetch_add(1, AcqRel);
+        Permit(self.clone())
+    }
+
     /// A permit, once the limit has room.
     pub async fn acquire(self: &Arc<Self>) -> Permit {
         loop {

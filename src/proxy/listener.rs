@@ -63,6 +63,17 @@ pub struct Permits {
     _daemon: Permit,
 }
 
+impl Permits {
+    /// The permits of a connection an upgrade brought over (accepted by
+    /// the previous process): counted, never refused.
+    pub fn admitted(site: &Site) -> Permits {
+        Permits {
+            _socket: site.limit.admit(),
+            _daemon: site.daemon_limit.admit(),
+        }
+    }
+}
+
 /// Which limit stopped the accept loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reached {
@@ -221,7 +232,7 @@ pub async fn accept_loop(
                     }
                     Routes::Http(hosts) => {
                         let connection =
-                            super::http::serve_connection(site.clone(), hosts, client, peer, permits);
+                            super::http::serve_connection(site.clone(), hosts, client, peer, permits, Vec::new());
                         site.connections.spawn(connection);
                     }
                 }

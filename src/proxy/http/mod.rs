@@ -35,7 +35,7 @@ use body::RequestBody;
 pub use route::VirtualHosts;
 
 use super::forward::{self, Traffic};
-use super::gate::{Admission, HeldTicket, RejectReason};
+use super::gate::{Admission, HeldTicket, MovedClient, RejectReason};
 use super::hold::{self, Hold};
 use super::listener::{Permits, Routes, Site};
 use super::wake::PollWhenWoken;
@@ -65,12 +65,16 @@ struct ClientConnection {
 /// Serves one accepted connection of an http listener until the client
 /// closes it, the listener closes (then it closes when idle) or the site
 /// is killed.
+///
+/// `early`: bytes already read from the client (a connection an upgrade
+/// brought over with its held request), served before what follows.
 pub async fn serve_connection(
     site: Arc<Site>,
     hosts: Arc<VirtualHosts>,
     client: Stream,
     peer: Peer,
     permits: Permits,
+    early: Vec<u8>,
 ) {
     let Some(first) = hosts.any().cloned() else {
         return;
@@ -84,7 +88,7 @@ pub async fn serve_connection(
         },
     };
     let log_peer = peer.clone();
-    let (client, socket) = SharedClient::new(client);
+    let (client, socket) = SharedClient::new(client, early);
     let connection = Arc::new(ClientConnection {
         site: site.clone(),
         identity: headers::ClientIdentity::new(&peer, settings.tls.is_some()),
@@ -209,15 +213,15 @@ async fn exchange(
                 };
                 return unavailable(&settings, why);
             }
-            Admission::Hold(ticket) => match hold_request(proxy, connection, ticket).await {
+            Admission::Hold(ticket) => match hold_request(proxy, connection, ticket, &request).await {
                 // The backends current at the release.
                 Hold::Released => settings = proxy.settings.borrow().clone(),
                 // Nobody reads this answer; the connection is closing.
                 Hold::ClientLeft => return unavailable(&settings, "client left\n"),
                 Hold::Closed => return unavailable(&settings, "shutting down\n"),
-                // Held requests do not move (yet): `hold_request` passes no
-                // upgrade token, so this is never the outcome.
-                Hold::Moving => return unavailable(&settings, "shutting down\n"),
+                // The connection left with an upgrade: hyper can write
+                // nothing more on it.
+                Hold::Moving => return unavailable(&settings, "moved to the upgraded process\n"),
             },
         }
     }
@@ -244,15 +248,53 @@ impl Drop for HeldRequest<'_> {
 }
 
 /// Waits for the release of a held request while watching its client.
-async fn hold_request(proxy: &Proxy, connection: &ClientConnection, ticket: HeldTicket) -> Hold {
+/// A request on a plain connection whose bytes were kept since the last
+/// response can leave with its connection when an upgrade asks
+/// (`Hold::Moving`: the socket and those bytes are on their way).
+async fn hold_request(
+    proxy: &Proxy,
+    connection: &ClientConnection,
+    ticket: HeldTicket,
+    request: &Request<Incoming>,
+) -> Hold {
     let mut held = HeldRequest {
         proxy,
         peer: &connection.peer,
         ticket: Some(ticket),
     };
-    let outcome = match &mut held.ticket {
-        Some(ticket) => hold::hold(ticket, &proxy.gate.close_held, None, client_leaves(connection)).await,
-        None => Hold::Closed,
+    // Once a move was found impossible, the request stays for good.
+    let mut may_move = true;
+    let outcome = loop {
+        let movable = (may_move && connection.socket.can_move()).then(|| proxy.gate.movable());
+        let moving = movable.as_ref().map(|(_, token)| token);
+        let outcome = match &mut held.ticket {
+            Some(ticket) => hold::hold(ticket, &proxy.gate.close_held, moving, client_leaves(connection)).await,
+            None => Hold::Closed,
+        };
+        if outcome != Hold::Moving {
+            break outcome;
+        }
+        let target = request.uri().to_string();
+        let Some((socket, early)) = connection.socket.take(request.method().as_str(), &target) else {
+            // Not movable after all: it stays held here.
+            may_move = false;
+            drop(movable);
+            continue;
+        };
+        let moved = MovedClient {
+            proxy: proxy.name.clone(),
+            socket,
+            early,
+        };
+        match proxy.gate.hand_over(moved) {
+            Ok(()) => break Hold::Moving,
+            // The upgrade ended meanwhile: hold on here.
+            Err(back) => {
+                connection.socket.put_back(back.socket, back.early);
+                drop(movable);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
     };
     if outcome != Hold::ClientLeft {
         held.ticket = None;
