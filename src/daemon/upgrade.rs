@@ -530,16 +530,7 @@ async fn handshake(
     };
     let outcome = tokio::select! {
         outcome = talk => outcome,
-        status = child.wait() => {
-            // A failing process says why before it exits: read that first.
-            match tokio::time::timeout(Duration::from_millis(200), channel.recv()).await {
-                Ok(received) => match answer(received) {
-                    Ok(_) | Err(UpgradeError::Handover(_)) => Err(exited(status)),
-                    Err(refused) => Err(refused),
-                },
-                Err(_) => Err(exited(status)),
-            }
-        }
+        status = child.wait() => Err(exited(status)),
         () = tokio::time::sleep(timeout) => Err(UpgradeError::TimedOut(timeout)),
     };
     drop(fds);
@@ -550,12 +541,19 @@ async fn handshake(
             pid,
             version,
         }),
-        Err(UpgradeError::Handover(HandoverError::Closed)) => {
-            let status = tokio::time::timeout(END_WAIT, child.wait()).await;
+        Err(e @ (UpgradeError::Exited(_) | UpgradeError::Handover(_))) => {
+            // A process that fails says why before it exits (and it may
+            // exit before the offer is even sent): that is the error.
+            let said = tokio::time::timeout(Duration::from_millis(200), channel.recv()).await;
+            let status = match &e {
+                UpgradeError::Exited(_) => None,
+                _ => tokio::time::timeout(END_WAIT, child.wait()).await.ok(),
+            };
             end(child).await;
-            Err(match status {
-                Ok(status) => exited(status),
-                Err(_) => UpgradeError::Handover(HandoverError::Closed),
+            Err(match (said.map(answer), status) {
+                (Ok(Err(refused @ UpgradeError::Refused(_))), _) => refused,
+                (_, Some(status)) => exited(status),
+                _ => e,
             })
         }
         Err(e) => {
