@@ -936,3 +936,55 @@ fn hold_over_tls_delivers_early_bytes_on_resume() {
     assert_eq!(p["dropped_while_held"], 0, "{p}");
     assert_eq!(handshake_failures(tls.dir.path(), "p"), 0);
 }
+
+/// An upgrade cannot move a TLS session (its keys live in the old
+/// process): a held TLS client stays held there, and is released, by the
+/// old process, when its proxy resumes in the new one. The old process
+/// exits once it has served it.
+#[test]
+fn a_held_tls_client_stays_with_the_old_process_and_is_released_on_resume() {
+    let mut tls = TlsProxy::start("interlude test server", "5s", "pause:\n  when_paused: hold");
+    post(tls.dir.path(), "/pause");
+    wait_proxy(tls.dir.path(), "p", "paused", |p| p["paused"] == true);
+    let mut client = tls.connect();
+    client.write_all(b"held over the upgrade|").unwrap();
+    client.flush().unwrap();
+    wait_held(tls.dir.path(), "p", 1);
+
+    let config = tls.dir.path().join("interlude.yaml");
+    let out = run_cli([OsStr::new("upgrade"), OsStr::new("-c"), config.as_os_str()]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let (code, body) = http(tls.dir.path(), "GET", "/status");
+    assert_eq!(code, 200, "{body}");
+    let doc = json(&body);
+    let new_pid = doc["pid"].as_i64().expect("pid") as i32;
+    struct Started(i32);
+    impl Drop for Started {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the pid of the process this test's daemon started.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+            }
+        }
+    }
+    let _new = Started(new_pid);
+    assert_ne!(new_pid, tls.daemon.pid());
+    assert_eq!(doc["proxies"][0]["held"], 0, "a TLS client cannot move: {doc}");
+    tls.daemon.assert_running("the old process still holds the TLS client");
+    tls_assert_silent(&mut client, Duration::from_millis(300), "a held TLS client after the upgrade");
+    assert_eq!(tls.server.accepted(), 0);
+
+    post(tls.dir.path(), "/resume");
+    let mut reply = [0u8; 22];
+    client
+        .read_exact(&mut reply)
+        .unwrap_or_else(|e| tls.daemon.fail(&format!("the held bytes after the resume: {e}")));
+    assert_eq!(&reply, b"held over the upgrade|");
+    tls_assert_echo(&mut client, b"served by the old process", "the released TLS client");
+    drop(client);
+    let exited = tls.daemon.wait_exit(WAIT);
+    assert!(exited.success(), "{exited:?}");
+    // New TLS clients are the new process's.
+    let mut fresh = tls.connect();
+    tls_assert_echo(&mut fresh, b"new", "a client of the new process");
+}
