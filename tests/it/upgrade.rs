@@ -58,6 +58,7 @@ fn start(program: &Path, config: &Path) -> Daemon {
         None,
     );
     daemon.config = Some(config.to_path_buf());
+    daemon.wait_for_line("control socket listening", WAIT);
     daemon
 }
 
@@ -498,4 +499,40 @@ fn held_http_requests_move_and_are_served_on_resume() {
     fresh.get_ok("/after-3");
     let doc = status(&config);
     assert_eq!(doc["proxies"][0]["dropped_while_held"].as_u64(), Some(0), "{doc}");
+}
+
+/// What the operator set at run time carries over: a runtime pause and a
+/// backend added with `interlude add`.
+#[test]
+fn runtime_pause_and_an_added_backend_carry_over() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let first = TestServer::echo_tcp();
+    let added = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), "127.0.0.1:0", &first.address(), "5s"),
+    );
+    let old = start(&program, &config);
+    let out = cli(&config, &["add", "p", &added.address()]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(cli(&config, &["pause", "p"]).code(), Some(0));
+    let before = status(&config);
+
+    replace_with_binary(&program);
+    let new_pid = upgrade(&config, &old);
+    let _new = Started(new_pid);
+    let after = status(&config);
+    let p = &after["proxies"][0];
+    assert_eq!(p["paused"].as_bool(), Some(true), "{after}");
+    assert_eq!(p["paused_by"], serde_json::json!(["runtime"]), "{after}");
+    assert_eq!(p["paused_since"], before["proxies"][0]["paused_since"], "the pause keeps its start");
+    let addresses: Vec<&str> = p["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter_map(|b| b["address"].as_str())
+        .collect();
+    assert!(addresses.contains(&added.address().as_str()), "the added backend: {after}");
+    assert!(addresses.contains(&first.address().as_str()), "{after}");
 }
