@@ -151,8 +151,10 @@ struct Load {
 }
 
 impl Load {
-    /// `clients` threads, each opening a new connection per round trip.
-    fn new_connections(listen: &Endpoint, clients: usize) -> Load {
+    /// `clients` threads, each opening a connection, making round trips on
+    /// it for `lifetime`, closing it and opening the next (a zero lifetime:
+    /// one round trip per connection). Every round trip's echo is checked.
+    fn start(listen: &Endpoint, clients: usize, lifetime: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -162,26 +164,31 @@ impl Load {
                 thread::spawn(move || {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let message = format!("client {i} round {n}\n");
-                        let outcome = listen
-                            .connect()
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut stream| {
-                                stream.set_timeouts(Duration::from_secs(10));
-                                common::roundtrip(&mut stream, message.as_bytes())
-                            });
-                        match outcome {
-                            Ok(echoed) if echoed == message.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
-                            Ok(echoed) => {
-                                eprintln!("client {i}: wrong echo {echoed:?}");
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
+                        let mut stream = match listen.connect() {
+                            Ok(stream) => stream,
                             Err(e) => {
-                                eprintln!("client {i}: {e}");
-                                failed.fetch_add(1, Ordering::Relaxed)
+                                eprintln!("client {i}: connect: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                continue;
                             }
                         };
+                        stream.set_timeouts(Duration::from_secs(10));
+                        let opened = Instant::now();
+                        loop {
+                            n += 1;
+                            let message = format!("client {i} round {n}\n");
+                            match common::roundtrip(&mut stream, message.as_bytes()) {
+                                Ok(echoed) if echoed == message.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
+                                outcome => {
+                                    eprintln!("client {i} round {n}: {outcome:?}");
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                            };
+                            if opened.elapsed() >= lifetime || stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
                     }
                 })
             })
@@ -230,13 +237,17 @@ fn three_upgrades_under_load_refuse_nothing() {
     );
     let old = start(&program, &config);
     let listen = old.listen_addr("p");
-    let load = Load::new_connections(&listen, 8);
+    // New connections, and connections that live a while (open across a
+    // switch, they finish in the old process).
+    let fresh = Load::start(&listen, 4, Duration::ZERO);
+    let lasting = Load::start(&listen, 4, Duration::from_millis(500));
+    let load = |_: ()| fresh.ok() + lasting.ok();
     let mut previous = old.pid();
     let mut started = Vec::new();
     let mut log = old;
     for round in 0..3 {
-        let before = load.ok();
-        wait_until("traffic before the upgrade", WAIT, || load.ok() > before + 50);
+        let before = load(());
+        wait_until("traffic before the upgrade", WAIT, || load(()) > before + 50);
         replace_with_binary(&program);
         let out = cli(&config, &["upgrade", "--timeout", "30s"]);
         if out.code() != Some(0) {
@@ -251,10 +262,12 @@ fn three_upgrades_under_load_refuse_nothing() {
         );
         started.push(Started(pid));
         previous = pid;
-        let after = load.ok();
-        wait_until("traffic after the upgrade", WAIT, || load.ok() > after + 50);
+        let after = load(());
+        wait_until("traffic after the upgrade", WAIT, || load(()) > after + 50);
     }
-    let (ok, failed) = load.finish();
+    let (ok, failed) = fresh.finish();
+    let (ok_lasting, failed_lasting) = lasting.finish();
+    let (ok, failed) = (ok + ok_lasting, failed + failed_lasting);
     assert_eq!(
         failed,
         0,
