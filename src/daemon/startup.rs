@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::fd_store;
 use super::listeners::{self, RunningListener};
 use super::reconcile::ListenKey;
 use super::registry::{Registry, RunningProxy};
@@ -24,6 +25,7 @@ use super::{Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, 
 use crate::config::paths::DirError;
 use crate::config::{self, Address, ControlConfig, Loaded};
 use crate::proxy::limit::DaemonLimit;
+use crate::sockets::activation;
 use crate::sockets::inherited::Inherited;
 use crate::sockets::stream::{BindError, Listener};
 use crate::telemetry::stats::StatsLog;
@@ -105,6 +107,9 @@ where
     Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
     Serving: Future<Output = ()> + Send + 'static,
 {
+    // First: the environment variables naming them are removed before any
+    // thread starts.
+    let passed = activation::from_environment();
     let text = config::read(config_path).map_err(StartError::Config)?;
     // Certificates are loaded here too, before the runtime starts.
     let loaded = config::parse(&text, config_path).map_err(StartError::Config)?;
@@ -116,6 +121,8 @@ where
         config: config_path.to_path_buf(),
         error,
     })?;
+    passed.log();
+    let inherited = inherited_sockets(passed);
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,7 +142,7 @@ where
             config_path.to_path_buf(),
             reload::fingerprint(&text),
             logging,
-            Inherited::default(),
+            inherited,
             serve_api,
         )
         .await?;
@@ -144,6 +151,13 @@ where
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     served
+}
+
+/// Every listening socket this process starts with, to be taken by
+/// address before anything is bound: today those systemd passed (a socket
+/// unit's, or its fd store's after a restart).
+fn inherited_sockets(systemd: activation::Passed) -> Inherited {
+    systemd.sockets
 }
 
 impl Daemon {
@@ -195,6 +209,12 @@ impl Daemon {
                 listener
             }
         };
+        // Every listener is bound: what was passed for no address closes,
+        // and the sockets go to systemd's fd store, to outlive this process.
+        fd_store::release_unused(inherited);
+        for (key, listener) in &mut sockets {
+            fd_store::store(key, listener);
+        }
 
         let kill_all = CancellationToken::new();
         let (watchdog_ticks, _) = latest::channel(0u64);

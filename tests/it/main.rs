@@ -18,4 +18,5 @@ mod manual;
 mod operations;
 mod pause;
 mod reload;
+mod systemd_sockets;
 mod tls;
