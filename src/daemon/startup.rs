@@ -107,8 +107,8 @@ where
     Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
     Serving: Future<Output = ()> + Send + 'static,
 {
-    // First: the environment variables naming them are removed before any
-    // thread starts.
+    // First of all: reading systemd's sockets removes the variables naming
+    // them from the environment, which is sound only before any thread starts.
     let passed = activation::from_environment();
     let text = config::read(config_path).map_err(StartError::Config)?;
     // Certificates are loaded here too, before the runtime starts.
