@@ -12,6 +12,7 @@
 
 pub mod commands;
 mod deploy;
+mod fd_store;
 pub mod handover;
 mod listeners;
 pub mod preflight;
@@ -389,6 +390,7 @@ impl Daemon {
     /// A second stop signal cuts the grace period short.
     async fn stop(mut self, signals: &mut Signals) {
         systemd::stopping();
+        crate::sockets::stream::stopping();
         // The API keeps answering status during the grace period, but changes
         // are refused (503) rather than left waiting for a loop that is gone.
         self.commands.close();

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::commands::{Command, PendingReload, ReloadReply};
 use super::deploy::{effective_backends, supersede};
+use super::fd_store;
 use super::listeners::{self, RunningListener};
 use super::reconcile::{self, Action, Running};
 use super::registry::RunningProxy;
@@ -262,6 +263,9 @@ impl Daemon {
                 })?;
             fresh.push((key.clone(), listener));
         }
+        for (key, listener) in &mut fresh {
+            fd_store::store(key, listener);
+        }
 
         // Commit: proxies first, then the routes of every socket (new ones
         // start accepting), then the sockets no proxy uses any more close.
@@ -335,6 +339,7 @@ impl Daemon {
         for key in &plan.close {
             if let Some(index) = listeners.iter().position(|l| &l.key == key) {
                 let listener = listeners.remove(index);
+                fd_store::remove(key);
                 let drain = old
                     .values()
                     .chain(next.iter())

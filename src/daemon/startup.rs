@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::fd_store;
 use super::handover::Message;
 use super::listeners::{self, RunningListener};
 use super::reconcile::ListenKey;
@@ -26,6 +27,7 @@ use super::{Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, 
 use crate::config::paths::DirError;
 use crate::config::{self, Address, ControlConfig, Loaded};
 use crate::proxy::limit::DaemonLimit;
+use crate::sockets::activation;
 use crate::sockets::inherited::Inherited;
 use crate::sockets::stream::{BindError, Listener};
 use crate::telemetry::stats::StatsLog;
@@ -133,6 +135,9 @@ where
     Api: FnOnce(Listener, ControlConfig, Arc<Shared>, CancellationToken) -> Serving,
     Serving: Future<Output = ()> + Send + 'static,
 {
+    // First of all: reading systemd's sockets removes the variables naming
+    // them from the environment, which is sound only before any thread starts.
+    let passed = activation::from_environment();
     let text = config::read(config_path).map_err(StartError::Config)?;
     // Certificates are loaded here too, before the runtime starts.
     let loaded = config::parse(&text, config_path).map_err(StartError::Config)?;
@@ -144,6 +149,8 @@ where
         config: config_path.to_path_buf(),
         error,
     })?;
+    passed.log();
+    let mut inherited = inherited_sockets(passed);
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,14 +165,14 @@ where
             what: "install signal handlers",
             error,
         })?;
-        let (predecessor, inherited) = match handover {
-            Some(socket) => {
-                let (predecessor, inherited) = upgrade::receive_offer(socket)
+        // Started by an upgrade: the old process's sockets join the pool.
+        let predecessor = match handover {
+            Some(socket) => Some(
+                upgrade::receive_offer(socket, &mut inherited)
                     .await
-                    .map_err(|e| StartError::Handover(e.to_string()))?;
-                (Some(predecessor), inherited)
-            }
-            None => (None, Inherited::default()),
+                    .map_err(|e| StartError::Handover(e.to_string()))?,
+            ),
+            None => None,
         };
         let origin = Origin {
             previous_pid: predecessor.as_ref().map(|p| p.pid),
@@ -190,6 +197,14 @@ where
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     served
+}
+
+/// Every listening socket this process starts with, to be taken by
+/// address before anything is bound: those systemd passed (a socket
+/// unit's, or its fd store's after a restart); an upgrade's offer adds the
+/// old process's (`upgrade::receive_offer`).
+fn inherited_sockets(systemd: activation::Passed) -> Inherited {
+    systemd.sockets
 }
 
 impl Daemon {
@@ -244,6 +259,12 @@ impl Daemon {
                 listener
             }
         };
+        // Every listener is bound: what was passed for no address closes,
+        // and the sockets go to systemd's fd store, to outlive this process.
+        fd_store::release_unused(inherited);
+        for (key, listener) in &mut sockets {
+            fd_store::store(key, listener);
+        }
 
         let kill_all = CancellationToken::new();
         let (watchdog_ticks, _) = latest::channel(0u64);

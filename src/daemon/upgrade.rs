@@ -691,9 +691,9 @@ pub fn refuse(socket: BorrowedFd<'_>, error: &str) {
     }
 }
 
-/// Reads the previous process's offer: its sockets (to adopt by address)
-/// and its run-time state.
-pub async fn receive_offer(socket: OwnedFd) -> Result<(Predecessor, Inherited), HandoverError> {
+/// Reads the previous process's offer: its sockets (into `inherited`, to
+/// adopt by address) and its run-time state.
+pub async fn receive_offer(socket: OwnedFd, inherited: &mut Inherited) -> Result<Predecessor, HandoverError> {
     let channel = Channel::new(socket)?;
     let packet = tokio::time::timeout(STEP_TIMEOUT, channel.recv())
         .await
@@ -710,7 +710,6 @@ pub async fn receive_offer(socket: OwnedFd) -> Result<(Predecessor, Inherited), 
         });
     };
     let mut fds: Vec<Option<OwnedFd>> = packet.fds.into_iter().map(Some).collect();
-    let mut inherited = Inherited::default();
     for entry in offer.listeners.iter().chain(offer.control.iter()) {
         let fd = fds
             .get_mut(entry.fd)
@@ -722,15 +721,12 @@ pub async fn receive_offer(socket: OwnedFd) -> Result<(Predecessor, Inherited), 
             entry.proxy.clone(),
         ));
     }
-    Ok((
-        Predecessor {
-            channel,
-            pid: offer.pid,
-            generation: offer.generation,
-            state: offer.state,
-        },
-        inherited,
-    ))
+    Ok(Predecessor {
+        channel,
+        pid: offer.pid,
+        generation: offer.generation,
+        state: offer.state,
+    })
 }
 
 /// The new process's side of the rest of the conversation: held clients

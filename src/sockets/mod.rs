@@ -3,6 +3,7 @@
 //! every listener kind can forward to every backend kind. It knows nothing
 //! of configs, proxies or backends.
 
+pub mod activation;
 pub mod address;
 pub mod exhaustion;
 pub mod inherited;

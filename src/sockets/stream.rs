@@ -233,6 +233,7 @@ impl Listener {
                     OwnedSocketFile {
                         path: path.clone(),
                         identity: Some((meta.dev(), meta.ino())),
+                        kept_at_stop: false,
                     },
                 ))
             }
@@ -268,9 +269,20 @@ impl Listener {
                     OwnedSocketFile {
                         path: path.clone(),
                         identity,
+                        kept_at_stop: false,
                     },
                 ))
             }
+        }
+    }
+
+    /// Leaves this listener's UNIX socket file in place when the daemon
+    /// stops ([`stopping`]): the socket lives on in systemd's fd store, and
+    /// clients find it by that file while the next process starts. Closing
+    /// the listener otherwise (a reload drops its address) still removes it.
+    pub fn keep_file_at_stop(&mut self) {
+        if let Listener::Unix(_, file) = self {
+            file.kept_at_stop = true;
         }
     }
 
@@ -313,6 +325,8 @@ impl Listener {
 pub struct OwnedSocketFile {
     path: PathBuf,
     identity: Option<(u64, u64)>,
+    /// Left in place at stop (see [`Listener::keep_file_at_stop`]).
+    kept_at_stop: bool,
 }
 
 /// Set once this process has handed its sockets to its successor: from
@@ -325,9 +339,21 @@ pub fn keep_socket_files() {
     HANDED_OVER.store(true, Ordering::SeqCst);
 }
 
+/// Set once the daemon stops: from then on a listener closes for good
+/// rather than because a reload dropped its address.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// The daemon is stopping: socket files kept at stop stay from now on.
+pub fn stopping() {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
 impl Drop for OwnedSocketFile {
     fn drop(&mut self) {
         if HANDED_OVER.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.kept_at_stop && STOPPING.load(Ordering::SeqCst) {
             return;
         }
         let Some(identity) = self.identity else {

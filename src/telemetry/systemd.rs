@@ -1,8 +1,10 @@
 //! Telling systemd what the daemon is doing (sd_notify): READY once every
 //! listener and the control socket are up; RELOADING with MONOTONIC_USEC in
 //! one message, then READY, around every reload; a STATUS line; WATCHDOG
-//! pings; STOPPING. Without `NOTIFY_SOCKET` every call is a no-op.
+//! pings; STOPPING; the listening sockets kept in its fd store (FDSTORE,
+//! FDSTOREREMOVE). Without `NOTIFY_SOCKET` every call is a no-op.
 
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -52,4 +54,34 @@ pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
         .map(|limit| limit / 2)
         .filter(|d| !d.is_zero())
+}
+
+/// Puts a listening socket in systemd's fd store under `name`, so that
+/// across a restart it stays open and clients queue in its backlog (one
+/// message per socket: `FDNAME=` names every descriptor of a message).
+/// Returns whether the message went out (systemd keeps the socket only if
+/// the unit sets `FileDescriptorStoreMax=`).
+pub fn store_fd(socket: BorrowedFd<'_>, name: &str) -> bool {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return false;
+    }
+    match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[socket]) {
+        Ok(()) => {
+            tracing::debug!(name, "listening socket put in systemd's fd store");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(name, error = %e, "cannot put the listening socket in systemd's fd store");
+            false
+        }
+    }
+}
+
+/// Takes the sockets stored under `name` out of systemd's fd store (and
+/// closes systemd's copies).
+pub fn remove_fd(name: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    send(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
 }

@@ -18,5 +18,6 @@ mod manual;
 mod operations;
 mod pause;
 mod reload;
+mod systemd_sockets;
 mod tls;
 mod upgrade;

@@ -1252,3 +1252,86 @@ impl Daemon {
         self.stderr_lines().iter().filter(|l| l.contains(pattern)).count()
     }
 }
+
+// ---------------------------------------------------------------------------
+// systemd: a daemon started with inherited listening sockets
+
+impl Daemon {
+    /// `interlude run -c CONFIG` with `fds` as its descriptors 3, 4, ...
+    /// and `LISTEN_FDS`/`LISTEN_PID` saying so, as systemd passes a socket
+    /// unit's or its fd store's sockets; `env` as in
+    /// [`Daemon::spawn_with_env`] (e.g. `LISTEN_FDNAMES`, `NOTIFY_SOCKET`).
+    /// Runs through `/bin/sh`, which learns its pid (`$$`) and execs the
+    /// binary under it, so that `LISTEN_PID` names the daemon.
+    pub fn start_with_listen_fds(
+        config: &Path,
+        fds: &[std::os::fd::RawFd],
+        env: &[(&str, Option<&str>)],
+    ) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#)
+            .arg(binary())
+            .args([OsStr::new("run"), OsStr::new("-c"), config.as_os_str()])
+            .env_remove("INTERLUDE_CONFIG")
+            .env_remove("INTERLUDE_TOKEN")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("RUST_LOG")
+            .env_remove("LISTEN_FDNAMES")
+            .env("LISTEN_FDS", fds.len().to_string());
+        for (name, value) in env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        let sources = fds.to_vec();
+        let mut copies = vec![-1; fds.len()];
+        // SAFETY: runs in the forked child before exec; it only calls fcntl
+        // and dup2 (async-signal-safe) and writes into a vector allocated
+        // before the fork, without growing it.
+        unsafe {
+            command.pre_exec(move || {
+                // First copy each source above the target numbers (a source
+                // may sit on a target), then onto its target: dup2 clears
+                // close-on-exec on the target, the copies close at exec.
+                let past_targets = 3 + sources.len() as i32;
+                for (copy, &source) in copies.iter_mut().zip(&sources) {
+                    *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, past_targets);
+                    if *copy < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                for (target, &copy) in (3..).zip(&copies) {
+                    if libc::dup2(copy, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} through /bin/sh: {e}", binary().display()));
+        let (stderr, _) = Capture::drain(child.stderr.take().unwrap());
+        let (stdout, _) = Capture::drain(child.stdout.take().unwrap());
+        Daemon {
+            child,
+            stderr,
+            stdout,
+            status: None,
+            config: Some(config.to_path_buf()),
+            started: Instant::now(),
+            reported: Cell::new(false),
+        }
+    }
+}
