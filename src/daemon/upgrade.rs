@@ -39,9 +39,9 @@ use super::listeners::{HaltedListener, RunningListener, routes_for};
 use super::state::State;
 use crate::config::Mode;
 use crate::proxy::Proxy;
+use crate::proxy::gate::MovedClient;
 use crate::proxy::http;
 use crate::proxy::listener::{Permits, Routes};
-use crate::proxy::gate::MovedClient;
 use crate::sockets::inherited::{Inherited, InheritedSocket};
 use crate::sockets::stream::Stream;
 use crate::telemetry::systemd;
@@ -386,7 +386,8 @@ impl Daemon {
                     return false;
                 };
                 let permits = Permits::admitted(&site);
-                let serving = http::serve_connection(site.clone(), hosts, client.socket, peer, permits, client.early);
+                let serving =
+                    http::serve_connection(site.clone(), hosts, client.socket, peer, permits, client.early);
                 site.connections.spawn(serving);
                 true
             }

@@ -231,8 +231,14 @@ pub async fn accept_loop(
                         });
                     }
                     Routes::Http(hosts) => {
-                        let connection =
-                            super::http::serve_connection(site.clone(), hosts, client, peer, permits, Vec::new());
+                        let connection = super::http::serve_connection(
+                            site.clone(),
+                            hosts,
+                            client,
+                            peer,
+                            permits,
+                            Vec::new(),
+                        );
                         site.connections.spawn(connection);
                     }
                 }

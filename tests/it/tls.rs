@@ -970,8 +970,13 @@ fn a_held_tls_client_stays_with_the_old_process_and_is_released_on_resume() {
     let _new = Started(new_pid);
     assert_ne!(new_pid, tls.daemon.pid());
     assert_eq!(doc["proxies"][0]["held"], 0, "a TLS client cannot move: {doc}");
-    tls.daemon.assert_running("the old process still holds the TLS client");
-    tls_assert_silent(&mut client, Duration::from_millis(300), "a held TLS client after the upgrade");
+    tls.daemon
+        .assert_running("the old process still holds the TLS client");
+    tls_assert_silent(
+        &mut client,
+        Duration::from_millis(300),
+        "a held TLS client after the upgrade",
+    );
     assert_eq!(tls.server.accepted(), 0);
 
     post(tls.dir.path(), "/resume");
@@ -980,7 +985,11 @@ fn a_held_tls_client_stays_with_the_old_process_and_is_released_on_resume() {
         .read_exact(&mut reply)
         .unwrap_or_else(|e| tls.daemon.fail(&format!("the held bytes after the resume: {e}")));
     assert_eq!(&reply, b"held over the upgrade|");
-    tls_assert_echo(&mut client, b"served by the old process", "the released TLS client");
+    tls_assert_echo(
+        &mut client,
+        b"served by the old process",
+        "the released TLS client",
+    );
     drop(client);
     let exited = tls.daemon.wait_exit(WAIT);
     assert!(exited.success(), "{exited:?}");

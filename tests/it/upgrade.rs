@@ -178,7 +178,9 @@ impl Load {
                             n += 1;
                             let message = format!("client {i} round {n}\n");
                             match common::roundtrip(&mut stream, message.as_bytes()) {
-                                Ok(echoed) if echoed == message.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
+                                Ok(echoed) if echoed == message.as_bytes() => {
+                                    ok.fetch_add(1, Ordering::Relaxed)
+                                }
                                 outcome => {
                                     eprintln!("client {i} round {n}: {outcome:?}");
                                     failed.fetch_add(1, Ordering::Relaxed);
@@ -459,7 +461,13 @@ fn held_http_requests_move_and_are_served_on_resume() {
     let dir = common::tempdir();
     let program = install(dir.path());
     let backend = HttpBackend::echo("A");
-    let yaml = common::one_proxy_config(dir.path(), "10s", "127.0.0.1:0", &[backend.address()], "mode: http");
+    let yaml = common::one_proxy_config(
+        dir.path(),
+        "10s",
+        "127.0.0.1:0",
+        &[backend.address()],
+        "mode: http",
+    );
     let config = common::write_config(dir.path(), &yaml);
     let mut old = start(&program, &config);
     let endpoint = old.listen_addr("p");
@@ -469,43 +477,78 @@ fn held_http_requests_move_and_are_served_on_resume() {
     poster.get_ok("/before-2");
     assert_eq!(cli(&config, &["pause", "p"]).code(), Some(0));
 
-    getter.send("GET", "/held-get", &[], None).expect("send a GET while paused");
+    getter
+        .send("GET", "/held-get", &[], None)
+        .expect("send a GET while paused");
     let mut fresh = Client::connect(&endpoint);
-    fresh.send("GET", "/held-fresh", &[], None).expect("send a GET on a new connection");
+    fresh
+        .send("GET", "/held-fresh", &[], None)
+        .expect("send a GET on a new connection");
     let body = pattern_bytes(7, SIZE);
     let sent_hash = fnv(&body);
     let post = thread::spawn(move || {
-        let result = poster.request("POST", "/held-post", &[("Content-Type", "application/octet-stream")], Some(&body));
+        let result = poster.request(
+            "POST",
+            "/held-post",
+            &[("Content-Type", "application/octet-stream")],
+            Some(&body),
+        );
         (poster, result)
     });
-    wait_until("3 held requests", WAIT, || status(&config)["proxies"][0]["held"].as_u64() == Some(3));
+    wait_until("3 held requests", WAIT, || {
+        status(&config)["proxies"][0]["held"].as_u64() == Some(3)
+    });
     assert_eq!(backend.heads(), 2);
 
     replace_with_binary(&program);
     let new_pid = upgrade(&config, &old);
     let _new = Started(new_pid);
     let doc = status(&config);
-    assert_eq!(doc["proxies"][0]["held"].as_u64(), Some(3), "held in the new process: {doc}");
+    assert_eq!(
+        doc["proxies"][0]["held"].as_u64(),
+        Some(3),
+        "held in the new process: {doc}"
+    );
     let exited = old.wait_exit(WAIT);
-    assert!(exited.success(), "the old process holds nothing and exits: {exited:?}");
+    assert!(
+        exited.success(),
+        "the old process holds nothing and exits: {exited:?}"
+    );
     thread::sleep(Duration::from_millis(200));
-    assert_eq!(backend.heads(), 2, "a held request reached the backend: {:?}", backend.targets());
-    assert_eq!(backend.body_bytes(), 0, "body bytes of the held POST reached the backend");
+    assert_eq!(
+        backend.heads(),
+        2,
+        "a held request reached the backend: {:?}",
+        backend.targets()
+    );
+    assert_eq!(
+        backend.body_bytes(),
+        0,
+        "body bytes of the held POST reached the backend"
+    );
 
     assert_eq!(cli(&config, &["resume", "p"]).code(), Some(0));
     let got = getter.read_response("GET").expect("the held GET");
     assert_eq!(got.status, 200, "{}", got.describe());
     assert_eq!(got.backend(), "A");
-    let got = fresh.read_response("GET").expect("the held GET on a fresh connection");
+    let got = fresh
+        .read_response("GET")
+        .expect("the held GET on a fresh connection");
     assert_eq!(got.status, 200, "{}", got.describe());
     let (mut poster, posted) = post.join().expect("poster");
     let posted = posted.expect("the held POST");
     assert_eq!(posted.status, 200, "{}", posted.describe());
     assert_eq!(posted.body.len(), SIZE);
-    assert!(fnv(&posted.body) == sent_hash, "the echoed body differs from the one sent");
+    assert!(
+        fnv(&posted.body) == sent_hash,
+        "the echoed body differs from the one sent"
+    );
     let seen = backend.request("/held-post");
     assert_eq!(seen.body.len(), SIZE, "body length at the backend");
-    assert!(seen.body_hash() == sent_hash, "the backend got other body bytes than sent");
+    assert!(
+        seen.body_hash() == sent_hash,
+        "the backend got other body bytes than sent"
+    );
     // The connections carry on, in the new process.
     getter.get_ok("/after-1");
     poster.get_ok("/after-2");
@@ -539,13 +582,19 @@ fn runtime_pause_and_an_added_backend_carry_over() {
     let p = &after["proxies"][0];
     assert_eq!(p["paused"].as_bool(), Some(true), "{after}");
     assert_eq!(p["paused_by"], serde_json::json!(["runtime"]), "{after}");
-    assert_eq!(p["paused_since"], before["proxies"][0]["paused_since"], "the pause keeps its start");
+    assert_eq!(
+        p["paused_since"], before["proxies"][0]["paused_since"],
+        "the pause keeps its start"
+    );
     let addresses: Vec<&str> = p["backends"]
         .as_array()
         .expect("backends")
         .iter()
         .filter_map(|b| b["address"].as_str())
         .collect();
-    assert!(addresses.contains(&added.address().as_str()), "the added backend: {after}");
+    assert!(
+        addresses.contains(&added.address().as_str()),
+        "the added backend: {after}"
+    );
     assert!(addresses.contains(&first.address().as_str()), "{after}");
 }

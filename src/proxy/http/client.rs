@@ -103,7 +103,10 @@ fn lock(lent: &Mutex<Lent>) -> MutexGuard<'_, Lent> {
 }
 
 fn taken() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "the client connection moved to another process")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the client connection moved to another process",
+    )
 }
 
 impl ClientSocket {

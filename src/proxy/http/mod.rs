@@ -268,7 +268,9 @@ async fn hold_request(
         let movable = (may_move && connection.socket.can_move()).then(|| proxy.gate.movable());
         let moving = movable.as_ref().map(|(_, token)| token);
         let outcome = match &mut held.ticket {
-            Some(ticket) => hold::hold(ticket, &proxy.gate.close_held, moving, client_leaves(connection)).await,
+            Some(ticket) => {
+                hold::hold(ticket, &proxy.gate.close_held, moving, client_leaves(connection)).await
+            }
             None => Hold::Closed,
         };
         if outcome != Hold::Moving {
