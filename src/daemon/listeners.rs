@@ -58,11 +58,12 @@ impl HaltedListener {
     }
 
     /// Closes the socket here (the new process keeps it open); its HTTP
-    /// connections finish the request in flight and close. Returns the
-    /// site, whose connections the caller waits for.
+    /// connections answer their next request with `Connection: close`, or
+    /// close when idle for `request_timeout`. Returns the site, whose
+    /// connections the caller waits for.
     pub fn close(self) -> Arc<Site> {
         drop(self.listener);
-        self.site.closing.cancel();
+        self.site.handed_over.cancel();
         self.site.connections.close();
         self.site
     }
@@ -87,6 +88,7 @@ impl RunningListener {
             routes: receiver,
             connections: TaskTracker::new(),
             closing: CancellationToken::new(),
+            handed_over: CancellationToken::new(),
             kill,
             limit: ConnectionLimit::new(max),
             daemon_limit,

@@ -48,6 +48,14 @@ pub struct Site {
     /// more): HTTP connections finish the request in flight, answer it with
     /// `Connection: close`, and close when idle.
     pub closing: CancellationToken,
+    /// Cancelled when an upgrade's new process has taken the socket over:
+    /// HTTP connections keep serving, each response saying
+    /// `Connection: close`, so that a client's next request opens a
+    /// connection to the new process; an idle one closes at
+    /// `request_timeout` like any idle keep-alive connection. Closing idle
+    /// connections at once, as a stop does, would race a client sending
+    /// its next request on one.
+    pub handed_over: CancellationToken,
     /// Cancelled to close every HTTP connection at once (grace or drain over).
     pub kill: CancellationToken,
     /// This socket's connections: its mode tcp proxy's `max_connections`,

@@ -598,3 +598,98 @@ fn runtime_pause_and_an_added_backend_carry_over() {
     );
     assert!(addresses.contains(&first.address().as_str()), "{after}");
 }
+
+/// Keep-alive HTTP clients looping requests across upgrades: the old
+/// process answers each connection's next request with `Connection: close`
+/// (the client then reconnects, to the new process) and never closes one
+/// under a request, so no request fails.
+#[test]
+fn keep_alive_http_clients_lose_no_request_across_upgrades() {
+    use crate::common::http::{Client, HttpBackend};
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = HttpBackend::echo("A");
+    let yaml = common::one_proxy_config(
+        dir.path(),
+        "10s",
+        "127.0.0.1:0",
+        &[backend.address()],
+        "mode: http",
+    );
+    let config = common::write_config(dir.path(), &yaml);
+    let old = start(&program, &config);
+    let endpoint = old.listen_addr("p");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let told_to_close = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (endpoint, stop, ok, failed, told_to_close) = (
+                endpoint.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                told_to_close.clone(),
+            );
+            thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut client = Client::connect(&endpoint);
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        match client.get(&format!("/client-{i}/{n}")) {
+                            Ok(response) if response.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                if response.headers.has_token("connection", "close") {
+                                    told_to_close.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                            outcome => {
+                                eprintln!("client {i} request {n}: {outcome:?}");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let count = || ok.load(Ordering::Relaxed);
+    let mut started = Vec::new();
+    let mut previous = old.pid();
+    for round in 0..3 {
+        let before = count();
+        wait_until("requests before the upgrade", WAIT, || count() > before + 50);
+        replace_with_binary(&program);
+        let out = cli(&config, &["upgrade", "--timeout", "30s"]);
+        if out.code() != Some(0) {
+            old.fail(&format!("upgrade {round}: {}", out.describe()));
+        }
+        let pid = status_pid(&config);
+        assert_ne!(pid, previous, "round {round}: the same process still answers");
+        started.push(Started(pid));
+        previous = pid;
+        let after = count();
+        wait_until("requests after the upgrade", WAIT, || count() > after + 50);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.join();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across three upgrades",
+        ok + failed
+    );
+    assert!(
+        told_to_close.load(Ordering::Relaxed) >= 8,
+        "the old processes told their clients to reconnect ({} times)",
+        told_to_close.load(Ordering::Relaxed)
+    );
+    drop(started);
+}

@@ -142,8 +142,20 @@ async fn handle(
     connection: Arc<ClientConnection>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let mut response = answer(&connection, request).await;
+    if connection.site.handed_over.is_cancelled() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The client's next request goes to the upgraded process, on a
+        // new connection.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Response<ResponseBody> {
     if let Some(refused) = refuse(&request) {
-        return Ok(refused);
+        return refused;
     }
     let proxy = match &*connection.site.routes.borrow() {
         Routes::Http(hosts) => hosts.route(route::request_host(&request)).cloned(),
@@ -151,12 +163,12 @@ async fn handle(
         Routes::Tcp(_) => None,
     };
     let Some(proxy) = proxy else {
-        return Ok(local(StatusCode::NOT_FOUND, "no proxy here serves this host\n"));
+        return local(StatusCode::NOT_FOUND, "no proxy here serves this host\n");
     };
     proxy.stats.accepted.fetch_add(1, Relaxed);
-    let response = exchange(&proxy, &connection, request).await;
+    let response = exchange(&proxy, connection, request).await;
     proxy.stats.count_response(response.status().as_u16());
-    Ok(response)
+    response
 }
 
 /// The answer to a request no backend should see, if it is one: a
