@@ -8,6 +8,7 @@
 
 use crate::common;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -519,6 +520,96 @@ fn reload_stores_a_new_listener_and_removes_a_closed_one() {
     assert!(
         stored(&daemon, messages).is_empty(),
         "a reload that binds nothing stored a socket: {:?}",
+        notify.seen
+    );
+}
+
+/// During an upgrade systemd hears, in this order: `MAINPID=` the new pid
+/// from the old process, then `READY=1` and watchdog pings from the new
+/// one (its `WATCHDOG_PID`, if any, is not the old pid's); the old process
+/// never says `STOPPING=1` (the service goes on).
+#[test]
+fn an_upgrade_gives_systemd_the_new_main_pid_then_ready_and_pings_from_it() {
+    let dir = tempdir();
+    let server = TestServer::echo_tcp();
+    let yaml = one_proxy_config(dir.path(), "5s", "127.0.0.1:0", &[server.address()], "");
+    let mut notify = Notify::bind(dir.path());
+    let notify_path = notify.path().to_string();
+    // Pings every second.
+    let env = [
+        ("NOTIFY_SOCKET", Some(notify_path.as_str())),
+        ("WATCHDOG_USEC", Some("2000000")),
+    ];
+    let mut old = Daemon::start_with_env(dir.path(), &yaml, &env);
+    let ready = notify.until_line(&old, "READY=1");
+    assert!(ready.iter().any(|m| m.has_line("READY=1") && m.pid == old.pid()));
+    let config = dir.path().join("interlude.yaml");
+
+    let out = run_cli([OsStr::new("upgrade"), OsStr::new("-c"), config.as_os_str()]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let upgraded = notify.until_line(&old, "READY=1");
+    let main_pid = upgraded
+        .iter()
+        .find_map(|m| {
+            m.text
+                .lines()
+                .find_map(|l| l.strip_prefix("MAINPID="))
+                .map(|pid| (pid.to_string(), m.pid))
+        })
+        .unwrap_or_else(|| old.fail(&format!("no MAINPID= before READY=1: {:?}", notify.seen)));
+    assert_eq!(main_pid.1, old.pid(), "MAINPID= comes from the old process");
+    let new_pid: i32 = main_pid.0.parse().expect("a pid");
+    struct Started(i32);
+    impl Drop for Started {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the pid of the process this test's daemon started.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+            }
+        }
+    }
+    let _new = Started(new_pid);
+    assert_ne!(new_pid, old.pid());
+    let ready = upgraded.last().expect("READY=1");
+    assert_eq!(
+        ready.pid, new_pid,
+        "READY=1 comes from the new process: {:?}",
+        notify.seen
+    );
+    let mainpid_at = upgraded
+        .iter()
+        .position(|m| m.text.contains("MAINPID="))
+        .unwrap_or(usize::MAX);
+    assert!(
+        mainpid_at < upgraded.len() - 1,
+        "MAINPID= before READY=1: {:?}",
+        notify.seen
+    );
+    // Pings from the new process.
+    let pings = notify.until_line(&old, "WATCHDOG=1");
+    assert_eq!(pings.last().map(|m| m.pid), Some(new_pid), "{:?}", notify.seen);
+    let exited = old.wait_exit(WAIT);
+    assert!(exited.success(), "{exited:?}");
+    // Whatever else comes for a while (pings go on every second), none
+    // of it says the service stops.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let Some(message) = notify.recv(Duration::from_millis(1500)) else {
+            break;
+        };
+        assert!(
+            !message.has_line("STOPPING=1"),
+            "STOPPING=1 from pid {}: {:?}",
+            message.pid,
+            notify.seen
+        );
+        if message.has_line("WATCHDOG=1") {
+            assert_eq!(message.pid, new_pid, "a ping from another process");
+        }
+    }
+    assert!(
+        !notify.seen.iter().any(|m| m.contains("STOPPING=1")),
+        "{:?}",
         notify.seen
     );
 }
