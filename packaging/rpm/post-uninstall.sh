@@ -1,11 +1,8 @@
 # %postun of the interlude .rpm. /etc/interlude (a changed config is kept
-# as .rpmsave), /var/lib/interlude and the logs are never deleted.
+# as .rpmsave), /var/lib/interlude and the logs are never deleted. On
+# upgrade the new package's %post has already upgraded the running daemon
+# in place (or reloaded it): nothing to do for the service here.
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload >/dev/null 2>&1 || :
-	# On upgrade, a running daemon reloads its configuration (SIGHUP): no
-	# connection is dropped; the new binary takes over at the next restart.
-	if [ "$1" -ge 1 ]; then
-		systemctl try-reload-or-restart interlude.service >/dev/null 2>&1 || :
-	fi
 fi
 exit 0

@@ -28,6 +28,9 @@ A reload (a config file change, SIGHUP or `interlude reload`) applies the
 file without dropping a connection.
 A deploy (`interlude deploy`) replaces a proxy's backends once the new ones
 are healthy and lets the old ones drain.
+An upgrade (`interlude upgrade`) replaces the running daemon by the binary
+now on disk without a restart: the new process takes over the listening
+sockets, the run-time state and the held clients, and no connection is refused.
 
 Without a subcommand it runs the daemon (same as `interlude run`).
 Read more in `man interlude` (commands, signals, files) and
@@ -104,6 +107,18 @@ pub enum Command {
     },
     /// Replace the running daemon by the binary now on disk, handing over
     /// its sockets, run-time state and held clients
+    #[command(long_about = "\
+Replace the running daemon by the binary now on disk, handing over its
+sockets, run-time state and held clients: no connection is refused.
+
+The daemon starts the binary now at the path it was started from (after a
+package upgrade, the new version) with the same arguments. Once the new
+process has checked the config and is ready, the old one stops accepting
+and hands over its held clients, and this command exits 0. If the new
+process fails or is not ready within --timeout, it is ended, the old one
+serves on unchanged, and this command exits 1 with its error.
+Connections already forwarded finish in the old process, within
+shutdown.grace_period. See UPGRADE in `man interlude`.")]
     Upgrade {
         /// How long the new process may take to serve
         #[arg(long, value_name = "DUR", default_value = crate::control::api::DEFAULT_UPGRADE_TIMEOUT)]

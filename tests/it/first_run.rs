@@ -509,6 +509,7 @@ fn help_says_what_interlude_is_and_where_to_read_more() {
         "held",
         "reload",
         "deploy",
+        "interlude upgrade",
         "man interlude`",
         "man interlude.yaml",
     ] {
