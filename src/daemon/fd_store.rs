@@ -6,6 +6,8 @@
 //! Inherited sockets no listener took are closed and taken out too.
 //! Without `NOTIFY_SOCKET` nothing is sent.
 
+use std::os::fd::{AsFd, OwnedFd};
+
 use tracing::warn;
 
 use super::reconcile::ListenKey;
@@ -14,49 +16,114 @@ use crate::sockets::inherited::Inherited;
 use crate::sockets::stream::Listener;
 use crate::telemetry::systemd;
 
-/// Puts the socket `listener` for `key` in the fd store. A port-0 listener
-/// is not stored: the next process would bind a port of its own, not this
-/// one. A UNIX listener that is stored keeps its socket file when the
-/// daemon stops, for the next process to serve.
-pub(super) fn store(key: &ListenKey, listener: &mut Listener) {
-    if matches!(key, ListenKey::Ephemeral { .. }) {
-        return;
-    }
-    if systemd::store_fd(listener.as_fd(), &fd_name(key.address())) {
-        listener.keep_file_at_stop();
-    }
+/// What this process tells systemd's fd store. An upgraded process is not
+/// the service's main process until the old one has sent `MAINPID=`, and
+/// systemd (`NotifyAccess=main`) drops what it says before then: its notes
+/// wait for [`FdStore::now_main`].
+pub(super) struct FdStore {
+    /// `Some` while this process is not yet the main one.
+    waiting: Option<Vec<Note>>,
 }
 
-/// Takes the socket for `key`, which a reload closes, out of the fd store.
-pub(super) fn remove(key: &ListenKey) {
-    if matches!(key, ListenKey::Ephemeral { .. }) {
-        return;
-    }
-    systemd::remove_fd(&fd_name(key.address()));
+enum Note {
+    Store(OwnedFd, String),
+    Remove(String),
 }
 
-/// Closes every inherited socket that no listener took (its address is not
-/// in the config), and takes the named ones out of the fd store, so that
-/// no socket is left accepting connections nobody serves.
-pub(super) fn release_unused(inherited: Inherited) {
-    for socket in inherited.into_unused() {
-        let bound = rustix::net::getsockname(socket.fd())
-            .ok()
-            .and_then(|local| describe_local(&local))
-            .unwrap_or_else(|| "an unknown address".to_string());
-        match &socket.name {
-            Some(name) => {
-                systemd::remove_fd(name);
-                warn!(
-                    "closed the inherited socket {} bound to {bound}: no listen address in the config is there (removed from systemd's fd store)",
-                    activation::describe(Some(name))
-                );
-            }
-            None => {
-                warn!("closed an inherited socket bound to {bound}: no listen address in the config is there")
+impl FdStore {
+    /// `main`: this process is the service's main process (not an
+    /// upgrade's new process waiting for the old one to step aside).
+    pub fn new(main: bool) -> FdStore {
+        FdStore {
+            waiting: (!main).then(Vec::new),
+        }
+    }
+
+    /// Puts the socket `listener` for `key` in the fd store. A port-0
+    /// listener is not stored: the next process would bind a port of its
+    /// own, not this one. A UNIX listener that is stored keeps its socket
+    /// file when the daemon stops, for the next process to serve.
+    pub fn store(&mut self, key: &ListenKey, listener: &mut Listener) {
+        if matches!(key, ListenKey::Ephemeral { .. }) || !systemd::notifying() {
+            return;
+        }
+        let name = fd_name(key.address());
+        let stored = match &mut self.waiting {
+            None => systemd::store_fd(listener.as_fd(), &name),
+            Some(notes) => match listener.as_fd().try_clone_to_owned() {
+                Ok(socket) => {
+                    notes.push(Note::Store(socket, name));
+                    true
+                }
+                Err(e) => {
+                    warn!(name, error = %e, "cannot keep the listening socket for systemd's fd store");
+                    false
+                }
+            },
+        };
+        if stored {
+            listener.keep_file_at_stop();
+        }
+    }
+
+    /// Takes the socket for `key`, which a reload closes, out of the fd
+    /// store.
+    pub fn remove(&mut self, key: &ListenKey) {
+        if matches!(key, ListenKey::Ephemeral { .. }) {
+            return;
+        }
+        self.remove_named(fd_name(key.address()));
+    }
+
+    fn remove_named(&mut self, name: String) {
+        match &mut self.waiting {
+            None => systemd::remove_fd(&name),
+            Some(notes) => {
+                notes.retain(|note| !matches!(note, Note::Store(_, stored) if *stored == name));
+                notes.push(Note::Remove(name));
             }
         }
-        drop(socket);
+    }
+
+    /// Closes every inherited socket that no listener took (its address is
+    /// not in the config), and takes the named ones out of the fd store,
+    /// so that no socket is left accepting connections nobody serves.
+    pub fn release_unused(&mut self, inherited: Inherited) {
+        for socket in inherited.into_unused() {
+            let bound = rustix::net::getsockname(socket.fd())
+                .ok()
+                .and_then(|local| describe_local(&local))
+                .unwrap_or_else(|| "an unknown address".to_string());
+            match &socket.name {
+                Some(name) => {
+                    self.remove_named(name.clone());
+                    warn!(
+                        "closed the inherited socket {} bound to {bound}: no listen address in the config is there (removed from systemd's fd store)",
+                        activation::describe(Some(name))
+                    );
+                }
+                None => {
+                    warn!(
+                        "closed an inherited socket bound to {bound}: no listen address in the config is there"
+                    )
+                }
+            }
+            drop(socket);
+        }
+    }
+
+    /// This process is the main one now: what waited is sent, in order.
+    /// (The old process stored the same sockets; systemd keeps one copy of
+    /// each.)
+    pub fn now_main(&mut self) {
+        for note in self.waiting.take().unwrap_or_default() {
+            match note {
+                Note::Store(socket, name) => {
+                    systemd::store_fd(socket.as_fd(), &name);
+                }
+                Note::Remove(name) => systemd::remove_fd(&name),
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 pub mod commands;
 mod deploy;
 mod fd_store;
+use fd_store::FdStore;
 pub mod handover;
 mod listeners;
 pub mod preflight;
@@ -140,6 +141,9 @@ struct Daemon {
     /// Whether systemd has been told READY=1 (a process started by an
     /// upgrade tells it only once the old one has stepped aside).
     announced: bool,
+    /// What systemd's fd store is told (held back until this process is
+    /// the service's main one).
+    fd_store: FdStore,
     /// After an upgrade, in the new process: proxies the previous process
     /// still holds clients of, and where to say that they resumed.
     predecessor_holds: upgrade::PredecessorHolds,
@@ -275,6 +279,7 @@ impl Daemon {
             Command::HandoverCommitted => {
                 info!("upgrade: the previous process stepped aside; serving");
                 self.announced = true;
+                self.fd_store.now_main();
                 systemd::ready(&self.status_line);
                 systemd::watchdog();
             }

@@ -20,7 +20,6 @@ use tracing::{error, info, warn};
 
 use super::commands::{Command, PendingReload, ReloadReply};
 use super::deploy::{effective_backends, supersede};
-use super::fd_store;
 use super::listeners::{self, RunningListener};
 use super::reconcile::{self, Action, Running};
 use super::registry::RunningProxy;
@@ -264,7 +263,7 @@ impl Daemon {
             fresh.push((key.clone(), listener));
         }
         for (key, listener) in &mut fresh {
-            fd_store::store(key, listener);
+            self.fd_store.store(key, listener);
         }
 
         // Commit: proxies first, then the routes of every socket (new ones
@@ -339,7 +338,7 @@ impl Daemon {
         for key in &plan.close {
             if let Some(index) = listeners.iter().position(|l| &l.key == key) {
                 let listener = listeners.remove(index);
-                fd_store::remove(key);
+                self.fd_store.remove(key);
                 let drain = old
                     .values()
                     .chain(next.iter())

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::fd_store;
+use super::fd_store::FdStore;
 use super::handover::Message;
 use super::listeners::{self, RunningListener};
 use super::reconcile::ListenKey;
@@ -261,9 +261,10 @@ impl Daemon {
         };
         // Every listener is bound: what was passed for no address closes,
         // and the sockets go to systemd's fd store, to outlive this process.
-        fd_store::release_unused(inherited);
+        let mut fd_store = FdStore::new(origin.previous_pid.is_none());
+        fd_store.release_unused(inherited);
         for (key, listener) in &mut sockets {
-            fd_store::store(key, listener);
+            fd_store.store(key, listener);
         }
 
         let kill_all = CancellationToken::new();
@@ -385,6 +386,7 @@ impl Daemon {
             control_socket,
             upgrading: None,
             announced: origin.previous_pid.is_none(),
+            fd_store,
             predecessor_holds: Default::default(),
             to_predecessor: None,
             adopted: 0,

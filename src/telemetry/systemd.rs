@@ -15,6 +15,11 @@ fn send(states: &[NotifyState]) {
     }
 }
 
+/// Whether systemd listens (`NOTIFY_SOCKET` is set).
+pub fn notifying() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
@@ -62,7 +67,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Returns whether the message went out (systemd keeps the socket only if
 /// the unit sets `FileDescriptorStoreMax=`).
 pub fn store_fd(socket: BorrowedFd<'_>, name: &str) -> bool {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if !notifying() {
         return false;
     }
     match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[socket]) {
@@ -80,7 +85,7 @@ pub fn store_fd(socket: BorrowedFd<'_>, name: &str) -> bool {
 /// Takes the sockets stored under `name` out of systemd's fd store (and
 /// closes systemd's copies).
 pub fn remove_fd(name: &str) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if !notifying() {
         return;
     }
     send(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);

@@ -532,7 +532,9 @@ fn reload_stores_a_new_listener_and_removes_a_closed_one() {
 fn an_upgrade_gives_systemd_the_new_main_pid_then_ready_and_pings_from_it() {
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let yaml = one_proxy_config(dir.path(), "5s", "127.0.0.1:0", &[server.address()], "");
+    // A UNIX listener: it goes to the fd store (a port-0 one would not).
+    let listen = format!("unix:{}", dir.path().join("p.sock").display());
+    let yaml = one_proxy_config(dir.path(), "5s", &listen, &[server.address()], "");
     let mut notify = Notify::bind(dir.path());
     let notify_path = notify.path().to_string();
     // Pings every second.
@@ -583,6 +585,16 @@ fn an_upgrade_gives_systemd_the_new_main_pid_then_ready_and_pings_from_it() {
     assert!(
         mainpid_at < upgraded.len() - 1,
         "MAINPID= before READY=1: {:?}",
+        notify.seen
+    );
+    // systemd (NotifyAccess=main) would drop what the new process says
+    // before it is the main one: its fd store notes come after MAINPID=.
+    let stored_by_new = upgraded
+        .iter()
+        .position(|m| m.pid == new_pid && m.has_line("FDSTORE=1"));
+    assert!(
+        stored_by_new.is_some_and(|at| at > mainpid_at),
+        "the new process stores its listener after MAINPID=: {:?}",
         notify.seen
     );
     // Pings from the new process.
