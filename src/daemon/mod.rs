@@ -494,12 +494,21 @@ impl Daemon {
         // Tasks that run until the connections end (a previous process's
         // releases after an upgrade) end now.
         self.kill_all.cancel();
-        let Daemon { tasks, .. } = self;
+        let (tasks, _logging) = self.into_tasks();
         tasks.close();
         if tokio::time::timeout(TASKS_WAIT, tasks.wait()).await.is_err() {
             warn!("some background tasks did not end in time");
         }
         info!("stopped");
+    }
+}
+
+impl Daemon {
+    /// Its background tasks, to join, and the logging, to keep until the
+    /// end; the rest of the daemon is dropped here, and with it the
+    /// senders (the state writer's, the commands') those tasks wait on.
+    fn into_tasks(self) -> (TaskTracker, Logging) {
+        (self.tasks, self.logging)
     }
 }
 

@@ -163,20 +163,18 @@ impl Daemon {
                 return;
             }
         };
-        let (channel, child) = match launch() {
-            Ok(launched) => launched,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-        };
-        info!(
-            pid = child.id().unwrap_or(0),
-            "upgrade: new process started; handing over"
-        );
         let commands = self.command_sender.clone();
         self.tasks.spawn(async move {
-            let outcome = handshake(channel, child, offer, fds, timeout).await;
+            let outcome = match launch().await {
+                Ok((channel, child)) => {
+                    info!(
+                        pid = child.id().unwrap_or(0),
+                        "upgrade: new process started; handing over"
+                    );
+                    handshake(channel, child, offer, fds, timeout).await
+                }
+                Err(e) => Err(e),
+            };
             let _ = commands.send(Command::UpgradeStarted(Box::new(outcome))).await;
         });
         self.upgrading = Some(reply);
@@ -479,9 +477,14 @@ pub(super) async fn release_when_resumed(channel: Channel, proxies: Vec<Arc<Prox
     }
 }
 
+/// How often, and how far apart, starting the new binary is tried again
+/// while its file is busy (`ETXTBSY`).
+const TEXT_BUSY_TRIES: u32 = 20;
+const TEXT_BUSY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Starts the binary at the path this process was started from, with the
 /// same arguments and the new end of a handover socket.
-fn launch() -> Result<(Channel, Child), UpgradeError> {
+async fn launch() -> Result<(Channel, Child), UpgradeError> {
     let launch = match LAUNCH.get() {
         Some(Ok(launch)) => launch,
         Some(Err(why)) => return Err(UpgradeError::Launch(why.clone())),
@@ -507,9 +510,23 @@ fn launch() -> Result<(Channel, Child), UpgradeError> {
         .env_remove("LISTEN_FDNAMES")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
-    let child = command
-        .spawn()
-        .map_err(|e| UpgradeError::Launch(format!("{}: {e}", launch.exe.display())))?;
+    let mut busy = 0;
+    let child = loop {
+        match command.spawn() {
+            Ok(child) => break child,
+            // The file was just written (a package upgrade renames it in
+            // place) and a process forked meanwhile still holds it open
+            // for writing: exec(2) refuses until that process execs.
+            Err(e)
+                if rustix::io::Errno::from_io_error(&e) == Some(rustix::io::Errno::TXTBSY)
+                    && busy < TEXT_BUSY_TRIES =>
+            {
+                busy += 1;
+                tokio::time::sleep(TEXT_BUSY_PAUSE).await;
+            }
+            Err(e) => return Err(UpgradeError::Launch(format!("{}: {e}", launch.exe.display()))),
+        }
+    };
     drop(theirs);
     Ok((channel, child))
 }
