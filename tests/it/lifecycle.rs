@@ -223,6 +223,10 @@ fn sigterm_without_connections_exits_promptly() {
         "socket file left behind after exit"
     );
     assert!(tcp.connect().is_err(), "TCP port still accepting after exit");
+    // Every background task ended when asked, none at a timeout.
+    let log = daemon.stderr();
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("did not end in time"), "{log}");
 }
 
 /// When the last forwarded connection ends during the grace period, the
