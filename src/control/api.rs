@@ -231,7 +231,7 @@ async fn deploy(shared: &Shared, proxy: String, body: Incoming) -> Reply {
         Ok(Err(e)) => {
             let status = match e {
                 DeployError::UnknownProxy(_) => StatusCode::NOT_FOUND,
-                DeployError::Superseded(_) => StatusCode::CONFLICT,
+                DeployError::Superseded(_) | DeployError::Upgrading => StatusCode::CONFLICT,
                 DeployError::NotHealthy(_) => StatusCode::GATEWAY_TIMEOUT,
                 // Nobody is left to read it.
                 DeployError::Abandoned => StatusCode::INTERNAL_SERVER_ERROR,
@@ -294,8 +294,8 @@ async fn upgrade(shared: &Shared, body: Incoming) -> Reply {
             StatusCode::OK,
             &json!({ "pid": upgraded.pid, "previous_pid": upgraded.previous_pid, "version": upgraded.version }),
         ),
-        Ok(Err(UpgradeError::InProgress)) => {
-            error(StatusCode::CONFLICT, &UpgradeError::InProgress.to_string())
+        Ok(Err(e @ (UpgradeError::InProgress | UpgradeError::Busy(_)))) => {
+            error(StatusCode::CONFLICT, &e.to_string())
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         Err(reply) => reply,

@@ -101,6 +101,9 @@ pub enum DeployError {
     NotHealthy(NotHealthy),
     /// Its requester disconnected before the end (rolled back).
     Abandoned,
+    /// An upgrade is under way: the new process takes the backends as
+    /// they are now.
+    Upgrading,
 }
 
 impl std::fmt::Display for DeployError {
@@ -111,6 +114,7 @@ impl std::fmt::Display for DeployError {
                 write!(f, "deploy rolled back, superseded: {why}")
             }
             DeployError::Abandoned => write!(f, "deploy abandoned by its requester, rolled back"),
+            DeployError::Upgrading => write!(f, "an upgrade is in progress; deploy again when it is done"),
             DeployError::NotHealthy(why) => {
                 write!(f, "deploy failed, the previous backends keep serving: {why}")
             }

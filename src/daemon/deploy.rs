@@ -54,6 +54,10 @@ impl Daemon {
         timeout: Duration,
         reply: DeployReply,
     ) {
+        if self.upgrading.is_some() {
+            let _ = reply.send(Err(DeployError::Upgrading));
+            return;
+        }
         let Some(running) = self.running.find_mut(&name) else {
             let _ = reply.send(Err(DeployError::UnknownProxy(name)));
             return;

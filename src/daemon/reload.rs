@@ -38,6 +38,13 @@ pub struct Reloads {
     waiting: Vec<PendingReload>,
 }
 
+impl Reloads {
+    /// Whether a reload is being read or applied.
+    pub fn in_progress(&self) -> bool {
+        self.running
+    }
+}
+
 /// Quiet time after the last file event before the file is read again.
 const SETTLE: Duration = Duration::from_millis(200);
 /// Longest a stream of file events may delay a reload.

@@ -90,6 +90,9 @@ pub struct Upgraded {
 pub enum UpgradeError {
     /// Another upgrade is under way.
     InProgress,
+    /// A deploy or a reload is under way (says which): the new process
+    /// would start from a state that is about to change.
+    Busy(String),
     /// The new process could not be started.
     Launch(String),
     /// The new process said why it could not start.
@@ -106,6 +109,7 @@ impl std::fmt::Display for UpgradeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             UpgradeError::InProgress => f.write_str("an upgrade is already in progress"),
+            UpgradeError::Busy(what) => write!(f, "{what} is in progress; upgrade when it is done"),
             UpgradeError::Launch(why) => write!(f, "cannot start the new process: {why}"),
             UpgradeError::Refused(why) => write!(f, "the new process failed: {why}"),
             UpgradeError::Exited(status) => {
@@ -154,6 +158,10 @@ impl Daemon {
             let _ = reply.send(Err(UpgradeError::InProgress));
             return;
         }
+        if let Some(busy) = self.busy() {
+            let _ = reply.send(Err(UpgradeError::Busy(busy)));
+            return;
+        }
         let (offer, fds) = match self.offer() {
             Ok(offer) => offer,
             Err(e) => {
@@ -178,6 +186,15 @@ impl Daemon {
             let _ = commands.send(Command::UpgradeStarted(Box::new(outcome))).await;
         });
         self.upgrading = Some(reply);
+    }
+
+    /// What an upgrade must wait for: a deploy waiting for its backends'
+    /// health, or a reload being read.
+    fn busy(&self) -> Option<String> {
+        if let Some(running) = self.running.proxies.iter().find(|r| r.deploying.is_some()) {
+            return Some(format!("a deploy of proxy {}", running.proxy.name));
+        }
+        self.reloads.in_progress().then(|| "a reload".to_string())
     }
 
     /// The offer: every listening socket and the control socket (by the

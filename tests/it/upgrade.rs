@@ -693,3 +693,68 @@ fn keep_alive_http_clients_lose_no_request_across_upgrades() {
     );
     drop(started);
 }
+
+/// An upgrade and a deploy do not overlap: while a deploy waits for its
+/// new backends' health an upgrade is refused (exit 1, saying why, nothing
+/// started), and while an upgrade waits for its new process a deploy is
+/// refused; each goes through once the other is done.
+#[test]
+fn an_upgrade_and_a_deploy_do_not_overlap() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "10s"),
+    );
+    let old = start(&program, &config);
+    // A deploy to a backend that never gets healthy (nothing listens).
+    let nowhere = common::free_tcp_addr().to_string();
+    let deploying = {
+        let config = config.clone();
+        thread::spawn(move || cli(&config, &["deploy", "--timeout", "4s", "p", &nowhere]))
+    };
+    wait_until("the deploy to start", WAIT, || {
+        old.stderr().contains("deploy started")
+    });
+    let out = cli(&config, &["upgrade", "--timeout", "30s"]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("a deploy of proxy p is in progress"),
+        "{}",
+        out.describe()
+    );
+    assert_no_children(old.pid());
+    assert_eq!(status_pid(&config), old.pid());
+    let deployed = deploying.join().expect("deploy thread");
+    assert_eq!(
+        deployed.code(),
+        Some(1),
+        "the deploy times out: {}",
+        deployed.describe()
+    );
+
+    // A new binary that never gets ready keeps the upgrade waiting.
+    replace_with(&program, b"#!/bin/sh\nexec sleep 600\n");
+    let upgrading = {
+        let config = config.clone();
+        thread::spawn(move || cli(&config, &["upgrade", "--timeout", "3s"]))
+    };
+    wait_until("the upgrade to start", WAIT, || {
+        old.stderr().contains("new process started")
+    });
+    let out = cli(&config, &["deploy", "--timeout", "4s", "p", &backend.address()]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("an upgrade is in progress"),
+        "{}",
+        out.describe()
+    );
+    let upgraded = upgrading.join().expect("upgrade thread");
+    assert_eq!(upgraded.code(), Some(1), "{}", upgraded.describe());
+    // Both go through now.
+    let out = cli(&config, &["deploy", "--timeout", "10s", "p", &backend.address()]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    replace_with_binary(&program);
+    let _new = Started(upgrade(&config, &old));
+}
