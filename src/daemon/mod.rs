@@ -282,6 +282,9 @@ impl Daemon {
                 self.fd_store.now_main();
                 systemd::ready(&self.status_line);
                 systemd::watchdog();
+                // A change of the file during the switch, which the old
+                // process left to this one (nothing happens if none).
+                self.request_reload("the upgrade", true, None);
             }
         }
     }

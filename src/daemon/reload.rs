@@ -136,7 +136,9 @@ impl Daemon {
     /// own, under READ_DEADLINE, while the loop goes on answering signals
     /// and commands; its `ReloadPrepared` comes back to the loop, which
     /// applies it. One reload is prepared at a time: requests meanwhile
-    /// wait and are then served by one more read.
+    /// wait and are then served by one more read. During an upgrade they
+    /// wait for its end: if it fails they are served here, if it succeeds
+    /// the new process reads the file again once it serves.
     pub(super) fn request_reload(
         &mut self,
         trigger: &str,
@@ -148,12 +150,15 @@ impl Daemon {
             only_if_changed,
             reply,
         });
-        if !self.reloads.running {
-            self.start_reload();
-        }
+        self.start_reload();
     }
 
-    fn start_reload(&mut self) {
+    /// Starts reading the config for the reloads waiting, unless one is
+    /// being read already or an upgrade is under way.
+    pub(super) fn start_reload(&mut self) {
+        if self.reloads.running || self.upgrading.is_some() {
+            return;
+        }
         let waiting = std::mem::take(&mut self.reloads.waiting);
         if waiting.is_empty() {
             return;

@@ -245,6 +245,7 @@ impl Daemon {
             Err(e) => {
                 warn!(error = %e, "upgrade failed; this process carries on");
                 let _ = reply.send(Err(e));
+                self.start_reload();
                 return None;
             }
         };
@@ -268,6 +269,7 @@ impl Daemon {
             self.undo(halted, moved);
             end(successor.child).await;
             let _ = reply.send(Err(UpgradeError::Handover(e)));
+            self.start_reload();
             return None;
         }
         drop(moved);
