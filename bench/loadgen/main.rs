@@ -24,6 +24,7 @@ mod rr;
 mod serve;
 mod slowloris;
 mod throughput;
+mod upgrade;
 
 use std::process::exit;
 
@@ -84,6 +85,14 @@ enum Mode {
     /// Swap its config between backends tagged A and B, send SIGHUP and time
     /// until a new connection is answered by the other backend.
     ReloadLatency(reload::Args),
+    /// Upgrade the proxy's process under load (interlude or HAProxy).
+    ///
+    /// Run a load (new connections, or keep-alive HTTP requests) through the
+    /// proxy while replacing its process N times (`interlude upgrade` after a
+    /// new binary was renamed over the one it runs from, or a HAProxy master
+    /// CLI `reload`); count failed operations, the longest gap any client saw
+    /// during a switch, and the time until the new process served.
+    Upgrade(upgrade::Args),
     /// Print N free loopback TCP ports (below the ephemeral range), one line.
     Freeports(freeports::Args),
 }
@@ -114,6 +123,7 @@ fn main() {
         Mode::Held(a) => rt.block_on(held::run(a, false)),
         Mode::HttpHeld(a) => rt.block_on(held::run(a, true)),
         Mode::ReloadLatency(a) => rt.block_on(reload::run(a)),
+        Mode::Upgrade(a) => rt.block_on(upgrade::run(a)),
         Mode::Freeports(_) => {}
     }
     // Do not wait for tasks still blocked in I/O: the measurement is over.
