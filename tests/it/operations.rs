@@ -11,11 +11,12 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::notify::{Message, Notify};
 use common::*;
 
 /// Long enough for a wrong extra message or line to show itself, short
@@ -149,109 +150,11 @@ fn utc(t: SystemTime) -> (i64, u32, u32, u32) {
 // ---------------------------------------------------------------------------
 // systemd notifications
 
-/// A test-owned `NOTIFY_SOCKET`: a datagram socket in the test's dir.
-struct Notify {
-    socket: UnixDatagram,
-    path: PathBuf,
-    /// Every message received so far, for failure messages.
-    seen: Vec<String>,
-}
-
-impl Notify {
-    fn bind(dir: &Path) -> Notify {
-        let path = dir.join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
-        Notify {
-            socket,
-            path,
-            seen: Vec::new(),
-        }
-    }
-
-    fn path(&self) -> &str {
-        self.path.to_str().expect("a UTF-8 temp path")
-    }
-
-    /// The next datagram within `timeout`, if any.
-    fn recv(&mut self, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 4096];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.socket.set_read_timeout(Some(left)).unwrap();
-            match self.socket.recv(&mut buf) {
-                Ok(n) => {
-                    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    self.seen.push(message.clone());
-                    return Some(message);
-                }
-                Err(e) if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => panic!("recv on the notify socket: {e}"),
-            }
-        }
-    }
-
-    /// The next datagram, or the test fails (with the daemon's output).
-    fn next(&mut self, daemon: &Daemon, what: &str) -> String {
-        match self.recv(WAIT) {
-            Some(message) => message,
-            None => daemon.fail(&format!(
-                "no notify message ({what}) within {WAIT:?}; seen so far: {:?}",
-                self.seen
-            )),
-        }
-    }
-
-    /// Receives until a message satisfies `test` (bounded by `timeout`).
-    fn wait_for(
-        &mut self,
-        daemon: &Daemon,
-        what: &str,
-        timeout: Duration,
-        test: impl Fn(&str) -> bool,
-    ) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.recv(left) {
-                Some(message) if test(&message) => return message,
-                Some(_) => {}
-                None => daemon.fail(&format!(
-                    "no notify message with {what} within {timeout:?}; seen: {:?}",
-                    self.seen
-                )),
-            }
-        }
-    }
-
-    /// Receives until a message has the line `line` (bounded by `timeout`).
-    fn wait_line(&mut self, daemon: &Daemon, line: &str, timeout: Duration) -> String {
-        self.wait_for(daemon, line, timeout, |m| has_line(m, line))
-    }
-
-    /// Every message that arrives within `window`.
-    fn collect(&mut self, window: Duration) -> Vec<String> {
-        let deadline = Instant::now() + window;
-        let mut messages = Vec::new();
-        while let Some(message) = self.recv(deadline.saturating_duration_since(Instant::now())) {
-            messages.push(message);
-        }
-        messages
-    }
-}
-
-fn has_line(message: &str, line: &str) -> bool {
-    message.lines().any(|l| l == line)
-}
-
 /// Binds a [`Notify`] socket in `dir`, starts a daemon with it as
 /// `NOTIFY_SOCKET` (and `extra_env`) and waits for its `READY=1` message;
 /// returns the socket, the daemon and that message. Bound in this order,
 /// the daemon is dropped (killed) before the socket it notifies.
-fn start_notified(dir: &Path, yaml: &str, extra_env: &[(&str, Option<&str>)]) -> (Notify, Daemon, String) {
+fn start_notified(dir: &Path, yaml: &str, extra_env: &[(&str, Option<&str>)]) -> (Notify, Daemon, Message) {
     let mut notify = Notify::bind(dir);
     let path = notify.path().to_string();
     let mut env = vec![("NOTIFY_SOCKET", Some(path.as_str()))];
@@ -264,7 +167,7 @@ fn start_notified(dir: &Path, yaml: &str, extra_env: &[(&str, Option<&str>)]) ->
 /// The two messages of a reload: `RELOADING=1` with `MONOTONIC_USEC=` (one
 /// datagram, stamped between `since` and now), then `READY=1` with `STATUS=`.
 fn expect_reload_pair(notify: &mut Notify, daemon: &Daemon, since: u64, what: &str) {
-    let reloading = notify.next(daemon, &format!("RELOADING for {what}"));
+    let reloading = notify.next(daemon, &format!("RELOADING for {what}")).text;
     let lines: Vec<&str> = reloading.lines().collect();
     if lines.len() != 2 || lines[0] != "RELOADING=1" || !lines[1].starts_with("MONOTONIC_USEC=") {
         daemon.fail(&format!(
@@ -281,7 +184,7 @@ fn expect_reload_pair(notify: &mut Notify, daemon: &Daemon, since: u64, what: &s
         "{what}: MONOTONIC_USEC={stamp} is not CLOCK_MONOTONIC between the trigger ({since}) and its arrival ({now})"
     );
     assert!(reloading.ends_with('\n'), "{what}: {reloading:?}");
-    let ready = notify.next(daemon, &format!("READY after {what}"));
+    let ready = notify.next(daemon, &format!("READY after {what}")).text;
     assert!(
         ready.starts_with("READY=1\n") && ready.lines().any(|l| l.starts_with("STATUS=1 proxy, ")),
         "{what}: after RELOADING expected READY=1 with a STATUS line, got {ready:?} (all: {:?})",
@@ -321,13 +224,13 @@ fn ready_arrives_once_listeners_and_control_socket_are_up() {
     assert_eq!(code, 200, "{body}");
 
     assert_eq!(
-        ready, "READY=1\nSTATUS=1 proxy, 0 paused, 0 active, 0 held\n",
+        ready.text, "READY=1\nSTATUS=1 proxy, 0 paused, 0 active, 0 held\n",
         "the READY message (all so far: {:?})",
         notify.seen
     );
     let later = notify.collect(QUIET);
     assert!(
-        later.iter().all(|m| !has_line(m, "READY=1")),
+        later.iter().all(|m| !m.has_line("READY=1")),
         "a second READY without a reload: {:?}",
         notify.seen
     );
@@ -427,13 +330,13 @@ fn watchdog_pings_every_half_of_watchdog_usec() {
 
     let window = Duration::from_secs(2);
     let messages = notify.collect(window);
-    let pings = messages.iter().filter(|m| has_line(m, "WATCHDOG=1")).count();
+    let pings = messages.iter().filter(|m| m.has_line("WATCHDOG=1")).count();
     assert!(
         (6..=14).contains(&pings),
         "{pings} WATCHDOG=1 pings in {window:?} (expected about 10): {messages:?}"
     );
     for message in &messages {
-        assert_eq!(message, "WATCHDOG=1\n", "unexpected message: {messages:?}");
+        assert_eq!(message.text, "WATCHDOG=1\n", "unexpected message: {messages:?}");
     }
 }
 
@@ -451,7 +354,7 @@ fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
     );
     let messages = notify.collect(Duration::from_secs(1));
     assert!(
-        messages.iter().all(|m| !m.contains("WATCHDOG")),
+        messages.iter().all(|m| !m.text.contains("WATCHDOG")),
         "pings although WATCHDOG_PID=1: {messages:?}"
     );
 }
@@ -466,7 +369,7 @@ fn sigterm_sends_stopping() {
 
     daemon.signal(libc::SIGTERM);
     let stopping = notify.wait_line(&daemon, "STOPPING=1", WAIT);
-    assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping\n");
+    assert_eq!(stopping.text, "STOPPING=1\nSTATUS=stopping\n");
     let status = daemon.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "exit status {status}");
 }

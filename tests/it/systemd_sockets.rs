@@ -12,12 +12,13 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixDatagram, UnixListener};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::time::Duration;
 
+use common::notify::{Message, Notify};
 use common::*;
 
 /// A config with a TCP proxy `t` on `tcp` and a UNIX proxy `u` on `unix`,
@@ -169,159 +170,7 @@ fn socket_activation_adopts_tcp_and_unix_listeners_by_address() {
 }
 
 // ---------------------------------------------------------------------------
-// A fake NOTIFY_SOCKET that takes descriptors and credentials
-
-/// One notification: its text, the sender's pid (SCM_CREDENTIALS) and the
-/// descriptors it carried (SCM_RIGHTS), now the test's.
-struct Message {
-    text: String,
-    pid: i32,
-    fds: Vec<OwnedFd>,
-}
-
-impl Message {
-    fn has_line(&self, line: &str) -> bool {
-        self.text.lines().any(|l| l == line)
-    }
-
-    fn fd_name(&self) -> Option<&str> {
-        self.text.lines().find_map(|l| l.strip_prefix("FDNAME="))
-    }
-}
-
-/// A test-owned `NOTIFY_SOCKET` receiving as systemd does: with
-/// SO_PASSCRED, and room for descriptors.
-struct Notify {
-    socket: UnixDatagram,
-    path: PathBuf,
-    /// The text of every message so far, for failure messages.
-    seen: Vec<String>,
-}
-
-impl Notify {
-    fn bind(dir: &Path) -> Notify {
-        let path = dir.join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt on a socket we own, with a c_int option value
-        // and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PASSCRED,
-                (&on as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_PASSCRED: {}", std::io::Error::last_os_error());
-        Notify {
-            socket,
-            path,
-            seen: Vec::new(),
-        }
-    }
-
-    fn path(&self) -> &str {
-        self.path.to_str().expect("a UTF-8 temp path")
-    }
-
-    /// The next message within `timeout`, if any.
-    fn recv(&mut self, timeout: Duration) -> Option<Message> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.socket.set_read_timeout(Some(left)).unwrap();
-            match self.recv_one() {
-                Ok(message) => {
-                    self.seen.push(message.text.clone());
-                    return Some(message);
-                }
-                Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => panic!("recvmsg on the notify socket: {e}"),
-            }
-        }
-    }
-
-    fn recv_one(&self) -> std::io::Result<Message> {
-        let mut data = [0u8; 4096];
-        // u64 words: aligned for cmsghdr. Room for credentials and 16 fds.
-        let mut control = [0u64; 64];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        // SAFETY: zeroed msghdr is a valid empty header; the pointers set
-        // below point into locals that outlive the call.
-        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-        header.msg_iov = &mut iov;
-        header.msg_iovlen = 1;
-        header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = size_of_val(&control) as _;
-        // SAFETY: recvmsg with a header whose buffers are valid and sized.
-        let n = unsafe { libc::recvmsg(self.socket.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        assert_eq!(header.msg_flags & libc::MSG_CTRUNC, 0, "control data truncated");
-        let mut pid = 0;
-        let mut fds = Vec::new();
-        // SAFETY: walking the control messages the kernel wrote into
-        // `control`, as CMSG_FIRSTHDR/CMSG_NXTHDR bound them; each
-        // payload is read by its type's layout (unaligned reads).
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&header);
-            while !cmsg.is_null() {
-                let payload = libc::CMSG_DATA(cmsg);
-                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
-                    (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) => {
-                        let cred: libc::ucred = std::ptr::read_unaligned(payload.cast());
-                        pid = cred.pid;
-                    }
-                    (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
-                        for index in 0..len / size_of::<RawFd>() {
-                            let raw: RawFd = std::ptr::read_unaligned(payload.cast::<RawFd>().add(index));
-                            // The kernel installed it in this process for us.
-                            fds.push(OwnedFd::from_raw_fd(raw));
-                        }
-                    }
-                    _ => {}
-                }
-                cmsg = libc::CMSG_NXTHDR(&header, cmsg);
-            }
-        }
-        Ok(Message {
-            text: String::from_utf8_lossy(&data[..n as usize]).into_owned(),
-            pid,
-            fds,
-        })
-    }
-
-    /// Messages until one has `line` (that one included), within `WAIT`.
-    fn until_line(&mut self, daemon: &Daemon, line: &str) -> Vec<Message> {
-        let deadline = Instant::now() + WAIT;
-        let mut messages = Vec::new();
-        loop {
-            match self.recv(deadline.saturating_duration_since(Instant::now())) {
-                Some(message) => {
-                    let done = message.has_line(line);
-                    messages.push(message);
-                    if done {
-                        return messages;
-                    }
-                }
-                None => daemon.fail(&format!(
-                    "no notify message with {line:?} within {WAIT:?}; seen: {:?}",
-                    self.seen
-                )),
-            }
-        }
-    }
-}
+// The fd store, as the fake NOTIFY_SOCKET sees it
 
 /// The `FDSTORE=1` messages among `messages`, by name, each checked: one
 /// descriptor, sent by `pid`.
@@ -561,16 +410,7 @@ fn an_upgrade_gives_systemd_the_new_main_pid_then_ready_and_pings_from_it() {
         .unwrap_or_else(|| old.fail(&format!("no MAINPID= before READY=1: {:?}", notify.seen)));
     assert_eq!(main_pid.1, old.pid(), "MAINPID= comes from the old process");
     let new_pid: i32 = main_pid.0.parse().expect("a pid");
-    struct Started(i32);
-    impl Drop for Started {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the pid of the process this test's daemon started.
-            unsafe {
-                libc::kill(self.0, libc::SIGKILL);
-            }
-        }
-    }
-    let _new = Started(new_pid);
+    let _new = KillOnDrop(new_pid);
     assert_ne!(new_pid, old.pid());
     let ready = upgraded.last().expect("READY=1");
     assert_eq!(

@@ -958,16 +958,7 @@ fn a_held_tls_client_stays_with_the_old_process_and_is_released_on_resume() {
     assert_eq!(code, 200, "{body}");
     let doc = json(&body);
     let new_pid = doc["pid"].as_i64().expect("pid") as i32;
-    struct Started(i32);
-    impl Drop for Started {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the pid of the process this test's daemon started.
-            unsafe {
-                libc::kill(self.0, libc::SIGKILL);
-            }
-        }
-    }
-    let _new = Started(new_pid);
+    let _new = KillOnDrop(new_pid);
     assert_ne!(new_pid, tls.daemon.pid());
     assert_eq!(doc["proxies"][0]["held"], 0, "a TLS client cannot move: {doc}");
     tls.daemon

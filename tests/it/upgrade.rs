@@ -14,20 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, Daemon, Endpoint, TestServer, WAIT, run_cli};
-
-/// A process the daemon started (the upgraded one): ended by pid when the
-/// test is over, whatever happened.
-struct Started(i32);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with a pid this test's daemon started.
-        unsafe {
-            libc::kill(self.0, libc::SIGKILL);
-        }
-    }
-}
+use crate::common::{self, Daemon, Endpoint, KillOnDrop, TestServer, WAIT, run_cli};
 
 /// Copies the binary under test into `dir` (the file an upgrade replaces).
 fn install(dir: &Path) -> PathBuf {
@@ -111,7 +98,7 @@ fn upgrade_hands_the_sockets_to_the_new_binary() {
 
     replace_with_binary(&program);
     let new_pid = upgrade(&config, &old);
-    let _new = Started(new_pid);
+    let _new = KillOnDrop(new_pid);
     let doc = status(&config);
     assert_eq!(doc["previous_pid"].as_i64(), Some(i64::from(old.pid())));
     assert_eq!(doc["generation"].as_u64(), Some(1), "the generation carries over");
@@ -262,7 +249,7 @@ fn three_upgrades_under_load_refuse_nothing() {
             Some(i64::from(previous)),
             "round {round}"
         );
-        started.push(Started(pid));
+        started.push(KillOnDrop(pid));
         previous = pid;
         let after = load(());
         wait_until("traffic after the upgrade", WAIT, || load(()) > after + 50);
@@ -313,7 +300,7 @@ fn held_tcp_clients_move_and_are_served_on_resume() {
 
     replace_with_binary(&program);
     let new_pid = upgrade(&config, &old);
-    let _new = Started(new_pid);
+    let _new = KillOnDrop(new_pid);
     let doc = status(&config);
     assert_eq!(
         doc["proxies"][0]["held"].as_u64(),
@@ -502,7 +489,7 @@ fn held_http_requests_move_and_are_served_on_resume() {
 
     replace_with_binary(&program);
     let new_pid = upgrade(&config, &old);
-    let _new = Started(new_pid);
+    let _new = KillOnDrop(new_pid);
     let doc = status(&config);
     assert_eq!(
         doc["proxies"][0]["held"].as_u64(),
@@ -577,7 +564,7 @@ fn runtime_pause_and_an_added_backend_carry_over() {
 
     replace_with_binary(&program);
     let new_pid = upgrade(&config, &old);
-    let _new = Started(new_pid);
+    let _new = KillOnDrop(new_pid);
     let after = status(&config);
     let p = &after["proxies"][0];
     assert_eq!(p["paused"].as_bool(), Some(true), "{after}");
@@ -670,7 +657,7 @@ fn keep_alive_http_clients_lose_no_request_across_upgrades() {
         }
         let pid = status_pid(&config);
         assert_ne!(pid, previous, "round {round}: the same process still answers");
-        started.push(Started(pid));
+        started.push(KillOnDrop(pid));
         previous = pid;
         let after = count();
         wait_until("requests after the upgrade", WAIT, || count() > after + 50);
@@ -756,5 +743,5 @@ fn an_upgrade_and_a_deploy_do_not_overlap() {
     let out = cli(&config, &["deploy", "--timeout", "10s", "p", &backend.address()]);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     replace_with_binary(&program);
-    let _new = Started(upgrade(&config, &old));
+    let _new = KillOnDrop(upgrade(&config, &old));
 }

@@ -11,12 +11,15 @@
 //! - [`Blackhole`] is a TCP listener whose accept queue is full: a connect to it
 //!   neither succeeds nor is refused (the SYN is dropped), so only a connect
 //!   timeout ends it.
+//! - [`notify::Notify`] is a fake `NOTIFY_SOCKET` that receives as systemd
+//!   does (with the sender's pid and the descriptors passed).
 //!
 //! Every wait here is bounded. Set `INTERLUDE_TEST_BINARY` to run the suite
 //! against another build (e.g. `target/release/interlude`).
 #![allow(dead_code)]
 
 pub mod http;
+pub mod notify;
 
 use std::cell::Cell;
 use std::ffi::OsStr;
@@ -463,6 +466,19 @@ impl Drop for Daemon {
                 "----- interlude stderr (test failed) -----\n{}------------------------------------------",
                 self.stderr()
             );
+        }
+    }
+}
+
+/// A process a test's daemon started (an upgraded one, not a [`Daemon`]):
+/// killed (SIGKILL, by pid) when the test is over, whatever happened.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a pid this test's daemon started.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
         }
     }
 }
