@@ -94,13 +94,13 @@ impl FdStore {
                 .ok()
                 .and_then(|local| describe_local(&local))
                 .unwrap_or_else(|| "an unknown address".to_string());
-            match &socket.name {
+            match socket.stored_name() {
                 Some(name) => {
-                    self.remove_named(name.clone());
                     warn!(
                         "closed the inherited socket {} bound to {bound}: no listen address in the config is there (removed from systemd's fd store)",
-                        activation::describe(Some(name))
+                        activation::describe(Some(&name))
                     );
+                    self.remove_named(name);
                 }
                 None => {
                     warn!(

@@ -49,9 +49,6 @@ pub const MAX_FDS: usize = 253;
 /// socket buffer, which bounds a `SOCK_SEQPACKET` packet).
 pub const MAX_PACKET: usize = 128 * 1024;
 
-/// Room for the header of a packet of held clients; payload fills the rest.
-pub const HEADER_ROOM: usize = 32 * 1024;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Message {

@@ -71,8 +71,9 @@ impl HaltedListener {
 
 impl RunningListener {
     /// Starts accepting on `listener` for `routes`, at most `max`
-    /// connections at once (0 = no limit) and within `daemon_limit`. `kill`
-    /// closes its HTTP connections (a child of the daemon's kill token).
+    /// connections at once (0 = no limit) and within `daemon_limit`, once
+    /// `accepting` is cancelled. `kill` closes its HTTP connections (a
+    /// child of the daemon's kill token).
     pub fn start(
         key: ListenKey,
         listener: Listener,
@@ -80,6 +81,7 @@ impl RunningListener {
         daemon_limit: Arc<ConnectionLimit>,
         watchdog_ticks: &watch::Sender<u64>,
         kill: CancellationToken,
+        accepting: &CancellationToken,
     ) -> RunningListener {
         let bound = listener.local_address();
         let socket = listener.as_fd().try_clone_to_owned().ok();
@@ -101,9 +103,13 @@ impl RunningListener {
         };
         // The accept loop is the site's first task; `stop` joins it (and
         // gets the socket back) before the site's connections are waited on.
-        let task = site
-            .connections
-            .spawn(accept_loop(site.clone(), listener, stop.clone(), heartbeat));
+        let task = site.connections.spawn(accept_loop(
+            site.clone(),
+            listener,
+            stop.clone(),
+            heartbeat,
+            accepting.clone(),
+        ));
         RunningListener {
             key,
             bound,

@@ -144,6 +144,9 @@ struct Daemon {
     /// What systemd's fd store is told (held back until this process is
     /// the service's main one).
     fd_store: FdStore,
+    /// Cancelled once this process accepts: at start, or for an upgrade's
+    /// new process at the commit.
+    accepting: CancellationToken,
     /// After an upgrade, in the new process: proxies the previous process
     /// still holds clients of, and where to say that they resumed.
     predecessor_holds: upgrade::PredecessorHolds,
@@ -279,6 +282,8 @@ impl Daemon {
             Command::HandoverCommitted => {
                 info!("upgrade: the previous process stepped aside; serving");
                 self.announced = true;
+                self.accepting.cancel();
+                crate::sockets::stream::own_socket_files();
                 self.fd_store.now_main();
                 systemd::ready(&self.status_line);
                 systemd::watchdog();

@@ -336,6 +336,7 @@ impl Daemon {
                     self.daemon_limit.limit.clone(),
                     &self.watchdog_ticks,
                     self.kill_all.child_token(),
+                    &self.accepting,
                 ));
             }
         }

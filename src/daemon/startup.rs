@@ -138,6 +138,12 @@ where
     // First of all: reading systemd's sockets removes the variables naming
     // them from the environment, which is sound only before any thread starts.
     let passed = activation::from_environment();
+    if handover.is_some() {
+        upgrade::claim_watchdog();
+        // Until the old process steps aside the socket files are its own:
+        // a failed start here must not remove them.
+        crate::sockets::stream::keep_socket_files();
+    }
     let text = config::read(config_path).map_err(StartError::Config)?;
     // Certificates are loaded here too, before the runtime starts.
     let loaded = config::parse(&text, config_path).map_err(StartError::Config)?;
@@ -268,6 +274,12 @@ impl Daemon {
         }
 
         let kill_all = CancellationToken::new();
+        // An upgrade's new process accepts (connections, control requests)
+        // only once the old one has stepped aside.
+        let accepting = CancellationToken::new();
+        if origin.previous_pid.is_none() {
+            accepting.cancel();
+        }
         let (watchdog_ticks, _) = latest::channel(0u64);
         let daemon_limit = Arc::new(DaemonLimit::new(&config));
         info!("connection limit: {}", daemon_limit.describe());
@@ -309,6 +321,7 @@ impl Daemon {
                     daemon_limit.limit.clone(),
                     &watchdog_ticks,
                     kill_all.child_token(),
+                    &accepting,
                 ));
             }
         }
@@ -346,12 +359,19 @@ impl Daemon {
             .map_err(|e| StartError::ControlSocket(BindError::inherited(&config.control.listen, e)))?;
         let stop_control = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(serve_api(
+        let serving = serve_api(
             control_listener,
             config.control.clone(),
             shared,
             stop_control.clone(),
-        ));
+        );
+        let (open, stop) = (accepting.clone(), stop_control.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                () = open.cancelled() => serving.await,
+                () = stop.cancelled() => {}
+            }
+        });
         info!(address = %config.control.listen, "control socket listening");
         let watcher = match watch::watch(&config_path) {
             Ok(watcher) => Some(watcher),
@@ -387,6 +407,7 @@ impl Daemon {
             upgrading: None,
             announced: origin.previous_pid.is_none(),
             fd_store,
+            accepting,
             predecessor_holds: Default::default(),
             to_predecessor: None,
             adopted: 0,

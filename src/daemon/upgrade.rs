@@ -32,8 +32,8 @@ use tracing::{info, warn};
 use super::Daemon;
 use super::commands::Command;
 use super::handover::{
-    self, Channel, HANDOVER_FD_ENV, HEADER_ROOM, HandoverError, HeldClient, MAX_FDS, MAX_PACKET, Message,
-    Offer, SocketEntry, Span,
+    self, Channel, HANDOVER_FD_ENV, HandoverError, HeldClient, MAX_FDS, MAX_PACKET, Message, Offer,
+    SocketEntry, Span,
 };
 use super::listeners::{HaltedListener, RunningListener, routes_for};
 use super::state::State;
@@ -56,6 +56,52 @@ const COLLECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an ended new process gets to exit before it is waited for no more.
 const END_WAIT: Duration = Duration::from_secs(5);
 
+/// Room in a packet of held clients for all but the clients' entries: the
+/// length prefix, the version and the message's own fields.
+const ENVELOPE_ROOM: usize = 256;
+
+/// How long handing over the held clients may take in all, from the first
+/// packet to `adopted`: the loop waits meanwhile, and systemd's watchdog
+/// must not find it silent (pinged before; `WatchdogSec=` is 30 s).
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The new process until the upgrade commits: ended (SIGKILL) if dropped
+/// before, whatever drops it (a stop during the upgrade, a failure), so
+/// that no process is left holding the sockets.
+pub struct NewProcess {
+    child: Child,
+    committed: bool,
+}
+
+impl NewProcess {
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// The upgrade committed: the new process lives on (tokio reaps it if
+    /// it exits while this one still runs).
+    fn committed(mut self) {
+        self.committed = true;
+    }
+
+    /// Ends the new process and waits (bounded) for it to exit.
+    async fn end(mut self) {
+        let _ = self.child.start_kill();
+        if tokio::time::timeout(END_WAIT, self.child.wait()).await.is_err() {
+            warn!("upgrade: the new process did not exit after SIGKILL");
+        }
+    }
+}
+
+impl Drop for NewProcess {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Nothing to do if it has exited already.
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
 /// How this process was started: the executable's path as it was then
 /// (after a package upgrade `/proc/self/exe` names the deleted old file,
 /// while the path names the new one) and its arguments.
@@ -65,6 +111,18 @@ struct Launch {
 }
 
 static LAUNCH: OnceLock<Result<Launch, String>> = OnceLock::new();
+
+/// Started by an upgrade under systemd's watchdog: the old process left
+/// `WATCHDOG_PID` (its own pid) out of this one's environment; naming this
+/// process there makes the watchdog its own, for itself and for what
+/// reads the environment after it.
+pub fn claim_watchdog() {
+    if std::env::var_os("WATCHDOG_USEC").is_some() {
+        // SAFETY: called at the start of `start_and_serve`, before any
+        // thread is started, so nothing reads the environment meanwhile.
+        unsafe { std::env::set_var("WATCHDOG_PID", std::process::id().to_string()) };
+    }
+}
 
 /// Remembers how this process was started; call first thing at start.
 pub fn remember_launch() {
@@ -138,7 +196,7 @@ pub type UpgradeReply = oneshot::Sender<Result<Upgraded, UpgradeError>>;
 /// A new process that reported ready.
 pub struct Successor {
     channel: Channel,
-    child: Child,
+    process: NewProcess,
     pid: u32,
     version: String,
 }
@@ -172,17 +230,20 @@ impl Daemon {
             }
         };
         let commands = self.command_sender.clone();
+        let stop = self.kill_all.clone();
         self.tasks.spawn(async move {
             let outcome = match launch().await {
-                Ok((channel, child)) => {
-                    info!(
-                        pid = child.id().unwrap_or(0),
-                        "upgrade: new process started; handing over"
-                    );
-                    handshake(channel, child, offer, fds, timeout).await
+                Ok((channel, process)) => {
+                    info!(pid = process.pid(), "upgrade: new process started; handing over");
+                    tokio::select! {
+                        outcome = handshake(channel, process, offer, fds, timeout) => outcome,
+                        // Stopping: the new process is ended as it is dropped.
+                        () = stop.cancelled() => return,
+                    }
                 }
                 Err(e) => Err(e),
             };
+            // Stopping, the loop is gone: a ready process is dropped, and so ended.
             let _ = commands.send(Command::UpgradeStarted(Box::new(outcome))).await;
         });
         self.upgrading = Some(reply);
@@ -249,7 +310,13 @@ impl Daemon {
                 return None;
             }
         };
-        // From here the new process accepts alone on the shared sockets.
+        // The old process stops accepting; the new one starts only at the
+        // commit (until then this one may still take the upgrade back, and
+        // what the new one had accepted would be lost): clients queue in
+        // the kernel meanwhile.
+        if self.announced {
+            systemd::watchdog();
+        }
         let mut halted = Vec::with_capacity(self.running.listeners.len());
         for listener in self.running.listeners.drain(..) {
             halted.push(listener.halt().await);
@@ -263,21 +330,38 @@ impl Daemon {
             .map(|running| running.proxy.name.to_string())
             .collect();
         let count = moved.len();
-        let sent = send_held(&successor.channel, &moved, staying, self.current_state()).await;
+        if self.announced {
+            systemd::watchdog();
+        }
+        let sent = async {
+            send_held(&successor.channel, &moved, staying, self.current_state()).await?;
+            successor.channel.send(&Message::Commit, &[], &[]).await
+        };
+        let sent = match tokio::time::timeout(HAND_OVER_TIMEOUT, sent).await {
+            Ok(sent) => sent,
+            Err(_) => Err(HandoverError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "handing over {count} held clients took more than {}",
+                    humantime::format_duration(HAND_OVER_TIMEOUT)
+                ),
+            ))),
+        };
         if let Err(e) = sent {
-            warn!(error = %e, "upgrade failed while handing over held clients; this process carries on");
+            warn!(error = %e, "upgrade failed while handing over; this process carries on");
+            // The new process has accepted nothing (it starts at the
+            // commit it did not get); the held clients' sockets are still
+            // open here.
+            successor.process.end().await;
             self.undo(halted, moved);
-            end(successor.child).await;
             let _ = reply.send(Err(UpgradeError::Handover(e)));
             self.start_reload();
             return None;
         }
+        successor.process.committed();
         drop(moved);
         crate::sockets::stream::keep_socket_files();
         systemd::main_pid(successor.pid);
-        if let Err(e) = successor.channel.send(&Message::Commit, &[], &[]).await {
-            warn!(error = %e, "upgrade: the new process did not hear the commit; it serves regardless");
-        }
         info!(
             pid = successor.pid,
             version = %successor.version,
@@ -362,6 +446,7 @@ impl Daemon {
                     self.daemon_limit.limit.clone(),
                     &self.watchdog_ticks,
                     self.kill_all.child_token(),
+                    &self.accepting,
                 ));
             }
         }
@@ -503,7 +588,7 @@ const TEXT_BUSY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Starts the binary at the path this process was started from, with the
 /// same arguments and the new end of a handover socket.
-async fn launch() -> Result<(Channel, Child), UpgradeError> {
+async fn launch() -> Result<(Channel, NewProcess), UpgradeError> {
     let launch = match LAUNCH.get() {
         Some(Ok(launch)) => launch,
         Some(Err(why)) => return Err(UpgradeError::Launch(why.clone())),
@@ -528,6 +613,7 @@ async fn launch() -> Result<(Channel, Child), UpgradeError> {
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
         .stdin(std::process::Stdio::null())
+        // `NewProcess` ends it unless the upgrade commits.
         .kill_on_drop(false);
     let mut busy = 0;
     let child = loop {
@@ -547,19 +633,25 @@ async fn launch() -> Result<(Channel, Child), UpgradeError> {
         }
     };
     drop(theirs);
-    Ok((channel, child))
+    Ok((
+        channel,
+        NewProcess {
+            child,
+            committed: false,
+        },
+    ))
 }
 
 /// Sends the offer and waits for `ready`, the new process's failure, its
 /// exit or the timeout; on failure the new process is ended.
 async fn handshake(
     channel: Channel,
-    mut child: Child,
+    mut process: NewProcess,
     offer: Message,
     fds: Vec<OwnedFd>,
     timeout: Duration,
 ) -> Result<Successor, UpgradeError> {
-    let pid = child.id().unwrap_or(0);
+    let pid = process.pid();
     let talk = async {
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
         channel.send(&offer, &[], &borrowed).await?;
@@ -567,14 +659,14 @@ async fn handshake(
     };
     let outcome = tokio::select! {
         outcome = talk => outcome,
-        status = child.wait() => Err(exited(status)),
+        status = process.child.wait() => Err(exited(status)),
         () = tokio::time::sleep(timeout) => Err(UpgradeError::TimedOut(timeout)),
     };
     drop(fds);
     match outcome {
         Ok(version) => Ok(Successor {
             channel,
-            child,
+            process,
             pid,
             version,
         }),
@@ -584,9 +676,9 @@ async fn handshake(
             let said = tokio::time::timeout(Duration::from_millis(200), channel.recv()).await;
             let status = match &e {
                 UpgradeError::Exited(_) => None,
-                _ => tokio::time::timeout(END_WAIT, child.wait()).await.ok(),
+                _ => tokio::time::timeout(END_WAIT, process.child.wait()).await.ok(),
             };
-            end(child).await;
+            process.end().await;
             Err(match (said.map(answer), status) {
                 (Ok(Err(refused @ UpgradeError::Refused(_))), _) => refused,
                 (_, Some(status)) => exited(status),
@@ -594,7 +686,7 @@ async fn handshake(
             })
         }
         Err(e) => {
-            end(child).await;
+            process.end().await;
             Err(e)
         }
     }
@@ -618,14 +710,6 @@ fn exited(status: io::Result<ExitStatus>) -> UpgradeError {
     })
 }
 
-/// Ends a new process that will not take over, and reaps it.
-async fn end(mut child: Child) {
-    let _ = child.start_kill();
-    if tokio::time::timeout(END_WAIT, child.wait()).await.is_err() {
-        warn!("upgrade: the new process did not exit after SIGKILL");
-    }
-}
-
 /// Sends the held clients in packets (descriptors and bytes within a
 /// packet's limits), then `done`, and waits for `adopted`.
 async fn send_held(
@@ -634,34 +718,40 @@ async fn send_held(
     staying: Vec<String>,
     state: State,
 ) -> Result<(), HandoverError> {
-    let payload_room = MAX_PACKET - HEADER_ROOM;
-    let mut start = 0;
-    while start < moved.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < moved.len() && end - start < MAX_FDS && bytes + moved[end].early.len() <= payload_room {
-            bytes += moved[end].early.len();
-            end += 1;
-        }
-        // One client's bytes are bounded (HELD_BUFFER_LIMIT) well below a packet.
-        let end = end.max(start + 1);
-        let batch = &moved[start..end];
-        let mut payload = Vec::with_capacity(bytes);
-        let mut clients = Vec::with_capacity(batch.len());
-        for (index, client) in batch.iter().enumerate() {
-            clients.push(HeldClient {
+    let mut rest = moved;
+    while !rest.is_empty() {
+        // As many clients as fit one packet, measured: each one's entry in
+        // the header (its proxy's name is as long as the config made it)
+        // and its bytes in the payload.
+        let mut clients = Vec::new();
+        let mut payload = Vec::new();
+        let mut header = ENVELOPE_ROOM;
+        for client in rest.iter().take(MAX_FDS) {
+            let entry = HeldClient {
                 proxy: client.proxy.to_string(),
-                fd: index,
+                fd: clients.len(),
                 early: Span {
                     offset: payload.len(),
                     len: client.early.len(),
                 },
-            });
+            };
+            let entry_size = serde_json::to_vec(&entry).map_or(usize::MAX, |json| json.len() + 1);
+            let fits = header
+                .saturating_add(entry_size)
+                .saturating_add(payload.len() + client.early.len())
+                <= MAX_PACKET;
+            // A first client that does not fit alone fails in `send`, saying so.
+            if !fits && !clients.is_empty() {
+                break;
+            }
+            header = header.saturating_add(entry_size);
             payload.extend_from_slice(&client.early);
+            clients.push(entry);
         }
+        let (batch, after) = rest.split_at(clients.len());
         let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|client| client.socket.as_fd()).collect();
         channel.send(&Message::Held { clients }, &payload, &fds).await?;
-        start = end;
+        rest = after;
     }
     channel
         .send(
@@ -711,6 +801,10 @@ pub struct Predecessor {
 /// this process. Claimed before anything else opens a descriptor.
 pub fn handover_socket() -> Option<io::Result<OwnedFd>> {
     let raw = std::env::var(HANDOVER_FD_ENV).ok()?;
+    // SAFETY: called once, first thing in `startup::run`, before any thread
+    // is started, so nothing reads the environment meanwhile. Removed, the
+    // number is claimed once, and not passed on to what this process starts.
+    unsafe { std::env::remove_var(HANDOVER_FD_ENV) };
     Some(
         raw.parse()
             .map_err(|_| io::Error::other(format!("{HANDOVER_FD_ENV}={raw} is not a descriptor")))
@@ -775,6 +869,7 @@ pub async fn follow(
     mut resumed: mpsc::UnboundedReceiver<String>,
     stop: CancellationToken,
 ) {
+    let mut committed = false;
     loop {
         let received = tokio::select! {
             () = stop.cancelled() => return,
@@ -789,6 +884,13 @@ pub async fn follow(
         };
         let packet = match received {
             Ok(packet) => packet,
+            Err(HandoverError::Closed) if !committed => {
+                // It would have ended this process to take the upgrade
+                // back: it is gone (it crashed), and this one serves.
+                warn!("upgrade: the previous process went away before stepping aside; serving");
+                let _ = commands.send(Command::HandoverCommitted).await;
+                return;
+            }
             Err(HandoverError::Closed) => return,
             Err(e) => {
                 warn!(error = %e, "upgrade: the conversation with the previous process broke");
@@ -819,7 +921,10 @@ pub async fn follow(
                 }
                 continue;
             }
-            Message::Commit => Command::HandoverCommitted,
+            Message::Commit => {
+                committed = true;
+                Command::HandoverCommitted
+            }
             other => {
                 warn!(
                     kind = other.kind(),

@@ -180,7 +180,17 @@ pub async fn accept_loop(
     listener: Listener,
     stop: CancellationToken,
     mut heartbeat: Heartbeat,
+    accepting: CancellationToken,
 ) -> Listener {
+    // Until the process may accept, clients wait in the kernel's queue.
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return listener,
+            () = accepting.cancelled() => break,
+            Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
+        }
+    }
     let address = listener.local_address();
     let mut backoff = Backoff::default();
     let mut at_limit = AtLimit {

@@ -53,6 +53,21 @@ impl InheritedSocket {
         self.fd.as_fd()
     }
 
+    /// Its name in systemd's fd store, if it may be there: systemd's own
+    /// name for it, or, handed over by an upgrade, the name the previous
+    /// process stored it under (every listener but a port 0's).
+    pub fn stored_name(&self) -> Option<String> {
+        if let Some(name) = &self.name {
+            return Some(name.clone());
+        }
+        let (configured, None) = self.configured.as_ref()? else {
+            return None;
+        };
+        Address::parse(configured)
+            .ok()
+            .map(|address| super::activation::fd_name(&address))
+    }
+
     /// Whether this socket listens on `address` (for `owner`, a port 0's
     /// proxy): handed over under that configured spelling, or bound there.
     async fn listens_on(&self, address: &Address, owner: Option<&str>) -> bool {
@@ -136,15 +151,20 @@ impl Inherited {
 /// Takes ownership of descriptor `raw`, inherited at exec (from the
 /// upgrading process or systemd). Fails if it is not open.
 pub fn claim(raw: RawFd) -> io::Result<OwnedFd> {
+    // Standard input, output and error are never what was passed.
+    if raw < 3 {
+        return Err(io::Error::other(format!("descriptor {raw} is a standard stream")));
+    }
     // Refuse a number that names no open descriptor before owning it.
     // SAFETY: `fcntl(F_GETFD)` on any integer is sound; it only reports.
     if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `raw` is open (checked above) and was passed to this process
-    // at exec for it to own; the caller claims each number once, from the
-    // environment variable naming it, which is then removed, so no other
-    // owner of this descriptor exists in the process.
+    // at exec for it to own, and is not a standard stream; the caller
+    // claims each number once, from the environment variable naming it,
+    // which it removes, so no other owner of this descriptor exists in the
+    // process.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // Inherited descriptors are not close-on-exec; ours are, so that a
     // later upgrade passes only what it means to.

@@ -339,6 +339,13 @@ pub fn keep_socket_files() {
     HANDED_OVER.store(true, Ordering::SeqCst);
 }
 
+/// This process owns its socket files again: an upgrade's new process,
+/// once the old one has stepped aside (until then, failing, it must leave
+/// the old one's files in place).
+pub fn own_socket_files() {
+    HANDED_OVER.store(false, Ordering::SeqCst);
+}
+
 /// Set once the daemon stops: from then on a listener closes for good
 /// rather than because a reload dropped its address.
 static STOPPING: AtomicBool = AtomicBool::new(false);
