@@ -465,3 +465,91 @@ fn an_upgrade_gives_systemd_the_new_main_pid_then_ready_and_pings_from_it() {
         notify.seen
     );
 }
+
+/// A listener handed over by an upgrade that the new process's config no
+/// longer has is closed and taken out of the fd store (`FDSTOREREMOVE=1`),
+/// by the new process once it is the main one, so systemd does not keep a
+/// socket nobody serves.
+#[test]
+fn an_upgrade_takes_a_dropped_listener_out_of_the_fd_store() {
+    let dir = tempdir();
+    let server = TestServer::echo_tcp();
+    let a = format!("unix:{}", dir.path().join("a.sock").display());
+    let b = format!("unix:{}", dir.path().join("b.sock").display());
+    let both = format!(
+        "{}proxies:\n{}{}",
+        preamble(dir.path(), "2s"),
+        proxy_entry("a", &a, &[server.address()], ""),
+        proxy_entry("b", &b, &[server.address()], "")
+    );
+    let config = write_config(dir.path(), &both);
+    // The new process reads a config of its own (the old one's file, and
+    // so its reloads, stay as they are): the new binary is a script that
+    // starts the real one on it.
+    let next_dir = dir.path().join("next");
+    fs::create_dir(&next_dir).expect("mkdir");
+    let only_a = format!(
+        "{}proxies:\n{}",
+        preamble(dir.path(), "2s"),
+        proxy_entry("a", &a, &[server.address()], "")
+    );
+    let next = next_dir.join("interlude.yaml");
+    fs::write(&next, only_a).expect("write the next config");
+    let program = dir.path().join("interlude");
+    fs::copy(binary(), &program).expect("copy the binary");
+    let mut notify = Notify::bind(dir.path());
+    let notify_path = notify.path().to_string();
+    let env = [("NOTIFY_SOCKET", Some(notify_path.as_str()))];
+    let mut old = Daemon::spawn_program(
+        &program,
+        [OsStr::new("run"), OsStr::new("-c"), config.as_os_str()],
+        &env,
+        None,
+    );
+    old.config = Some(config.clone());
+    let started = notify.until_line(&old, "READY=1");
+    assert!(
+        started
+            .iter()
+            .any(|m| m.has_line("FDSTORE=1") && m.fd_name() == Some(fd_name(&b).as_str())),
+        "the old process stores b: {:?}",
+        notify.seen
+    );
+    let script = format!(
+        "#!/bin/sh\nexec {} run -c {}\n",
+        binary().display(),
+        next.display()
+    );
+    let staged = dir.path().join("interlude.new");
+    fs::write(&staged, script).expect("write the script");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::rename(&staged, &program).expect("rename over the binary");
+
+    let out = run_cli([OsStr::new("upgrade"), OsStr::new("-c"), config.as_os_str()]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let upgraded = notify.until_line(&old, "READY=1");
+    let new_pid = upgraded
+        .iter()
+        .find_map(|m| m.text.lines().find_map(|l| l.strip_prefix("MAINPID=")))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| old.fail(&format!("no MAINPID=: {:?}", notify.seen)));
+    let _new = KillOnDrop(new_pid);
+    let removed = upgraded
+        .iter()
+        .position(|m| m.has_line("FDSTOREREMOVE=1") && m.fd_name() == Some(fd_name(&b).as_str()));
+    let main_pid_at = upgraded.iter().position(|m| m.text.contains("MAINPID="));
+    assert!(
+        removed.is_some() && removed > main_pid_at,
+        "b taken out of the store after MAINPID=: {:?}",
+        notify.seen
+    );
+    assert_eq!(upgraded[removed.unwrap_or(0)].pid, new_pid, "{:?}", notify.seen);
+    assert!(
+        !upgraded
+            .iter()
+            .any(|m| m.has_line("FDSTOREREMOVE=1") && m.fd_name() == Some(fd_name(&a).as_str())),
+        "a stays in the store: {:?}",
+        notify.seen
+    );
+}
