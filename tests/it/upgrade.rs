@@ -745,3 +745,136 @@ fn an_upgrade_and_a_deploy_do_not_overlap() {
     replace_with_binary(&program);
     let _new = KillOnDrop(upgrade(&config, &old));
 }
+
+/// A new process that takes over a UNIX listener and then fails (a listen
+/// address added to the config is taken) leaves the old process's socket
+/// file in place: the old one serves on, reachable.
+#[test]
+fn a_failed_new_process_leaves_the_unix_socket_file() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let socket = dir.path().join("p.sock");
+    let yaml = tcp_config(
+        dir.path(),
+        &format!("unix:{}", socket.display()),
+        &backend.address(),
+        "5s",
+    );
+    let config = common::write_config(dir.path(), &yaml);
+    let mut old = start(&program, &config);
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("address");
+    let with_taken = format!(
+        "{yaml}{}",
+        common::proxy_entry("q", &taken.to_string(), &[backend.address()], "")
+    );
+    // The old process's own reload of it fails the same way, and is kept
+    // out of the upgrade's way: the config is written, its reload refused,
+    // then the upgrade asked for.
+    fs::write(&config, with_taken).expect("rewrite the config");
+    wait_until("the old process to refuse the changed config", WAIT, || {
+        old.stderr().contains("reload rejected")
+    });
+    let out = cli(&config, &["upgrade", "--timeout", "30s"]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    old.assert_running("after a failed upgrade");
+    assert_no_children(old.pid());
+    assert!(
+        socket.exists(),
+        "the failed new process removed the old one's socket file"
+    );
+    let mut client = std::os::unix::net::UnixStream::connect(&socket).expect("connect to the old process");
+    client.set_read_timeout(Some(WAIT)).expect("timeout");
+    client.write_all(b"still here\n").expect("write");
+    let mut echoed = [0u8; 11];
+    client.read_exact(&mut echoed).expect("echo");
+    assert_eq!(&echoed, b"still here\n");
+}
+
+/// A stop while the new process is being waited for ends the new process
+/// too: none is left holding the sockets.
+#[test]
+fn a_stop_during_an_upgrade_ends_the_new_process() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "1s"),
+    );
+    let mut old = start(&program, &config);
+    let marker = dir.path().join("new-pid");
+    replace_with(
+        &program,
+        format!(
+            "#!/bin/sh\necho $$ > {}.tmp\nmv {0}.tmp {0}\nexec sleep 120\n",
+            marker.display()
+        )
+        .as_bytes(),
+    );
+    let upgrading = {
+        let config = config.clone();
+        thread::spawn(move || cli(&config, &["upgrade", "--timeout", "60s"]))
+    };
+    wait_until("the new process to start", WAIT, || marker.exists());
+    let new_pid: i32 = fs::read_to_string(&marker)
+        .expect("read the pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let _new = KillOnDrop(new_pid);
+    old.signal(libc::SIGTERM);
+    let exited = old.wait_exit(WAIT);
+    assert!(exited.success(), "{exited:?}");
+    let answered = upgrading.join().expect("upgrade thread");
+    assert_ne!(answered.code(), Some(0), "{}", answered.describe());
+    let alive =
+        || fs::read_to_string(format!("/proc/{new_pid}/stat")).is_ok_and(|stat| !stat.contains(") Z"));
+    wait_until("the new process to be ended", WAIT, || !alive());
+}
+
+/// Many held clients of a proxy with a long name (each one's entry in a
+/// packet's header is long) are handed over in packets that fit, and all
+/// are served intact on resume.
+#[test]
+fn many_held_clients_of_a_long_named_proxy_move() {
+    const CLIENTS: usize = 260;
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let name = "p".repeat(120);
+    let yaml = format!(
+        "{}proxies:\n{}",
+        common::preamble(dir.path(), "5s"),
+        common::proxy_entry(&name, "127.0.0.1:0", &[backend.address()], "")
+    );
+    let config = common::write_config(dir.path(), &yaml);
+    let old = start(&program, &config);
+    let listen = old.listen_addr(&name);
+    assert_eq!(cli(&config, &["pause", &name]).code(), Some(0));
+    let mut held = Vec::new();
+    for i in 0..CLIENTS {
+        let mut client = listen.must_connect();
+        client.set_timeouts(Duration::from_secs(20));
+        client.write_all(format!("{i:0>400}").as_bytes()).expect("write");
+        held.push(client);
+    }
+    wait_until("every client held", WAIT, || {
+        status(&config)["proxies"][0]["held"].as_u64() == Some(CLIENTS as u64)
+    });
+    replace_with_binary(&program);
+    let _new = KillOnDrop(upgrade(&config, &old));
+    assert_eq!(
+        status(&config)["proxies"][0]["held"].as_u64(),
+        Some(CLIENTS as u64),
+        "held in the new process"
+    );
+    assert_eq!(cli(&config, &["resume", &name]).code(), Some(0));
+    for (i, client) in held.iter_mut().enumerate() {
+        client.write_all(b"\n").expect("write");
+        let mut echoed = vec![0u8; 401];
+        client.read_exact(&mut echoed).expect("echo");
+        assert_eq!(echoed, format!("{i:0>400}\n").into_bytes(), "client {i}");
+    }
+}
