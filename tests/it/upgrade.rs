@@ -878,3 +878,59 @@ fn many_held_clients_of_a_long_named_proxy_move() {
         assert_eq!(echoed, format!("{i:0>400}\n").into_bytes(), "client {i}");
     }
 }
+
+/// The new process answers the control socket only once it serves: a
+/// pause it acknowledges during an upgrade is never undone by the state
+/// the old process hands over at the end.
+#[test]
+fn a_pause_the_new_process_acknowledges_is_kept() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "2s"),
+    );
+    let old = start(&program, &config);
+    let mut previous = old.pid();
+    let mut started = Vec::new();
+    let mut acknowledged = 0;
+    for round in 0..5 {
+        assert_eq!(cli(&config, &["resume", "p"]).code(), Some(0));
+        // Asks for the status until a process other than `previous`
+        // answers, then pauses there, once.
+        let asking = {
+            let config = config.clone();
+            thread::spawn(move || {
+                let deadline = Instant::now() + WAIT;
+                while Instant::now() < deadline {
+                    let out = cli(&config, &["status", "--json"]);
+                    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&out.stdout) else {
+                        continue;
+                    };
+                    if doc["pid"].as_i64().is_some_and(|pid| pid != i64::from(previous)) {
+                        return cli(&config, &["pause", "p"]).code() == Some(0);
+                    }
+                }
+                false
+            })
+        };
+        replace_with_binary(&program);
+        let out = cli(&config, &["upgrade", "--timeout", "30s"]);
+        assert_eq!(out.code(), Some(0), "round {round}: {}", out.describe());
+        let paused_by_us = asking.join().expect("status thread");
+        let doc = status(&config);
+        let pid = doc["pid"].as_i64().expect("pid") as i32;
+        started.push(KillOnDrop(pid));
+        previous = pid;
+        if paused_by_us {
+            acknowledged += 1;
+            assert_eq!(
+                doc["proxies"][0]["paused"].as_bool(),
+                Some(true),
+                "round {round}: a pause the new process acknowledged was undone: {doc}"
+            );
+        }
+    }
+    assert!(acknowledged > 0, "no pause reached a new process");
+}
