@@ -897,19 +897,27 @@ fn a_pause_the_new_process_acknowledges_is_kept() {
     let mut acknowledged = 0;
     for round in 0..5 {
         assert_eq!(cli(&config, &["resume", "p"]).code(), Some(0));
-        // Asks for the status until a process other than `previous`
-        // answers, then pauses there, once.
+        // Asks for the status (as fast as it can, on the socket itself)
+        // until a process other than `previous` answers, then pauses
+        // there, once.
         let asking = {
-            let config = config.clone();
+            let socket = common::control_socket(dir.path());
             thread::spawn(move || {
+                let ask = |method: &str, path: &str| {
+                    let stream = std::os::unix::net::UnixStream::connect(&socket).ok()?;
+                    stream.set_read_timeout(Some(WAIT)).ok()?;
+                    common::http_exchange(stream, method, path, &[]).ok()
+                };
                 let deadline = Instant::now() + WAIT;
                 while Instant::now() < deadline {
-                    let out = cli(&config, &["status", "--json"]);
-                    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&out.stdout) else {
+                    let Some((200, body)) = ask("GET", "/status") else {
+                        continue;
+                    };
+                    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
                         continue;
                     };
                     if doc["pid"].as_i64().is_some_and(|pid| pid != i64::from(previous)) {
-                        return cli(&config, &["pause", "p"]).code() == Some(0);
+                        return matches!(ask("POST", "/pause?proxy=p"), Some((200, _)));
                     }
                 }
                 false
