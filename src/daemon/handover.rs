@@ -18,9 +18,13 @@
 //!
 //! Versions: every version reads every earlier one. A field added later has
 //! a default; a message kind added later is sent only to a peer whose
-//! version knows it (the offer and `ready` carry each side's version). A
-//! peer's unknown fields are ignored, so an old process reads a newer
-//! process's answers.
+//! version knows it (every packet carries its sender's version, which each
+//! side keeps), and one of an unknown kind is skipped where the
+//! conversation can go on. A peer's unknown fields are ignored, so an old
+//! process reads a newer process's answers, except inside the run-time
+//! state, which is read as strictly as the state file: an older version
+//! refuses a state a newer one extended (it cannot take over from it; a
+//! downgrade goes by restart).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -151,6 +155,9 @@ pub enum HandoverError {
     Closed,
     /// A packet this version cannot read.
     Malformed(String),
+    /// A message of a kind a later version added (and should not have
+    /// sent to this one): skipped by a conversation that can go on.
+    UnknownKind(String),
     /// A message other than the one the conversation expects.
     Unexpected {
         expected: &'static str,
@@ -164,6 +171,7 @@ impl std::fmt::Display for HandoverError {
             HandoverError::Io(e) => write!(f, "handover socket: {e}"),
             HandoverError::Closed => f.write_str("the other process closed the handover socket"),
             HandoverError::Malformed(why) => write!(f, "unreadable handover message: {why}"),
+            HandoverError::UnknownKind(kind) => write!(f, "a handover message of unknown kind {kind:?}"),
             HandoverError::Unexpected { expected, got } => {
                 write!(f, "handover: expected {expected}, got {got}")
             }
@@ -193,6 +201,11 @@ impl Message {
         }
     }
 }
+
+/// Every kind of message this version knows.
+const KINDS: [&str; 8] = [
+    "offer", "ready", "failed", "held", "done", "adopted", "commit", "resumed",
+];
 
 /// Encodes one packet's bytes (without its descriptors).
 pub fn encode(message: &Message, payload: &[u8]) -> Result<Vec<u8>, HandoverError> {
@@ -227,7 +240,15 @@ pub fn decode(bytes: &[u8]) -> Result<(u32, Message, Vec<u8>), HandoverError> {
     let header = rest
         .get(..length)
         .ok_or_else(|| malformed("shorter than its header".into()))?;
-    let envelope: Envelope = serde_json::from_slice(header).map_err(|e| malformed(e.to_string()))?;
+    let envelope: Envelope = serde_json::from_slice(header).map_err(|e| {
+        let kind = serde_json::from_slice::<serde_json::Value>(header)
+            .ok()
+            .and_then(|value| value["message"]["kind"].as_str().map(str::to_string));
+        match kind {
+            Some(kind) if !KINDS.contains(&kind.as_str()) => HandoverError::UnknownKind(kind),
+            _ => malformed(e.to_string()),
+        }
+    })?;
     Ok((envelope.version, envelope.message, rest[length..].to_vec()))
 }
 
@@ -406,6 +427,46 @@ mod tests {
         assert_eq!(clients[0].early.of(&payload), Some(&b"hello"[..]));
     }
 
+    /// Every other message as version 1 wrote it, read by this version.
+    #[test]
+    fn reads_every_other_version_1_message() {
+        let v1 = [
+            (
+                r#"{"version":1,"message":{"kind":"ready","pid":7,"version":"0.1.0"}}"#,
+                Message::Ready {
+                    pid: 7,
+                    version: "0.1.0".into(),
+                },
+            ),
+            (
+                r#"{"version":1,"message":{"kind":"failed","error":"bad config"}}"#,
+                Message::Failed {
+                    error: "bad config".into(),
+                },
+            ),
+            (
+                r#"{"version":1,"message":{"kind":"done","staying":["tls"],"state":null}}"#,
+                Message::Done {
+                    staying: vec!["tls".into()],
+                    state: None,
+                },
+            ),
+            (
+                r#"{"version":1,"message":{"kind":"adopted","count":3}}"#,
+                Message::Adopted { count: 3 },
+            ),
+            (r#"{"version":1,"message":{"kind":"commit"}}"#, Message::Commit),
+            (
+                r#"{"version":1,"message":{"kind":"resumed","proxy":"tls"}}"#,
+                Message::Resumed { proxy: "tls".into() },
+            ),
+        ];
+        for (text, expected) in v1 {
+            let (version, message, _) = decode(&packet(text, b"")).expect(text);
+            assert_eq!((version, message), (1, expected), "{text}");
+        }
+    }
+
     /// A newer peer's answer with fields this version does not know.
     #[test]
     fn ignores_what_a_newer_version_adds() {
@@ -435,10 +496,13 @@ mod tests {
         for bad in [
             &b"\x01"[..],
             &packet("{", b""),
-            &packet(r#"{"version":1,"message":{"kind":"teleport"}}"#, b""),
+            &packet(r#"{"version":1,"message":{"kind":"ready","pid":"seven"}}"#, b""),
         ] {
             assert!(matches!(decode(bad), Err(HandoverError::Malformed(_))), "{bad:?}");
         }
+        // A kind a later version added is told apart, to be skipped.
+        let later = packet(r#"{"version":2,"message":{"kind":"teleport","to":"mars"}}"#, b"");
+        assert!(matches!(decode(&later), Err(HandoverError::UnknownKind(kind)) if kind == "teleport"));
         let oversized = Message::Done {
             staying: vec![],
             state: None,

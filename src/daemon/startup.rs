@@ -446,6 +446,7 @@ impl Daemon {
             .map_err(|e| StartError::Handover(e.to_string()))?;
         info!(
             previous_pid = predecessor.pid,
+            protocol = predecessor.protocol,
             "upgrade: took over the sockets; waiting for the previous process to step aside"
         );
         let (to_predecessor, resumed) = mpsc::unbounded_channel();

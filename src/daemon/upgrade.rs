@@ -127,10 +127,18 @@ pub fn claim_watchdog() {
 /// Remembers how this process was started; call first thing at start.
 pub fn remember_launch() {
     LAUNCH.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot tell this program's path: {e}"))?;
+        let mut args = std::env::args_os();
+        // The path it was started by, when that is absolute (systemd's
+        // `ExecStart=` is): a symbolic link (`/usr/bin/interlude` to a
+        // versioned directory) is followed again at the upgrade, to where
+        // it points then. Else the resolved path of this executable.
+        let exe = match args.next().map(PathBuf::from) {
+            Some(path) if path.is_absolute() => path,
+            _ => std::env::current_exe().map_err(|e| format!("cannot tell this program's path: {e}"))?,
+        };
         Ok(Launch {
             exe,
-            args: std::env::args_os().skip(1).collect(),
+            args: args.collect(),
         })
     });
 }
@@ -199,6 +207,9 @@ pub struct Successor {
     process: NewProcess,
     pid: u32,
     version: String,
+    /// Its handover protocol version (a message kind later than it knows
+    /// is not sent to it).
+    protocol: u32,
 }
 
 /// What the old process keeps after the commit.
@@ -365,6 +376,7 @@ impl Daemon {
         info!(
             pid = successor.pid,
             version = %successor.version,
+            protocol = successor.protocol,
             held = count,
             "upgrade: the new process serves; this one finishes its connections and exits"
         );
@@ -576,6 +588,12 @@ pub(super) async fn release_when_resumed(channel: Channel, proxies: Vec<Arc<Prox
                 kind = other.kind(),
                 "upgrade: unexpected message from the new process; ignored"
             ),
+            Err(HandoverError::UnknownKind(kind)) => {
+                warn!(
+                    kind,
+                    "upgrade: a message this version does not know, from the new process; ignored"
+                );
+            }
             Err(_) => return,
         }
     }
@@ -664,11 +682,12 @@ async fn handshake(
     };
     drop(fds);
     match outcome {
-        Ok(version) => Ok(Successor {
+        Ok((version, protocol)) => Ok(Successor {
             channel,
             process,
             pid,
             version,
+            protocol,
         }),
         Err(e @ (UpgradeError::Exited(_) | UpgradeError::Handover(_))) => {
             // A process that fails says why before it exits (and it may
@@ -692,9 +711,12 @@ async fn handshake(
     }
 }
 
-fn answer(received: Result<handover::Packet, HandoverError>) -> Result<String, UpgradeError> {
-    match received?.message {
-        Message::Ready { version, .. } => Ok(version),
+/// The new process's answer to the offer: its version and its protocol
+/// version, if it is ready.
+fn answer(received: Result<handover::Packet, HandoverError>) -> Result<(String, u32), UpgradeError> {
+    let packet = received?;
+    match packet.message {
+        Message::Ready { version, .. } => Ok((version, packet.version)),
         Message::Failed { error } => Err(UpgradeError::Refused(error)),
         other => Err(UpgradeError::Handover(HandoverError::Unexpected {
             expected: "ready",
@@ -793,6 +815,8 @@ async fn send_held(
 pub struct Predecessor {
     pub channel: Channel,
     pub pid: u32,
+    /// Its handover protocol version.
+    pub protocol: u32,
     pub generation: u64,
     pub state: State,
 }
@@ -855,6 +879,7 @@ pub async fn receive_offer(socket: OwnedFd, inherited: &mut Inherited) -> Result
     Ok(Predecessor {
         channel,
         pid: offer.pid,
+        protocol: packet.version,
         generation: offer.generation,
         state: offer.state,
     })
@@ -892,6 +917,13 @@ pub async fn follow(
                 return;
             }
             Err(HandoverError::Closed) => return,
+            Err(HandoverError::UnknownKind(kind)) => {
+                warn!(
+                    kind,
+                    "upgrade: a message this version does not know, from the previous process; ignored"
+                );
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "upgrade: the conversation with the previous process broke");
                 return;

@@ -228,11 +228,15 @@ pub async fn accept_loop(
                 // At the daemon-wide limit this one client waits accepted
                 // (one descriptor per socket, in the reserve); the others
                 // wait in the kernel's queue.
-                let Some(daemon_permit) = at_limit
+                let (daemon_permit, stopped) = match at_limit
                     .permit(&site, Reached::Daemon, &stop, &mut heartbeat)
                     .await
-                else {
-                    break;
+                {
+                    Some(permit) => (permit, false),
+                    // Stopped meanwhile (a stop, an upgrade): this client
+                    // was accepted, so it is served past the limit, not
+                    // dropped; the loop ends after it.
+                    None => (site.daemon_limit.admit(), true),
                 };
                 let permits = Permits {
                     _socket: socket_permit,
@@ -259,6 +263,9 @@ pub async fn accept_loop(
                         );
                         site.connections.spawn(connection);
                     }
+                }
+                if stopped {
+                    break;
                 }
             }
             Err(e) if is_per_connection(&e) => {}

@@ -68,13 +68,20 @@ impl InheritedSocket {
             .map(|address| super::activation::fd_name(&address))
     }
 
-    /// Whether this socket listens on `address` (for `owner`, a port 0's
-    /// proxy): handed over under that configured spelling, or bound there.
-    async fn listens_on(&self, address: &Address, owner: Option<&str>) -> bool {
-        if let Some((configured, for_proxy)) = &self.configured {
-            return *configured == address.to_string() && for_proxy.as_deref() == owner;
-        }
-        bound_to(self.fd.as_fd(), address).await
+    /// Whether this socket was handed over for `address` as the previous
+    /// process's config spelled it (and, for a port 0, for `owner`).
+    fn configured_as(&self, address: &Address, owner: Option<&str>) -> bool {
+        self.configured.as_ref().is_some_and(|(configured, for_proxy)| {
+            *configured == address.to_string() && for_proxy.as_deref() == owner
+        })
+    }
+
+    /// Whether this socket is bound to `address`, whatever spelling it was
+    /// handed over under (`localhost:80` rewritten `127.0.0.1:80`). Never
+    /// for a port 0, which is found by its proxy only.
+    async fn bound_at(&self, address: &Address, owner: Option<&str>) -> bool {
+        let port_zero = matches!(&self.configured, Some((_, Some(_))));
+        owner.is_none() && !port_zero && bound_to(self.fd.as_fd(), address).await
     }
 }
 
@@ -127,11 +134,18 @@ impl Inherited {
     /// cannot be used as a listener is an error (it is not silently bound
     /// again: it was passed on purpose).
     pub async fn take(&mut self, address: &Address, owner: Option<&str>) -> io::Result<Option<Listener>> {
-        let mut found = None;
-        for (index, socket) in self.sockets.iter().enumerate() {
-            if socket.listens_on(address, owner).await {
-                found = Some(index);
-                break;
+        // The spelling first: of two sockets bound alike (a host name and
+        // its address), the one handed over for this very address.
+        let mut found = self
+            .sockets
+            .iter()
+            .position(|socket| socket.configured_as(address, owner));
+        if found.is_none() {
+            for (index, socket) in self.sockets.iter().enumerate() {
+                if socket.bound_at(address, owner).await {
+                    found = Some(index);
+                    break;
+                }
             }
         }
         let Some(index) = found else {

@@ -942,3 +942,44 @@ fn a_pause_the_new_process_acknowledges_is_kept() {
     }
     assert!(acknowledged > 0, "no pause reached a new process");
 }
+
+/// A listen address the new config spells differently (`localhost:P` for
+/// `127.0.0.1:P`) takes the socket bound there: nothing is bound twice,
+/// and the new process serves on it.
+#[test]
+fn a_respelled_listen_address_takes_the_same_socket() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let backend = TestServer::echo_tcp();
+    let port = common::free_tcp_addr().port();
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), &format!("127.0.0.1:{port}"), &backend.address(), "2s"),
+    );
+    let old = start(&program, &config);
+    // The new process reads a config of its own: the new binary is a
+    // script that starts the real one on it.
+    let next_dir = dir.path().join("next");
+    fs::create_dir(&next_dir).expect("mkdir");
+    let next = common::write_config(
+        &next_dir,
+        &tcp_config(dir.path(), &format!("localhost:{port}"), &backend.address(), "2s"),
+    );
+    replace_with(
+        &program,
+        format!(
+            "#!/bin/sh\nexec {} run -c {}\n",
+            common::binary().display(),
+            next.display()
+        )
+        .as_bytes(),
+    );
+    let pid = upgrade(&config, &old);
+    let _new = KillOnDrop(pid);
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client.set_read_timeout(Some(WAIT)).expect("timeout");
+    client.write_all(b"respelled\n").expect("write");
+    let mut echoed = [0u8; 10];
+    client.read_exact(&mut echoed).expect("echo");
+    assert_eq!(&echoed, b"respelled\n");
+}
