@@ -96,12 +96,16 @@ fn upgrade_hands_the_sockets_to_the_new_binary() {
         Endpoint::Unix(_) => unreachable!(),
     };
 
+    // A reload first, so that the generation is not the one a fresh
+    // start has.
+    assert_eq!(cli(&config, &["reload"]).code(), Some(0));
+    assert_eq!(status(&config)["generation"].as_u64(), Some(2));
     replace_with_binary(&program);
     let new_pid = upgrade(&config, &old);
     let _new = KillOnDrop(new_pid);
     let doc = status(&config);
     assert_eq!(doc["previous_pid"].as_i64(), Some(i64::from(old.pid())));
-    assert_eq!(doc["generation"].as_u64(), Some(1), "the generation carries over");
+    assert_eq!(doc["generation"].as_u64(), Some(2), "the generation carries over");
     // Same port, new process.
     let mut after = listen.must_connect();
     common::assert_echo(&mut after, b"after");
@@ -695,8 +699,8 @@ fn an_upgrade_and_a_deploy_do_not_overlap() {
         &tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "10s"),
     );
     let old = start(&program, &config);
-    // A deploy to a backend that never gets healthy (nothing listens).
-    let nowhere = common::free_tcp_addr().to_string();
+    // A deploy to a backend that never gets healthy (no such socket).
+    let nowhere = format!("unix:{}", dir.path().join("nothing.sock").display());
     let deploying = {
         let config = config.clone();
         thread::spawn(move || cli(&config, &["deploy", "--timeout", "4s", "p", &nowhere]))
