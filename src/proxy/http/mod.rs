@@ -167,9 +167,18 @@ async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Re
     };
     proxy.stats.accepted.fetch_add(1, Relaxed);
     let response = exchange(&proxy, connection, request).await;
-    proxy.stats.count_response(response.status().as_u16());
+    // A request that moved is answered by the upgraded process, and
+    // counted there.
+    if response.extensions().get::<Moved>().is_none() {
+        proxy.stats.count_response(response.status().as_u16());
+    }
     response
 }
+
+/// Marks the answer hyper is left with when a held request moved with its
+/// connection to the upgraded process (nobody reads it).
+#[derive(Clone, Copy)]
+struct Moved;
 
 /// The answer to a request no backend should see, if it is one: a
 /// `CONNECT` (this is a reverse proxy, not a tunnel) and a request whose
@@ -233,7 +242,11 @@ async fn exchange(
                 Hold::Closed => return unavailable(&settings, "shutting down\n"),
                 // The connection left with an upgrade: hyper can write
                 // nothing more on it.
-                Hold::Moving => return unavailable(&settings, "moved to the upgraded process\n"),
+                Hold::Moving => {
+                    let mut response = unavailable(&settings, "moved to the upgraded process\n");
+                    response.extensions_mut().insert(Moved);
+                    return response;
+                }
             },
         }
     }
