@@ -769,19 +769,32 @@ fn a_failed_new_process_leaves_the_unix_socket_file() {
     let mut old = start(&program, &config);
     let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = squatter.local_addr().expect("address");
+    // The new process reads a config of its own, which adds a proxy on the
+    // taken port: the new binary is a script that starts the real one on
+    // it. (The old process's file, and its reloads, stay as they are.)
+    let next_dir = dir.path().join("next");
+    fs::create_dir(&next_dir).expect("mkdir");
     let with_taken = format!(
         "{yaml}{}",
         common::proxy_entry("q", &taken.to_string(), &[backend.address()], "")
     );
-    // The old process's own reload of it fails the same way, and is kept
-    // out of the upgrade's way: the config is written, its reload refused,
-    // then the upgrade asked for.
-    fs::write(&config, with_taken).expect("rewrite the config");
-    wait_until("the old process to refuse the changed config", WAIT, || {
-        old.stderr().contains("reload rejected")
-    });
+    let next = common::write_config(&next_dir, &with_taken);
+    replace_with(
+        &program,
+        format!(
+            "#!/bin/sh\nexec {} run -c {}\n",
+            common::binary().display(),
+            next.display()
+        )
+        .as_bytes(),
+    );
     let out = cli(&config, &["upgrade", "--timeout", "30s"]);
     assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&taken.to_string()),
+        "the new process's error names the taken address: {}",
+        out.describe()
+    );
     old.assert_running("after a failed upgrade");
     assert_no_children(old.pid());
     assert!(
