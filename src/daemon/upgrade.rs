@@ -70,12 +70,18 @@ const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// that no process is left holding the sockets.
 pub struct NewProcess {
     child: Child,
+    /// Its pid, taken at the start (tokio forgets it once reaped).
+    pid: u32,
     committed: bool,
 }
 
 impl NewProcess {
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
+    fn new(child: Child) -> NewProcess {
+        NewProcess {
+            pid: child.id().unwrap_or(0),
+            child,
+            committed: false,
+        }
     }
 
     /// The upgrade committed: the new process lives on (tokio reaps it if
@@ -205,7 +211,6 @@ pub type UpgradeReply = oneshot::Sender<Result<Upgraded, UpgradeError>>;
 pub struct Successor {
     channel: Channel,
     process: NewProcess,
-    pid: u32,
     version: String,
     /// Its handover protocol version (a message kind later than it knows
     /// is not sent to it).
@@ -245,7 +250,7 @@ impl Daemon {
         self.tasks.spawn(async move {
             let outcome = match launch().await {
                 Ok((channel, process)) => {
-                    info!(pid = process.pid(), "upgrade: new process started; handing over");
+                    info!(pid = process.pid, "upgrade: new process started; handing over");
                     tokio::select! {
                         outcome = handshake(channel, process, offer, fds, timeout) => outcome,
                         // Stopping: the new process is ended as it is dropped.
@@ -326,7 +331,7 @@ impl Daemon {
         // what the new one had accepted would be lost): clients queue in
         // the kernel meanwhile.
         if self.announced {
-            systemd::watchdog();
+            self.watchdog_round();
         }
         let mut halted = Vec::with_capacity(self.running.listeners.len());
         for listener in self.running.listeners.drain(..) {
@@ -342,7 +347,7 @@ impl Daemon {
             .collect();
         let count = moved.len();
         if self.announced {
-            systemd::watchdog();
+            self.watchdog_round();
         }
         let sent = async {
             send_held(&successor.channel, &moved, staying, self.current_state()).await?;
@@ -369,19 +374,20 @@ impl Daemon {
             self.start_reload();
             return None;
         }
+        let pid = successor.process.pid;
         successor.process.committed();
         drop(moved);
         crate::sockets::stream::keep_socket_files();
-        systemd::main_pid(successor.pid);
+        systemd::main_pid(pid);
         info!(
-            pid = successor.pid,
+            pid,
             version = %successor.version,
             protocol = successor.protocol,
             held = count,
             "upgrade: the new process serves; this one finishes its connections and exits"
         );
         let _ = reply.send(Ok(Upgraded {
-            pid: successor.pid,
+            pid,
             previous_pid: std::process::id(),
             version: successor.version,
         }));
@@ -651,13 +657,7 @@ async fn launch() -> Result<(Channel, NewProcess), UpgradeError> {
         }
     };
     drop(theirs);
-    Ok((
-        channel,
-        NewProcess {
-            child,
-            committed: false,
-        },
-    ))
+    Ok((channel, NewProcess::new(child)))
 }
 
 /// Sends the offer and waits for `ready`, the new process's failure, its
@@ -669,7 +669,6 @@ async fn handshake(
     fds: Vec<OwnedFd>,
     timeout: Duration,
 ) -> Result<Successor, UpgradeError> {
-    let pid = process.pid();
     let talk = async {
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
         channel.send(&offer, &[], &borrowed).await?;
@@ -685,7 +684,6 @@ async fn handshake(
         Ok((version, protocol)) => Ok(Successor {
             channel,
             process,
-            pid,
             version,
             protocol,
         }),

@@ -176,17 +176,7 @@ fn held_get_and_post_on_open_keep_alive_connections_are_served_after_resume() {
     if let Err(e) = getter.expect_silence(QUIET) {
         panic!("the GET held on an open keep-alive connection: {e}");
     }
-    assert_eq!(
-        backend.heads(),
-        2,
-        "a held request reached the backend: {:?}",
-        backend.targets()
-    );
-    assert_eq!(
-        backend.body_bytes(),
-        0,
-        "body bytes of the held POST reached the backend"
-    );
+    backend.assert_held_requests_unseen(2);
 
     daemon.signal(libc::SIGUSR2);
     let got = expect_status(getter.read_response("GET"), 200, "the held GET after SIGUSR2");

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::notify::{Message, Notify};
+use common::program;
 use common::*;
 
 /// A config with a TCP proxy `t` on `tcp` and a UNIX proxy `u` on `unix`,
@@ -373,6 +374,15 @@ fn reload_stores_a_new_listener_and_removes_a_closed_one() {
     );
 }
 
+/// The `MAINPID=` message among `messages`: where it is, the pid it names
+/// and the pid that sent it.
+fn main_pid_announced(messages: &[Message]) -> Option<(usize, i32, i32)> {
+    messages.iter().enumerate().find_map(|(at, m)| {
+        let named = m.text.lines().find_map(|l| l.strip_prefix("MAINPID="))?;
+        Some((at, named.parse().ok()?, m.pid))
+    })
+}
+
 /// During an upgrade systemd hears, in this order: `MAINPID=` the new pid
 /// from the old process, then `READY=1` and watchdog pings from the new
 /// one (its `WATCHDOG_PID`, if any, is not the old pid's); the old process
@@ -399,17 +409,9 @@ fn an_upgrade_gives_systemd_the_new_main_pid_then_ready_and_pings_from_it() {
     let out = run_cli([OsStr::new("upgrade"), OsStr::new("-c"), config.as_os_str()]);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let upgraded = notify.until_line(&old, "READY=1");
-    let main_pid = upgraded
-        .iter()
-        .find_map(|m| {
-            m.text
-                .lines()
-                .find_map(|l| l.strip_prefix("MAINPID="))
-                .map(|pid| (pid.to_string(), m.pid))
-        })
+    let (mainpid_at, new_pid, sender) = main_pid_announced(&upgraded)
         .unwrap_or_else(|| old.fail(&format!("no MAINPID= before READY=1: {:?}", notify.seen)));
-    assert_eq!(main_pid.1, old.pid(), "MAINPID= comes from the old process");
-    let new_pid: i32 = main_pid.0.parse().expect("a pid");
+    assert_eq!(sender, old.pid(), "MAINPID= comes from the old process");
     let _new = KillOnDrop(new_pid);
     assert_ne!(new_pid, old.pid());
     let ready = upgraded.last().expect("READY=1");
@@ -418,10 +420,6 @@ fn an_upgrade_gives_systemd_the_new_main_pid_then_ready_and_pings_from_it() {
         "READY=1 comes from the new process: {:?}",
         notify.seen
     );
-    let mainpid_at = upgraded
-        .iter()
-        .position(|m| m.text.contains("MAINPID="))
-        .unwrap_or(usize::MAX);
     assert!(
         mainpid_at < upgraded.len() - 1,
         "MAINPID= before READY=1: {:?}",
@@ -483,20 +481,12 @@ fn an_upgrade_takes_a_dropped_listener_out_of_the_fd_store() {
         proxy_entry("b", &b, &[server.address()], "")
     );
     let config = write_config(dir.path(), &both);
-    // The new process reads a config of its own (the old one's file, and
-    // so its reloads, stay as they are): the new binary is a script that
-    // starts the real one on it.
-    let next_dir = dir.path().join("next");
-    fs::create_dir(&next_dir).expect("mkdir");
     let only_a = format!(
         "{}proxies:\n{}",
         preamble(dir.path(), "2s"),
         proxy_entry("a", &a, &[server.address()], "")
     );
-    let next = next_dir.join("interlude.yaml");
-    fs::write(&next, only_a).expect("write the next config");
-    let program = dir.path().join("interlude");
-    fs::copy(binary(), &program).expect("copy the binary");
+    let program = program::install(dir.path());
     let mut notify = Notify::bind(dir.path());
     let notify_path = notify.path().to_string();
     let env = [("NOTIFY_SOCKET", Some(notify_path.as_str()))];
@@ -515,32 +505,20 @@ fn an_upgrade_takes_a_dropped_listener_out_of_the_fd_store() {
         "the old process stores b: {:?}",
         notify.seen
     );
-    let script = format!(
-        "#!/bin/sh\nexec {} run -c {}\n",
-        binary().display(),
-        next.display()
-    );
-    let staged = dir.path().join("interlude.new");
-    fs::write(&staged, script).expect("write the script");
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755)).expect("chmod");
-    fs::rename(&staged, &program).expect("rename over the binary");
+    // The new process reads a config of its own, without b.
+    program::replace_with_binary_on(&program, dir.path(), &only_a);
 
     let out = run_cli([OsStr::new("upgrade"), OsStr::new("-c"), config.as_os_str()]);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let upgraded = notify.until_line(&old, "READY=1");
-    let new_pid = upgraded
-        .iter()
-        .find_map(|m| m.text.lines().find_map(|l| l.strip_prefix("MAINPID=")))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| old.fail(&format!("no MAINPID=: {:?}", notify.seen)));
+    let (main_pid_at, new_pid, _) =
+        main_pid_announced(&upgraded).unwrap_or_else(|| old.fail(&format!("no MAINPID=: {:?}", notify.seen)));
     let _new = KillOnDrop(new_pid);
     let removed = upgraded
         .iter()
         .position(|m| m.has_line("FDSTOREREMOVE=1") && m.fd_name() == Some(fd_name(&b).as_str()));
-    let main_pid_at = upgraded.iter().position(|m| m.text.contains("MAINPID="));
     assert!(
-        removed.is_some() && removed > main_pid_at,
+        removed.is_some_and(|at| at > main_pid_at),
         "b taken out of the store after MAINPID=: {:?}",
         notify.seen
     );

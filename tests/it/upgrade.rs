@@ -8,34 +8,14 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::common::program::{install, replace_with, replace_with_binary, replace_with_binary_on};
 use crate::common::{self, Daemon, Endpoint, KillOnDrop, TestServer, WAIT, run_cli};
-
-/// Copies the binary under test into `dir` (the file an upgrade replaces).
-fn install(dir: &Path) -> PathBuf {
-    let program = dir.join("interlude");
-    fs::copy(common::binary(), &program).expect("copy the binary");
-    program
-}
-
-/// Replaces `program` as a package upgrade does: a new file, renamed over
-/// the old one (the running process keeps the old, now deleted, inode).
-fn replace_with(program: &Path, contents: &[u8]) {
-    let staged = program.with_extension("dpkg-new");
-    fs::write(&staged, contents).expect("write the new binary");
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755)).expect("chmod");
-    fs::rename(&staged, program).expect("rename over the old binary");
-}
-
-fn replace_with_binary(program: &Path) {
-    replace_with(program, &fs::read(common::binary()).expect("read the binary"));
-}
 
 fn start(program: &Path, config: &Path) -> Daemon {
     let mut daemon = Daemon::spawn_program(
@@ -75,6 +55,11 @@ fn upgrade(config: &Path, daemon: &Daemon) -> i32 {
 
 fn tcp_config(dir: &Path, listen: &str, backend: &str, grace: &str) -> String {
     common::one_proxy_config(dir, grace, listen, &[backend.to_string()], "")
+}
+
+/// Proxy `p`, mode http, on a port 0 in front of `backend`.
+fn http_config(dir: &Path, backend: &str) -> String {
+    common::one_proxy_config(dir, "10s", "127.0.0.1:0", &[backend.to_string()], "mode: http")
 }
 
 #[test]
@@ -219,6 +204,42 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Three upgrades while clients are served (`served` counts their
+/// answers), each with traffic before and after it; each new process is
+/// another one, naming its predecessor in `previous_pid`. Returns the new
+/// processes, ended when dropped.
+fn upgrade_three_times(
+    program: &Path,
+    config: &Path,
+    old: &Daemon,
+    served: impl Fn() -> u64,
+) -> Vec<KillOnDrop> {
+    let mut previous = old.pid();
+    let mut started = Vec::new();
+    for round in 0..3 {
+        let before = served();
+        wait_until("traffic before the upgrade", WAIT, || served() > before + 50);
+        replace_with_binary(program);
+        let out = cli(config, &["upgrade", "--timeout", "30s"]);
+        if out.code() != Some(0) {
+            old.fail(&format!("upgrade {round}: {}", out.describe()));
+        }
+        let doc = status(config);
+        let pid = doc["pid"].as_i64().expect("pid") as i32;
+        assert_ne!(pid, previous, "round {round}: the same process still answers");
+        assert_eq!(
+            doc["previous_pid"].as_i64(),
+            Some(i64::from(previous)),
+            "round {round}"
+        );
+        started.push(KillOnDrop(pid));
+        previous = pid;
+        let after = served();
+        wait_until("traffic after the upgrade", WAIT, || served() > after + 50);
+    }
+    started
+}
+
 #[test]
 fn three_upgrades_under_load_refuse_nothing() {
     let dir = common::tempdir();
@@ -228,36 +249,13 @@ fn three_upgrades_under_load_refuse_nothing() {
         dir.path(),
         &tcp_config(dir.path(), "127.0.0.1:0", &backend.address(), "10s"),
     );
-    let old = start(&program, &config);
+    let mut old = start(&program, &config);
     let listen = old.listen_addr("p");
     // New connections, and connections that live a while (open across a
     // switch, they finish in the old process).
     let fresh = Load::start(&listen, 4, Duration::ZERO);
     let lasting = Load::start(&listen, 4, Duration::from_millis(500));
-    let load = |_: ()| fresh.ok() + lasting.ok();
-    let mut previous = old.pid();
-    let mut started = Vec::new();
-    let mut log = old;
-    for round in 0..3 {
-        let before = load(());
-        wait_until("traffic before the upgrade", WAIT, || load(()) > before + 50);
-        replace_with_binary(&program);
-        let out = cli(&config, &["upgrade", "--timeout", "30s"]);
-        if out.code() != Some(0) {
-            log.fail(&format!("upgrade {round}: {}", out.describe()));
-        }
-        let doc = status(&config);
-        let pid = doc["pid"].as_i64().expect("pid") as i32;
-        assert_eq!(
-            doc["previous_pid"].as_i64(),
-            Some(i64::from(previous)),
-            "round {round}"
-        );
-        started.push(KillOnDrop(pid));
-        previous = pid;
-        let after = load(());
-        wait_until("traffic after the upgrade", WAIT, || load(()) > after + 50);
-    }
+    let started = upgrade_three_times(&program, &config, &old, || fresh.ok() + lasting.ok());
     let (ok, failed) = fresh.finish();
     let (ok_lasting, failed_lasting) = lasting.finish();
     let (ok, failed) = (ok + ok_lasting, failed + failed_lasting);
@@ -267,7 +265,7 @@ fn three_upgrades_under_load_refuse_nothing() {
         "{failed} of {} connections failed across three upgrades",
         ok + failed
     );
-    let _ = log.wait_exit(WAIT);
+    let _ = old.wait_exit(WAIT);
     drop(started);
 }
 
@@ -415,9 +413,7 @@ fn a_new_binary_that_never_gets_ready_is_ended() {
 
 #[test]
 fn a_new_binary_that_refuses_the_config_says_why() {
-    // The real binary, on a config it refuses: a script starts it on a
-    // config of its own (the old process's file, and its reloads, stay as
-    // they are).
+    // The real binary, started on a config of its own that it refuses.
     let dir = common::tempdir();
     let program = install(dir.path());
     let backend = TestServer::echo_tcp();
@@ -425,18 +421,7 @@ fn a_new_binary_that_refuses_the_config_says_why() {
     let config = common::write_config(dir.path(), &yaml);
     let old = start(&program, &config);
     let listen = old.listen_addr("p");
-    let next_dir = dir.path().join("next");
-    fs::create_dir(&next_dir).expect("mkdir");
-    let next = common::write_config(&next_dir, &format!("{yaml}bogus_key: 1\n"));
-    replace_with(
-        &program,
-        format!(
-            "#!/bin/sh\nexec {} run -c {}\n",
-            common::binary().display(),
-            next.display()
-        )
-        .as_bytes(),
-    );
+    replace_with_binary_on(&program, dir.path(), &format!("{yaml}bogus_key: 1\n"));
     let out = cli(&config, &["upgrade", "--timeout", "30s"]);
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(out.stderr.contains("bogus_key"), "{}", out.describe());
@@ -457,14 +442,7 @@ fn held_http_requests_move_and_are_served_on_resume() {
     let dir = common::tempdir();
     let program = install(dir.path());
     let backend = HttpBackend::echo("A");
-    let yaml = common::one_proxy_config(
-        dir.path(),
-        "10s",
-        "127.0.0.1:0",
-        &[backend.address()],
-        "mode: http",
-    );
-    let config = common::write_config(dir.path(), &yaml);
+    let config = common::write_config(dir.path(), &http_config(dir.path(), &backend.address()));
     let mut old = start(&program, &config);
     let endpoint = old.listen_addr("p");
     let mut getter = Client::connect(&endpoint);
@@ -511,17 +489,7 @@ fn held_http_requests_move_and_are_served_on_resume() {
         "the old process holds nothing and exits: {exited:?}"
     );
     thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        backend.heads(),
-        2,
-        "a held request reached the backend: {:?}",
-        backend.targets()
-    );
-    assert_eq!(
-        backend.body_bytes(),
-        0,
-        "body bytes of the held POST reached the backend"
-    );
+    backend.assert_held_requests_unseen(2);
 
     assert_eq!(cli(&config, &["resume", "p"]).code(), Some(0));
     let got = getter.read_response("GET").expect("the held GET");
@@ -605,14 +573,7 @@ fn keep_alive_http_clients_lose_no_request_across_upgrades() {
     let dir = common::tempdir();
     let program = install(dir.path());
     let backend = HttpBackend::echo("A");
-    let yaml = common::one_proxy_config(
-        dir.path(),
-        "10s",
-        "127.0.0.1:0",
-        &[backend.address()],
-        "mode: http",
-    );
-    let config = common::write_config(dir.path(), &yaml);
+    let config = common::write_config(dir.path(), &http_config(dir.path(), &backend.address()));
     let old = start(&program, &config);
     let endpoint = old.listen_addr("p");
     let stop = Arc::new(AtomicBool::new(false));
@@ -653,24 +614,7 @@ fn keep_alive_http_clients_lose_no_request_across_upgrades() {
             })
         })
         .collect();
-    let count = || ok.load(Ordering::Relaxed);
-    let mut started = Vec::new();
-    let mut previous = old.pid();
-    for round in 0..3 {
-        let before = count();
-        wait_until("requests before the upgrade", WAIT, || count() > before + 50);
-        replace_with_binary(&program);
-        let out = cli(&config, &["upgrade", "--timeout", "30s"]);
-        if out.code() != Some(0) {
-            old.fail(&format!("upgrade {round}: {}", out.describe()));
-        }
-        let pid = status_pid(&config);
-        assert_ne!(pid, previous, "round {round}: the same process still answers");
-        started.push(KillOnDrop(pid));
-        previous = pid;
-        let after = count();
-        wait_until("requests after the upgrade", WAIT, || count() > after + 50);
-    }
+    let started = upgrade_three_times(&program, &config, &old, || ok.load(Ordering::Relaxed));
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         let _ = client.join();
@@ -774,25 +718,12 @@ fn a_failed_new_process_leaves_the_unix_socket_file() {
     let mut old = start(&program, &config);
     let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = squatter.local_addr().expect("address");
-    // The new process reads a config of its own, which adds a proxy on the
-    // taken port: the new binary is a script that starts the real one on
-    // it. (The old process's file, and its reloads, stay as they are.)
-    let next_dir = dir.path().join("next");
-    fs::create_dir(&next_dir).expect("mkdir");
+    // The new process's config adds a proxy on the taken port.
     let with_taken = format!(
         "{yaml}{}",
         common::proxy_entry("q", &taken.to_string(), &[backend.address()], "")
     );
-    let next = common::write_config(&next_dir, &with_taken);
-    replace_with(
-        &program,
-        format!(
-            "#!/bin/sh\nexec {} run -c {}\n",
-            common::binary().display(),
-            next.display()
-        )
-        .as_bytes(),
-    );
+    replace_with_binary_on(&program, dir.path(), &with_taken);
     let out = cli(&config, &["upgrade", "--timeout", "30s"]);
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
@@ -979,22 +910,10 @@ fn a_respelled_listen_address_takes_the_same_socket() {
         &tcp_config(dir.path(), &format!("127.0.0.1:{port}"), &backend.address(), "2s"),
     );
     let old = start(&program, &config);
-    // The new process reads a config of its own: the new binary is a
-    // script that starts the real one on it.
-    let next_dir = dir.path().join("next");
-    fs::create_dir(&next_dir).expect("mkdir");
-    let next = common::write_config(
-        &next_dir,
-        &tcp_config(dir.path(), &format!("localhost:{port}"), &backend.address(), "2s"),
-    );
-    replace_with(
+    replace_with_binary_on(
         &program,
-        format!(
-            "#!/bin/sh\nexec {} run -c {}\n",
-            common::binary().display(),
-            next.display()
-        )
-        .as_bytes(),
+        dir.path(),
+        &tcp_config(dir.path(), &format!("localhost:{port}"), &backend.address(), "2s"),
     );
     let pid = upgrade(&config, &old);
     let _new = KillOnDrop(pid);

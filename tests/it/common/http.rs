@@ -566,6 +566,22 @@ impl HttpBackend {
         self.log.heads.load(Ordering::SeqCst)
     }
 
+    /// Requests are held, and the backend saw only the `before` heads that
+    /// came before the pause: no held head, no byte of a held body.
+    pub fn assert_held_requests_unseen(&self, before: usize) {
+        assert_eq!(
+            self.heads(),
+            before,
+            "a held request reached the backend: {:?}",
+            self.targets()
+        );
+        assert_eq!(
+            self.body_bytes(),
+            0,
+            "body bytes of the held POST reached the backend"
+        );
+    }
+
     /// Request body bytes received so far, all requests together.
     pub fn body_bytes(&self) -> u64 {
         self.log.body_bytes.load(Ordering::SeqCst)

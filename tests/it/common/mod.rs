@@ -20,6 +20,7 @@
 
 pub mod http;
 pub mod notify;
+pub mod program;
 
 use std::cell::Cell;
 use std::ffi::OsStr;
