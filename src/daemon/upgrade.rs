@@ -349,8 +349,12 @@ impl Daemon {
         if self.announced {
             self.watchdog_round();
         }
+        let pid = successor.process.pid;
         let sent = async {
             send_held(&successor.channel, &moved, staying, self.current_state()).await?;
+            // systemd hears of the new main pid before the new process can
+            // speak as it (`NotifyAccess=main` drops what it says before).
+            systemd::main_pid(pid);
             successor.channel.send(&Message::Commit, &[], &[]).await
         };
         let sent = match tokio::time::timeout(HAND_OVER_TIMEOUT, sent).await {
@@ -365,6 +369,7 @@ impl Daemon {
         };
         if let Err(e) = sent {
             warn!(error = %e, "upgrade failed while handing over; this process carries on");
+            systemd::main_pid(std::process::id());
             // The new process has accepted nothing (it starts at the
             // commit it did not get); the held clients' sockets are still
             // open here.
@@ -374,11 +379,9 @@ impl Daemon {
             self.start_reload();
             return None;
         }
-        let pid = successor.process.pid;
         successor.process.committed();
         drop(moved);
         crate::sockets::stream::keep_socket_files();
-        systemd::main_pid(pid);
         info!(
             pid,
             version = %successor.version,
