@@ -114,6 +114,9 @@ struct Daemon {
     /// What the proxies' background tasks found (a backend drained).
     proxy_events: mpsc::UnboundedReceiver<ProxyEvent>,
     proxy_event_sender: ProxyEvents,
+    /// The call for live connections to move, shared by every proxy and
+    /// HTTP site (an upgrade makes it).
+    departures: Arc<crate::proxy::depart::Departures>,
     /// Proxies removed by a reload while their connections drain.
     retiring: TaskTracker,
     /// Parent of every proxy's kill token: cancelled at the end of the grace period.

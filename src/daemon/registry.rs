@@ -22,6 +22,7 @@ use super::listeners::RunningListener;
 use super::reconcile::ListenKey;
 use super::{ProxyEntry, RunningView};
 use crate::config::{Address, BackendConfig, ProxyConfig};
+use crate::proxy::depart::Departures;
 use crate::proxy::gate::RuntimePause;
 use crate::proxy::{Proxy, ProxyEvents};
 
@@ -52,9 +53,10 @@ impl RunningProxy {
         kill: CancellationToken,
         restored: Option<RuntimePause>,
         events: ProxyEvents,
+        departures: Arc<Departures>,
     ) -> RunningProxy {
         let backends = deployed.as_deref().unwrap_or(&config.backends);
-        let proxy = Proxy::new(config, backends, tls, kill, restored.clone(), events);
+        let proxy = Proxy::new(config, backends, tls, kill, restored.clone(), events, departures);
         if config.paused {
             info!(proxy = %proxy.name, by = "config", "paused");
         }
@@ -237,7 +239,17 @@ mod tests {
             proxies: config
                 .proxies
                 .iter()
-                .map(|p| RunningProxy::start(p, None, None, kill.child_token(), None, events.clone()))
+                .map(|p| {
+                    RunningProxy::start(
+                        p,
+                        None,
+                        None,
+                        kill.child_token(),
+                        None,
+                        events.clone(),
+                        Arc::default(),
+                    )
+                })
                 .collect(),
             listeners: Vec::new(),
         }

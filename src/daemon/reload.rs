@@ -319,6 +319,7 @@ impl Daemon {
                     self.kill_all.child_token(),
                     None,
                     self.proxy_event_sender.clone(),
+                    self.departures.clone(),
                 ),
             };
             if matches!(step.action, Action::Add | Action::Move) {

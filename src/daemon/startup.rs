@@ -26,6 +26,7 @@ use super::state::{self, PauseRecord, State, StateWriter};
 use super::{Daemon, EXIT_CONFIG, EXIT_RUNTIME, ReloadRecord, Shared, preflight, reload, upgrade, watch};
 use crate::config::paths::DirError;
 use crate::config::{self, Address, ControlConfig, Loaded};
+use crate::proxy::depart::Departures;
 use crate::proxy::limit::DaemonLimit;
 use crate::sockets::activation;
 use crate::sockets::inherited::Inherited;
@@ -289,6 +290,7 @@ impl Daemon {
             );
         }
         let (proxy_event_sender, proxy_events) = mpsc::unbounded_channel();
+        let departures = Arc::new(Departures::default());
         let mut proxies = Vec::with_capacity(config.proxies.len());
         for proxy_config in &config.proxies {
             let restored = saved
@@ -309,6 +311,7 @@ impl Daemon {
                 kill_all.child_token(),
                 restored,
                 proxy_event_sender.clone(),
+                departures.clone(),
             ));
         }
         let mut listeners = Vec::with_capacity(sockets.len());
@@ -391,6 +394,7 @@ impl Daemon {
             tasks,
             proxy_events,
             proxy_event_sender,
+            departures,
             retiring: TaskTracker::new(),
             kill_all,
             commands,

@@ -4,8 +4,10 @@
 //!
 //! Every change is one atomic read-modify-write of the proxy's settings
 //! (`send_modify`), so a drain ending and a deploy starting compose. Open
-//! connections are never moved: they hold their backend until they close,
-//! or until the backend's drain timeout closes them.
+//! connections are never moved to another backend: they hold theirs until
+//! they close, or until the backend's drain timeout closes them (a
+//! connection an upgrade brought over finds its backend here, draining if
+//! it was draining there, `adopt_backend`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::{Proxy, ProxyEvent, ProxySettings, until_zero};
-use crate::backends::{Backend, BackendSet, Role};
+use crate::backends::{Backend, BackendSet, InFlight, Role};
 use crate::config::{Address, BackendConfig, ProxyConfig};
 use crate::drain::{Drained, drain_within};
 use tokio_rustls::rustls::ServerConfig;
@@ -172,6 +174,47 @@ impl Proxy {
             };
             let _ = proxy.events.send(drained);
         });
+    }
+
+    /// The backend of a connection an upgrade brought over, counted as
+    /// carrying it: the serving one at its address; else (it was draining
+    /// in the previous process, or this config does not list it) one that
+    /// drains here, found or added (its drain timeout starts again).
+    pub fn adopt_backend(self: &Arc<Self>, address: &Address, weight: u32, draining: bool) -> InFlight {
+        let settings = self.settings.borrow().clone();
+        let at = |b: &&Arc<Backend>| b.address == *address;
+        let serving = settings
+            .backends
+            .backends
+            .iter()
+            .filter(at)
+            .find(|b| b.role() != Role::Draining);
+        if let Some(backend) = serving.filter(|_| !draining) {
+            return InFlight::begin(backend);
+        }
+        let drained = settings
+            .backends
+            .backends
+            .iter()
+            .filter(at)
+            .find(|b| b.role() == Role::Draining);
+        if let Some(backend) = drained {
+            return InFlight::begin(backend);
+        }
+        let config = BackendConfig {
+            address: address.clone(),
+            weight,
+        };
+        let backend = Arc::new(Backend::new(&config, Role::Draining, self.kill.child_token()));
+        self.settings.send_modify(|settings| {
+            let mut backends = settings.backends.backends.clone();
+            backends.push(backend.clone());
+            *settings = Arc::new(settings.with_backends(backends));
+        });
+        // Counted before its drain starts, which would otherwise end at once.
+        let in_flight = InFlight::begin(&backend);
+        self.drain(backend, settings.drain_timeout);
+        in_flight
     }
 
     /// Removes `gone` from the set (identity, not address: a backend that

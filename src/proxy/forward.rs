@@ -1,10 +1,16 @@
 //! The copy path: bytes both ways between a client and its backend, with
-//! half-close passed on, an optional idle timeout, and a kill switch for the
-//! end of a grace or drain period.
+//! half-close passed on, an optional idle timeout, a kill switch for the
+//! end of a grace or drain period, and a stop for an upgrade to move the
+//! connection to another process.
 //!
 //! Buffers are borrowed from a per-thread pool only while a read has data and
 //! go back as soon as the socket would block, so an idle connection holds no
 //! buffer and a busy one allocates nothing per read.
+//!
+//! Each direction keeps what it has read and not yet written outside its
+//! future (`Direction`): the copy can be stopped at any await, and what was
+//! in hand travels with the connection (`Carried`), so a move loses,
+//! duplicates and reorders nothing.
 
 use std::cell::RefCell;
 use std::io;
@@ -15,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::depart::Carried;
 use super::wake::PollWhenWoken;
 use crate::sockets::stream::Stream;
 
@@ -33,6 +40,8 @@ pub enum Ended {
     Idle,
     /// The proxy closed it (grace or drain period over).
     Killed,
+    /// Stopped to move to an upgraded process, with what it had in hand.
+    Moving(Carried),
 }
 
 /// Counters the copy path adds to, per direction.
@@ -43,31 +52,44 @@ pub struct Traffic<'a> {
     pub backend_to_client: &'a AtomicU64,
 }
 
-/// Copies until both directions are done, or one fails, or idle/kill ends it.
+/// Copies until both directions are done, or one fails, or idle/kill ends
+/// it, or `moving` stops it. `carried`: where it was (its start: the bytes
+/// a held client sent while waiting; after a move: what the old process
+/// had in hand), sent first.
 pub async fn forward(
     client: &Stream,
     backend: &Stream,
-    early: &[u8],
+    carried: Carried,
     idle_timeout: Option<Duration>,
     kill: &CancellationToken,
+    moving: Option<&CancellationToken>,
     traffic: Traffic<'_>,
 ) -> io::Result<Ended> {
-    let activity = Activity::new();
+    let activity = Activity::since(carried.idle_for);
     // Touched only when something waits for idleness.
     let touch = idle_timeout.map(|_| &activity);
-    let both_ways = async {
-        // What a held client sent while waiting goes first.
-        if !early.is_empty() {
-            write_all(backend, early).await?;
-            traffic.client_to_backend.fetch_add(early.len() as u64, Relaxed);
-        }
+    let mut up = Direction::carrying(carried.to_backend, carried.client_closed);
+    let mut down = Direction::carrying(carried.to_client, carried.backend_closed);
+    let stopped = {
         // Each direction is polled only when its own socket woke it.
-        tokio::try_join!(
-            PollWhenWoken::new(pump(client, backend, traffic.client_to_backend, touch)),
-            PollWhenWoken::new(pump(backend, client, traffic.backend_to_client, touch)),
-        )
+        let both_ways = async {
+            tokio::try_join!(
+                PollWhenWoken::new(pump(client, backend, traffic.client_to_backend, touch, &mut up)),
+                PollWhenWoken::new(pump(backend, client, traffic.backend_to_client, touch, &mut down)),
+            )
+        };
+        until_ended(both_ways, idle_timeout, &activity, kill, moving).await?
     };
-    until_ended(both_ways, idle_timeout, &activity, kill).await
+    Ok(match stopped {
+        Stopped::Ended(ended) => ended,
+        Stopped::Moving => Ended::Moving(Carried {
+            to_backend: up.unwritten(),
+            to_client: down.unwritten(),
+            client_closed: up.closed,
+            backend_closed: down.closed,
+            idle_for: activity.idle(),
+        }),
+    })
 }
 
 /// The copy path for streams that are not plain sockets (a TLS session):
@@ -86,7 +108,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Activity::new();
+    let activity = Activity::since(Duration::ZERO);
     // Touched only when something waits for idleness.
     let touch = idle_timeout.map(|_| &activity);
     let (mut client_read, mut client_write) = tokio::io::split(client);
@@ -111,7 +133,11 @@ where
             ),
         )
     };
-    until_ended(both_ways, idle_timeout, &activity, kill).await
+    match until_ended(both_ways, idle_timeout, &activity, kill, None).await? {
+        Stopped::Ended(ended) => Ok(ended),
+        // Not asked to move: a TLS session stays.
+        Stopped::Moving => Ok(Ended::Killed),
+    }
 }
 
 /// Size of each direction's buffer on the stream copy path.
@@ -142,20 +168,36 @@ where
     }
 }
 
+/// How the copy stopped.
+enum Stopped {
+    Ended(Ended),
+    /// Asked to move: the directions' futures are dropped; what they had
+    /// in hand is in their `Direction`s.
+    Moving,
+}
+
 /// How every forwarded connection ends, whatever carries its bytes: both
-/// directions done (or one failed), nothing moved for `idle_timeout`, or
-/// the proxy killed it.
+/// directions done (or one failed), nothing moved for `idle_timeout`, the
+/// proxy killed it, or an upgrade stopped it to move.
 async fn until_ended<T>(
     both_ways: impl Future<Output = io::Result<T>>,
     idle_timeout: Option<Duration>,
     activity: &Activity,
     kill: &CancellationToken,
-) -> io::Result<Ended> {
+    moving: Option<&CancellationToken>,
+) -> io::Result<Stopped> {
+    let moving = async {
+        match moving {
+            Some(moving) => moving.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
-        result = both_ways => result.map(|_| Ended::Closed),
-        () = activity.idle_for(idle_timeout) => Ok(Ended::Idle),
-        () = PollWhenWoken::new(kill.cancelled()) => Ok(Ended::Killed),
+        result = both_ways => result.map(|_| Stopped::Ended(Ended::Closed)),
+        () = activity.idle_for(idle_timeout) => Ok(Stopped::Ended(Ended::Idle)),
+        () = PollWhenWoken::new(kill.cancelled()) => Ok(Stopped::Ended(Ended::Killed)),
+        () = PollWhenWoken::new(moving) => Ok(Stopped::Moving),
     }
 }
 
@@ -167,11 +209,19 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Activity {
+    /// Idle for `idle_for` already (a connection that moved).
+    fn since(idle_for: Duration) -> Activity {
+        let now = Instant::now();
         Activity {
-            started: Instant::now(),
+            started: now.checked_sub(idle_for).unwrap_or(now),
             last: AtomicU64::new(0),
         }
+    }
+
+    /// How long since a byte last moved.
+    fn idle(&self) -> Duration {
+        let last = self.started + Duration::from_nanos(self.last.load(Relaxed));
+        Instant::now().saturating_duration_since(last)
     }
 
     fn touch(&self) {
@@ -198,30 +248,82 @@ impl Activity {
     }
 }
 
+/// One direction's state, kept outside its future so that the copy can be
+/// stopped at any await: the bytes read and not yet written, and whether
+/// the half-close was passed on.
+struct Direction {
+    in_hand: Option<InHand>,
+    closed: bool,
+}
+
+/// Bytes read from one side: `buffer[start..end]` is not yet written.
+struct InHand {
+    buffer: PooledBuffer,
+    start: usize,
+    end: usize,
+}
+
+impl Direction {
+    fn carrying(bytes: Vec<u8>, closed: bool) -> Direction {
+        let end = bytes.len();
+        Direction {
+            in_hand: (end > 0).then(|| InHand {
+                buffer: PooledBuffer(Some(bytes.into_boxed_slice())),
+                start: 0,
+                end,
+            }),
+            closed,
+        }
+    }
+
+    /// What was read and not written, to travel with a moving connection.
+    fn unwritten(&mut self) -> Vec<u8> {
+        match self.in_hand.take() {
+            Some(mut hand) => hand.buffer.as_mut()[hand.start..hand.end].to_vec(),
+            None => Vec::new(),
+        }
+    }
+}
+
 /// One direction: read from `from`, write all of it to `to`; on EOF pass the
-/// half-close on and finish.
+/// half-close on and finish. What `state` holds from before goes first.
 async fn pump(
     from: &Stream,
     to: &Stream,
     counter: &AtomicU64,
     activity: Option<&Activity>,
+    state: &mut Direction,
 ) -> io::Result<()> {
+    if state.closed {
+        return Ok(());
+    }
+    write_in_hand(to, state, counter, activity).await?;
+    state.in_hand = None;
     loop {
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
         let mut buffer = PooledBuffer::take();
         loop {
             let (n, drained) = match from.try_read_draining(buffer.as_mut()) {
-                Ok((0, _)) => return to.shutdown_write(),
+                Ok((0, _)) => {
+                    to.shutdown_write()?;
+                    state.closed = true;
+                    return Ok(());
+                }
                 Ok(read) => read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            write_all(to, &buffer.as_mut()[..n]).await?;
-            counter.fetch_add(n as u64, Relaxed);
-            if let Some(activity) = activity {
-                activity.touch();
-            }
+            state.in_hand = Some(InHand {
+                buffer,
+                start: 0,
+                end: n,
+            });
+            write_in_hand(to, state, counter, activity).await?;
+            buffer = state
+                .in_hand
+                .take()
+                .map_or_else(PooledBuffer::take, |hand| hand.buffer);
             if drained {
                 break;
             }
@@ -229,11 +331,27 @@ async fn pump(
     }
 }
 
-async fn write_all(to: &Stream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match to.try_write(bytes) {
+/// Writes what the direction has in hand, keeping count of what is written
+/// so that a stop in between leaves exactly the rest.
+async fn write_in_hand(
+    to: &Stream,
+    state: &mut Direction,
+    counter: &AtomicU64,
+    activity: Option<&Activity>,
+) -> io::Result<()> {
+    let Some(hand) = state.in_hand.as_mut() else {
+        return Ok(());
+    };
+    while hand.start < hand.end {
+        match to.try_write(&hand.buffer.as_mut()[hand.start..hand.end]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
+            Ok(n) => {
+                hand.start += n;
+                counter.fetch_add(n as u64, Relaxed);
+                if let Some(activity) = activity {
+                    activity.touch();
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?
             }
@@ -270,7 +388,9 @@ impl Drop for PooledBuffer {
         if let Some(buffer) = self.0.take() {
             POOL.with(|pool| {
                 let mut pool = pool.borrow_mut();
-                if pool.len() < POOL_PER_THREAD {
+                // A buffer that carried a moved connection's bytes is of
+                // their size: not one to read into.
+                if pool.len() < POOL_PER_THREAD && buffer.len() == BUFFER_SIZE {
                     pool.push(buffer);
                 }
             });
@@ -307,9 +427,10 @@ mod tests {
             forward(
                 &Stream::Unix(client_near),
                 &Stream::Unix(backend_near),
-                b"",
+                Carried::default(),
                 idle,
                 &task_kill,
+                None,
                 traffic,
             )
             .await
@@ -363,6 +484,91 @@ mod tests {
         assert!(!task.is_finished());
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(task.await.unwrap().unwrap(), Ended::Idle);
+    }
+
+    /// Stopped again and again mid-transfer (both ways, a slow reader at
+    /// each end so that writes block), then resumed from what it carried:
+    /// every byte arrives once and in order, and the half-closes pass.
+    #[tokio::test]
+    async fn a_connection_stopped_to_move_again_and_again_loses_nothing() {
+        let (client_far, client_near) = UnixStream::pair().unwrap();
+        let (backend_near, backend_far) = UnixStream::pair().unwrap();
+        let (client_near, backend_near) = (Stream::Unix(client_near), Stream::Unix(backend_near));
+        let up: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+        /// Writes `send` then half-closes; reads slowly to the end.
+        fn end(socket: UnixStream, send: Vec<u8>) -> tokio::task::JoinHandle<Vec<u8>> {
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.into_split();
+                let writer = tokio::spawn(async move {
+                    write.write_all(&send).await.unwrap();
+                    write.shutdown().await.unwrap();
+                    write
+                });
+                let mut got = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
+                loop {
+                    let n = read.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                drop(writer.await.unwrap());
+                got
+            })
+        }
+        let client = end(client_far, up.clone());
+        let backend = end(backend_far, down.clone());
+        let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+        let kill = CancellationToken::new();
+        let mut carried = Carried::default();
+        let mut moves = 0;
+        loop {
+            let moving = CancellationToken::new();
+            let stop = moving.clone();
+            let stopper = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                stop.cancel();
+            });
+            let traffic = Traffic {
+                client_to_backend: &a,
+                backend_to_client: &b,
+            };
+            let ended = forward(
+                &client_near,
+                &backend_near,
+                carried,
+                None,
+                &kill,
+                Some(&moving),
+                traffic,
+            )
+            .await
+            .unwrap();
+            stopper.abort();
+            match ended {
+                Ended::Moving(rest) => {
+                    moves += 1;
+                    carried = rest;
+                }
+                Ended::Closed => break,
+                other => panic!("ended {other:?}"),
+            }
+        }
+        assert!(moves >= 5, "moved only {moves} times");
+        drop((client_near, backend_near));
+        assert!(
+            backend.await.unwrap() == up,
+            "the client's bytes reached the backend intact"
+        );
+        assert!(
+            client.await.unwrap() == down,
+            "the backend's bytes reached the client intact"
+        );
+        assert_eq!(a.load(Relaxed), up.len() as u64);
+        assert_eq!(b.load(Relaxed), down.len() as u64);
     }
 
     #[tokio::test]

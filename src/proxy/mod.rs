@@ -8,6 +8,7 @@
 //! later change never alters a connection already running.
 
 pub mod changes;
+pub mod depart;
 pub mod forward;
 pub mod gate;
 pub mod hold;
@@ -28,9 +29,10 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backends::health::{self, HealthEvents};
-use crate::backends::{Backend, BackendSet, ConnectFailure, Role};
+use crate::backends::{Backend, BackendSet, ConnectFailure, Connected, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use crate::sockets::stream::{Client, Peer, Stream};
+use depart::{Carried, Departures, LiveBackend, LiveConnection};
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, MovedClient, RejectReason, RuntimePause};
 use hold::{Hold, client_leaves, hold};
@@ -165,6 +167,8 @@ pub struct Proxy {
     /// Where its background tasks report what they found: the daemon loop
     /// acts on it, so only the loop changes what runs.
     pub events: ProxyEvents,
+    /// The process's call for live connections to move (an upgrade).
+    pub departures: Arc<Departures>,
 }
 
 /// What a proxy's background tasks found, for the daemon loop to act on.
@@ -189,6 +193,7 @@ impl Proxy {
         kill: CancellationToken,
         runtime_pause: Option<RuntimePause>,
         events: ProxyEvents,
+        departures: Arc<Departures>,
     ) -> Arc<Proxy> {
         let live = BackendSet::reuse_or_create(backends, None, Role::Serving, &kill);
         let settings = ProxySettings::new(config, BackendSet::new(live, config.balance), tls);
@@ -213,6 +218,7 @@ impl Proxy {
             retired: CancellationToken::new(),
             tasks,
             events,
+            departures,
         });
         let settings = proxy.settings.subscribe();
         proxy.tasks.spawn(health::run(
@@ -404,28 +410,109 @@ impl Proxy {
                 return;
             }
         };
-        let traffic = Traffic {
-            client_to_backend: &self.stats.bytes_in,
-            backend_to_client: &self.stats.bytes_out,
-        };
-        // Borrowed, not cloned: a token's clone and drop lock a mutex that every
-        // connection to this backend shares.
-        let (idle, kill) = (settings.idle_timeout, &backend.in_flight.backend().kill);
-        let result = match &mut client {
-            Client::Plain(stream) => {
-                forward::forward(stream, &backend.stream, &early, idle, kill, traffic).await
-            }
-            Client::Tls(stream) => {
+        let stream = match client {
+            Client::Plain(stream) => stream,
+            Client::Tls(mut stream) => {
+                let traffic = Traffic {
+                    client_to_backend: &self.stats.bytes_in,
+                    backend_to_client: &self.stats.bytes_out,
+                };
+                // Borrowed, not cloned: a token's clone and drop lock a mutex
+                // that every connection to this backend shares.
+                let (idle, kill) = (settings.idle_timeout, &backend.in_flight.backend().kill);
                 // Boxed like the handshake: plain connections do not pay for it.
                 let copy =
-                    forward::forward_streams(&mut **stream, &mut backend.stream, &early, idle, kill, traffic);
-                Box::pin(copy).await
+                    forward::forward_streams(&mut *stream, &mut backend.stream, &early, idle, kill, traffic);
+                let result = Box::pin(copy).await;
+                self.log_end(&result, &peer, &backend);
+                return;
             }
         };
+        self.forward_plain(
+            stream,
+            backend,
+            Carried::early(early),
+            settings.idle_timeout,
+            &peer,
+        )
+        .await;
+    }
+
+    /// A live connection the previous process handed over at an upgrade:
+    /// counted on its backend here, then copied on from where it stopped.
+    pub async fn resume(self: Arc<Self>, live: LiveConnection) {
+        let Some(backend) = live.backend else {
+            debug!(proxy = %self.name, "a moved connection without its backend; closing it");
+            return;
+        };
+        let in_flight = self.adopt_backend(&backend.address, backend.weight, backend.draining);
+        let connected = Connected {
+            stream: backend.stream,
+            in_flight,
+        };
+        let _active = ActiveGuard::up(&*self);
+        let idle = self.settings.borrow().idle_timeout;
+        let peer = live.client.peer();
+        self.forward_plain(live.client, connected, live.carried, idle, &peer)
+            .await;
+    }
+
+    /// Copies between a plain client and its backend until the connection
+    /// ends, or an upgrade moves it to the new process (if that process is
+    /// gone, it carries on here from what it had in hand).
+    async fn forward_plain(
+        &self,
+        mut client: Stream,
+        mut backend: Connected,
+        mut carried: Carried,
+        idle: Option<Duration>,
+        peer: &Peer,
+    ) {
+        let (_enlisted, wanted) = self.departures.enlist();
+        let mut moving = Some(wanted);
+        loop {
+            let traffic = Traffic {
+                client_to_backend: &self.stats.bytes_in,
+                backend_to_client: &self.stats.bytes_out,
+            };
+            // Borrowed, not cloned: a token's clone and drop lock a mutex that every
+            // connection to this backend shares.
+            let kill = &backend.in_flight.backend().kill;
+            let result =
+                forward::forward(&client, &backend.stream, carried, idle, kill, moving, traffic).await;
+            let rest = match result {
+                Ok(Ended::Moving(rest)) => rest,
+                result => return self.log_end(&result, peer, &backend),
+            };
+            let to = backend.in_flight.backend();
+            let live = LiveConnection {
+                proxy: self.name.clone(),
+                client,
+                backend: Some(LiveBackend {
+                    address: to.address.clone(),
+                    weight: to.weight,
+                    draining: to.role() == Role::Draining,
+                    stream: backend.stream,
+                }),
+                carried: rest,
+            };
+            // Its backend's count here ends once it is on its way.
+            let Err(back) = self.departures.leave(live) else {
+                return;
+            };
+            let Some(back_end) = back.backend else {
+                return;
+            };
+            (client, backend.stream, carried, moving) = (back.client, back_end.stream, back.carried, None);
+        }
+    }
+
+    fn log_end(&self, result: &std::io::Result<Ended>, peer: &Peer, backend: &Connected) {
         match result {
             Ok(Ended::Closed) => {}
             Ok(Ended::Idle) => debug!(proxy = %self.name, %peer, "idle timeout: connection closed"),
             Ok(Ended::Killed) => debug!(proxy = %self.name, %peer, "connection closed by the proxy"),
+            Ok(Ended::Moving(_)) => {}
             Err(e) => {
                 debug!(proxy = %self.name, %peer, backend = %backend.in_flight.backend().address, error = %e, "connection ended with an error")
             }
@@ -500,6 +587,7 @@ pub(crate) fn test_proxy(name: &str) -> Arc<Proxy> {
         CancellationToken::new(),
         None,
         events,
+        Arc::default(),
     )
 }
 
