@@ -20,6 +20,7 @@ pub mod preflight;
 mod reconcile;
 mod registry;
 mod reload;
+mod relocate;
 mod signals;
 mod startup;
 pub mod state;
@@ -270,6 +271,7 @@ impl Daemon {
             Command::Upgrade { timeout, reply } => self.upgrade(timeout, reply),
             // Handled by the loop itself: it may end the loop.
             Command::UpgradeStarted(_) => {}
+            Command::AdoptLive(connections) => self.adopt_live(connections),
             Command::AdoptHeld(clients) => {
                 let count = self.adopt_held(clients);
                 self.adopted += count;
@@ -434,14 +436,46 @@ impl Daemon {
         // (the upgrade's answer still goes out).
         self.stop_control.cancel();
         self.watcher = None;
+        // Live connections are called before the sockets close, so that an
+        // HTTP connection moves rather than being told to close.
+        let arriving = (handed.protocol >= handover::LIVE_SINCE).then(|| {
+            let (sink, arriving) = mpsc::unbounded_channel();
+            self.departures.call(sink);
+            arriving
+        });
         let sites: Vec<_> = handed.halted.into_iter().map(|halted| halted.close()).collect();
         for running in &self.running.proxies {
             running.proxy.retire_keeping_held();
+            // Kept for reuse, they would only keep this process alive.
+            for backend in &running.proxy.settings.borrow().backends.backends {
+                backend.close_idle();
+            }
         }
         let proxies: Vec<Arc<Proxy>> = self.running.proxies.iter().map(|r| r.proxy.clone()).collect();
+        let modes: Vec<(Arc<str>, Mode)> = self
+            .running
+            .proxies
+            .iter()
+            .map(|r| (r.proxy.name.clone(), r.config.mode))
+            .collect();
         let listening = self.kill_all.clone();
-        self.tasks
-            .spawn(upgrade::release_when_resumed(handed.channel, proxies, listening));
+        let departures = self.departures.clone();
+        let here = (proxies.clone(), sites.clone());
+        self.tasks.spawn(async move {
+            let channel = handed.channel;
+            let moving = async {
+                let Some(arriving) = arriving else { return };
+                let mode = |name: &str| modes.iter().find(|(n, _)| **n == *name).map(|(_, mode)| *mode);
+                let stay = |live| {
+                    relocate::serve_live(&here.0, &mode, &here.1, live);
+                };
+                relocate::send_live(&channel, &departures, arriving, stay).await;
+            };
+            tokio::join!(
+                moving,
+                upgrade::release_when_resumed(&channel, proxies, listening)
+            );
+        });
         self.finish(sites, signals).await;
     }
 
