@@ -286,3 +286,161 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::handover;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    /// One end of a fresh socket pair as a stream, and its far end.
+    fn pair() -> (Stream, UnixStream) {
+        let (near, far) = UnixStream::pair().expect("socket pair");
+        (Stream::Unix(near), far)
+    }
+
+    fn live(
+        proxy: &str,
+        to_backend: Vec<u8>,
+        to_client: Vec<u8>,
+    ) -> (LiveConnection, UnixStream, UnixStream) {
+        let (client, client_far) = pair();
+        let (backend, backend_far) = pair();
+        let connection = LiveConnection {
+            proxy: proxy.into(),
+            client,
+            backend: Some(LiveBackend {
+                stream: backend,
+                address: Address::parse("unix:/run/db.sock").expect("address"),
+                weight: 3,
+                draining: true,
+            }),
+            carried: Carried {
+                to_backend,
+                to_client,
+                client_closed: true,
+                backend_closed: false,
+                idle_for: Duration::from_millis(1234),
+            },
+        };
+        (connection, client_far, backend_far)
+    }
+
+    /// Connections that answer the call one by one, as forwarded ones do.
+    fn answer(departures: &Arc<Departures>, connections: Vec<LiveConnection>) {
+        for connection in connections {
+            let (enlisted, _) = departures.enlist();
+            let departures = departures.clone();
+            tokio::spawn(async move {
+                let (_, wanted) = departures.enlist();
+                wanted.cancelled().await;
+                drop(enlisted);
+                let _ = departures.leave(connection);
+            });
+        }
+    }
+
+    /// Two connections whose bytes in hand fill most of a packet each
+    /// travel in packets of their own and arrive whole: bytes, state,
+    /// backend, and sockets that still reach their far ends.
+    #[tokio::test]
+    async fn live_connections_arrive_whole() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        let theirs = Channel::new(theirs).expect("channel");
+        let departures = Arc::new(Departures::default());
+        let mut fars = Vec::new();
+        let mut sent = Vec::new();
+        for i in 0..2u8 {
+            let (connection, client_far, backend_far) = live("db", vec![i; 65536], vec![i + 10; 60000]);
+            sent.push(connection);
+            fars.push((client_far, backend_far));
+        }
+        answer(&departures, sent);
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.call(sink);
+        let moved = send_live(&ours, &departures, arriving, |_| panic!("none should stay")).await;
+        assert_eq!(moved, 2);
+        let mut arrived = Vec::new();
+        let mut packets = 0;
+        while arrived.len() < 2 {
+            let packet = theirs.recv().await.expect("a live packet");
+            let Message::Live { connections } = packet.message else {
+                panic!("not live: {:?}", packet.message);
+            };
+            packets += 1;
+            arrived.extend(live_connections(connections, &packet.payload, packet.fds));
+        }
+        assert_eq!(packets, 2, "each fills a packet");
+        arrived.sort_by_key(|c| c.carried.to_backend[0]);
+        for (i, (connection, (client_far, backend_far))) in
+            arrived.into_iter().zip(fars.iter_mut()).enumerate()
+        {
+            let i = i as u8;
+            assert_eq!(connection.carried.to_backend, vec![i; 65536]);
+            assert_eq!(connection.carried.to_client, vec![i + 10; 60000]);
+            assert!(connection.carried.client_closed && !connection.carried.backend_closed);
+            assert_eq!(connection.carried.idle_for, Duration::from_millis(1234));
+            let backend = connection.backend.expect("its backend");
+            assert_eq!(
+                (backend.address.to_string(), backend.weight, backend.draining),
+                ("unix:/run/db.sock".to_string(), 3, true)
+            );
+            std::future::poll_fn(|cx| backend.stream.poll_write_ready(cx))
+                .await
+                .expect("writable");
+            backend.stream.try_write(b"to the backend").expect("write");
+            let mut got = [0u8; 14];
+            backend_far.read_exact(&mut got).await.expect("backend far end");
+            assert_eq!(&got, b"to the backend");
+            client_far.write_all(b"hi").await.expect("client far end");
+            let Stream::Unix(mut client) = connection.client else {
+                panic!("a unix client");
+            };
+            let mut got = [0u8; 2];
+            client.read_exact(&mut got).await.expect("moved client socket");
+            assert_eq!(&got, b"hi");
+        }
+    }
+
+    /// The new process is gone: every connection stays, none is lost.
+    #[tokio::test]
+    async fn live_connections_stay_when_the_new_process_is_gone() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        drop(theirs);
+        let departures = Arc::new(Departures::default());
+        let mut fars = Vec::new();
+        let mut sent = Vec::new();
+        for i in 0..5u8 {
+            let (connection, client_far, backend_far) = live("db", vec![i; 10], Vec::new());
+            sent.push(connection);
+            fars.push((client_far, backend_far));
+        }
+        answer(&departures, sent);
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.call(sink);
+        let stayed = Mutex::new(Vec::new());
+        let moved = send_live(&ours, &departures, arriving, |c| stayed.lock().unwrap().push(c)).await;
+        assert_eq!(moved, 0);
+        let stayed = stayed.into_inner().unwrap();
+        assert_eq!(stayed.len(), 5, "every connection carries on here");
+        let mut first: Vec<u8> = stayed.iter().map(|c| c.carried.to_backend[0]).collect();
+        first.sort();
+        assert_eq!(first, vec![0, 1, 2, 3, 4], "with what each had in hand");
+    }
+
+    /// Descriptors bound a packet: 130 connections with two each go in two.
+    #[tokio::test]
+    async fn a_packet_carries_at_most_253_descriptors() {
+        let mut pending = Vec::new();
+        for _ in 0..130 {
+            let (connection, _, _) = live("db", Vec::new(), Vec::new());
+            pending.push(connection);
+        }
+        let (_, _, count) = live_packet(&pending);
+        assert_eq!(count, MAX_FDS / 2);
+        let (_, _, rest) = live_packet(&pending[count..]);
+        assert_eq!(rest, 130 - MAX_FDS / 2);
+    }
+}
