@@ -584,7 +584,7 @@ impl Daemon {
 /// holds of a proxy once the new process says that proxy resumed; ends
 /// when the new process closes the conversation or at `end`.
 pub(super) async fn release_when_resumed(
-    channel: &Channel,
+    channel: Arc<Channel>,
     proxies: Vec<Arc<Proxy>>,
     end: CancellationToken,
 ) {
