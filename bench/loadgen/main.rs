@@ -25,6 +25,7 @@ mod serve;
 mod slowloris;
 mod throughput;
 mod upgrade;
+mod upgrade_live;
 
 use std::process::exit;
 

@@ -47,9 +47,12 @@ pub struct Args {
     /// The load: new connections (echo) or keep-alive HTTP requests.
     #[arg(long, value_enum)]
     pub load: Load,
-    /// Workers (conn) or keep-alive connections (http).
+    /// Workers (conn), keep-alive connections (http) or streaming connections (live).
     #[arg(long, default_value_t = 16, value_parser = positive_count)]
     pub conns: usize,
+    /// live: idle connections opened (and checked after the upgrade) beside the streaming ones.
+    #[arg(long, default_value_t = 0)]
+    pub idle: usize,
     /// Upgrades to do, one after the other.
     #[arg(long, default_value_t = 3, value_parser = positive_count)]
     pub upgrades: usize,
@@ -83,10 +86,13 @@ pub struct Args {
 pub enum Load {
     Conn,
     Http,
+    /// Established connections across one upgrade: `--idle` idle ones and
+    /// `--conns` streaming numbered messages (see `upgrade_live.rs`).
+    Live,
 }
 
 /// How a round replaces the proxy's process.
-enum Upgrader {
+pub(crate) enum Upgrader {
     Interlude {
         program: String,
         binary: String,
@@ -100,7 +106,7 @@ enum Upgrader {
 
 impl Upgrader {
     /// The pid serving now: interlude's daemon, HAProxy's current worker.
-    async fn pid(&self) -> io::Result<i32> {
+    pub(crate) async fn pid(&self) -> io::Result<i32> {
         match self {
             Upgrader::Interlude { control: path, .. } => {
                 let (code, body) = control(path, "GET", "/status").await?;
@@ -119,7 +125,7 @@ impl Upgrader {
 
     /// What happens before the clock starts: interlude's binary is replaced
     /// (a copy renamed over the file it runs from).
-    fn prepare(&self) -> io::Result<()> {
+    pub(crate) fn prepare(&self) -> io::Result<()> {
         if let Upgrader::Interlude { program, binary, .. } = self {
             let staged = format!("{program}.loadgen-new");
             std::fs::copy(binary, &staged)?;
@@ -130,7 +136,7 @@ impl Upgrader {
 
     /// Upgrades, returning once the new process serves; `old` is the pid
     /// serving before. Returns the new pid.
-    async fn upgrade(&self, old: i32, wait: Duration) -> io::Result<i32> {
+    pub(crate) async fn upgrade(&self, old: i32, wait: Duration) -> io::Result<i32> {
         match self {
             Upgrader::Interlude { program, config, .. } => {
                 let out = tokio::process::Command::new(program)
@@ -204,7 +210,7 @@ fn current_worker(show_proc: &str) -> Option<i32> {
 }
 
 /// Whether a process has ended (gone, or a zombie not yet reaped).
-fn ended(pid: i32) -> bool {
+pub(crate) fn ended(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => stat
@@ -263,7 +269,7 @@ impl Tally {
 }
 
 /// Microseconds since `base`.
-fn us(base: Instant) -> u64 {
+pub(crate) fn us(base: Instant) -> u64 {
     base.elapsed().as_micros() as u64
 }
 
@@ -365,13 +371,13 @@ async fn http_worker(target: String, tally: Arc<Tally>, done: Arc<Mutex<Vec<u64>
     }
 }
 
-fn upgrade_failed(why: &str) -> ! {
+pub(crate) fn upgrade_failed(why: &str) -> ! {
     eprintln!("loadgen upgrade: {why}");
     println!("mode=upgrade failed=- errors=1");
     exit(0)
 }
 
-fn note_pid(file: Option<&str>, pid: i32) {
+pub(crate) fn note_pid(file: Option<&str>, pid: i32) {
     let Some(file) = file else { return };
     let line = format!("{pid}\n");
     let written = std::fs::OpenOptions::new()
@@ -402,7 +408,13 @@ fn list(v: &[f64]) -> String {
 }
 
 pub async fn run(a: Args) {
-    let upgrader = match (a.program, a.binary, a.config, a.control_unix, a.haproxy_master) {
+    let upgrader = match (
+        a.program.clone(),
+        a.binary.clone(),
+        a.config.clone(),
+        a.control_unix.clone(),
+        a.haproxy_master.clone(),
+    ) {
         (Some(program), Some(binary), Some(config), Some(control), None) => Upgrader::Interlude {
             program,
             binary,
@@ -412,6 +424,9 @@ pub async fn run(a: Args) {
         (None, _, _, _, Some(master)) => Upgrader::Haproxy { master },
         _ => upgrade_failed("needs --program, --binary, --config and --control-unix, or --haproxy-master"),
     };
+    if let Load::Live = a.load {
+        return crate::upgrade_live::run(a, upgrader).await;
+    }
     let wait = Duration::from_secs_f64(a.wait);
     let calm = Duration::from_secs_f64(a.calm);
     let pids_file = a.pids_file.as_deref();
@@ -431,7 +446,7 @@ pub async fn run(a: Args) {
         let (target, tally) = (a.target.clone(), tally.clone());
         match a.load {
             Load::Conn => tokio::spawn(conn_worker(target, tally, d, base)),
-            Load::Http => tokio::spawn(http_worker(target, tally, d, base)),
+            Load::Http | Load::Live => tokio::spawn(http_worker(target, tally, d, base)),
         };
     }
     sleep(WARMUP).await;
@@ -532,7 +547,7 @@ pub async fn run(a: Args) {
          serve_median_ms={} serve_max_ms={} serve_all={} old_exit_all={} pids={} final_pid={pid} errors={errors}",
         match a.load {
             Load::Conn => "conn",
-            Load::Http => "http",
+            Load::Http | Load::Live => "http",
         },
         a.conns,
         a.upgrades,
