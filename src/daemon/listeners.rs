@@ -76,6 +76,7 @@ impl RunningListener {
     /// `accepting` is cancelled. `kill` closes its HTTP connections (a
     /// child of the daemon's kill token); `departures` calls them to move
     /// (an upgrade).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         key: ListenKey,
         listener: Listener,
