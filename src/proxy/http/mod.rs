@@ -908,3 +908,233 @@ fn unavailable(settings: &ProxySettings, why: &'static str) -> Response<Response
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, UnixStream};
+    use tokio::sync::{mpsc, watch};
+    use tokio_util::task::TaskTracker;
+
+    use crate::proxy::depart::Departures;
+    use crate::proxy::limit::ConnectionLimit;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A backend answering every request `200 ok`, each answer once
+    /// `release` lets one go (unbounded: at once), and telling `seen`
+    /// of each request head.
+    async fn backend(
+        release: Option<mpsc::Receiver<()>>,
+    ) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (seen, seen_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut release = release;
+            let mut buffer = Vec::new();
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = socket.read(&mut chunk).await.expect("read");
+                if n == 0 {
+                    return;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buffer.drain(..end + 4);
+                    let _ = seen.send(());
+                    if let Some(release) = &mut release {
+                        release.recv().await.expect("released");
+                    }
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .expect("answer");
+                }
+            }
+        });
+        (address, seen_rx)
+    }
+
+    /// A site serving one mode http proxy `p` on `backend`.
+    fn site(backend: std::net::SocketAddr) -> (Arc<Site>, Arc<VirtualHosts>) {
+        let yaml = format!(
+            "proxies: [{{name: p, listen: '127.0.0.1:1', mode: http, backends: ['{backend}'], health_check: {{kind: none}}}}]"
+        );
+        let config: crate::config::Config = serde_yaml::from_str(&yaml).expect("test config");
+        let (events, _) = mpsc::unbounded_channel();
+        let departures = Arc::new(Departures::default());
+        let proxy = Proxy::new(
+            &config.proxies[0],
+            &config.proxies[0].backends,
+            None,
+            CancellationToken::new(),
+            None,
+            events,
+            departures.clone(),
+        );
+        proxy.retired.cancel();
+        let hosts = Arc::new(VirtualHosts::new(vec![(vec![], proxy)]));
+        let (_, routes) = watch::channel(Routes::Http(hosts.clone()));
+        let site = Arc::new(Site {
+            routes,
+            connections: TaskTracker::new(),
+            closing: CancellationToken::new(),
+            handed_over: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            limit: ConnectionLimit::new(0),
+            daemon_limit: ConnectionLimit::new(0),
+            departures,
+        });
+        (site, hosts)
+    }
+
+    /// A client connection served on `site`: the client's end.
+    fn connect(site: &Arc<Site>, hosts: &Arc<VirtualHosts>) -> UnixStream {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let permits = Permits::admitted(site);
+        let serving = serve_connection(
+            site.clone(),
+            hosts.clone(),
+            Stream::Unix(ours),
+            Peer::Unix,
+            permits,
+            Vec::new(),
+        );
+        site.connections.spawn(serving);
+        theirs
+    }
+
+    /// Reads one `200 ok` answer (it has a length) and returns its head.
+    async fn answer(client: &mut UnixStream) -> String {
+        let mut read = Vec::new();
+        let read_one = async {
+            loop {
+                let mut chunk = [0u8; 1024];
+                let n = client.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&read));
+                read.extend_from_slice(&chunk[..n]);
+                if read.ends_with(b"\r\n\r\nok") {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read_one).await.expect("an answer");
+        String::from_utf8_lossy(&read).to_lowercase()
+    }
+
+    async fn departed(arriving: &mut mpsc::UnboundedReceiver<LiveConnection>) -> LiveConnection {
+        tokio::time::timeout(WAIT, arriving.recv())
+            .await
+            .expect("the connection left in time")
+            .expect("a connection")
+    }
+
+    #[tokio::test]
+    async fn between_requests_a_connection_leaves_with_its_socket_and_the_start_of_its_next_request() {
+        let (address, _seen) = backend(None).await;
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let head = answer(&mut client).await;
+        assert!(!head.contains("connection: close"), "{head}");
+        let next = b"GET /2 HTTP/1.1\r\nho";
+        client.write_all(next).await.expect("write");
+        // hyper has read it (nothing tells when: a pause will do).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (sink, mut arriving) = mpsc::unbounded_channel();
+        site.departures.call(sink);
+        let live = departed(&mut arriving).await;
+        assert_eq!(&*live.proxy, "p");
+        assert!(live.backend.is_none());
+        assert_eq!(live.carried.to_backend, next);
+        // The socket is the client's, open both ways.
+        client.write_all(b"st: x\r\n\r\n").await.expect("write");
+        let Stream::Unix(mut moved) = live.client else {
+            panic!("not the client's socket")
+        };
+        let mut rest = [0u8; 9];
+        tokio::time::timeout(WAIT, moved.read_exact(&mut rest))
+            .await
+            .expect("in time")
+            .expect("the rest of the request");
+        assert_eq!(&rest, b"st: x\r\n\r\n");
+        moved.write_all(b"hello").await.expect("write");
+        let mut hello = [0u8; 5];
+        tokio::time::timeout(WAIT, client.read_exact(&mut hello))
+            .await
+            .expect("in time")
+            .expect("still open towards the client");
+        drop(live.carried);
+        site.connections.close();
+        tokio::time::timeout(WAIT, site.connections.wait())
+            .await
+            .expect("the connection's task ended");
+        assert_eq!(site.departures.enlisted(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_finishes_without_connection_close_then_its_connection_leaves() {
+        let (release, released) = mpsc::channel(1);
+        let (address, mut seen) = backend(Some(released)).await;
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .expect("in time")
+            .expect("the request at the backend");
+        let (sink, mut arriving) = mpsc::unbounded_channel();
+        // As an upgrade does: the call, then the socket handed over.
+        site.departures.call(sink);
+        site.handed_over.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(arriving.try_recv().is_err(), "left with a request in flight");
+        release.send(()).await.expect("release");
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let live = departed(&mut arriving).await;
+        assert!(live.carried.to_backend.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_move_is_refused_carries_on_here() {
+        let (address, _seen) = backend(None).await;
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        answer(&mut client).await;
+        client.write_all(b"GET /2 HTTP/1.1\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (sink, arriving) = mpsc::unbounded_channel();
+        // The new process is gone: nobody takes it.
+        drop(arriving);
+        site.departures.call(sink);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(b"host: x\r\n\r\n").await.expect("write");
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        tokio::time::timeout(WAIT, async {
+            while site.departures.enlisted() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("no longer waited for");
+    }
+}
