@@ -1087,14 +1087,23 @@ mod tests {
         let (address, mut seen) = backend(Some(released)).await;
         let (site, hosts) = site(address);
         let mut client = connect(&site, &hosts);
+        // A first request and its answer: the one in flight is the next.
+        release.send(()).await.expect("release");
         client
             .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .expect("write");
-        tokio::time::timeout(WAIT, seen.recv())
+        answer(&mut client).await;
+        client
+            .write_all(b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
-            .expect("in time")
-            .expect("the request at the backend");
+            .expect("write");
+        for _ in 0..2 {
+            tokio::time::timeout(WAIT, seen.recv())
+                .await
+                .expect("in time")
+                .expect("the request at the backend");
+        }
         let (sink, mut arriving) = mpsc::unbounded_channel();
         // As an upgrade does: the call, then the socket handed over.
         site.departures.call(sink);
