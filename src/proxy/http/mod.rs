@@ -1146,4 +1146,82 @@ mod tests {
         .await
         .expect("no longer waited for");
     }
+
+    #[tokio::test]
+    async fn a_protocol_switch_tunnel_moves_with_both_sockets_and_the_bytes_in_hand() {
+        // A backend that switches protocols, sends a first byte of its own
+        // with the 101, then echoes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                socket.read_exact(&mut byte).await.expect("head");
+                head.push(byte[0]);
+            }
+            socket
+                .write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n!",
+                )
+                .await
+                .expect("101");
+            let mut chunk = [0u8; 1024];
+            loop {
+                let n = socket.read(&mut chunk).await.expect("read");
+                if n == 0 {
+                    return;
+                }
+                socket.write_all(&chunk[..n]).await.expect("echo");
+            }
+        });
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n!") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(WAIT, client.read_exact(&mut byte))
+                .await
+                .expect("in time")
+                .expect("the 101 and the backend's first byte");
+            head.push(byte[0]);
+        }
+        client.write_all(b"ping").await.expect("write");
+        let mut pong = [0u8; 4];
+        tokio::time::timeout(WAIT, client.read_exact(&mut pong))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(&pong, b"ping");
+        let (sink, mut arriving) = mpsc::unbounded_channel();
+        site.departures.call(sink);
+        let live = departed(&mut arriving).await;
+        assert_eq!(&*live.proxy, "p");
+        let backend = live.backend.expect("the tunnel's backend socket");
+        assert_eq!(backend.address.to_string(), format!("tcp://{address}"));
+        assert!(live.carried.to_backend.is_empty() && live.carried.to_client.is_empty());
+        // Both sockets are the tunnel's: the backend still echoes, to the client.
+        let (Stream::Unix(mut moved_client), Stream::Tcp(mut moved_backend)) = (live.client, backend.stream)
+        else {
+            panic!("not the tunnel's sockets")
+        };
+        moved_backend.write_all(b"again").await.expect("write");
+        let mut again = [0u8; 5];
+        tokio::time::timeout(WAIT, moved_backend.read_exact(&mut again))
+            .await
+            .expect("in time")
+            .expect("echo");
+        moved_client.write_all(&again).await.expect("write");
+        tokio::time::timeout(WAIT, client.read_exact(&mut again))
+            .await
+            .expect("in time")
+            .expect("the client's socket");
+        assert_eq!(&again, b"again");
+        assert_eq!(site.departures.enlisted(), 0);
+    }
 }
