@@ -452,30 +452,23 @@ impl Daemon {
             }
         }
         let proxies: Vec<Arc<Proxy>> = self.running.proxies.iter().map(|r| r.proxy.clone()).collect();
-        let modes: Vec<(Arc<str>, Mode)> = self
-            .running
-            .proxies
-            .iter()
-            .map(|r| (r.proxy.name.clone(), r.config.mode))
-            .collect();
+        let channel = Arc::new(handed.channel);
         let listening = self.kill_all.clone();
-        let departures = self.departures.clone();
-        let here = (proxies.clone(), sites.clone());
-        self.tasks.spawn(async move {
-            let channel = handed.channel;
-            let moving = async {
-                let Some(arriving) = arriving else { return };
-                let mode = |name: &str| modes.iter().find(|(n, _)| **n == *name).map(|(_, mode)| *mode);
-                let stay = |live| {
-                    relocate::serve_live(&here.0, &mode, &here.1, live);
-                };
-                relocate::send_live(&channel, &departures, arriving, stay).await;
+        self.tasks.spawn(upgrade::release_when_resumed(
+            channel.clone(),
+            proxies.clone(),
+            listening,
+        ));
+        if let Some(arriving) = arriving {
+            let mode = |name: &str| {
+                let running = self.running.proxies.iter().find(|r| *r.proxy.name == *name);
+                running.map(|r| r.config.mode)
             };
-            tokio::join!(
-                moving,
-                upgrade::release_when_resumed(&channel, proxies, listening)
-            );
-        });
+            let stay = |live| {
+                relocate::serve_live(&proxies, &mode, &sites, live);
+            };
+            relocate::send_live(&channel, &self.departures, arriving, stay).await;
+        }
         self.finish(sites, signals).await;
     }
 

@@ -10,9 +10,10 @@
 //! held clients over, waits until they are adopted, tells systemd the new
 //! main pid and commits. Until the commit every step can be undone: the
 //! accept loops restart on the sockets they had and the held clients are
-//! held here again. After it, the old process lets its forwarded
-//! connections finish and exits; what it still holds (TLS clients) it
-//! releases when the new process says their proxy resumed.
+//! held here again. After it, the old process hands its live connections
+//! over (`relocate.rs`), lets what cannot move (TLS) finish and exits;
+//! what it still holds (TLS clients) it releases when the new process says
+//! their proxy resumed.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -585,7 +586,7 @@ impl Daemon {
 /// holds of a proxy once the new process says that proxy resumed; ends
 /// when the new process closes the conversation or at `end`.
 pub(super) async fn release_when_resumed(
-    channel: &Channel,
+    channel: Arc<Channel>,
     proxies: Vec<Arc<Proxy>>,
     end: CancellationToken,
 ) {

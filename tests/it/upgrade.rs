@@ -73,7 +73,7 @@ fn upgrade_hands_the_sockets_to_the_new_binary() {
     );
     let mut old = start(&program, &config);
     let listen = old.listen_addr("p");
-    // A connection forwarded by the old process: it finishes there.
+    // A connection forwarded by the old process.
     let mut before = listen.must_connect();
     common::assert_echo(&mut before, b"before");
     let port_before = match &listen {
@@ -101,12 +101,12 @@ fn upgrade_hands_the_sockets_to_the_new_binary() {
         Some(true),
         "{doc}"
     );
-    // The old process serves what it forwarded until it ends, then exits.
+    // What the old process forwarded moved with the upgrade: it carries
+    // on, and the old process exits without waiting for it.
     common::assert_echo(&mut before, b"still");
-    old.assert_running("an open connection keeps the old process");
-    drop(before);
     let status = old.wait_exit(WAIT);
     assert!(status.success(), "old process: {status:?}");
+    common::assert_echo(&mut before, b"still, the old one gone");
     common::assert_echo(&mut after, b"after the old one left");
     // The UNIX control socket is still there, served by the new process.
     assert!(dir.path().join("control.sock").exists());
@@ -923,4 +923,57 @@ fn a_respelled_listen_address_takes_the_same_socket() {
     let mut echoed = [0u8; 10];
     client.read_exact(&mut echoed).expect("echo");
     assert_eq!(&echoed, b"respelled\n");
+}
+
+/// The backend entry of proxy `p` for `address` in a status document.
+fn backend_status(status: &serde_json::Value, address: &str) -> Option<serde_json::Value> {
+    status["proxies"][0]["backends"]
+        .as_array()
+        .and_then(|list| list.iter().find(|b| b["address"] == address))
+        .cloned()
+}
+
+/// A connection to a backend that a deploy replaced (draining in the old
+/// process) moves with the upgrade and is still draining in the new one:
+/// counted there, out of rotation, and gone from the set once it closes.
+#[test]
+fn a_connection_to_a_draining_backend_still_drains_after_an_upgrade() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let (a, b) = (TestServer::echo_tcp(), TestServer::echo_tcp());
+    let config = common::write_config(
+        dir.path(),
+        &tcp_config(dir.path(), "127.0.0.1:0", &a.address(), "60s"),
+    );
+    let mut old = start(&program, &config);
+    let listen = old.listen_addr("p");
+    let mut open = listen.must_connect();
+    common::assert_echo(&mut open, b"to a");
+    let out = cli(&config, &["deploy", "--timeout", "10s", "p", &b.address()]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let draining = backend_status(&status(&config), &a.address()).expect("a still listed");
+    assert_eq!(draining["state"], "draining", "{draining}");
+
+    replace_with_binary(&program);
+    let new_pid = KillOnDrop(upgrade(&config, &old));
+    old.wait_exit(WAIT);
+    let doc = status(&config);
+    assert_eq!(doc["pid"].as_i64(), Some(i64::from(new_pid.0)));
+    let moved =
+        backend_status(&doc, &a.address()).unwrap_or_else(|| panic!("a not in the new process: {doc}"));
+    assert_eq!(
+        (&moved["state"], &moved["active"]),
+        (&"draining".into(), &1.into()),
+        "{doc}"
+    );
+    common::assert_echo(&mut open, b"still to a");
+    // New connections go to b only (the deploy's checks connected to it too).
+    let b_before = b.accepted();
+    let mut fresh = listen.must_connect();
+    common::assert_echo(&mut fresh, b"to b");
+    assert_eq!((a.accepted(), b.accepted()), (1, b_before + 1));
+    drop(open);
+    wait_until("a to leave the set once drained", WAIT, || {
+        backend_status(&status(&config), &a.address()).is_none()
+    });
 }
