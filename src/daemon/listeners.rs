@@ -21,6 +21,7 @@ use super::reconcile::ListenKey;
 use super::registry::RunningProxy;
 use crate::config::{Address, Mode};
 use crate::drain::drain_within;
+use crate::proxy::depart::Departures;
 use crate::proxy::http::VirtualHosts;
 use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
@@ -73,7 +74,9 @@ impl RunningListener {
     /// Starts accepting on `listener` for `routes`, at most `max`
     /// connections at once (0 = no limit) and within `daemon_limit`, once
     /// `accepting` is cancelled. `kill` closes its HTTP connections (a
-    /// child of the daemon's kill token).
+    /// child of the daemon's kill token); `departures` calls them to move
+    /// (an upgrade).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         key: ListenKey,
         listener: Listener,
@@ -82,6 +85,7 @@ impl RunningListener {
         watchdog_ticks: &watch::Sender<u64>,
         kill: CancellationToken,
         accepting: &CancellationToken,
+        departures: Arc<Departures>,
     ) -> RunningListener {
         let bound = listener.local_address();
         let socket = listener.as_fd().try_clone_to_owned().ok();
@@ -94,6 +98,7 @@ impl RunningListener {
             kill,
             limit: ConnectionLimit::new(max),
             daemon_limit,
+            departures,
         });
         let stop = CancellationToken::new();
         let answered = Arc::new(AtomicU64::new(*watchdog_ticks.borrow()));

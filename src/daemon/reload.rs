@@ -338,6 +338,7 @@ impl Daemon {
                     &self.watchdog_ticks,
                     self.kill_all.child_token(),
                     &self.accepting,
+                    self.departures.clone(),
                 ));
             }
         }

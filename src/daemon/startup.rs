@@ -325,6 +325,7 @@ impl Daemon {
                     &watchdog_ticks,
                     kill_all.child_token(),
                     &accepting,
+                    departures.clone(),
                 ));
             }
         }

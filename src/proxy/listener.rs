@@ -63,6 +63,10 @@ pub struct Site {
     pub limit: Arc<ConnectionLimit>,
     /// `limits.max_connections`, shared by every socket.
     pub daemon_limit: Arc<ConnectionLimit>,
+    /// The process's call for live connections to move (an upgrade):
+    /// plain HTTP connections move between requests, protocol switches'
+    /// tunnels at any point.
+    pub departures: Arc<super::depart::Departures>,
 }
 
 /// The permits one connection holds until it ends.

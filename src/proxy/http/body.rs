@@ -73,6 +73,13 @@ impl ResponseBody {
         ResponseBody::Local(None)
     }
 
+    /// A backend's response that leaves its connection fit for another
+    /// request: among other things, the request's body was all sent (so
+    /// all read from the client).
+    pub fn keeps_alive(&self) -> bool {
+        matches!(self, ResponseBody::Backend(body) if body.keep_alive)
+    }
+
     pub fn backend(
         connection: BackendConnection,
         reader: BodyReader,

@@ -49,6 +49,11 @@ struct Lent {
     prefix: Vec<u8>,
     /// What was read since the last response was written.
     record: Record,
+    /// Some byte was read (hyper's buffer may hold the start of a head).
+    read_any: bool,
+    /// Leaving for an upgraded process: hyper's closing of the stream
+    /// must not reach the socket (the client keeps its connection).
+    keep_open: bool,
 }
 
 /// Bytes read since the last write: while some proxy is paused, the raw
@@ -88,6 +93,8 @@ impl SharedClient {
             client: Some(client),
             prefix,
             record: Record::Idle,
+            read_any: false,
+            keep_open: false,
         }));
         let socket = ClientSocket(Arc::downgrade(&shared));
         (SharedClient(shared), socket)
@@ -95,6 +102,20 @@ impl SharedClient {
 
     fn lock(&self) -> MutexGuard<'_, Lent> {
         lock(&self.0)
+    }
+
+    /// The plain socket back from hyper, with the bytes read from it
+    /// that hyper has not read yet (they follow whatever hyper had
+    /// buffered). `None` for a TLS stream, or one already taken.
+    pub fn into_plain(self) -> Option<(Stream, Vec<u8>)> {
+        let mut lent = self.lock();
+        if !matches!(lent.client, Some(Client::Plain(_))) {
+            return None;
+        }
+        let Some(Client::Plain(socket)) = lent.client.take() else {
+            return None;
+        };
+        Some((socket, std::mem::take(&mut lent.prefix)))
     }
 }
 
@@ -173,6 +194,19 @@ impl ClientSocket {
         Some((socket, kept))
     }
 
+    /// Whether hyper was given any byte yet.
+    pub fn read_any(&self) -> bool {
+        self.upgrade().is_ok_and(|lent| lock(&lent).read_any)
+    }
+
+    /// From now on hyper's shutdown of the stream leaves the socket open:
+    /// the connection is leaving for an upgraded process.
+    pub fn keep_open(&self) {
+        if let Ok(lent) = self.upgrade() {
+            lock(&lent).keep_open = true;
+        }
+    }
+
     /// Gives the socket back to hyper (the upgrade that took it ended).
     pub fn put_back(&self, socket: Stream, kept: Vec<u8>) {
         if let Ok(lent) = self.upgrade() {
@@ -203,6 +237,7 @@ impl AsyncRead for SharedClient {
             buf.put_slice(&lent.prefix[..n]);
             lent.record.read(&lent.prefix[..n], plain);
             lent.prefix.drain(..n);
+            lent.read_any = true;
             return Poll::Ready(Ok(()));
         }
         let Some(client) = lent.client.as_mut() else {
@@ -210,7 +245,9 @@ impl AsyncRead for SharedClient {
         };
         let before = buf.filled().len();
         let result = Pin::new(client).poll_read(cx, buf);
-        lent.record.read(&buf.filled()[before..], plain);
+        let read = &buf.filled()[before..];
+        lent.read_any |= !read.is_empty();
+        lent.record.read(read, plain);
         result
     }
 }
@@ -239,7 +276,11 @@ impl AsyncWrite for SharedClient {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.lock().client.as_mut() {
+        let mut lent = self.lock();
+        if lent.keep_open {
+            return Poll::Ready(Ok(()));
+        }
+        match lent.client.as_mut() {
             Some(client) => Pin::new(client).poll_shutdown(cx),
             None => Poll::Ready(Err(taken())),
         }

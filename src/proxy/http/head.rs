@@ -93,6 +93,12 @@ impl<T> Reclaimable<T> {
         (lent, receiver)
     }
 
+    /// The stream, taken back without returning it to the receiver.
+    pub fn into_inner(mut self) -> Option<T> {
+        self.back = None;
+        self.io.take()
+    }
+
     fn wrote(&mut self, result: &Poll<io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = result
             && *n > 0

@@ -19,8 +19,11 @@ mod upstream;
 pub mod wire;
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
@@ -29,18 +32,21 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use body::RequestBody;
 pub use route::VirtualHosts;
 
+use super::depart::{Carried, Enlisted, LiveBackend, LiveConnection};
 use super::forward::{self, Traffic};
 use super::gate::{Admission, HeldTicket, MovedClient, RejectReason};
 use super::hold::{self, Hold};
 use super::listener::{Permits, Routes, Site};
 use super::wake::PollWhenWoken;
 use super::{ActiveGuard, Proxy, ProxySettings};
-use crate::backends::{ConnectFailure, InFlight};
+use crate::backends::{ConnectFailure, InFlight, Role};
 use crate::sockets::stream::{Peer, Stream};
 use body::{Exchange, ResponseBody};
 use client::{ClientSocket, SharedClient};
@@ -60,14 +66,117 @@ struct ClientConnection {
     /// Its place under the connection limits, held while it is open (a
     /// protocol switch's tunnel holds it too).
     permits: Arc<Permits>,
+    /// Requests in the service: from hyper's call until hyper has taken
+    /// the whole of the response (its body dropped). At zero, after a
+    /// first request, hyper is between requests.
+    in_service: AtomicUsize,
+    /// A request has been through the service.
+    served: AtomicBool,
+    /// The connection cannot move to an upgraded process: TLS, a move
+    /// already refused, or hyper is not left between requests (a request
+    /// or response says `close`, a request body left unread, a protocol
+    /// switch).
+    stays: AtomicBool,
+    /// Woken when `in_service` returns to zero or `stays` is set.
+    settled: Notify,
+    /// Not TLS: its socket can be taken back from hyper (and move).
+    plain: bool,
+}
+
+impl ClientConnection {
+    /// Once `wanted` is cancelled (an upgrade calls live connections):
+    /// true when the connection is between requests (none in the service,
+    /// and hyper's buffer holds at most the start of a next head, not of
+    /// a first one that a close would answer with `Connection: close`);
+    /// false if it stays here.
+    async fn between_requests(&self, wanted: Option<&CancellationToken>) -> bool {
+        let Some(wanted) = wanted else {
+            return std::future::pending().await;
+        };
+        wanted.cancelled().await;
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before looking, so a change in between wakes it.
+            settled.as_mut().enable();
+            if self.stays.load(Relaxed) {
+                return false;
+            }
+            if self.in_service.load(Relaxed) == 0 && (self.served.load(Relaxed) || !self.socket.read_any()) {
+                return true;
+            }
+            settled.await;
+        }
+    }
+
+    fn stay(&self) {
+        self.stays.store(true, Relaxed);
+        self.settled.notify_waiters();
+    }
+
+    /// Whether it leaves for an upgraded process after its request in
+    /// flight (so that request's answer must not say `Connection: close`).
+    fn moves(&self) -> bool {
+        !self.stays.load(Relaxed) && self.site.departures.enlist().1.is_cancelled()
+    }
+}
+
+/// A request's place in `ClientConnection::in_service`.
+struct InService(Arc<ClientConnection>);
+
+impl InService {
+    fn enter(connection: &Arc<ClientConnection>) -> InService {
+        connection.in_service.fetch_add(1, Relaxed);
+        InService(connection.clone())
+    }
+}
+
+impl Drop for InService {
+    fn drop(&mut self) {
+        self.0.served.store(true, Relaxed);
+        if self.0.in_service.fetch_sub(1, Relaxed) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+/// A response as hyper writes it: its request stays in the service until
+/// hyper drops it, once the whole body is taken (the head was written when
+/// the service returned it).
+struct Served {
+    body: ResponseBody,
+    _in_service: InService,
+}
+
+impl hyper::body::Body for Served {
+    type Data = hyper::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::io::Result<hyper::body::Frame<Self::Data>>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Serves one accepted connection of an http listener until the client
 /// closes it, the listener closes (then it closes when idle) or the site
-/// is killed.
+/// is killed. A plain connection moves to an upgraded process between
+/// requests when the site's `departures` call; if the move is refused it
+/// carries on here, from the bytes it had read.
 ///
 /// `early`: bytes already read from the client (a connection an upgrade
-/// brought over with its held request), served before what follows.
+/// brought over with its held request, or its next one), served before
+/// what follows.
 pub async fn serve_connection(
     site: Arc<Site>,
     hosts: Arc<VirtualHosts>,
@@ -80,77 +189,243 @@ pub async fn serve_connection(
         return;
     };
     let settings = first.settings.borrow().clone();
-    let client = match &settings.tls {
+    let mut client = match &settings.tls {
         None => crate::sockets::stream::Client::Plain(client),
         Some(tls) => match first.accept_tls(client, &peer, tls).await {
             Some(client) => client,
             None => return,
         },
     };
-    let log_peer = peer.clone();
-    let (client, socket) = SharedClient::new(client, early);
-    let connection = Arc::new(ClientConnection {
-        site: site.clone(),
-        identity: headers::ClientIdentity::new(&peer, settings.tls.is_some()),
-        peer,
-        socket,
-        attached: Default::default(),
-        permits: Arc::new(permits),
-    });
-    let service = service_fn(move |request| handle(connection.clone(), request));
-    let (client, mut reclaimed) = head::Reclaimable::new(client);
-    let mut builder = http1::Builder::new();
-    head::limit(&mut builder, settings.request_timeout);
-    // In a block of its own so that hyper's connection (and the client
-    // stream lent to it) is dropped when it ends.
-    let result = async {
-        let serving = builder
-            .serve_connection(TokioIo::new(client), service)
-            .with_upgrades();
-        tokio::pin!(serving);
-        let mut killed = PollWhenWoken::new(site.kill.cancelled());
-        tokio::select! {
-            biased;
-            () = &mut killed => None,
-            result = serving.as_mut() => Some(result),
-            () = PollWhenWoken::new(site.closing.cancelled()) => {
-                // Answer the request in flight with `Connection: close`, or
-                // close now if idle.
-                serving.as_mut().graceful_shutdown();
-                tokio::select! {
-                    () = killed => None,
-                    result = serving => Some(result),
-                }
+    let permits = Arc::new(permits);
+    let (mut early, mut may_move) = (early, true);
+    loop {
+        let served = serve(
+            &site,
+            &first,
+            &settings,
+            client,
+            &peer,
+            permits.clone(),
+            early,
+            may_move,
+        );
+        // Held until the connection is on its way, so that the upgrade
+        // does not see every connection answered before this one left.
+        let Some((live, _enlisted)) = served.await else {
+            return;
+        };
+        match site.departures.leave(live) {
+            Ok(()) => return,
+            Err(back) => {
+                debug!(peer = %peer, "the upgraded process took no connection; this one carries on here");
+                client = crate::sockets::stream::Client::Plain(back.client);
+                early = back.carried.to_backend;
+                may_move = false;
             }
         }
     }
-    .await;
+}
+
+/// How hyper's connection ended.
+enum Outcome {
+    Killed,
+    Ended(hyper::Result<()>),
+    Leaving,
+}
+
+/// Serves `client` with hyper until the connection ends (`None`) or, when
+/// it `may_move` and the site's departures call, stops between requests
+/// and returns itself as a live connection (with its place in the count
+/// of those called).
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    site: &Arc<Site>,
+    first: &Arc<Proxy>,
+    settings: &ProxySettings,
+    client: crate::sockets::stream::Client,
+    peer: &Peer,
+    permits: Arc<Permits>,
+    early: Vec<u8>,
+    may_move: bool,
+) -> Option<(LiveConnection, Enlisted)> {
+    let plain = matches!(client, crate::sockets::stream::Client::Plain(_));
+    let may_move = may_move && plain;
+    let (client, socket) = SharedClient::new(client, early);
+    let connection = Arc::new(ClientConnection {
+        site: site.clone(),
+        identity: headers::ClientIdentity::new(peer, settings.tls.is_some()),
+        peer: peer.clone(),
+        socket,
+        attached: Default::default(),
+        permits,
+        in_service: AtomicUsize::new(0),
+        served: AtomicBool::new(false),
+        stays: AtomicBool::new(!may_move),
+        settled: Notify::new(),
+        plain,
+    });
+    let mut enlisted = may_move.then(|| site.departures.enlist());
+    let serving_connection = connection.clone();
+    let service = service_fn(move |request| {
+        // Counted at once, in hyper's call: a move never closes under it.
+        let in_service = InService::enter(&serving_connection);
+        handle(serving_connection.clone(), request, in_service)
+    });
+    let (client, mut reclaimed) = head::Reclaimable::new(client);
+    let mut builder = http1::Builder::new();
+    head::limit(&mut builder, settings.request_timeout);
+    let mut serving = builder
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades();
+    let mut killed = PollWhenWoken::new(site.kill.cancelled());
+    let served = loop {
+        let wanted = enlisted.as_ref().map(|(_, wanted)| *wanted);
+        tokio::select! {
+            biased;
+            () = &mut killed => break Outcome::Killed,
+            result = &mut serving => break Outcome::Ended(result),
+            () = PollWhenWoken::new(site.closing.cancelled()) => {
+                // Answer the request in flight with `Connection: close`, or
+                // close now if idle.
+                Pin::new(&mut serving).graceful_shutdown();
+                break tokio::select! {
+                    () = &mut killed => Outcome::Killed,
+                    result = &mut serving => Outcome::Ended(result),
+                };
+            }
+            leave = connection.between_requests(wanted) => {
+                if leave {
+                    break Outcome::Leaving;
+                }
+                // It stays: the upgrade need not wait for it.
+                enlisted = None;
+            }
+        }
+    };
+    let result = match served {
+        Outcome::Killed => return None,
+        Outcome::Ended(result) => result,
+        Outcome::Leaving => {
+            // hyper closes an idle connection at once, keeping what it read
+            // of a next request; the socket stays open for the client.
+            connection.socket.keep_open();
+            Pin::new(&mut serving).graceful_shutdown();
+            let result = tokio::select! {
+                biased;
+                () = &mut killed => return None,
+                result = &mut serving => result,
+            };
+            match result {
+                Ok(()) => return leaving(site, first, serving, enlisted),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    // hyper's connection (and the client stream lent to it) goes first.
+    drop(serving);
     match result {
-        Some(Err(e)) if e.is_timeout() => match reclaimed.try_recv() {
+        Err(e) if e.is_timeout() => match reclaimed.try_recv() {
             Ok(returned) if !returned.between_requests => {
-                debug!(peer = %log_peer, "no complete request head within request_timeout");
+                debug!(peer = %peer, "no complete request head within request_timeout");
                 head::answer_timeout(returned.io).await;
             }
-            _ => debug!(peer = %log_peer, "keep-alive connection idle for request_timeout"),
+            _ => debug!(peer = %peer, "keep-alive connection idle for request_timeout"),
         },
-        Some(Err(e)) => debug!(peer = %log_peer, error = %e, "http connection ended with an error"),
-        Some(Ok(())) | None => {}
+        Err(e) => debug!(peer = %peer, error = %e, "http connection ended with an error"),
+        Ok(()) => {}
     }
+    None
+}
+
+/// The connection hyper left between requests, as a live connection: its
+/// socket and the bytes of a next request already read (hyper's buffer,
+/// then what hyper had not read yet).
+fn leaving<S>(
+    site: &Site,
+    first: &Arc<Proxy>,
+    serving: hyper::server::conn::http1::UpgradeableConnection<TokioIo<head::Reclaimable<SharedClient>>, S>,
+    enlisted: Option<(Enlisted, &CancellationToken)>,
+) -> Option<(LiveConnection, Enlisted)>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Served>,
+{
+    let (enlisted, _) = enlisted?;
+    // `None`: it switched protocols meanwhile (its tunnel moves on its own).
+    let parts = serving.into_parts()?;
+    let (client, unread) = parts.io.into_inner().into_inner()?.into_plain()?;
+    let mut to_backend = parts.read_buf.to_vec();
+    to_backend.extend_from_slice(&unread);
+    // Any proxy of the site: the new process serves the connection on the
+    // site that has it, and routes each request by its `Host`.
+    let proxy = match &*site.routes.borrow() {
+        Routes::Http(hosts) => hosts.any().map(|proxy| proxy.name.clone()),
+        Routes::Tcp(_) => None,
+    }
+    .unwrap_or_else(|| first.name.clone());
+    let live = LiveConnection {
+        proxy,
+        client,
+        backend: None,
+        carried: Carried {
+            to_backend,
+            ..Carried::default()
+        },
+    };
+    Some((live, enlisted))
 }
 
 async fn handle(
     connection: Arc<ClientConnection>,
     request: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
+    in_service: InService,
+) -> Result<Response<Served>, Infallible> {
+    let bodied = !hyper::body::Body::is_end_stream(request.body());
+    let closes = wants_close(&request);
     let mut response = answer(&connection, request).await;
-    if connection.site.handed_over.is_cancelled() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    // hyper is not left between requests after this one: it closes, or
+    // the request's body may be partly unread (only a backend's reusable
+    // answer proves it was all sent).
+    if closes || says_close(&response) || (bodied && !response.body().keeps_alive()) {
+        connection.stay();
+    }
+    if connection.site.handed_over.is_cancelled()
+        && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        && !connection.moves()
+    {
         // The client's next request goes to the upgraded process, on a
         // new connection.
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    Ok(response)
+    Ok(response.map(|body| Served {
+        body,
+        _in_service: in_service,
+    }))
+}
+
+/// Whether the client asked to close after this request (hyper then
+/// closes): `Connection: close`, or HTTP/1.0 without `keep-alive`.
+fn wants_close(request: &Request<Incoming>) -> bool {
+    let has = |token: &str| connection_has(request.headers(), token);
+    match request.version() {
+        hyper::Version::HTTP_10 => !has("keep-alive"),
+        _ => has("close"),
+    }
+}
+
+/// Whether an answer closes its connection (`Connection: close`).
+fn says_close(response: &Response<ResponseBody>) -> bool {
+    connection_has(response.headers(), "close")
+}
+
+fn connection_has(headers: &hyper::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Response<ResponseBody> {
@@ -474,7 +749,19 @@ fn respond(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
-        let tunnelled = tunnel(client_upgrade, upstream, exchange, connection.permits.clone());
+        // hyper is done with the connection: the tunnel moves, if it can,
+        // on its own.
+        connection.stay();
+        // Counted from now, so that an upgrade called meanwhile waits for it.
+        let (enlisted, _) = connection.site.departures.enlist();
+        let tunnelled = tunnel(
+            client_upgrade,
+            upstream,
+            exchange,
+            connection.permits.clone(),
+            connection.site.clone(),
+            connection.plain.then_some(enlisted),
+        );
         connection.site.connections.spawn(tunnelled);
         return response.map(|()| ResponseBody::empty());
     }
@@ -484,22 +771,56 @@ fn respond(
     response.map(|()| ResponseBody::backend(upstream, reader, keep_alive, exchange))
 }
 
+/// The stream hyper serves a client connection on.
+type Lent = TokioIo<head::Reclaimable<SharedClient>>;
+
 /// Copies both ways between an upgraded client connection and the backend
-/// socket (first what the backend sent past its 101) until both are done,
-/// or the backend's drain is over: mode tcp's copy path for TLS streams,
-/// counting bytes as they move. No idle timeout: in mode http that bounds
-/// the wait for a response, and a quiet WebSocket is not a late response.
+/// socket (first what each side sent past the 101 exchange) until both are
+/// done, or the backend's drain is over. A plain client's tunnel is mode
+/// tcp's copy path on both sockets, and moves like a mode tcp connection
+/// when an upgrade calls; a TLS one copies through its session and stays.
+/// No idle timeout: in mode http that bounds the wait for a response, and
+/// a quiet WebSocket is not a late response.
 async fn tunnel(
     client: OnUpgrade,
     upstream: upstream::BackendConnection,
     exchange: Exchange,
     _permits: Arc<Permits>,
+    site: Arc<Site>,
+    plain: Option<Enlisted>,
 ) {
     let Ok(client) = client.await else {
         return;
     };
+    let (backend, backend_early) = upstream.into_upgraded();
+    let client = match plain {
+        None => client,
+        Some(enlisted) => match client.downcast::<Lent>() {
+            Err(client) => client,
+            Ok(parts) => {
+                // What hyper read past the request head, then what it had not
+                // read yet: the client's first tunnel bytes.
+                let read = parts.read_buf;
+                match parts.io.into_inner().into_inner().map(SharedClient::into_plain) {
+                    Some(Some((client, unread))) => {
+                        let mut to_backend = read.to_vec();
+                        to_backend.extend_from_slice(&unread);
+                        let carried = Carried {
+                            to_backend,
+                            to_client: backend_early.to_vec(),
+                            ..Carried::default()
+                        };
+                        return tunnel_plain(client, backend, carried, exchange, &site, enlisted).await;
+                    }
+                    // Taken already (cannot be: the connection is plain, and
+                    // hyper let go of it).
+                    _ => return,
+                }
+            }
+        },
+    };
     let mut client = TokioIo::new(client);
-    let (mut backend, early) = upstream.into_upgraded();
+    let mut backend = backend;
     let stats = &exchange.active.0.stats;
     // The copy path sends its early bytes to its second stream, and what
     // the backend sent early goes to the client: the roles are swapped.
@@ -508,9 +829,62 @@ async fn tunnel(
         backend_to_client: &stats.bytes_in,
     };
     let kill = &exchange.in_flight.backend().kill;
-    let ended = forward::forward_streams(&mut backend, &mut client, &early, None, kill, traffic).await;
+    let ended =
+        forward::forward_streams(&mut backend, &mut client, &backend_early, None, kill, traffic).await;
     if let Err(e) = ended {
         debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+/// A tunnel between two plain sockets: copied until it ends or an upgrade
+/// moves it (both sockets and the bytes in hand) to the new process; if
+/// that process takes none, it carries on here.
+async fn tunnel_plain(
+    mut client: Stream,
+    mut backend: Stream,
+    mut carried: Carried,
+    exchange: Exchange,
+    site: &Site,
+    enlisted: Enlisted,
+) {
+    let (_enlisted, wanted) = site.departures.enlist();
+    drop(enlisted);
+    let mut moving = Some(wanted);
+    loop {
+        let stats = &exchange.active.0.stats;
+        let traffic = Traffic {
+            client_to_backend: &stats.bytes_in,
+            backend_to_client: &stats.bytes_out,
+        };
+        let kill = &exchange.in_flight.backend().kill;
+        let ended = forward::forward(&client, &backend, carried, None, kill, moving, traffic).await;
+        let rest = match ended {
+            Ok(forward::Ended::Moving(rest)) => rest,
+            Ok(_) => return,
+            Err(e) => {
+                debug!(error = %e, "upgraded connection ended with an error");
+                return;
+            }
+        };
+        let to = exchange.in_flight.backend();
+        let live = LiveConnection {
+            proxy: exchange.active.0.name.clone(),
+            client,
+            backend: Some(LiveBackend {
+                address: to.address.clone(),
+                weight: to.weight,
+                draining: to.role() == Role::Draining,
+                stream: backend,
+            }),
+            carried: rest,
+        };
+        let Err(back) = site.departures.leave(live) else {
+            return;
+        };
+        let Some(back_end) = back.backend else {
+            return;
+        };
+        (client, backend, carried, moving) = (back.client, back_end.stream, back.carried, None);
     }
 }
 
@@ -533,4 +907,321 @@ fn unavailable(settings: &ProxySettings, why: &'static str) -> Response<Response
     headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, UnixStream};
+    use tokio::sync::{mpsc, watch};
+    use tokio_util::task::TaskTracker;
+
+    use crate::proxy::depart::Departures;
+    use crate::proxy::limit::ConnectionLimit;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A backend answering every request `200 ok`, each answer once
+    /// `release` lets one go (unbounded: at once), and telling `seen`
+    /// of each request head.
+    async fn backend(
+        release: Option<mpsc::Receiver<()>>,
+    ) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (seen, seen_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut release = release;
+            let mut buffer = Vec::new();
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = socket.read(&mut chunk).await.expect("read");
+                if n == 0 {
+                    return;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buffer.drain(..end + 4);
+                    let _ = seen.send(());
+                    if let Some(release) = &mut release {
+                        release.recv().await.expect("released");
+                    }
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .expect("answer");
+                }
+            }
+        });
+        (address, seen_rx)
+    }
+
+    /// A site serving one mode http proxy `p` on `backend`.
+    fn site(backend: std::net::SocketAddr) -> (Arc<Site>, Arc<VirtualHosts>) {
+        let yaml = format!(
+            "proxies: [{{name: p, listen: '127.0.0.1:1', mode: http, backends: ['{backend}'], health_check: {{kind: none}}}}]"
+        );
+        let config: crate::config::Config = serde_yaml::from_str(&yaml).expect("test config");
+        let (events, _) = mpsc::unbounded_channel();
+        let departures = Arc::new(Departures::default());
+        let proxy = Proxy::new(
+            &config.proxies[0],
+            &config.proxies[0].backends,
+            None,
+            CancellationToken::new(),
+            None,
+            events,
+            departures.clone(),
+        );
+        proxy.retired.cancel();
+        let hosts = Arc::new(VirtualHosts::new(vec![(vec![], proxy)]));
+        let (_, routes) = watch::channel(Routes::Http(hosts.clone()));
+        let site = Arc::new(Site {
+            routes,
+            connections: TaskTracker::new(),
+            closing: CancellationToken::new(),
+            handed_over: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            limit: ConnectionLimit::new(0),
+            daemon_limit: ConnectionLimit::new(0),
+            departures,
+        });
+        (site, hosts)
+    }
+
+    /// A client connection served on `site`: the client's end.
+    fn connect(site: &Arc<Site>, hosts: &Arc<VirtualHosts>) -> UnixStream {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let permits = Permits::admitted(site);
+        let serving = serve_connection(
+            site.clone(),
+            hosts.clone(),
+            Stream::Unix(ours),
+            Peer::Unix,
+            permits,
+            Vec::new(),
+        );
+        site.connections.spawn(serving);
+        theirs
+    }
+
+    /// Reads one `200 ok` answer (it has a length) and returns its head.
+    async fn answer(client: &mut UnixStream) -> String {
+        let mut read = Vec::new();
+        let read_one = async {
+            loop {
+                let mut chunk = [0u8; 1024];
+                let n = client.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&read));
+                read.extend_from_slice(&chunk[..n]);
+                if read.ends_with(b"\r\n\r\nok") {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read_one).await.expect("an answer");
+        String::from_utf8_lossy(&read).to_lowercase()
+    }
+
+    async fn departed(arriving: &mut mpsc::UnboundedReceiver<LiveConnection>) -> LiveConnection {
+        tokio::time::timeout(WAIT, arriving.recv())
+            .await
+            .expect("the connection left in time")
+            .expect("a connection")
+    }
+
+    #[tokio::test]
+    async fn between_requests_a_connection_leaves_with_its_socket_and_the_start_of_its_next_request() {
+        let (address, _seen) = backend(None).await;
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let head = answer(&mut client).await;
+        assert!(!head.contains("connection: close"), "{head}");
+        let next = b"GET /2 HTTP/1.1\r\nho";
+        client.write_all(next).await.expect("write");
+        // hyper has read it (nothing tells when: a pause will do).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (sink, mut arriving) = mpsc::unbounded_channel();
+        site.departures.call(sink);
+        let live = departed(&mut arriving).await;
+        assert_eq!(&*live.proxy, "p");
+        assert!(live.backend.is_none());
+        assert_eq!(live.carried.to_backend, next);
+        // The socket is the client's, open both ways.
+        client.write_all(b"st: x\r\n\r\n").await.expect("write");
+        let Stream::Unix(mut moved) = live.client else {
+            panic!("not the client's socket")
+        };
+        let mut rest = [0u8; 9];
+        tokio::time::timeout(WAIT, moved.read_exact(&mut rest))
+            .await
+            .expect("in time")
+            .expect("the rest of the request");
+        assert_eq!(&rest, b"st: x\r\n\r\n");
+        moved.write_all(b"hello").await.expect("write");
+        let mut hello = [0u8; 5];
+        tokio::time::timeout(WAIT, client.read_exact(&mut hello))
+            .await
+            .expect("in time")
+            .expect("still open towards the client");
+        drop(live.carried);
+        site.connections.close();
+        tokio::time::timeout(WAIT, site.connections.wait())
+            .await
+            .expect("the connection's task ended");
+        assert_eq!(site.departures.enlisted(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_finishes_without_connection_close_then_its_connection_leaves() {
+        let (release, released) = mpsc::channel(1);
+        let (address, mut seen) = backend(Some(released)).await;
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        // A first request and its answer: the one in flight is the next.
+        release.send(()).await.expect("release");
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        answer(&mut client).await;
+        client
+            .write_all(b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        for _ in 0..2 {
+            tokio::time::timeout(WAIT, seen.recv())
+                .await
+                .expect("in time")
+                .expect("the request at the backend");
+        }
+        let (sink, mut arriving) = mpsc::unbounded_channel();
+        // As an upgrade does: the call, then the socket handed over.
+        site.departures.call(sink);
+        site.handed_over.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(arriving.try_recv().is_err(), "left with a request in flight");
+        release.send(()).await.expect("release");
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let live = departed(&mut arriving).await;
+        assert!(live.carried.to_backend.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_move_is_refused_carries_on_here() {
+        let (address, _seen) = backend(None).await;
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        answer(&mut client).await;
+        client.write_all(b"GET /2 HTTP/1.1\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (sink, arriving) = mpsc::unbounded_channel();
+        // The new process is gone: nobody takes it.
+        drop(arriving);
+        site.departures.call(sink);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(b"host: x\r\n\r\n").await.expect("write");
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        tokio::time::timeout(WAIT, async {
+            while site.departures.enlisted() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("no longer waited for");
+    }
+
+    #[tokio::test]
+    async fn a_protocol_switch_tunnel_moves_with_both_sockets_and_the_bytes_in_hand() {
+        // A backend that switches protocols, sends a first byte of its own
+        // with the 101, then echoes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                socket.read_exact(&mut byte).await.expect("head");
+                head.push(byte[0]);
+            }
+            socket
+                .write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n!",
+                )
+                .await
+                .expect("101");
+            let mut chunk = [0u8; 1024];
+            loop {
+                let n = socket.read(&mut chunk).await.expect("read");
+                if n == 0 {
+                    return;
+                }
+                socket.write_all(&chunk[..n]).await.expect("echo");
+            }
+        });
+        let (site, hosts) = site(address);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n!") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(WAIT, client.read_exact(&mut byte))
+                .await
+                .expect("in time")
+                .expect("the 101 and the backend's first byte");
+            head.push(byte[0]);
+        }
+        client.write_all(b"ping").await.expect("write");
+        let mut pong = [0u8; 4];
+        tokio::time::timeout(WAIT, client.read_exact(&mut pong))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(&pong, b"ping");
+        let (sink, mut arriving) = mpsc::unbounded_channel();
+        site.departures.call(sink);
+        let live = departed(&mut arriving).await;
+        assert_eq!(&*live.proxy, "p");
+        let backend = live.backend.expect("the tunnel's backend socket");
+        assert_eq!(backend.address.to_string(), format!("tcp://{address}"));
+        assert!(live.carried.to_backend.is_empty() && live.carried.to_client.is_empty());
+        // Both sockets are the tunnel's: the backend still echoes, to the client.
+        let (Stream::Unix(mut moved_client), Stream::Tcp(mut moved_backend)) = (live.client, backend.stream)
+        else {
+            panic!("not the tunnel's sockets")
+        };
+        moved_backend.write_all(b"again").await.expect("write");
+        let mut again = [0u8; 5];
+        tokio::time::timeout(WAIT, moved_backend.read_exact(&mut again))
+            .await
+            .expect("in time")
+            .expect("echo");
+        moved_client.write_all(&again).await.expect("write");
+        tokio::time::timeout(WAIT, client.read_exact(&mut again))
+            .await
+            .expect("in time")
+            .expect("the client's socket");
+        assert_eq!(&again, b"again");
+        assert_eq!(site.departures.enlisted(), 0);
+    }
 }
