@@ -428,14 +428,16 @@ impl Proxy {
                 return;
             }
         };
-        self.forward_plain(
+        // Boxed: the copy's state (two directions, their bytes in hand) is
+        // not room every connection's task carries while it is held.
+        let copy = self.forward_plain(
             stream,
             backend,
             Carried::early(early),
             settings.idle_timeout,
             &peer,
-        )
-        .await;
+        );
+        Box::pin(copy).await;
     }
 
     /// A live connection the previous process handed over at an upgrade:
