@@ -470,7 +470,8 @@ impl Proxy {
         idle: Option<Duration>,
         peer: &Peer,
     ) {
-        let (_enlisted, wanted) = self.departures.enlist();
+        let (enlisted, wanted) = self.departures.enlist();
+        let mut enlisted = Some(enlisted);
         let mut moving = Some(wanted);
         loop {
             let traffic = Traffic {
@@ -506,6 +507,8 @@ impl Proxy {
                 return;
             };
             (client, backend.stream, carried, moving) = (back.client, back_end.stream, back.carried, None);
+            // Refused: it stays, and the upgrade must not wait for it.
+            drop(enlisted.take());
         }
     }
 
