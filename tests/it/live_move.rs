@@ -37,10 +37,20 @@ fn assert_old_exits(old: &mut Daemon, upgraded: Instant, context: &str) {
 /// control socket, once `active` connections show there, on the proxy and
 /// on its one backend.
 fn wait_active(dir: &Path, name: &str, active: u64) -> serde_json::Value {
+    wait_active_because(dir, name, active, "")
+}
+
+/// [`wait_active`] in the new process, right after an upgrade: the
+/// connections moved there.
+fn wait_moved(dir: &Path, name: &str, active: u64) -> serde_json::Value {
+    wait_active_because(dir, name, active, " (did they move to the new process?)")
+}
+
+fn wait_active_because(dir: &Path, name: &str, active: u64, why: &str) -> serde_json::Value {
     common::wait_proxy(
         dir,
         name,
-        &format!("{active} active on the proxy and its backend"),
+        &format!("{active} active on the proxy and its backend{why}"),
         |p| p["active"] == active && p["backends"][0]["active"] == active,
     )
 }
@@ -218,8 +228,8 @@ fn tcp_and_unix_streams_carry_on_across_an_upgrade() {
     let upgraded = Instant::now();
     let _new = KillOnDrop(new_pid);
     // The new process has them all, on the proxy and on the backend.
-    wait_active(dir.path(), "t", 20);
-    wait_active(dir.path(), "u", 10);
+    wait_moved(dir.path(), "t", 20);
+    wait_moved(dir.path(), "u", 10);
     assert_old_exits(&mut old, upgraded, "30 streams open, grace period 60s");
 
     // They carry on in the new process, for a second at least.
@@ -273,7 +283,7 @@ fn a_half_closed_connection_stays_half_closed_across_an_upgrade() {
     let new_pid = upgrade(&config, &old);
     let upgraded = Instant::now();
     let _new = KillOnDrop(new_pid);
-    wait_active(dir.path(), "p", 1);
+    wait_moved(dir.path(), "p", 1);
     assert_old_exits(&mut old, upgraded, "a half-closed connection open");
 
     server
@@ -369,7 +379,7 @@ fn a_tls_stream_stays_in_the_old_process() {
     let upgraded = Instant::now();
     let _new = KillOnDrop(new_pid);
     // The plain stream moved; the TLS session did not.
-    wait_active(dir.path(), "plain", 1);
+    wait_moved(dir.path(), "plain", 1);
     assert_eq!(
         common::proxy_status(dir.path(), "secure")["active"],
         0,
@@ -677,7 +687,7 @@ fn pgbench_through_a_tcp_to_unix_proxy_survives_an_upgrade() {
     let new_pid = upgrade(&config, &old);
     let upgraded = Instant::now();
     let _new = KillOnDrop(new_pid);
-    wait_active(dir.path(), "p", 8);
+    wait_moved(dir.path(), "p", 8);
     assert_old_exits(&mut old, upgraded, "pgbench's 8 connections open");
     assert!(
         matches!(bench.0.try_wait(), Ok(None)),
