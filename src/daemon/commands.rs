@@ -78,6 +78,8 @@ pub enum Command {
     UpgradeStarted(Box<Result<super::upgrade::Successor, super::upgrade::UpgradeError>>),
     /// In the new process: held clients from the previous one.
     AdoptHeld(Vec<crate::proxy::gate::MovedClient>),
+    /// The new process: live connections from the previous one (after the commit).
+    AdoptLive(Vec<crate::proxy::depart::LiveConnection>),
     /// In the new process: every held client was sent; the previous
     /// process's state as it is now and the proxies it still holds clients
     /// of. Answered with the number of clients adopted.

@@ -12,9 +12,11 @@
 //! `offer` (listening sockets, control socket, run-time state) → new:
 //! `ready` or `failed` → `held` packets (held clients, one descriptor each)
 //! → `done` → new: `adopted` → `commit` (the old has stopped accepting and
-//! told systemd the new pid). After that the new may send `resumed` for a
-//! proxy whose clients the old still holds (TLS, or requests that could not
-//! move), so the old releases them.
+//! told systemd the new pid). After that the old sends `live` packets (since
+//! version 2, to a peer of version 2 or later): its forwarded connections,
+//! each with its sockets and the bytes it had in hand; and the new may send
+//! `resumed` for a proxy whose clients the old still holds (TLS, or
+//! requests that could not move), so the old releases them.
 //!
 //! Versions: every version reads every earlier one. A field added later has
 //! a default; a message kind added later is sent only to a peer whose
@@ -40,8 +42,11 @@ use tokio::net::UnixDatagram;
 
 use super::state::State;
 
-/// This build's protocol version.
-pub const VERSION: u32 = 1;
+/// This build's protocol version (2: `live` connections).
+pub const VERSION: u32 = 2;
+
+/// The first version that takes `live` connections.
+pub const LIVE_SINCE: u32 = 2;
 
 /// The environment variable naming the new process's end of the socket.
 pub const HANDOVER_FD_ENV: &str = "INTERLUDE_HANDOVER_FD";
@@ -50,8 +55,16 @@ pub const HANDOVER_FD_ENV: &str = "INTERLUDE_HANDOVER_FD";
 pub const MAX_FDS: usize = 253;
 
 /// The largest packet either side sends or reads (well under the default
-/// socket buffer, which bounds a `SOCK_SEQPACKET` packet).
+/// socket buffer, which bounds a `SOCK_SEQPACKET` packet), but `live`.
 pub const MAX_PACKET: usize = 128 * 1024;
+
+/// The largest `live` packet: one connection's bytes in hand (a copy
+/// buffer each way, 64 KiB) and its entry always fit. Only a version that
+/// reads `live` gets one, and reads into a buffer this large.
+pub const MAX_LIVE_PACKET: usize = 192 * 1024;
+
+/// Each end's send buffer: room for the largest packet.
+const SEND_BUFFER: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -83,6 +96,9 @@ pub enum Message {
     /// New → old: this proxy is open in the new process; release what the
     /// old still holds of it.
     Resumed { proxy: String },
+    /// Old → new, after the commit: forwarded connections, stopped where
+    /// no copy was half done, to carry on in the new process.
+    Live { connections: Vec<LiveEntry> },
 }
 
 /// The old process's sockets and run-time state.
@@ -119,6 +135,41 @@ pub struct HeldClient {
     pub proxy: String,
     pub fd: usize,
     pub early: Span,
+}
+
+/// A live connection: `client` (and `backend.fd`) index the packet's
+/// descriptors; the spans are the bytes read from one side and not yet
+/// written to the other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveEntry {
+    pub proxy: String,
+    pub client: usize,
+    /// `None`: a mode http client between requests (`to_backend` is what
+    /// of its next request was read).
+    #[serde(default)]
+    pub backend: Option<LiveBackendEntry>,
+    pub to_backend: Span,
+    pub to_client: Span,
+    /// The client's half is closed and the backend was told.
+    #[serde(default)]
+    pub client_closed: bool,
+    /// The backend's half is closed and the client was told.
+    #[serde(default)]
+    pub backend_closed: bool,
+    /// Milliseconds since a byte last moved.
+    #[serde(default)]
+    pub idle_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveBackendEntry {
+    pub fd: usize,
+    /// The backend's address as the config writes it.
+    pub address: String,
+    pub weight: u32,
+    /// Draining in the old process: it drains in the new one too.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +239,14 @@ impl From<io::Error> for HandoverError {
 }
 
 impl Message {
+    /// The largest packet of this kind.
+    pub fn limit(&self) -> usize {
+        match self {
+            Message::Live { .. } => MAX_LIVE_PACKET,
+            _ => MAX_PACKET,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Message::Offer(_) => "offer",
@@ -198,13 +257,14 @@ impl Message {
             Message::Adopted { .. } => "adopted",
             Message::Commit => "commit",
             Message::Resumed { .. } => "resumed",
+            Message::Live { .. } => "live",
         }
     }
 }
 
 /// Every kind of message this version knows.
-const KINDS: [&str; 8] = [
-    "offer", "ready", "failed", "held", "done", "adopted", "commit", "resumed",
+const KINDS: [&str; 9] = [
+    "offer", "ready", "failed", "held", "done", "adopted", "commit", "resumed", "live",
 ];
 
 /// Encodes one packet's bytes (without its descriptors).
@@ -220,9 +280,10 @@ pub fn encode(message: &Message, payload: &[u8]) -> Result<Vec<u8>, HandoverErro
     bytes.extend_from_slice(&length.to_le_bytes());
     bytes.extend_from_slice(&header);
     bytes.extend_from_slice(payload);
-    if bytes.len() > MAX_PACKET {
+    let limit = message.limit();
+    if bytes.len() > limit {
         return Err(HandoverError::Malformed(format!(
-            "a {} packet of {} bytes is over the limit of {MAX_PACKET}",
+            "a {} packet of {} bytes is over the limit of {limit}",
             message.kind(),
             bytes.len()
         )));
@@ -271,6 +332,9 @@ pub fn pair() -> io::Result<(Channel, OwnedFd)> {
     // `dup` clears close-on-exec on the copy, which is what the child needs;
     // the pair itself stays close-on-exec so no other child gets it.
     let inheritable = rustix::io::dup(&theirs)?;
+    // The old process sends the large packets (`live`): room for one, at
+    // least, whatever the system's default.
+    rustix::net::sockopt::set_socket_send_buffer_size(&ours, SEND_BUFFER)?;
     rustix::fs::fcntl_setfl(&inheritable, rustix::fs::OFlags::empty())?;
     drop(theirs);
     Ok((Channel::new(ours)?, inheritable))
@@ -305,7 +369,7 @@ impl Channel {
     }
 
     pub async fn recv(&self) -> Result<Packet, HandoverError> {
-        let mut buffer = vec![0u8; MAX_PACKET];
+        let mut buffer = vec![0u8; MAX_LIVE_PACKET];
         loop {
             self.socket.readable().await?;
             let received = self.socket.try_io(Interest::READABLE, || {
@@ -465,6 +529,60 @@ mod tests {
             let (version, message, _) = decode(&packet(text, b"")).expect(text);
             assert_eq!((version, message), (1, expected), "{text}");
         }
+    }
+
+    const V2_LIVE: &str = r#"{"version":2,"message":{"kind":"live","connections":[{"proxy":"db","client":0,"backend":{"fd":1,"address":"unix:/run/pg.sock","weight":1,"draining":true},"to_backend":{"offset":0,"len":3},"to_client":{"offset":3,"len":2},"client_closed":true,"backend_closed":false,"idle_ms":1500},{"proxy":"web","client":2,"backend":null,"to_backend":{"offset":5,"len":4},"to_client":{"offset":9,"len":0}}]}}"#;
+
+    #[test]
+    fn reads_the_version_2_live_connections() {
+        let (version, message, payload) = decode(&packet(V2_LIVE, b"abcdeGET ")).expect("v2 live");
+        assert_eq!(version, 2);
+        let Message::Live { connections } = message else {
+            panic!("not live connections: {message:?}");
+        };
+        let (db, web) = (&connections[0], &connections[1]);
+        assert_eq!(db.to_backend.of(&payload), Some(&b"abc"[..]));
+        assert_eq!(db.to_client.of(&payload), Some(&b"de"[..]));
+        assert!(db.client_closed && !db.backend_closed);
+        assert_eq!(db.idle_ms, 1500);
+        let backend = db.backend.as_ref().expect("a backend");
+        assert_eq!(
+            (backend.fd, backend.address.as_str(), backend.draining),
+            (1, "unix:/run/pg.sock", true)
+        );
+        assert!(web.backend.is_none());
+        assert_eq!(web.to_backend.of(&payload), Some(&b"GET "[..]));
+    }
+
+    /// A live packet may be larger than the others: one connection's bytes
+    /// in hand both ways always fit.
+    #[test]
+    fn a_live_packet_holds_a_full_buffer_each_way() {
+        let entry = LiveEntry {
+            proxy: "p".repeat(200),
+            client: 0,
+            backend: Some(LiveBackendEntry {
+                fd: 1,
+                address: format!("unix:/{}", "d".repeat(300)),
+                weight: 1,
+                draining: false,
+            }),
+            to_backend: Span {
+                offset: 0,
+                len: 65536,
+            },
+            to_client: Span {
+                offset: 65536,
+                len: 65536,
+            },
+            client_closed: false,
+            backend_closed: false,
+            idle_ms: u64::MAX,
+        };
+        let live = Message::Live {
+            connections: vec![entry],
+        };
+        assert!(encode(&live, &vec![0; 2 * 65536]).is_ok());
     }
 
     /// A newer peer's answer with fields this version does not know.

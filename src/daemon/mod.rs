@@ -20,6 +20,7 @@ pub mod preflight;
 mod reconcile;
 mod registry;
 mod reload;
+mod relocate;
 mod signals;
 mod startup;
 pub mod state;
@@ -270,6 +271,7 @@ impl Daemon {
             Command::Upgrade { timeout, reply } => self.upgrade(timeout, reply),
             // Handled by the loop itself: it may end the loop.
             Command::UpgradeStarted(_) => {}
+            Command::AdoptLive(connections) => self.adopt_live(connections),
             Command::AdoptHeld(clients) => {
                 let count = self.adopt_held(clients);
                 self.adopted += count;
@@ -434,14 +436,39 @@ impl Daemon {
         // (the upgrade's answer still goes out).
         self.stop_control.cancel();
         self.watcher = None;
+        // Live connections are called before the sockets close, so that an
+        // HTTP connection moves rather than being told to close.
+        let arriving = (handed.protocol >= handover::LIVE_SINCE).then(|| {
+            let (sink, arriving) = mpsc::unbounded_channel();
+            self.departures.call(sink);
+            arriving
+        });
         let sites: Vec<_> = handed.halted.into_iter().map(|halted| halted.close()).collect();
         for running in &self.running.proxies {
             running.proxy.retire_keeping_held();
+            // Kept for reuse, they would only keep this process alive.
+            for backend in &running.proxy.settings.borrow().backends.backends {
+                backend.close_idle();
+            }
         }
         let proxies: Vec<Arc<Proxy>> = self.running.proxies.iter().map(|r| r.proxy.clone()).collect();
+        let channel = Arc::new(handed.channel);
         let listening = self.kill_all.clone();
-        self.tasks
-            .spawn(upgrade::release_when_resumed(handed.channel, proxies, listening));
+        self.tasks.spawn(upgrade::release_when_resumed(
+            channel.clone(),
+            proxies.clone(),
+            listening,
+        ));
+        if let Some(arriving) = arriving {
+            let mode = |name: &str| {
+                let running = self.running.proxies.iter().find(|r| *r.proxy.name == *name);
+                running.map(|r| r.config.mode)
+            };
+            let stay = |live| {
+                relocate::serve_live(&proxies, &mode, &sites, live);
+            };
+            relocate::send_live(&channel, &self.departures, arriving, stay).await;
+        }
         self.finish(sites, signals).await;
     }
 

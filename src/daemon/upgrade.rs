@@ -223,6 +223,9 @@ pub(super) struct HandedOver {
     pub channel: Channel,
     /// Sockets no longer accepted on, with their HTTP connections.
     pub halted: Vec<HaltedListener>,
+    /// The new process's handover protocol version: whether it takes
+    /// live connections.
+    pub protocol: u32,
 }
 
 impl Daemon {
@@ -397,6 +400,7 @@ impl Daemon {
         Some(HandedOver {
             channel: successor.channel,
             halted,
+            protocol: successor.protocol,
         })
     }
 
@@ -579,7 +583,11 @@ impl Daemon {
 /// The old process's side after the commit: releases the clients it still
 /// holds of a proxy once the new process says that proxy resumed; ends
 /// when the new process closes the conversation or at `end`.
-pub(super) async fn release_when_resumed(channel: Channel, proxies: Vec<Arc<Proxy>>, end: CancellationToken) {
+pub(super) async fn release_when_resumed(
+    channel: Arc<Channel>,
+    proxies: Vec<Arc<Proxy>>,
+    end: CancellationToken,
+) {
     loop {
         let received = tokio::select! {
             () = end.cancelled() => return,
@@ -958,6 +966,11 @@ pub async fn follow(
                 committed = true;
                 Command::HandoverCommitted
             }
+            Message::Live { connections } => Command::AdoptLive(super::relocate::live_connections(
+                connections,
+                &packet.payload,
+                packet.fds,
+            )),
             other => {
                 warn!(
                     kind = other.kind(),

@@ -1,0 +1,454 @@
+//! After an upgrade commits: the old process's live connections move to
+//! the new one (the `live` packets of `handover.rs`).
+//!
+//! The old process calls every connection that can move (`Departures`);
+//! each stops where no copy is half done and arrives here with its sockets
+//! and the bytes it had in hand. They go out in packets as they arrive,
+//! the most recently active first (a connection waits only for its own
+//! packet, and an idle one does not notice the wait), each send bounded in
+//! time. If a send fails (the new process is gone or stuck),
+//! that packet's connections and every later one carry on in the old
+//! process, from what they had in hand: nothing is dropped.
+//!
+//! The new process turns each entry back into a connection and serves it
+//! from where it stopped: on its proxy's backend (`Proxy::resume`), or, for
+//! a mode http client between requests, as an HTTP connection whose next
+//! request starts with the bytes already read.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::Daemon;
+use super::handover::{Channel, LiveBackendEntry, LiveEntry, MAX_FDS, MAX_LIVE_PACKET, Message, Span};
+use super::listeners::RunningListener;
+use crate::config::Mode;
+use crate::proxy::Proxy;
+use crate::proxy::depart::{Carried, Departures, LiveBackend, LiveConnection};
+use crate::proxy::http;
+use crate::proxy::listener::{Permits, Routes, Site};
+use crate::sockets::address::Address;
+use crate::sockets::stream::Stream;
+
+/// How long one packet may take to go out before the new process is taken
+/// to be stuck (its socket buffer full) and the rest stay here.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the count of connections still to arrive is looked at while
+/// none arrives.
+const POLL: Duration = Duration::from_millis(2);
+
+/// Room in a packet for all but the entries: length prefix, version, kind.
+const ENVELOPE_ROOM: usize = 128;
+
+/// The old process's side, once `departures` called the live connections
+/// (to `arriving`): sends each to the new process as it arrives; `stay`
+/// serves here those that cannot go.
+/// Returns how many moved.
+pub(super) async fn send_live(
+    channel: &Channel,
+    departures: &Departures,
+    mut arriving: mpsc::UnboundedReceiver<LiveConnection>,
+    stay: impl Fn(LiveConnection),
+) -> u64 {
+    let started = Instant::now();
+    let mut moved = 0u64;
+    let mut pending: Vec<LiveConnection> = Vec::new();
+    let mut broken = false;
+    loop {
+        let before = pending.len();
+        while let Ok(connection) = arriving.try_recv() {
+            pending.push(connection);
+        }
+        if pending.len() > before {
+            // The busiest first: an idle connection does not notice the
+            // wait, a streaming one does. (Stable and adaptive: cheap on
+            // the sorted part already there.)
+            pending.sort_by_key(|connection| connection.carried.idle_for);
+        }
+        if pending.is_empty() {
+            if departures.enlisted() == 0 {
+                break;
+            }
+            tokio::select! {
+                Some(connection) = arriving.recv() => pending.push(connection),
+                () = tokio::time::sleep(POLL) => {}
+            }
+            continue;
+        }
+        if broken {
+            pending.drain(..).for_each(&stay);
+            continue;
+        }
+        let (message, payload, count) = live_packet(&pending);
+        let fds: Vec<BorrowedFd<'_>> = pending[..count].iter().flat_map(descriptors).collect();
+        let sent = tokio::time::timeout(SEND_TIMEOUT, channel.send(&message, &payload, &fds)).await;
+        drop(fds);
+        match sent {
+            Ok(Ok(())) => {
+                moved += count as u64;
+                // Our copies of its sockets close: the new process has them.
+                pending.drain(..count);
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "upgrade: cannot hand live connections to the new process; the rest carry on here");
+                broken = true;
+            }
+            Err(_) => {
+                warn!("upgrade: the new process takes no live connections; the rest carry on here");
+                broken = true;
+            }
+        }
+        if broken {
+            // Those not yet stopped carry on where they are.
+            departures.refuse();
+        }
+    }
+    // Any that stopped after the count reached zero (a connection that
+    // had just connected): it carries on here, refused by the closed sink.
+    if moved > 0 {
+        info!(
+            connections = moved,
+            took_ms = started.elapsed().as_millis() as u64,
+            "upgrade: live connections moved to the new process"
+        );
+    }
+    moved
+}
+
+/// The descriptors of one connection, in the order its entry names them.
+fn descriptors(connection: &LiveConnection) -> impl Iterator<Item = BorrowedFd<'_>> {
+    std::iter::once(connection.client.as_fd()).chain(connection.backend.as_ref().map(|b| b.stream.as_fd()))
+}
+
+/// As many of `pending` (from the front) as fit one packet, measured: each
+/// entry's JSON, its bytes in hand, its descriptors. Returns the message,
+/// its payload and how many it carries (at least one).
+fn live_packet(pending: &[LiveConnection]) -> (Message, Vec<u8>, usize) {
+    let mut entries = Vec::new();
+    let mut payload = Vec::new();
+    let mut header = ENVELOPE_ROOM;
+    let mut fds = 0;
+    for connection in pending {
+        let wanted = 1 + usize::from(connection.backend.is_some());
+        let carried = &connection.carried;
+        let entry = LiveEntry {
+            proxy: connection.proxy.to_string(),
+            client: fds,
+            backend: connection.backend.as_ref().map(|backend| LiveBackendEntry {
+                fd: fds + 1,
+                address: backend.address.to_string(),
+                weight: backend.weight,
+                draining: backend.draining,
+            }),
+            to_backend: Span {
+                offset: payload.len(),
+                len: carried.to_backend.len(),
+            },
+            to_client: Span {
+                offset: payload.len() + carried.to_backend.len(),
+                len: carried.to_client.len(),
+            },
+            client_closed: carried.client_closed,
+            backend_closed: carried.backend_closed,
+            idle_ms: u64::try_from(carried.idle_for.as_millis()).unwrap_or(u64::MAX),
+        };
+        let entry_size = serde_json::to_vec(&entry).map_or(usize::MAX, |json| json.len() + 1);
+        let bytes = carried.to_backend.len() + carried.to_client.len();
+        let fits = fds + wanted <= MAX_FDS
+            && header
+                .saturating_add(entry_size)
+                .saturating_add(payload.len() + bytes)
+                <= MAX_LIVE_PACKET;
+        // A first one that does not fit alone fails in `send`, saying so.
+        if !fits && !entries.is_empty() {
+            break;
+        }
+        header = header.saturating_add(entry_size);
+        payload.extend_from_slice(&carried.to_backend);
+        payload.extend_from_slice(&carried.to_client);
+        fds += wanted;
+        entries.push(entry);
+    }
+    let count = entries.len();
+    (Message::Live { connections: entries }, payload, count)
+}
+
+/// The new process's side: the connections of one `live` packet, each made
+/// whole again from its entry, its descriptors and its bytes.
+pub(super) fn live_connections(
+    entries: Vec<LiveEntry>,
+    payload: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Vec<LiveConnection> {
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut take = |index: usize| fds.get_mut(index).and_then(Option::take);
+    let mut connections = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let client = take(entry.client);
+        let backend = entry.backend.map(|b| (take(b.fd), b));
+        let Some(client) = client.map(Stream::adopt).and_then(Result::ok) else {
+            warn!(proxy = %entry.proxy, "a live connection arrived without a usable client socket; closing it");
+            continue;
+        };
+        let backend = match backend {
+            None => None,
+            Some((fd, b)) => {
+                let stream = fd.map(Stream::adopt).and_then(Result::ok);
+                let address = Address::parse(&b.address);
+                match (stream, address) {
+                    (Some(stream), Ok(address)) => Some(LiveBackend {
+                        stream,
+                        address,
+                        weight: b.weight,
+                        draining: b.draining,
+                    }),
+                    _ => {
+                        warn!(proxy = %entry.proxy, backend = %b.address, "a live connection arrived without a usable backend; closing it");
+                        continue;
+                    }
+                }
+            }
+        };
+        let bytes = |span: Span| span.of(payload).unwrap_or_default().to_vec();
+        connections.push(LiveConnection {
+            proxy: entry.proxy.into(),
+            client,
+            backend,
+            carried: Carried {
+                to_backend: bytes(entry.to_backend),
+                to_client: bytes(entry.to_client),
+                client_closed: entry.client_closed,
+                backend_closed: entry.backend_closed,
+                idle_for: Duration::from_millis(entry.idle_ms),
+            },
+        });
+    }
+    connections
+}
+
+/// Serves a live connection on its proxy: mode tcp (or a tunnel) copies
+/// on; a mode http client between requests is served by its site. False
+/// if this process has nowhere to serve it (it is closed).
+pub(super) fn serve_live(
+    proxies: &[Arc<Proxy>],
+    modes: &dyn Fn(&str) -> Option<Mode>,
+    sites: &[Arc<Site>],
+    live: LiveConnection,
+) -> bool {
+    let Some(proxy) = proxies.iter().find(|p| p.name == live.proxy) else {
+        warn!(proxy = %live.proxy, "a live connection for a proxy this config does not have; closing it");
+        return false;
+    };
+    if live.backend.is_some() || modes(&live.proxy) == Some(Mode::Tcp) {
+        proxy.connections.spawn(proxy.clone().resume(live));
+        return true;
+    }
+    let found = sites.iter().find_map(|site| match &*site.routes.borrow() {
+        Routes::Http(hosts) if hosts.all().iter().any(|p| p.name == live.proxy) => {
+            Some((site.clone(), hosts.clone()))
+        }
+        _ => None,
+    });
+    let Some((site, hosts)) = found else {
+        warn!(proxy = %live.proxy, "a live HTTP connection for a proxy that listens nowhere; closing it");
+        return false;
+    };
+    let peer = live.client.peer();
+    let permits = Permits::admitted(&site);
+    let serving = http::serve_connection(
+        site.clone(),
+        hosts,
+        live.client,
+        peer,
+        permits,
+        live.carried.to_backend,
+    );
+    site.connections.spawn(serving);
+    true
+}
+
+impl Daemon {
+    /// The new process's side: live connections from the previous process.
+    pub(super) fn adopt_live(&self, connections: Vec<LiveConnection>) {
+        let proxies: Vec<Arc<Proxy>> = self.running.proxies.iter().map(|r| r.proxy.clone()).collect();
+        let modes = |name: &str| {
+            self.running
+                .proxies
+                .iter()
+                .find(|r| *r.proxy.name == *name)
+                .map(|r| r.config.mode)
+        };
+        let sites: Vec<Arc<Site>> = self
+            .running
+            .listeners
+            .iter()
+            .map(|l: &RunningListener| l.site.clone())
+            .collect();
+        for live in connections {
+            serve_live(&proxies, &modes, &sites, live);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::handover;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    /// One end of a fresh socket pair as a stream, and its far end.
+    fn pair() -> (Stream, UnixStream) {
+        let (near, far) = UnixStream::pair().expect("socket pair");
+        (Stream::Unix(near), far)
+    }
+
+    fn live(
+        proxy: &str,
+        to_backend: Vec<u8>,
+        to_client: Vec<u8>,
+    ) -> (LiveConnection, UnixStream, UnixStream) {
+        let (client, client_far) = pair();
+        let (backend, backend_far) = pair();
+        let connection = LiveConnection {
+            proxy: proxy.into(),
+            client,
+            backend: Some(LiveBackend {
+                stream: backend,
+                address: Address::parse("unix:/run/db.sock").expect("address"),
+                weight: 3,
+                draining: true,
+            }),
+            carried: Carried {
+                to_backend,
+                to_client,
+                client_closed: true,
+                backend_closed: false,
+                idle_for: Duration::from_millis(1234),
+            },
+        };
+        (connection, client_far, backend_far)
+    }
+
+    /// Connections that answer the call one by one, as forwarded ones do.
+    fn answer(departures: &Arc<Departures>, connections: Vec<LiveConnection>) {
+        for connection in connections {
+            let (enlisted, _) = departures.enlist();
+            let departures = departures.clone();
+            tokio::spawn(async move {
+                let (_, wanted) = departures.enlist();
+                wanted.cancelled().await;
+                drop(enlisted);
+                let _ = departures.leave(connection);
+            });
+        }
+    }
+
+    /// Two connections whose bytes in hand fill most of a packet each
+    /// travel in packets of their own and arrive whole: bytes, state,
+    /// backend, and sockets that still reach their far ends.
+    #[tokio::test]
+    async fn live_connections_arrive_whole() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        let theirs = Channel::new(theirs).expect("channel");
+        let departures = Arc::new(Departures::default());
+        let mut fars = Vec::new();
+        let mut sent = Vec::new();
+        for i in 0..2u8 {
+            let (connection, client_far, backend_far) = live("db", vec![i; 65536], vec![i + 10; 60000]);
+            sent.push(connection);
+            fars.push((client_far, backend_far));
+        }
+        answer(&departures, sent);
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.call(sink);
+        let moved = send_live(&ours, &departures, arriving, |_| panic!("none should stay")).await;
+        assert_eq!(moved, 2);
+        let mut arrived = Vec::new();
+        let mut packets = 0;
+        while arrived.len() < 2 {
+            let packet = theirs.recv().await.expect("a live packet");
+            let Message::Live { connections } = packet.message else {
+                panic!("not live: {:?}", packet.message);
+            };
+            packets += 1;
+            arrived.extend(live_connections(connections, &packet.payload, packet.fds));
+        }
+        assert_eq!(packets, 2, "each fills a packet");
+        arrived.sort_by_key(|c| c.carried.to_backend[0]);
+        for (i, (connection, (client_far, backend_far))) in
+            arrived.into_iter().zip(fars.iter_mut()).enumerate()
+        {
+            let i = i as u8;
+            assert_eq!(connection.carried.to_backend, vec![i; 65536]);
+            assert_eq!(connection.carried.to_client, vec![i + 10; 60000]);
+            assert!(connection.carried.client_closed && !connection.carried.backend_closed);
+            assert_eq!(connection.carried.idle_for, Duration::from_millis(1234));
+            let backend = connection.backend.expect("its backend");
+            assert_eq!(
+                (backend.address.to_string(), backend.weight, backend.draining),
+                ("unix:/run/db.sock".to_string(), 3, true)
+            );
+            std::future::poll_fn(|cx| backend.stream.poll_write_ready(cx))
+                .await
+                .expect("writable");
+            backend.stream.try_write(b"to the backend").expect("write");
+            let mut got = [0u8; 14];
+            backend_far.read_exact(&mut got).await.expect("backend far end");
+            assert_eq!(&got, b"to the backend");
+            client_far.write_all(b"hi").await.expect("client far end");
+            let Stream::Unix(mut client) = connection.client else {
+                panic!("a unix client");
+            };
+            let mut got = [0u8; 2];
+            client.read_exact(&mut got).await.expect("moved client socket");
+            assert_eq!(&got, b"hi");
+        }
+    }
+
+    /// The new process is gone: every connection stays, none is lost.
+    #[tokio::test]
+    async fn live_connections_stay_when_the_new_process_is_gone() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        drop(theirs);
+        let departures = Arc::new(Departures::default());
+        let mut fars = Vec::new();
+        let mut sent = Vec::new();
+        for i in 0..5u8 {
+            let (connection, client_far, backend_far) = live("db", vec![i; 10], Vec::new());
+            sent.push(connection);
+            fars.push((client_far, backend_far));
+        }
+        answer(&departures, sent);
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.call(sink);
+        let stayed = Mutex::new(Vec::new());
+        let moved = send_live(&ours, &departures, arriving, |c| stayed.lock().unwrap().push(c)).await;
+        assert_eq!(moved, 0);
+        let stayed = stayed.into_inner().unwrap();
+        assert_eq!(stayed.len(), 5, "every connection carries on here");
+        let mut first: Vec<u8> = stayed.iter().map(|c| c.carried.to_backend[0]).collect();
+        first.sort();
+        assert_eq!(first, vec![0, 1, 2, 3, 4], "with what each had in hand");
+    }
+
+    /// Descriptors bound a packet: 130 connections with two each go in two.
+    #[tokio::test]
+    async fn a_packet_carries_at_most_253_descriptors() {
+        let mut pending = Vec::new();
+        for _ in 0..130 {
+            let (connection, _, _) = live("db", Vec::new(), Vec::new());
+            pending.push(connection);
+        }
+        let (_, _, count) = live_packet(&pending);
+        assert_eq!(count, MAX_FDS / 2);
+        let (_, _, rest) = live_packet(&pending[count..]);
+        assert_eq!(rest, 130 - MAX_FDS / 2);
+    }
+}
