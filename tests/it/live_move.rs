@@ -424,6 +424,87 @@ fn a_tls_stream_stays_in_the_old_process() {
     assert_eq!(backend.accepted(), 3, "the backend saw a new connection");
 }
 
+/// Bytes the proxy holds when the upgrade comes (read from one side, not
+/// yet written to the other, whose reader has stopped reading) travel with
+/// the connection: 16 MiB each way, written while neither reader reads,
+/// arrive intact and in order after the upgrade, each followed by EOF.
+#[test]
+fn bytes_in_flight_both_ways_arrive_intact_across_an_upgrade() {
+    const SIZE: u64 = 16 * 1024 * 1024;
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    let (accepted, backend_ends) = mpsc::channel::<Stream>();
+    let accepted = Mutex::new(accepted);
+    let backend = TestServer::tcp(move |stream| {
+        let _ = accepted.lock().unwrap().send(stream);
+    });
+    let config = common::write_config(
+        dir.path(),
+        &common::one_proxy_config(dir.path(), "60s", "127.0.0.1:0", &[backend.address()], ""),
+    );
+    let mut old = start(&program, &config);
+    let client = old.listen_addr("p").must_connect();
+    let server = backend_ends.recv_timeout(WAIT).expect("the backend's connection");
+    server.set_timeouts(Duration::from_secs(30));
+    client.set_timeouts(Duration::from_secs(30));
+    // Each side writes everything, then half-closes, on a thread; nobody
+    // reads until after the upgrade.
+    let send = |mut stream: Stream, seed: u64| {
+        thread::spawn(move || {
+            common::Pattern::new(seed)
+                .write_to(&mut stream, SIZE)
+                .and_then(|()| stream.shutdown_write())
+                .map_err(|e| format!("writer {seed}: {e}"))
+        })
+    };
+    let up = send(client.try_clone().expect("clone"), 1);
+    let down = send(server.try_clone().expect("clone"), 2);
+    // Stuck: the counts stop moving with megabytes in the pipes.
+    let mut last = (0, 0);
+    let mut same = 0;
+    wait_until("both directions stuck", WAIT, || {
+        let p = common::proxy_status(dir.path(), "p");
+        let now = (
+            p["bytes_in"].as_u64().unwrap_or(0),
+            p["bytes_out"].as_u64().unwrap_or(0),
+        );
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        thread::sleep(Duration::from_millis(100));
+        same >= 3 && now.0 > 0 && now.1 > 0
+    });
+    assert!(
+        !up.is_finished() && !down.is_finished(),
+        "a writer finished: the pipes hold it all, nothing is in flight"
+    );
+
+    replace_with_binary(&program);
+    let new_pid = upgrade(&config, &old);
+    let upgraded = Instant::now();
+    let _new = KillOnDrop(new_pid);
+    wait_moved(dir.path(), "p", 1);
+    assert_old_exits(&mut old, upgraded, "a stuck connection open");
+
+    let check = |mut stream: Stream, seed: u64| {
+        thread::spawn(move || common::Pattern::new(seed).verify_from(&mut stream, SIZE))
+    };
+    let at_backend = check(server, 1);
+    let at_client = check(client, 2);
+    let results = [
+        ("client to backend", at_backend.join().expect("reader")),
+        ("backend to client", at_client.join().expect("reader")),
+        ("the client's writer", up.join().expect("writer")),
+        ("the backend's writer", down.join().expect("writer")),
+    ];
+    for (what, result) in results {
+        if let Err(e) = result {
+            panic!("{what}: {e}");
+        }
+    }
+    wait_active(dir.path(), "p", 0);
+    assert_eq!(backend.accepted(), 1, "the backend saw a new connection");
+}
+
 // ---------------------------------------------------------------------------
 // pgbench against a real PostgreSQL
 
