@@ -14,6 +14,7 @@ mod fuzz_regressions;
 mod http;
 mod lifecycle;
 mod limits;
+mod live_move;
 mod manual;
 mod operations;
 mod pause;

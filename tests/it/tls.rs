@@ -33,13 +33,13 @@ use common::*;
 // Certificates
 
 /// A certificate authority made for one test.
-struct Ca {
+pub(crate) struct Ca {
     cert: rcgen::Certificate,
     issuer: Issuer<'static, KeyPair>,
 }
 
 /// A certificate issued by a [`Ca`], with its key.
-struct Issued {
+pub(crate) struct Issued {
     cert_pem: String,
     key_pem: String,
     der: CertificateDer<'static>,
@@ -56,7 +56,7 @@ enum Role {
 }
 
 impl Ca {
-    fn new(common_name: &str) -> Ca {
+    pub(crate) fn new(common_name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -79,7 +79,7 @@ impl Ca {
 
     /// A server certificate for `localhost` and `127.0.0.1`, valid from 1975
     /// to 4096 (rcgen's defaults).
-    fn server(&self, common_name: &str, serial: u64) -> Issued {
+    pub(crate) fn server(&self, common_name: &str, serial: u64) -> Issued {
         self.issue(common_name, serial, Role::Server, None)
     }
 
@@ -119,14 +119,14 @@ impl Ca {
 
 /// Where a test keeps its TLS files: `DIR/tls/{cert,key,ca}.pem` (a
 /// directory of their own, away from the config file the daemon watches).
-struct TlsFiles {
+pub(crate) struct TlsFiles {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
 }
 
 impl TlsFiles {
-    fn new(dir: &Path) -> TlsFiles {
+    pub(crate) fn new(dir: &Path) -> TlsFiles {
         let tls = dir.join("tls");
         fs::create_dir_all(&tls).expect("create tls dir");
         TlsFiles {
@@ -137,14 +137,14 @@ impl TlsFiles {
     }
 
     /// Writes (by rename, atomically) the certificate and key of `issued`.
-    fn install(&self, issued: &Issued) {
+    pub(crate) fn install(&self, issued: &Issued) {
         replace_file(&self.cert, &issued.cert_pem);
         replace_file(&self.key, &issued.key_pem);
     }
 
     /// The proxy keys (for [`proxy_entry`]'s `extra`) of a `tls:` section;
     /// `client_ca` only with `mutual`.
-    fn section(&self, mutual: bool, handshake_timeout: &str) -> String {
+    pub(crate) fn section(&self, mutual: bool, handshake_timeout: &str) -> String {
         let mut yaml = format!(
             "tls:\n  cert: {}\n  key: {}\n  handshake_timeout: {handshake_timeout}\n",
             self.cert.display(),
@@ -160,10 +160,10 @@ impl TlsFiles {
 // ---------------------------------------------------------------------------
 // The client side
 
-type TlsStream = StreamOwned<ClientConnection, Stream>;
+pub(crate) type TlsStream = StreamOwned<ClientConnection, Stream>;
 
 /// A client configuration trusting `roots`, presenting `identity` if given.
-fn client_config(roots: &Ca, identity: Option<&Issued>) -> Arc<ClientConfig> {
+pub(crate) fn client_config(roots: &Ca, identity: Option<&Issued>) -> Arc<ClientConfig> {
     let mut store = RootCertStore::empty();
     store.add(roots.cert.der().clone()).expect("add root");
     let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -205,7 +205,7 @@ fn try_tls_connect(
     Ok(StreamOwned::new(conn, socket))
 }
 
-fn tls_connect(endpoint: &Endpoint, config: &Arc<ClientConfig>) -> TlsStream {
+pub(crate) fn tls_connect(endpoint: &Endpoint, config: &Arc<ClientConfig>) -> TlsStream {
     try_tls_connect(endpoint, config, "localhost").unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -220,7 +220,7 @@ fn peer_certificate(stream: &TlsStream) -> CertificateDer<'static> {
 }
 
 /// Sends `msg` and reads as many bytes back.
-fn tls_roundtrip(stream: &mut TlsStream, msg: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn tls_roundtrip(stream: &mut TlsStream, msg: &[u8]) -> Result<Vec<u8>, String> {
     stream.write_all(msg).map_err(|e| format!("write: {e}"))?;
     stream.flush().map_err(|e| format!("flush: {e}"))?;
     let mut reply = vec![0u8; msg.len()];
@@ -228,7 +228,7 @@ fn tls_roundtrip(stream: &mut TlsStream, msg: &[u8]) -> Result<Vec<u8>, String> 
     Ok(reply)
 }
 
-fn tls_assert_echo(stream: &mut TlsStream, msg: &[u8], context: &str) {
+pub(crate) fn tls_assert_echo(stream: &mut TlsStream, msg: &[u8], context: &str) {
     match tls_roundtrip(stream, msg) {
         Ok(reply) => assert!(
             reply == msg,

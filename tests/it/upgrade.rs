@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::common::program::{install, replace_with, replace_with_binary, replace_with_binary_on};
 use crate::common::{self, Daemon, Endpoint, KillOnDrop, TestServer, WAIT, run_cli};
 
-fn start(program: &Path, config: &Path) -> Daemon {
+pub(crate) fn start(program: &Path, config: &Path) -> Daemon {
     let mut daemon = Daemon::spawn_program(
         program,
         [OsStr::new("run"), OsStr::new("-c"), config.as_os_str()],
@@ -29,20 +29,20 @@ fn start(program: &Path, config: &Path) -> Daemon {
     daemon
 }
 
-fn cli(config: &Path, args: &[&str]) -> common::CliOutput {
+pub(crate) fn cli(config: &Path, args: &[&str]) -> common::CliOutput {
     let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
     all.extend([OsStr::new("-c"), config.as_os_str()]);
     run_cli(all)
 }
 
-fn status(config: &Path) -> serde_json::Value {
+pub(crate) fn status(config: &Path) -> serde_json::Value {
     let out = cli(config, &["status", "--json"]);
     assert_eq!(out.code(), Some(0), "status: {}", out.describe());
     serde_json::from_str(&out.stdout).expect("status JSON")
 }
 
 /// Runs `interlude upgrade` and returns the new pid (asserting success).
-fn upgrade(config: &Path, daemon: &Daemon) -> i32 {
+pub(crate) fn upgrade(config: &Path, daemon: &Daemon) -> i32 {
     let out = cli(config, &["upgrade", "--timeout", "30s"]);
     if out.code() != Some(0) {
         daemon.fail(&format!("upgrade failed: {}", out.describe()));
@@ -196,7 +196,7 @@ impl Load {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
