@@ -583,7 +583,14 @@ async fn answer_503(client: &mut Client, retry_after: Duration, reason: RejectRe
 #[cfg(test)]
 pub(crate) fn test_proxy(name: &str) -> Arc<Proxy> {
     let yaml = format!("proxies: [{{name: {name}, listen: '127.0.0.1:1', backends: ['127.0.0.1:2']}}]");
-    let config: crate::config::Config = serde_yaml::from_str(&yaml).expect("test config");
+    test_proxy_from(&yaml, Arc::default())
+}
+
+/// The first proxy of config `yaml`, answering `departures`' call, for
+/// unit tests (as `test_proxy`).
+#[cfg(test)]
+pub(crate) fn test_proxy_from(yaml: &str, departures: Arc<Departures>) -> Arc<Proxy> {
+    let config: crate::config::Config = serde_yaml::from_str(yaml).expect("test config");
     let (events, _) = mpsc::unbounded_channel();
     Proxy::new(
         &config.proxies[0],
@@ -592,7 +599,7 @@ pub(crate) fn test_proxy(name: &str) -> Arc<Proxy> {
         CancellationToken::new(),
         None,
         events,
-        Arc::default(),
+        departures,
     )
 }
 

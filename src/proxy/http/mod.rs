@@ -966,18 +966,8 @@ mod tests {
         let yaml = format!(
             "proxies: [{{name: p, listen: '127.0.0.1:1', mode: http, backends: ['{backend}'], health_check: {{kind: none}}}}]"
         );
-        let config: crate::config::Config = serde_yaml::from_str(&yaml).expect("test config");
-        let (events, _) = mpsc::unbounded_channel();
         let departures = Arc::new(Departures::default());
-        let proxy = Proxy::new(
-            &config.proxies[0],
-            &config.proxies[0].backends,
-            None,
-            CancellationToken::new(),
-            None,
-            events,
-            departures.clone(),
-        );
+        let proxy = crate::proxy::test_proxy_from(&yaml, departures.clone());
         proxy.retired.cancel();
         let hosts = Arc::new(VirtualHosts::new(vec![(vec![], proxy)]));
         let (_, routes) = watch::channel(Routes::Http(hosts.clone()));
