@@ -44,6 +44,7 @@ fn proxies() -> &'static [Arc<Proxy>; 3] {
                     Default::default(),
                     None,
                     tokio::sync::mpsc::unbounded_channel().0,
+                    Default::default(),
                 );
                 proxy.retired.cancel();
                 proxy

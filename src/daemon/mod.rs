@@ -436,11 +436,11 @@ impl Daemon {
         // (the upgrade's answer still goes out).
         self.stop_control.cancel();
         self.watcher = None;
-        // Live connections are called before the sockets close, so that an
-        // HTTP connection moves rather than being told to close.
+        // The call begins before the sockets close, so that an HTTP
+        // connection moves rather than being told to close.
         let arriving = (handed.protocol >= handover::LIVE_SINCE).then(|| {
             let (sink, arriving) = mpsc::unbounded_channel();
-            self.departures.call(sink);
+            self.departures.begin(sink);
             arriving
         });
         let sites: Vec<_> = handed.halted.into_iter().map(|halted| halted.close()).collect();
@@ -459,17 +459,23 @@ impl Daemon {
             proxies.clone(),
             listening,
         ));
-        if let Some(arriving) = arriving {
-            let mode = |name: &str| {
-                let running = self.running.proxies.iter().find(|r| *r.proxy.name == *name);
-                running.map(|r| r.config.mode)
-            };
+        let modes: Vec<(Arc<str>, Mode)> = (self.running.proxies.iter())
+            .map(|r| (r.proxy.name.clone(), r.config.mode))
+            .collect();
+        let departures = self.departures.clone();
+        let stay_on = sites.clone();
+        let moving = async {
+            let Some(arriving) = arriving else { return };
+            let mode = |name: &str| modes.iter().find(|(n, _)| **n == *name).map(|(_, mode)| *mode);
             let stay = |live| {
-                relocate::serve_live(&proxies, &mode, &sites, live);
+                relocate::serve_live(&proxies, &mode, &stay_on, live);
             };
-            relocate::send_live(&channel, &self.departures, arriving, stay).await;
-        }
-        self.finish(sites, signals).await;
+            relocate::send_live(&channel, &departures, arriving, stay).await;
+        };
+        // The move runs within the stop's grace period: a connection busy
+        // with a request when called keeps the move waiting, and the grace
+        // period (or a second stop signal) bounds that wait like any other.
+        tokio::join!(moving, self.finish(sites, signals));
     }
 
     /// The end of a stop: waits for the connections within the grace

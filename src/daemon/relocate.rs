@@ -1,12 +1,13 @@
 //! After an upgrade commits: the old process's live connections move to
 //! the new one (the `live` packets of `handover.rs`).
 //!
-//! The old process calls every connection that can move (`Departures`);
-//! each stops where no copy is half done and arrives here with its sockets
-//! and the bytes it had in hand. They go out in packets as they arrive,
-//! the most recently active first (a connection waits only for its own
-//! packet, and an idle one does not notice the wait), each send bounded in
-//! time. If a send fails (the new process is gone or stuck),
+//! The old process calls the connections that can move (`Departures`) one
+//! wave at a time, the next once the last has arrived, so that a
+//! connection pauses only for its own wave's move, not everyone's. Each
+//! stops where no copy is half done and arrives here with its sockets and
+//! the bytes it had in hand. They go out in packets as they arrive, the
+//! most recently active first (an idle one does not notice the wait), each
+//! send bounded in time. If a send fails (the new process is gone or stuck),
 //! that packet's connections and every later one carry on in the old
 //! process, from what they had in hand: nothing is dropped.
 //!
@@ -28,7 +29,7 @@ use super::handover::{Channel, LiveBackendEntry, LiveEntry, MAX_FDS, MAX_LIVE_PA
 use super::listeners::RunningListener;
 use crate::config::Mode;
 use crate::proxy::Proxy;
-use crate::proxy::depart::{Carried, Departures, LiveBackend, LiveConnection};
+use crate::proxy::depart::{Carried, Departures, LiveBackend, LiveConnection, WAVES};
 use crate::proxy::http;
 use crate::proxy::listener::{Permits, Routes, Site};
 use crate::sockets::address::Address;
@@ -39,16 +40,18 @@ use crate::sockets::stream::Stream;
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the count of connections still to arrive is looked at while
-/// none arrives.
+/// none arrives; also how long a called wave's stragglers (busy with a
+/// request) are waited for, without arrivals, before the next wave's call.
 const POLL: Duration = Duration::from_millis(2);
 
 /// Room in a packet for all but the entries: length prefix, version, kind.
 const ENVELOPE_ROOM: usize = 128;
 
-/// The old process's side, once `departures` called the live connections
-/// (to `arriving`): sends each to the new process as it arrives; `stay`
-/// serves here those that cannot go.
-/// Returns how many moved.
+/// The old process's side, once `departures` has begun (to `arriving`):
+/// calls the connections wave by wave and sends each to the new process as
+/// it arrives; `stay` serves here those that cannot go. Returns how many
+/// moved, once every wave was called and no connection that could move is
+/// left (a request in flight finishes first: the caller bounds the wait).
 pub(super) async fn send_live(
     channel: &Channel,
     departures: &Departures,
@@ -58,6 +61,10 @@ pub(super) async fn send_live(
     let started = Instant::now();
     let mut moved = 0u64;
     let mut pending: Vec<LiveConnection> = Vec::new();
+    let mut next_wave = 0;
+    let mut last_arrival = Instant::now();
+    // The sink is closed: what is in `arriving` is all there will be.
+    let mut refused = false;
     let mut broken = false;
     loop {
         let before = pending.len();
@@ -65,14 +72,31 @@ pub(super) async fn send_live(
             pending.push(connection);
         }
         if pending.len() > before {
+            last_arrival = Instant::now();
             // The busiest first: an idle connection does not notice the
             // wait, a streaming one does. (Stable and adaptive: cheap on
             // the sorted part already there.)
             pending.sort_by_key(|connection| connection.carried.idle_for);
         }
         if pending.is_empty() {
-            if departures.enlisted() == 0 {
+            if refused {
                 break;
+            }
+            // The last wave has arrived, or those left of it are busy (a
+            // request in flight): the next one's turn.
+            let arrived = next_wave == 0 || departures.wave_enlisted(next_wave - 1) == 0;
+            if next_wave < WAVES && (arrived || last_arrival.elapsed() >= POLL) {
+                departures.call_wave(next_wave);
+                next_wave += 1;
+                last_arrival = Instant::now();
+                continue;
+            }
+            if next_wave == WAVES && departures.enlisted() == 0 {
+                // No more sends from here on; any sent meanwhile are in
+                // `arriving`, and go out on the next turn.
+                departures.refuse();
+                refused = true;
+                continue;
             }
             tokio::select! {
                 Some(connection) = arriving.recv() => pending.push(connection),
@@ -104,12 +128,12 @@ pub(super) async fn send_live(
             }
         }
         if broken {
-            // Those not yet stopped carry on where they are.
+            // Those not yet called are never called; those called and not
+            // yet stopped carry on where they are.
             departures.refuse();
+            refused = true;
         }
     }
-    // Any that stopped after the count reached zero (a connection that
-    // had just connected): it carries on here, refused by the closed sink.
     if moved > 0 {
         info!(
             connections = moved,
@@ -337,17 +361,27 @@ mod tests {
     }
 
     /// Connections that answer the call one by one, as forwarded ones do.
-    fn answer(departures: &Arc<Departures>, connections: Vec<LiveConnection>) {
+    /// Returns those whose departure was refused (they carry on where they
+    /// are).
+    fn answer(
+        departures: &Arc<Departures>,
+        connections: Vec<LiveConnection>,
+    ) -> Arc<Mutex<Vec<LiveConnection>>> {
+        let given_back = Arc::new(Mutex::new(Vec::new()));
         for connection in connections {
-            let (enlisted, _) = departures.enlist();
+            let (enlisted, wanted) = departures.enlist();
+            let wanted = wanted.clone();
             let departures = departures.clone();
+            let given_back = given_back.clone();
             tokio::spawn(async move {
-                let (_, wanted) = departures.enlist();
                 wanted.cancelled().await;
+                if let Err(back) = departures.leave(connection) {
+                    given_back.lock().unwrap().push(back);
+                }
                 drop(enlisted);
-                let _ = departures.leave(connection);
             });
         }
+        given_back
     }
 
     /// Two connections whose bytes in hand fill most of a packet each
@@ -367,7 +401,7 @@ mod tests {
         }
         answer(&departures, sent);
         let (sink, arriving) = mpsc::unbounded_channel();
-        departures.call(sink);
+        departures.begin(sink);
         let moved = send_live(&ours, &departures, arriving, |_| panic!("none should stay")).await;
         assert_eq!(moved, 2);
         let mut arrived = Vec::new();
@@ -412,7 +446,9 @@ mod tests {
         }
     }
 
-    /// The new process is gone: every connection stays, none is lost.
+    /// The new process is gone: every connection stays, none is lost. Those
+    /// of the failed packet carry on here with what they had in hand; the
+    /// rest are never called, or are given back when they answer.
     #[tokio::test]
     async fn live_connections_stay_when_the_new_process_is_gone() {
         let (ours, theirs) = handover::pair().expect("pair");
@@ -425,17 +461,91 @@ mod tests {
             sent.push(connection);
             fars.push((client_far, backend_far));
         }
-        answer(&departures, sent);
+        let given_back = answer(&departures, sent);
         let (sink, arriving) = mpsc::unbounded_channel();
-        departures.call(sink);
+        departures.begin(sink);
         let stayed = Mutex::new(Vec::new());
         let moved = send_live(&ours, &departures, arriving, |c| stayed.lock().unwrap().push(c)).await;
         assert_eq!(moved, 0);
         let stayed = stayed.into_inner().unwrap();
-        assert_eq!(stayed.len(), 5, "every connection carries on here");
-        let mut first: Vec<u8> = stayed.iter().map(|c| c.carried.to_backend[0]).collect();
-        first.sort();
-        assert_eq!(first, vec![0, 1, 2, 3, 4], "with what each had in hand");
+        assert!(
+            !stayed.is_empty(),
+            "the failed packet's connections carry on here"
+        );
+        // Those called after the failure answer in their own time.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let given_back = std::mem::take(&mut *given_back.lock().unwrap());
+        let never_called = departures.enlisted() as usize;
+        assert_eq!(
+            stayed.len() + given_back.len() + never_called,
+            5,
+            "every connection carries on: none is lost"
+        );
+        for connection in stayed.iter().chain(&given_back) {
+            let i = connection.carried.to_backend[0];
+            assert_eq!(
+                connection.carried.to_backend,
+                vec![i; 10],
+                "with what it had in hand"
+            );
+        }
+    }
+
+    /// Connections are called a wave at a time, each wave once the one
+    /// before has arrived: a connection's pause is its own wave's move.
+    #[tokio::test]
+    async fn live_connections_are_called_wave_by_wave() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        let theirs = Channel::new(theirs).expect("channel");
+        let departures = Arc::new(Departures::default());
+        let per_wave = 2;
+        let total = per_wave * WAVES;
+        let mut fars = Vec::new();
+        let mut enlisted = Vec::new();
+        for _ in 0..total {
+            let (connection, client_far, backend_far) = live("db", Vec::new(), Vec::new());
+            fars.push((client_far, backend_far));
+            let (guard, wanted) = departures.enlist();
+            enlisted.push((connection, guard, wanted.clone()));
+        }
+        let tokens: Arc<Vec<_>> = Arc::new(enlisted.iter().map(|(_, _, wanted)| wanted.clone()).collect());
+        // How many connections had been called when each one was.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for (connection, guard, wanted) in enlisted {
+            let (departures, tokens, seen) = (departures.clone(), tokens.clone(), seen.clone());
+            tokio::spawn(async move {
+                wanted.cancelled().await;
+                let called = tokens.iter().filter(|token| token.is_cancelled()).count();
+                seen.lock().unwrap().push(called);
+                departures.leave(connection).expect("the sink takes it");
+                drop(guard);
+            });
+        }
+        let receiving = tokio::spawn(async move {
+            let mut arrived = 0;
+            while arrived < total {
+                let packet = theirs.recv().await.expect("a live packet");
+                let Message::Live { connections } = packet.message else {
+                    panic!("not live");
+                };
+                arrived += connections.len();
+            }
+            arrived
+        });
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.begin(sink);
+        let moved = send_live(&ours, &departures, arriving, |_| panic!("none should stay")).await;
+        assert_eq!(moved as usize, total);
+        assert_eq!(receiving.await.expect("receiver"), total);
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        for (i, called) in seen.into_iter().enumerate() {
+            let wave = i / per_wave;
+            assert!(
+                called <= (wave + 1) * per_wave,
+                "connection {i} (wave {wave}) was called along with {called}"
+            );
+        }
     }
 
     /// Descriptors bound a packet: 130 connections with two each go in two.

@@ -4,13 +4,22 @@
 //! move (a plain socket, mode tcp or a mode http connection between
 //! requests) to stop at a safe point and hand itself over: its sockets, the
 //! bytes it had read and not yet written, and where it was. `Departures` is
-//! the one call for all of them, shared by every proxy and HTTP site of the
-//! process: a token that asks, a count of the connections that would
-//! answer (so the upgrade knows when all have), and the sink they go to.
+//! the call for all of them, shared by every proxy and HTTP site of the
+//! process: the sink they go to, and, per wave, a token that asks and a
+//! count of the connections that would answer (so the upgrade knows when a
+//! wave has arrived, and when all have).
+//!
+//! Connections are called in waves, not all at once: a connection pauses
+//! from its call until the new process resumes it, so calling 10,000 at
+//! once would make each wait for most of the move. A connection joins a
+//! wave when it enlists (round robin per thread, so no counter is shared
+//! across cores for it); the upgrade calls the next wave once the last one
+//! has arrived.
 //! A connection whose departure is refused (the sink is gone: the new
 //! process failed) carries on where it is, from what it had in hand.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,15 +29,44 @@ use tokio_util::sync::CancellationToken;
 use crate::sockets::address::Address;
 use crate::sockets::stream::Stream;
 
+/// How many waves the connections are called in: with 10,000 connections,
+/// about 160 each, a few packets' worth.
+pub const WAVES: usize = 64;
+
 /// The process's call for its live connections to move.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Departures {
-    /// Cancelled once, when an upgrade has committed: the process never
-    /// serves new connections again.
-    wanted: CancellationToken,
-    /// Connections that would answer the call: enlisted while they run.
-    enlisted: Arc<AtomicU64>,
+    waves: Arc<[Wave]>,
+    /// Set once, when an upgrade has committed: the process never serves
+    /// new connections again, and every wave will be called.
+    begun: AtomicBool,
     sink: Mutex<Option<mpsc::UnboundedSender<LiveConnection>>>,
+}
+
+/// Connections called together.
+// A cache line each: the counts change on every connection's start and end,
+// on whichever core runs it.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Wave {
+    called: CancellationToken,
+    /// Connections that would answer the call: enlisted while they run.
+    enlisted: AtomicU64,
+}
+
+impl Default for Departures {
+    fn default() -> Departures {
+        Departures {
+            waves: (0..WAVES).map(|_| Wave::default()).collect(),
+            begun: AtomicBool::new(false),
+            sink: Mutex::new(None),
+        }
+    }
+}
+
+thread_local! {
+    /// The wave the next connection enlisting on this thread joins.
+    static NEXT_WAVE: Cell<usize> = const { Cell::new(0) };
 }
 
 /// A connection on its way to the new process.
@@ -80,36 +118,82 @@ impl Carried {
     }
 }
 
-/// A connection's place in the count of those that would answer the call;
-/// it leaves the count when dropped, after the connection left or ended.
+/// A connection's place in its wave's count of those that would answer the
+/// call; it leaves the count when dropped, after the connection left or
+/// ended.
 #[derive(Debug)]
-pub struct Enlisted(Arc<AtomicU64>);
+pub struct Enlisted {
+    waves: Arc<[Wave]>,
+    wave: usize,
+}
 
 impl Drop for Enlisted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.waves[self.wave].enlisted.fetch_sub(1, Relaxed);
     }
 }
 
 impl Departures {
     /// Counts a connection that can move until the guard drops; the token
-    /// is the call to move.
+    /// is the call to move (its wave's).
     pub fn enlist(&self) -> (Enlisted, &CancellationToken) {
-        self.enlisted.fetch_add(1, Relaxed);
-        (Enlisted(self.enlisted.clone()), &self.wanted)
+        let wave = NEXT_WAVE.with(|next| {
+            let wave = next.get();
+            next.set((wave + 1) % WAVES);
+            wave
+        });
+        let joined = &self.waves[wave];
+        joined.enlisted.fetch_add(1, Relaxed);
+        let enlisted = Enlisted {
+            waves: self.waves.clone(),
+            wave,
+        };
+        (enlisted, &joined.called)
     }
 
     /// Connections that could still move, here.
     pub fn enlisted(&self) -> u64 {
-        self.enlisted.load(Relaxed)
+        self.waves.iter().map(|wave| wave.enlisted.load(Relaxed)).sum()
     }
 
-    /// Asks every live connection to move; each sends itself to `sink`.
-    /// Once asked, always asked: the process never serves new connections
-    /// after an upgrade committed.
-    pub fn call(&self, sink: mpsc::UnboundedSender<LiveConnection>) {
+    /// Connections of one wave that could still move.
+    pub fn wave_enlisted(&self, wave: usize) -> u64 {
+        self.waves.get(wave).map_or(0, |wave| wave.enlisted.load(Relaxed))
+    }
+
+    /// The upgrade committed: connections called from now on go to `sink`,
+    /// and every wave will be called. Once begun, always begun: the
+    /// process never serves new connections after an upgrade committed.
+    pub fn begin(&self, sink: mpsc::UnboundedSender<LiveConnection>) {
         *self.lock_sink() = Some(sink);
-        self.wanted.cancel();
+        self.begun.store(true, Relaxed);
+    }
+
+    /// Whether an upgrade has begun calling (a connection that can move
+    /// will be called, if it has not been yet).
+    pub fn begun(&self) -> bool {
+        self.begun.load(Relaxed)
+    }
+
+    /// Asks the connections of wave `wave` to move; false past the last.
+    pub fn call_wave(&self, wave: usize) -> bool {
+        match self.waves.get(wave) {
+            Some(wave) => {
+                wave.called.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks every live connection to move at once; each sends itself to
+    /// `sink`.
+    #[cfg(test)]
+    pub fn call(&self, sink: mpsc::UnboundedSender<LiveConnection>) {
+        self.begin(sink);
+        for wave in 0..WAVES {
+            self.call_wave(wave);
+        }
     }
 
     /// The new process is gone: connections that have not left carry on here.

@@ -117,7 +117,7 @@ impl ClientConnection {
     /// Whether it leaves for an upgraded process after its request in
     /// flight (so that request's answer must not say `Connection: close`).
     fn moves(&self) -> bool {
-        !self.stays.load(Relaxed) && self.site.departures.enlist().1.is_cancelled()
+        !self.stays.load(Relaxed) && self.site.departures.begun()
     }
 }
 
