@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -21,8 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::depart::Carried;
+use super::depart::{Carried, Departures, Enlisted, LiveBackend, LiveConnection};
 use super::wake::PollWhenWoken;
+use crate::backends::{Backend, Role};
 use crate::sockets::stream::Stream;
 
 /// Size of one copy buffer: large enough that bulk transfers make few
@@ -45,11 +47,67 @@ pub enum Ended {
 }
 
 /// Counters the copy path adds to, per direction.
+#[derive(Clone, Copy)]
 pub struct Traffic<'a> {
     /// Bytes from the client to the backend.
     pub client_to_backend: &'a AtomicU64,
     /// Bytes from the backend to the client.
     pub backend_to_client: &'a AtomicU64,
+}
+
+/// A plain connection that can move (mode tcp, or a mode http tunnel):
+/// copies until it ends, or until an upgrade calls it (`enlisted`'s
+/// token), then sends it, both sockets and the bytes in hand, to the new
+/// process. If that process takes none, it carries on here from what it
+/// had in hand, out of the count the upgrade waits for. Returns how it
+/// ended here; `None` when it left.
+pub async fn forward_movable(
+    departures: &Departures,
+    (proxy, to): (&Arc<str>, &Backend),
+    (mut client, mut backend): (Stream, Stream),
+    mut carried: Carried,
+    idle_timeout: Option<Duration>,
+    enlisted: (Enlisted, &CancellationToken),
+    traffic: Traffic<'_>,
+) -> Option<io::Result<Ended>> {
+    let (enlisted, wanted) = enlisted;
+    let mut enlisted = Some(enlisted);
+    let mut moving = Some(wanted);
+    loop {
+        // The kill token borrowed, not cloned: a token's clone and drop lock
+        // a mutex that every connection to this backend shares.
+        let ended = forward(
+            &client,
+            &backend,
+            carried,
+            idle_timeout,
+            &to.kill,
+            moving,
+            traffic,
+        )
+        .await;
+        let rest = match ended {
+            Ok(Ended::Moving(rest)) => rest,
+            ended => return Some(ended),
+        };
+        let live = LiveConnection {
+            proxy: proxy.clone(),
+            client,
+            backend: Some(LiveBackend {
+                address: to.address.clone(),
+                weight: to.weight,
+                draining: to.role() == Role::Draining,
+                stream: backend,
+            }),
+            carried: rest,
+        };
+        // Its backend's count here ends once it is on its way.
+        let back = departures.leave(live).err()?;
+        let back_end = back.backend?;
+        (client, backend, carried, moving) = (back.client, back_end.stream, back.carried, None);
+        // Refused: it stays, and the upgrade must not wait for it.
+        drop(enlisted.take());
+    }
 }
 
 /// Copies until both directions are done, or one fails, or idle/kill ends

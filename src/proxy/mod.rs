@@ -32,7 +32,7 @@ use crate::backends::health::{self, HealthEvents};
 use crate::backends::{Backend, BackendSet, ConnectFailure, Connected, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use crate::sockets::stream::{Client, Peer, Stream};
-use depart::{Carried, Departures, LiveBackend, LiveConnection};
+use depart::{Carried, Departures, LiveConnection};
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, MovedClient, RejectReason, RuntimePause};
 use hold::{Hold, client_leaves, hold};
@@ -424,7 +424,7 @@ impl Proxy {
                 let copy =
                     forward::forward_streams(&mut *stream, &mut backend.stream, &early, idle, kill, traffic);
                 let result = Box::pin(copy).await;
-                self.log_end(&result, &peer, &backend);
+                self.log_end(&result, &peer, backend.in_flight.backend());
                 return;
             }
         };
@@ -464,62 +464,43 @@ impl Proxy {
     /// gone, it carries on here from what it had in hand).
     async fn forward_plain(
         &self,
-        mut client: Stream,
-        mut backend: Connected,
-        mut carried: Carried,
+        client: Stream,
+        backend: Connected,
+        carried: Carried,
         idle: Option<Duration>,
         peer: &Peer,
     ) {
-        let (enlisted, wanted) = self.departures.enlist();
-        let mut enlisted = Some(enlisted);
-        let mut moving = Some(wanted);
-        loop {
-            let traffic = Traffic {
-                client_to_backend: &self.stats.bytes_in,
-                backend_to_client: &self.stats.bytes_out,
-            };
-            // Borrowed, not cloned: a token's clone and drop lock a mutex that every
-            // connection to this backend shares.
-            let kill = &backend.in_flight.backend().kill;
-            let result =
-                forward::forward(&client, &backend.stream, carried, idle, kill, moving, traffic).await;
-            let rest = match result {
-                Ok(Ended::Moving(rest)) => rest,
-                result => return self.log_end(&result, peer, &backend),
-            };
-            let to = backend.in_flight.backend();
-            let live = LiveConnection {
-                proxy: self.name.clone(),
-                client,
-                backend: Some(LiveBackend {
-                    address: to.address.clone(),
-                    weight: to.weight,
-                    draining: to.role() == Role::Draining,
-                    stream: backend.stream,
-                }),
-                carried: rest,
-            };
-            // Its backend's count here ends once it is on its way.
-            let Err(back) = self.departures.leave(live) else {
-                return;
-            };
-            let Some(back_end) = back.backend else {
-                return;
-            };
-            (client, backend.stream, carried, moving) = (back.client, back_end.stream, back.carried, None);
-            // Refused: it stays, and the upgrade must not wait for it.
-            drop(enlisted.take());
+        let traffic = Traffic {
+            client_to_backend: &self.stats.bytes_in,
+            backend_to_client: &self.stats.bytes_out,
+        };
+        let Connected { stream, in_flight } = backend;
+        let to = in_flight.backend();
+        let streams = (client, stream);
+        let enlisted = self.departures.enlist();
+        let ended = forward::forward_movable(
+            &self.departures,
+            (&self.name, to),
+            streams,
+            carried,
+            idle,
+            enlisted,
+            traffic,
+        )
+        .await;
+        if let Some(ended) = ended {
+            self.log_end(&ended, peer, to);
         }
     }
 
-    fn log_end(&self, result: &std::io::Result<Ended>, peer: &Peer, backend: &Connected) {
+    fn log_end(&self, result: &std::io::Result<Ended>, peer: &Peer, backend: &Backend) {
         match result {
             Ok(Ended::Closed) => {}
             Ok(Ended::Idle) => debug!(proxy = %self.name, %peer, "idle timeout: connection closed"),
             Ok(Ended::Killed) => debug!(proxy = %self.name, %peer, "connection closed by the proxy"),
             Ok(Ended::Moving(_)) => {}
             Err(e) => {
-                debug!(proxy = %self.name, %peer, backend = %backend.in_flight.backend().address, error = %e, "connection ended with an error")
+                debug!(proxy = %self.name, %peer, backend = %backend.address, error = %e, "connection ended with an error")
             }
         }
     }

@@ -39,14 +39,14 @@ use tracing::debug;
 use body::RequestBody;
 pub use route::VirtualHosts;
 
-use super::depart::{Carried, Enlisted, LiveBackend, LiveConnection};
+use super::depart::{Carried, Enlisted, LiveConnection};
 use super::forward::{self, Traffic};
 use super::gate::{Admission, HeldTicket, MovedClient, RejectReason};
 use super::hold::{self, Hold};
 use super::listener::{Permits, Routes, Site};
 use super::wake::PollWhenWoken;
 use super::{ActiveGuard, Proxy, ProxySettings};
-use crate::backends::{ConnectFailure, InFlight, Role};
+use crate::backends::{ConnectFailure, InFlight};
 use crate::sockets::stream::{Peer, Stream};
 use body::{Exchange, ResponseBody};
 use client::{ClientSocket, SharedClient};
@@ -840,51 +840,35 @@ async fn tunnel(
 /// moves it (both sockets and the bytes in hand) to the new process; if
 /// that process takes none, it carries on here.
 async fn tunnel_plain(
-    mut client: Stream,
-    mut backend: Stream,
-    mut carried: Carried,
+    client: Stream,
+    backend: Stream,
+    carried: Carried,
     exchange: Exchange,
     site: &Site,
     enlisted: Enlisted,
 ) {
-    let (_enlisted, wanted) = site.departures.enlist();
+    let stats = &exchange.active.0.stats;
+    let traffic = Traffic {
+        client_to_backend: &stats.bytes_in,
+        backend_to_client: &stats.bytes_out,
+    };
+    // Enlisted again as a tunnel before the request's place is given up,
+    // so that the count the upgrade waits for never passes through zero.
+    let tunnel = site.departures.enlist();
     drop(enlisted);
-    let mut moving = Some(wanted);
-    loop {
-        let stats = &exchange.active.0.stats;
-        let traffic = Traffic {
-            client_to_backend: &stats.bytes_in,
-            backend_to_client: &stats.bytes_out,
-        };
-        let kill = &exchange.in_flight.backend().kill;
-        let ended = forward::forward(&client, &backend, carried, None, kill, moving, traffic).await;
-        let rest = match ended {
-            Ok(forward::Ended::Moving(rest)) => rest,
-            Ok(_) => return,
-            Err(e) => {
-                debug!(error = %e, "upgraded connection ended with an error");
-                return;
-            }
-        };
-        let to = exchange.in_flight.backend();
-        let live = LiveConnection {
-            proxy: exchange.active.0.name.clone(),
-            client,
-            backend: Some(LiveBackend {
-                address: to.address.clone(),
-                weight: to.weight,
-                draining: to.role() == Role::Draining,
-                stream: backend,
-            }),
-            carried: rest,
-        };
-        let Err(back) = site.departures.leave(live) else {
-            return;
-        };
-        let Some(back_end) = back.backend else {
-            return;
-        };
-        (client, backend, carried, moving) = (back.client, back_end.stream, back.carried, None);
+    let to = (&exchange.active.0.name, &**exchange.in_flight.backend());
+    let ended = forward::forward_movable(
+        &site.departures,
+        to,
+        (client, backend),
+        carried,
+        None,
+        tunnel,
+        traffic,
+    )
+    .await;
+    if let Some(Err(e)) = ended {
+        debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 
