@@ -814,3 +814,48 @@ fn pgbench_through_a_tcp_to_unix_proxy_survives_an_upgrade() {
     assert!(processed.is_some_and(|n| n > 0), "{report}");
     eprintln!("{out}");
 }
+
+/// A mode http request in flight whose backend never answers keeps its
+/// connection from moving, but not the old process from exiting: the move
+/// runs within `shutdown.grace_period`, which closes it as in any stop.
+#[test]
+fn a_request_that_never_ends_does_not_keep_the_old_process_past_its_grace_period() {
+    let dir = common::tempdir();
+    let program = install(dir.path());
+    // The backend reads the request and never answers; it keeps each
+    // connection until the test ends.
+    let (accepted, backend_ends) = mpsc::channel::<Stream>();
+    let accepted = Mutex::new(accepted);
+    let backend = TestServer::tcp(move |stream| {
+        let _ = accepted.lock().unwrap().send(stream);
+    });
+    let config = common::write_config(
+        dir.path(),
+        &common::one_proxy_config(
+            dir.path(),
+            "2s",
+            "127.0.0.1:0",
+            &[backend.address()],
+            "mode: http",
+        ),
+    );
+    let mut old = start(&program, &config);
+    let mut client = old.listen_addr("p").must_connect();
+    client
+        .write_all(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write the request");
+    let _server = backend_ends
+        .recv_timeout(WAIT)
+        .expect("the request reaches the backend");
+    wait_active(dir.path(), "p", 1);
+
+    replace_with_binary(&program);
+    let new_pid = upgrade(&config, &old);
+    let upgraded = Instant::now();
+    let _new = KillOnDrop(new_pid);
+    let took = assert_old_exits(&mut old, upgraded, "a request in flight that never ends");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "the old process exited after {took:?}, before its grace period, under a request in flight"
+    );
+}
