@@ -22,6 +22,7 @@ use super::registry::RunningProxy;
 use crate::config::{Address, Mode};
 use crate::drain::drain_within;
 use crate::proxy::depart::Departures;
+use crate::proxy::workers::Workers;
 use crate::proxy::http::VirtualHosts;
 use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
@@ -86,6 +87,7 @@ impl RunningListener {
         kill: CancellationToken,
         accepting: &CancellationToken,
         departures: Arc<Departures>,
+        workers: Arc<Workers>,
     ) -> RunningListener {
         let bound = listener.local_address();
         let socket = listener.as_fd().try_clone_to_owned().ok();
@@ -99,6 +101,7 @@ impl RunningListener {
             limit: ConnectionLimit::new(max),
             daemon_limit,
             departures,
+            workers,
         });
         let stop = CancellationToken::new();
         let answered = Arc::new(AtomicU64::new(*watchdog_ticks.borrow()));

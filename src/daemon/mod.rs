@@ -118,6 +118,8 @@ struct Daemon {
     /// The call for live connections to move, shared by every proxy and
     /// HTTP site (an upgrade makes it).
     departures: Arc<crate::proxy::depart::Departures>,
+    /// The threads accepted connections run on.
+    workers: Arc<crate::proxy::workers::Workers>,
     /// Proxies removed by a reload while their connections drain.
     retiring: TaskTracker,
     /// Parent of every proxy's kill token: cancelled at the end of the grace period.
@@ -538,10 +540,15 @@ impl Daemon {
         // Tasks that run until the connections end (a previous process's
         // releases after an upgrade) end now.
         self.kill_all.cancel();
+        let workers = self.workers.clone();
         let (tasks, _logging) = self.into_tasks();
         tasks.close();
         if tokio::time::timeout(TASKS_WAIT, tasks.wait()).await.is_err() {
             warn!("some background tasks did not end in time");
+        }
+        // Every connection has ended or was killed: the worker threads go.
+        if tokio::task::spawn_blocking(move || workers.shutdown()).await.is_err() {
+            warn!("the connection workers did not stop cleanly");
         }
         info!("stopped");
     }

@@ -339,6 +339,7 @@ impl Daemon {
                     self.kill_all.child_token(),
                     &self.accepting,
                     self.departures.clone(),
+                    self.workers.clone(),
                 ));
             }
         }

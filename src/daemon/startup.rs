@@ -28,6 +28,7 @@ use crate::config::paths::DirError;
 use crate::config::{self, Address, ControlConfig, Loaded};
 use crate::proxy::depart::Departures;
 use crate::proxy::limit::DaemonLimit;
+use crate::proxy::workers::Workers;
 use crate::sockets::activation;
 use crate::sockets::inherited::Inherited;
 use crate::sockets::stream::{BindError, Listener};
@@ -206,6 +207,16 @@ where
     served
 }
 
+/// One connection worker per core. `INTERLUDE_WORKERS=0` runs connections
+/// on the daemon's own multi-threaded runtime instead (for comparison in
+/// the benchmark).
+fn worker_count() -> usize {
+    match std::env::var("INTERLUDE_WORKERS").ok().and_then(|n| n.parse().ok()) {
+        Some(count) => count,
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    }
+}
+
 /// Every listening socket this process starts with, to be taken by
 /// address before anything is bound: those systemd passed (a socket
 /// unit's, or its fd store's after a restart); an upgrade's offer adds the
@@ -291,6 +302,10 @@ impl Daemon {
         }
         let (proxy_event_sender, proxy_events) = mpsc::unbounded_channel();
         let departures = Arc::new(Departures::default());
+        let workers = Arc::new(Workers::start(worker_count()).map_err(|error| StartError::Runtime {
+            what: "start the connection worker threads",
+            error,
+        })?);
         let mut proxies = Vec::with_capacity(config.proxies.len());
         for proxy_config in &config.proxies {
             let restored = saved
@@ -326,6 +341,7 @@ impl Daemon {
                     kill_all.child_token(),
                     &accepting,
                     departures.clone(),
+                    workers.clone(),
                 ));
             }
         }
@@ -396,6 +412,7 @@ impl Daemon {
             proxy_events,
             proxy_event_sender,
             departures,
+            workers,
             retiring: TaskTracker::new(),
             kill_all,
             commands,

@@ -474,6 +474,7 @@ impl Daemon {
                     self.kill_all.child_token(),
                     &self.accepting,
                     self.departures.clone(),
+                    self.workers.clone(),
                 ));
             }
         }
@@ -702,8 +703,11 @@ async fn handshake(
         }),
         Err(e @ (UpgradeError::Exited(_) | UpgradeError::Handover(_))) => {
             // A process that fails says why before it exits (and it may
-            // exit before the offer is even sent): that is the error.
-            let said = tokio::time::timeout(Duration::from_millis(200), channel.recv()).await;
+            // exit before the offer is even sent): that is the error. Once
+            // it has exited, its end is closed and the read returns at
+            // once, with its last words or end-of-file; the bound is for a
+            // busy machine, where the runtime may be slow to get round to it.
+            let said = tokio::time::timeout(Duration::from_secs(2), channel.recv()).await;
             let status = match &e {
                 UpgradeError::Exited(_) => None,
                 _ => tokio::time::timeout(END_WAIT, process.child.wait()).await.ok(),

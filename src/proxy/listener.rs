@@ -67,6 +67,8 @@ pub struct Site {
     /// plain HTTP connections move between requests, protocol switches'
     /// tunnels at any point.
     pub departures: Arc<super::depart::Departures>,
+    /// The threads its connections run on.
+    pub workers: Arc<super::workers::Workers>,
 }
 
 /// The permits one connection holds until it ends.
@@ -250,22 +252,21 @@ pub async fn accept_loop(
                 match routes {
                     Routes::Tcp(proxy) => {
                         proxy.stats.accepted.fetch_add(1, Relaxed);
-                        let serving = proxy.clone().serve(client, peer);
-                        proxy.connections.spawn(async move {
-                            let _permits = permits;
-                            serving.await;
+                        site.workers.serve(client, move |client| {
+                            let serving = proxy.clone().serve(client, peer);
+                            proxy.connections.spawn(async move {
+                                let _permits = permits;
+                                serving.await;
+                            });
                         });
                     }
                     Routes::Http(hosts) => {
-                        let connection = super::http::serve_connection(
-                            site.clone(),
-                            hosts,
-                            client,
-                            peer,
-                            permits,
-                            Vec::new(),
-                        );
-                        site.connections.spawn(connection);
+                        let on = site.clone();
+                        site.workers.serve(client, move |client| {
+                            let connection =
+                                super::http::serve_connection(on.clone(), hosts, client, peer, permits, Vec::new());
+                            on.connections.spawn(connection);
+                        });
                     }
                 }
                 if stopped {

@@ -16,6 +16,7 @@ pub mod http;
 pub mod limit;
 pub mod listener;
 mod wake;
+pub mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

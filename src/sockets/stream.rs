@@ -28,6 +28,13 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+/// A connected socket on no runtime (still non-blocking, options kept).
+#[derive(Debug)]
+pub enum StdStream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
 impl Stream {
     /// A connected socket handed over by another process.
     pub fn adopt(fd: OwnedFd) -> io::Result<Stream> {
@@ -40,6 +47,22 @@ impl Stream {
             let socket = std::net::TcpStream::from(fd);
             socket.set_nonblocking(true)?;
             tcp(TcpStream::from_std(socket)?)
+        }
+    }
+
+    /// The socket out of this runtime, to go to another thread's.
+    pub fn into_std(self) -> io::Result<StdStream> {
+        match self {
+            Stream::Tcp(socket) => socket.into_std().map(StdStream::Tcp),
+            Stream::Unix(socket) => socket.into_std().map(StdStream::Unix),
+        }
+    }
+
+    /// A socket from another runtime (`into_std`), on this one.
+    pub fn from_std(socket: StdStream) -> io::Result<Stream> {
+        match socket {
+            StdStream::Tcp(socket) => TcpStream::from_std(socket).map(Stream::Tcp),
+            StdStream::Unix(socket) => UnixStream::from_std(socket).map(Stream::Unix),
         }
     }
 

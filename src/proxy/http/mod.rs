@@ -964,6 +964,7 @@ mod tests {
             limit: ConnectionLimit::new(0),
             daemon_limit: ConnectionLimit::new(0),
             departures,
+            workers: Default::default(),
         });
         (site, hosts)
     }

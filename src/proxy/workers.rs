@@ -1,0 +1,185 @@
+//! The threads accepted connections run on: one single-threaded runtime
+//! per core, each connection on one of them from its accept to its end.
+//!
+//! The daemon's own runtime accepts, and hands each accepted socket to a
+//! worker in turn. A connection's client and backend sockets, its timers
+//! and its task then live on that worker's thread: a wake-up never crosses
+//! cores and nothing is stolen, as in HAProxy's threads, and a worker's
+//! scheduler shares no queue or lock with the others. (tokio's
+//! multi-threaded scheduler moves tasks between cores whenever one is
+//! woken by the other core's I/O driver.)
+//!
+//! `Workers::inline()` has no threads: connections run on the caller's
+//! runtime (unit tests, and the fallback if a worker is gone).
+
+use std::cell::Cell;
+use std::io;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::sockets::stream::Stream;
+
+/// Work for a worker: runs on its thread, inside its runtime.
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// The worker threads, or none.
+#[derive(Debug, Default)]
+pub struct Workers {
+    lanes: Vec<mpsc::UnboundedSender<Job>>,
+    stop: CancellationToken,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+thread_local! {
+    /// The lane the next connection accepted on this thread goes to.
+    static NEXT_LANE: Cell<usize> = const { Cell::new(0) };
+}
+
+impl Workers {
+    /// No worker threads: connections run where they are accepted.
+    pub fn inline() -> Workers {
+        Workers::default()
+    }
+
+    /// `count` worker threads (0: `inline`), each running its own
+    /// single-threaded runtime until `shutdown`.
+    pub fn start(count: usize) -> io::Result<Workers> {
+        let mut workers = Workers::default();
+        let threads = workers.threads.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (lane, mut jobs) = mpsc::unbounded_channel::<Job>();
+            let stop = workers.stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("interlude-conn-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        loop {
+                            tokio::select! {
+                                biased;
+                                () = stop.cancelled() => break,
+                                job = jobs.recv() => match job {
+                                    Some(job) => job(),
+                                    None => break,
+                                },
+                            }
+                        }
+                    });
+                    // Dropping the runtime ends what still runs on it: by
+                    // now the daemon has waited for (or killed) every
+                    // connection.
+                })?;
+            workers.lanes.push(lane);
+            threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// How many worker threads there are (0: inline).
+    pub fn count(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Runs `serve` with `client` on the next worker in turn (on the
+    /// caller's runtime if there is none). `serve` spawns the connection's
+    /// task, which then lives on that worker.
+    pub fn serve(&self, client: Stream, serve: impl FnOnce(Stream) + Send + 'static) {
+        if self.lanes.is_empty() {
+            return serve(client);
+        }
+        let lane = NEXT_LANE.with(|next| {
+            let lane = next.get() % self.lanes.len();
+            next.set(lane + 1);
+            lane
+        });
+        // Out of this runtime's reactor, into the worker's.
+        let client = match client.into_std() {
+            Ok(client) => client,
+            Err(e) => {
+                warn!(error = %e, "cannot hand an accepted connection to a worker; closing it");
+                return;
+            }
+        };
+        let job: Job = Box::new(move || match Stream::from_std(client) {
+            Ok(client) => serve(client),
+            Err(e) => warn!(error = %e, "a worker cannot take an accepted connection; closing it"),
+        });
+        if let Err(refused) = self.lanes[lane].send(job) {
+            // The worker is gone (only at the very end of a stop): serve it
+            // here rather than drop it.
+            (refused.0)();
+        }
+    }
+
+    /// Ends the worker threads and waits for them (after the daemon ended:
+    /// whatever still runs on them is dropped).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for thread in threads {
+            if thread.join().is_err() {
+                warn!("a connection worker thread panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Connections go to the workers in turn and run on their threads, not
+    /// the acceptor's: each echoes, and both workers served some.
+    #[tokio::test]
+    async fn connections_run_on_the_workers_in_turn() {
+        let workers = Arc::new(Workers::start(2).expect("workers"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+            let (accepted, _) = listener.accept().await.expect("accept");
+            let (threads, served) = (threads.clone(), served.clone());
+            workers.serve(Stream::Tcp(accepted), move |client| {
+                threads.lock().unwrap().push(std::thread::current().name().map(str::to_owned));
+                tokio::spawn(async move {
+                    let Stream::Tcp(mut client) = client else { return };
+                    let mut byte = [0u8; 1];
+                    if client.read_exact(&mut byte).await.is_ok() {
+                        let _ = client.write_all(&byte).await;
+                        served.fetch_add(1, SeqCst);
+                    }
+                });
+            });
+        }
+        for (i, client) in clients.iter_mut().enumerate() {
+            client.write_all(&[i as u8]).await.expect("write");
+            let mut byte = [0u8; 1];
+            client.read_exact(&mut byte).await.expect("the echo, from a worker");
+            assert_eq!(byte[0], i as u8);
+        }
+        let mut threads = threads.lock().unwrap().clone();
+        threads.sort();
+        assert_eq!(
+            threads,
+            vec![
+                Some("interlude-conn-0".to_string()),
+                Some("interlude-conn-0".to_string()),
+                Some("interlude-conn-1".to_string()),
+                Some("interlude-conn-1".to_string()),
+            ]
+        );
+        assert_eq!(served.load(SeqCst), 4);
+        let stopping = workers.clone();
+        tokio::task::spawn_blocking(move || stopping.shutdown()).await.expect("shutdown");
+    }
+}
