@@ -22,10 +22,10 @@ use super::registry::RunningProxy;
 use crate::config::{Address, Mode};
 use crate::drain::drain_within;
 use crate::proxy::depart::Departures;
-use crate::proxy::workers::Workers;
 use crate::proxy::http::VirtualHosts;
 use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
+use crate::proxy::workers::Workers;
 use crate::sockets::stream::Listener;
 
 /// An accept loop, the socket it owns and the routes it serves.

@@ -547,7 +547,10 @@ impl Daemon {
             warn!("some background tasks did not end in time");
         }
         // Every connection has ended or was killed: the worker threads go.
-        if tokio::task::spawn_blocking(move || workers.shutdown()).await.is_err() {
+        if tokio::task::spawn_blocking(move || workers.shutdown())
+            .await
+            .is_err()
+        {
             warn!("the connection workers did not stop cleanly");
         }
         info!("stopped");

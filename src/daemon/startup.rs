@@ -160,9 +160,15 @@ where
     passed.log();
     let mut inherited = inherited_sockets(passed);
     raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // With connection workers, the daemon's own runtime accepts, checks
+    // health and answers the control socket: one thread does.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_count() > 0 {
+        builder.worker_threads(1);
+    }
+    let runtime = builder
         .enable_all()
-        .thread_name("interlude-worker")
+        .thread_name("interlude-daemon")
         .build()
         .map_err(|error| StartError::Runtime {
             what: "start the async runtime",
@@ -211,7 +217,10 @@ where
 /// on the daemon's own multi-threaded runtime instead (for comparison in
 /// the benchmark).
 fn worker_count() -> usize {
-    match std::env::var("INTERLUDE_WORKERS").ok().and_then(|n| n.parse().ok()) {
+    match std::env::var("INTERLUDE_WORKERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
         Some(count) => count,
         None => std::thread::available_parallelism().map_or(1, usize::from),
     }
@@ -302,10 +311,12 @@ impl Daemon {
         }
         let (proxy_event_sender, proxy_events) = mpsc::unbounded_channel();
         let departures = Arc::new(Departures::default());
-        let workers = Arc::new(Workers::start(worker_count()).map_err(|error| StartError::Runtime {
-            what: "start the connection worker threads",
-            error,
-        })?);
+        let workers = Arc::new(
+            Workers::start(worker_count()).map_err(|error| StartError::Runtime {
+                what: "start the connection worker threads",
+                error,
+            })?,
+        );
         let mut proxies = Vec::with_capacity(config.proxies.len());
         for proxy_config in &config.proxies {
             let restored = saved

@@ -222,7 +222,7 @@ pub async fn accept_loop(
                 heartbeat.answer();
                 continue;
             }
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept_std() => accepted,
         };
         drop(reserved);
         match accepted {
@@ -263,8 +263,14 @@ pub async fn accept_loop(
                     Routes::Http(hosts) => {
                         let on = site.clone();
                         site.workers.serve(client, move |client| {
-                            let connection =
-                                super::http::serve_connection(on.clone(), hosts, client, peer, permits, Vec::new());
+                            let connection = super::http::serve_connection(
+                                on.clone(),
+                                hosts,
+                                client,
+                                peer,
+                                permits,
+                                Vec::new(),
+                            );
                             on.connections.spawn(connection);
                         });
                     }

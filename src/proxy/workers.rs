@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::sockets::stream::Stream;
+use crate::sockets::stream::{StdStream, Stream};
 
 /// Work for a worker: runs on its thread, inside its runtime.
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -49,9 +49,14 @@ impl Workers {
     /// single-threaded runtime until `shutdown`.
     pub fn start(count: usize) -> io::Result<Workers> {
         let mut workers = Workers::default();
-        let threads = workers.threads.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let threads = workers
+            .threads
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let (lane, mut jobs) = mpsc::unbounded_channel::<Job>();
             let stop = workers.stop.clone();
             let thread = std::thread::Builder::new()
@@ -85,29 +90,22 @@ impl Workers {
     }
 
     /// Runs `serve` with `client` on the next worker in turn (on the
-    /// caller's runtime if there is none). `serve` spawns the connection's
-    /// task, which then lives on that worker.
-    pub fn serve(&self, client: Stream, serve: impl FnOnce(Stream) + Send + 'static) {
+    /// caller's runtime if there is none), where it is registered. `serve`
+    /// spawns the connection's task, which then lives on that worker.
+    pub fn serve(&self, client: StdStream, serve: impl FnOnce(Stream) + Send + 'static) {
+        let job = move || match Stream::from_std(client) {
+            Ok(client) => serve(client),
+            Err(e) => warn!(error = %e, "cannot register an accepted connection; closing it"),
+        };
         if self.lanes.is_empty() {
-            return serve(client);
+            return job();
         }
         let lane = NEXT_LANE.with(|next| {
             let lane = next.get() % self.lanes.len();
             next.set(lane + 1);
             lane
         });
-        // Out of this runtime's reactor, into the worker's.
-        let client = match client.into_std() {
-            Ok(client) => client,
-            Err(e) => {
-                warn!(error = %e, "cannot hand an accepted connection to a worker; closing it");
-                return;
-            }
-        };
-        let job: Job = Box::new(move || match Stream::from_std(client) {
-            Ok(client) => serve(client),
-            Err(e) => warn!(error = %e, "a worker cannot take an accepted connection; closing it"),
-        });
+        let job: Job = Box::new(job);
         if let Err(refused) = self.lanes[lane].send(job) {
             // The worker is gone (only at the very end of a stop): serve it
             // here rather than drop it.
@@ -119,7 +117,12 @@ impl Workers {
     /// whatever still runs on them is dropped).
     pub fn shutdown(&self) {
         self.stop.cancel();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let threads = std::mem::take(
+            &mut *self
+                .threads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
         for thread in threads {
             if thread.join().is_err() {
                 warn!("a connection worker thread panicked");
@@ -149,14 +152,18 @@ mod tests {
             clients.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
             let (accepted, _) = listener.accept().await.expect("accept");
             let (threads, served) = (threads.clone(), served.clone());
-            workers.serve(Stream::Tcp(accepted), move |client| {
-                threads.lock().unwrap().push(std::thread::current().name().map(str::to_owned));
+            let accepted = StdStream::Tcp(accepted.into_std().expect("off the test's runtime"));
+            workers.serve(accepted, move |client| {
+                threads
+                    .lock()
+                    .unwrap()
+                    .push(std::thread::current().name().map(str::to_owned));
                 tokio::spawn(async move {
                     let Stream::Tcp(mut client) = client else { return };
                     let mut byte = [0u8; 1];
                     if client.read_exact(&mut byte).await.is_ok() {
-                        let _ = client.write_all(&byte).await;
                         served.fetch_add(1, SeqCst);
+                        let _ = client.write_all(&byte).await;
                     }
                 });
             });
@@ -164,7 +171,10 @@ mod tests {
         for (i, client) in clients.iter_mut().enumerate() {
             client.write_all(&[i as u8]).await.expect("write");
             let mut byte = [0u8; 1];
-            client.read_exact(&mut byte).await.expect("the echo, from a worker");
+            client
+                .read_exact(&mut byte)
+                .await
+                .expect("the echo, from a worker");
             assert_eq!(byte[0], i as u8);
         }
         let mut threads = threads.lock().unwrap().clone();
@@ -180,6 +190,8 @@ mod tests {
         );
         assert_eq!(served.load(SeqCst), 4);
         let stopping = workers.clone();
-        tokio::task::spawn_blocking(move || stopping.shutdown()).await.expect("shutdown");
+        tokio::task::spawn_blocking(move || stopping.shutdown())
+            .await
+            .expect("shutdown");
     }
 }

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
 use super::address::{Address, TcpTarget};
 
@@ -50,15 +51,7 @@ impl Stream {
         }
     }
 
-    /// The socket out of this runtime, to go to another thread's.
-    pub fn into_std(self) -> io::Result<StdStream> {
-        match self {
-            Stream::Tcp(socket) => socket.into_std().map(StdStream::Tcp),
-            Stream::Unix(socket) => socket.into_std().map(StdStream::Unix),
-        }
-    }
-
-    /// A socket from another runtime (`into_std`), on this one.
+    /// A socket accepted for this runtime (`Listener::accept_std`).
     pub fn from_std(socket: StdStream) -> io::Result<Stream> {
         match socket {
             StdStream::Tcp(socket) => TcpStream::from_std(socket).map(Stream::Tcp),
@@ -199,8 +192,11 @@ fn tcp(stream: TcpStream) -> io::Result<Stream> {
 /// dropped, unless another process has replaced it meanwhile.
 #[derive(Debug)]
 pub enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, OwnedSocketFile),
+    // Polled for readiness and accepted from directly, not through tokio's
+    // listeners: an accepted socket is registered only by the runtime that
+    // serves it (a connection worker's), once.
+    Tcp(AsyncFd<std::net::TcpListener>),
+    Unix(AsyncFd<std::os::unix::net::UnixListener>, OwnedSocketFile),
 }
 
 /// Who connected, for logs.
@@ -244,15 +240,21 @@ impl Listener {
                 }
                 .map_err(io)?;
                 socket.set_reuseaddr(true).map_err(io)?;
+                // Accepted sockets inherit it: no setsockopt per connection.
+                socket.set_nodelay(true).map_err(io)?;
                 socket.bind(addr).map_err(io)?;
-                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG).map_err(io)?))
+                let listener = socket.listen(LISTEN_BACKLOG).map_err(io)?;
+                Ok(Listener::Tcp(
+                    watched(listener.into_std().map_err(io)?).map_err(io)?,
+                ))
             }
             Address::Unix(path) => {
                 remove_stale_socket(path).await.map_err(fail)?;
-                let listener = UnixListener::bind(path).map_err(io)?;
+                let listener = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
+                listener.set_nonblocking(true).map_err(io)?;
                 let meta = std::fs::metadata(path).map_err(io)?;
                 Ok(Listener::Unix(
-                    listener,
+                    watched(listener).map_err(io)?,
                     OwnedSocketFile {
                         path: path.clone(),
                         identity: Some((meta.dev(), meta.ino())),
@@ -278,7 +280,9 @@ impl Listener {
             Address::Tcp(_) => {
                 let listener = std::net::TcpListener::from(fd);
                 listener.set_nonblocking(true)?;
-                Ok(Listener::Tcp(TcpListener::from_std(listener)?))
+                // Accepted sockets inherit it (see `bind`).
+                rustix::net::sockopt::set_tcp_nodelay(&listener, true)?;
+                Ok(Listener::Tcp(watched(listener)?))
             }
             Address::Unix(path) => {
                 let listener = std::os::unix::net::UnixListener::from(fd);
@@ -288,7 +292,7 @@ impl Listener {
                     _ => None,
                 };
                 Ok(Listener::Unix(
-                    UnixListener::from_std(listener)?,
+                    watched(listener)?,
                     OwnedSocketFile {
                         path: path.clone(),
                         identity,
@@ -312,15 +316,15 @@ impl Listener {
     /// The listening socket, to hand over to another process.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
-            Listener::Tcp(l) => l.as_fd(),
-            Listener::Unix(l, _) => l.as_fd(),
+            Listener::Tcp(l) => l.get_ref().as_fd(),
+            Listener::Unix(l, _) => l.get_ref().as_fd(),
         }
     }
 
     /// The address actually bound (a TCP port 0 becomes the chosen port).
     pub fn local_address(&self) -> Address {
         match self {
-            Listener::Tcp(l) => match l.local_addr() {
+            Listener::Tcp(l) => match l.get_ref().local_addr() {
                 Ok(addr) => Address::Tcp(TcpTarget::Ip(addr)),
                 Err(_) => Address::Tcp(TcpTarget::Ip(([0, 0, 0, 0], 0).into())),
             },
@@ -328,18 +332,48 @@ impl Listener {
         }
     }
 
+    /// The next connection, on this runtime.
     pub async fn accept(&self) -> io::Result<(Stream, Peer)> {
+        let (stream, peer) = self.accept_std().await?;
+        Ok((Stream::from_std(stream)?, peer))
+    }
+
+    /// The next connection, on no runtime yet (for the one that serves it).
+    /// Non-blocking and close-on-exec from the start (one system call); a
+    /// TCP one has TCP_NODELAY from the listener.
+    pub async fn accept_std(&self) -> io::Result<(StdStream, Peer)> {
+        use rustix::net::{SocketFlags, acceptfrom_with};
+        let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
         match self {
-            Listener::Tcp(l) => {
-                let (stream, peer) = l.accept().await?;
-                Ok((tcp(stream)?, Peer::Tcp(peer)))
-            }
-            Listener::Unix(l, _) => {
-                let (stream, _) = l.accept().await?;
-                Ok((Stream::Unix(stream), Peer::Unix))
-            }
+            Listener::Tcp(l) => loop {
+                let mut ready = l.readable().await?;
+                if let Ok(accepted) = ready.try_io(|l| Ok(acceptfrom_with(l.get_ref(), flags)?)) {
+                    let (fd, from) = accepted?;
+                    let peer = from
+                        .and_then(|from| std::net::SocketAddr::try_from(from).ok())
+                        .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+                    return Ok((StdStream::Tcp(std::net::TcpStream::from(fd)), Peer::Tcp(peer)));
+                }
+            },
+            Listener::Unix(l, _) => loop {
+                let mut ready = l.readable().await?;
+                if let Ok(accepted) = ready.try_io(|l| Ok(acceptfrom_with(l.get_ref(), flags)?)) {
+                    let (fd, _) = accepted?;
+                    return Ok((
+                        StdStream::Unix(std::os::unix::net::UnixStream::from(fd)),
+                        Peer::Unix,
+                    ));
+                }
+            },
         }
     }
+}
+
+/// A listening socket registered for readiness with this runtime.
+fn watched<L: AsFd + std::os::fd::AsRawFd>(listener: L) -> io::Result<AsyncFd<L>> {
+    // SAFETY: the `AsyncFd` owns `listener`, an open socket whose
+    // descriptor never changes, and closes it only after deregistering.
+    unsafe { AsyncFd::register(listener) }.map_err(|e| e.into_parts().1)
 }
 
 /// The socket file a UNIX listener created, identified by device and inode
@@ -620,6 +654,39 @@ impl tokio::io::AsyncWrite for Client {
         match self.get_mut() {
             Client::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Client::Tls(s) => std::pin::Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An accepted TCP socket has TCP_NODELAY from its listener, bound or
+    /// adopted, without a system call of its own.
+    #[tokio::test]
+    async fn accepted_tcp_sockets_have_nodelay_from_the_listener() {
+        let address = Address::parse("tcp://127.0.0.1:0").expect("address");
+        let bound = Listener::bind(&address).await.expect("bind");
+        let adopted = {
+            let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let address =
+                Address::parse(&format!("tcp://{}", plain.local_addr().expect("address"))).expect("address");
+            Listener::adopt(OwnedFd::from(plain), &address, false).expect("adopt")
+        };
+        for listener in [bound, adopted] {
+            let Address::Tcp(TcpTarget::Ip(at)) = listener.local_address() else {
+                panic!("a TCP address");
+            };
+            let _client = TcpStream::connect(at).await.expect("connect");
+            let (accepted, _) = listener.accept_std().await.expect("accept");
+            let StdStream::Tcp(accepted) = accepted else {
+                panic!("a TCP socket");
+            };
+            assert!(
+                accepted.nodelay().expect("TCP_NODELAY"),
+                "the accepted socket lacks TCP_NODELAY"
+            );
         }
     }
 }
