@@ -12,6 +12,7 @@
 mod body;
 mod client;
 mod head;
+mod park;
 // Public for the fuzz targets (fuzz/), which feed them arbitrary bytes.
 pub mod headers;
 pub mod route;
@@ -41,7 +42,7 @@ pub use route::VirtualHosts;
 
 use super::depart::{Carried, Enlisted, LiveConnection};
 use super::forward::{self, Traffic};
-use super::gate::{Admission, HeldTicket, MovedClient, RejectReason};
+use super::gate::{self, Admission, HeldTicket, MovedClient, RejectReason};
 use super::hold::{self, Hold};
 use super::listener::{Permits, Routes, Site};
 use super::wake::PollWhenWoken;
@@ -50,6 +51,7 @@ use crate::backends::{ConnectFailure, InFlight};
 use crate::sockets::stream::{Peer, Stream};
 use body::{Exchange, ResponseBody};
 use client::{ClientSocket, SharedClient};
+use park::{First, Parked};
 use wire::RequestFraming;
 
 /// One client connection, as its requests see it.
@@ -81,6 +83,9 @@ struct ClientConnection {
     settled: Notify,
     /// Not TLS: its socket can be taken back from hyper (and move).
     plain: bool,
+    /// How the hold of its first request ended, when it was held before
+    /// hyper had the connection (taken by that request).
+    first: std::sync::Mutex<Option<First>>,
 }
 
 impl ClientConnection {
@@ -177,6 +182,9 @@ impl hyper::body::Body for Served {
 /// `early`: bytes already read from the client (a connection an upgrade
 /// brought over with its held request, or its next one), served before
 /// what follows.
+///
+/// While some proxy is paused, a plain connection's first request is read
+/// and, if held, held before hyper has the connection (see `park`).
 pub async fn serve_connection(
     site: Arc<Site>,
     hosts: Arc<VirtualHosts>,
@@ -197,9 +205,37 @@ pub async fn serve_connection(
         },
     };
     let permits = Arc::new(permits);
-    let (mut early, mut may_move) = (early, true);
+    let plain = matches!(client, crate::sockets::stream::Client::Plain(_));
+    let mut enlisted = plain.then(|| site.departures.enlist());
+    let (mut early, mut parked) = (early, None);
+    if plain && gate::any_paused() {
+        let crate::sockets::stream::Client::Plain(socket) = client else {
+            return;
+        };
+        match park::first_request(&site, socket, early, &peer, settings.request_timeout, enlisted).await {
+            Parked::Serve {
+                socket,
+                early: read,
+                first,
+                enlisted: still,
+            } => {
+                client = crate::sockets::stream::Client::Plain(socket);
+                early = read;
+                parked = first;
+                enlisted = still.or_else(|| Some(site.departures.enlist()));
+            }
+            Parked::TimedOut(socket) => {
+                debug!(peer = %peer, "no complete request head within request_timeout");
+                head::answer_timeout(socket).await;
+                return;
+            }
+            Parked::Done => return,
+        }
+    }
     loop {
-        let served = serve(
+        // Boxed: a parked request's task does not carry hyper's
+        // connection inline.
+        let served = Box::pin(serve(
             &site,
             &first,
             &settings,
@@ -207,8 +243,9 @@ pub async fn serve_connection(
             &peer,
             permits.clone(),
             early,
-            may_move,
-        );
+            enlisted.take(),
+            parked.take(),
+        ));
         // Held until the connection is on its way, so that the upgrade
         // does not see every connection answered before this one left.
         let Some((live, _enlisted)) = served.await else {
@@ -220,7 +257,6 @@ pub async fn serve_connection(
                 debug!(peer = %peer, "the upgraded process took no connection; this one carries on here");
                 client = crate::sockets::stream::Client::Plain(back.client);
                 early = back.carried.to_backend;
-                may_move = false;
             }
         }
     }
@@ -234,22 +270,24 @@ enum Outcome {
 }
 
 /// Serves `client` with hyper until the connection ends (`None`) or, when
-/// it `may_move` and the site's departures call, stops between requests
-/// and returns itself as a live connection (with its place in the count
-/// of those called).
+/// it is `enlisted` (it may move) and the site's departures call, stops
+/// between requests and returns itself as a live connection (with its
+/// place in the count of those called). `parked`: how the hold of its
+/// first request ended, if it was held before hyper had the connection.
 #[allow(clippy::too_many_arguments)]
-async fn serve(
-    site: &Arc<Site>,
+async fn serve<'a>(
+    site: &'a Arc<Site>,
     first: &Arc<Proxy>,
     settings: &ProxySettings,
     client: crate::sockets::stream::Client,
     peer: &Peer,
     permits: Arc<Permits>,
     early: Vec<u8>,
-    may_move: bool,
+    enlisted: Option<(Enlisted, &'a CancellationToken)>,
+    parked: Option<First>,
 ) -> Option<(LiveConnection, Enlisted)> {
     let plain = matches!(client, crate::sockets::stream::Client::Plain(_));
-    let may_move = may_move && plain;
+    let may_move = enlisted.is_some() && plain;
     let (client, socket) = SharedClient::new(client, early);
     let connection = Arc::new(ClientConnection {
         site: site.clone(),
@@ -263,8 +301,9 @@ async fn serve(
         stays: AtomicBool::new(!may_move),
         settled: Notify::new(),
         plain,
+        first: std::sync::Mutex::new(parked),
     });
-    let mut enlisted = may_move.then(|| site.departures.enlist());
+    let mut enlisted = enlisted.filter(|_| may_move);
     let serving_connection = connection.clone();
     let service = service_fn(move |request| {
         // Counted at once, in hyper's call: a move never closes under it.
@@ -429,6 +468,12 @@ fn connection_has(headers: &hyper::HeaderMap, token: &str) -> bool {
 }
 
 async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Response<ResponseBody> {
+    // Only ever the connection's first request.
+    let parked = connection
+        .first
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
     if let Some(refused) = refuse(&request) {
         return refused;
     }
@@ -441,7 +486,8 @@ async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Re
         return local(StatusCode::NOT_FOUND, "no proxy here serves this host\n");
     };
     proxy.stats.accepted.fetch_add(1, Relaxed);
-    let response = exchange(&proxy, connection, request).await;
+    let parked = parked.filter(|parked| parked.for_proxy(&proxy));
+    let response = exchange(&proxy, connection, request, parked).await;
     // A request that moved is answered by the upgraded process, and
     // counted there.
     if response.extensions().get::<Moved>().is_none() {
@@ -460,7 +506,7 @@ struct Moved;
 /// `Host` is missing (HTTP/1.1) or repeated, which RFC 9112 section 3.2
 /// says to answer 400: routing by one `Host` while the backend reads
 /// another is how requests get smuggled past a virtual host.
-fn refuse(request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+fn refuse<B>(request: &Request<B>) -> Option<Response<ResponseBody>> {
     if request.method() == Method::CONNECT {
         let mut response = local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
         let headers = response.headers_mut();
@@ -490,13 +536,21 @@ fn bad_request(why: &'static str) -> Response<ResponseBody> {
 /// What a `405` to `CONNECT` says is allowed: every standard method but it.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
-/// One request through the proxy's gate, then to a backend.
+/// One request through the proxy's gate, then to a backend. `parked`: it
+/// was held before hyper had its connection, and its hold ended so.
 async fn exchange(
     proxy: &Arc<Proxy>,
     connection: &ClientConnection,
     request: Request<Incoming>,
+    parked: Option<First>,
 ) -> Response<ResponseBody> {
     let mut settings = proxy.settings.borrow().clone();
+    match parked {
+        // Released: the gate has let it through already.
+        Some(First::Released(_)) => return forward(proxy, &settings, connection, request).await,
+        Some(First::Closed(_)) => return unavailable(&settings, "shutting down\n"),
+        None => {}
+    }
     if !route::bypasses(&settings.bypass, &request) {
         match proxy.gate.admit() {
             Admission::Forward => {}
@@ -1008,6 +1062,86 @@ mod tests {
             .await
             .expect("the connection left in time")
             .expect("a connection")
+    }
+
+    fn pause(proxy: &Proxy, paused: bool) {
+        let pause = paused.then(|| crate::proxy::gate::RuntimePause {
+            since: std::time::SystemTime::now(),
+            by: "test".into(),
+        });
+        proxy.gate.set_runtime(pause);
+    }
+
+    async fn held(proxy: &Proxy, count: u64) {
+        tokio::time::timeout(WAIT, async {
+            while proxy.gate.held() != count {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("held in time");
+    }
+
+    /// The first request of a connection, held, costs its socket and its
+    /// bytes, not a hyper connection (whose buffers are 16 KiB); a next
+    /// one on the same connection is held in hyper's service as before.
+    #[tokio::test]
+    async fn a_held_first_request_is_parked_outside_hyper_and_served_on_its_release() {
+        let (address, mut seen) = backend(None).await;
+        let (site, hosts) = site(address);
+        let proxy = hosts.any().cloned().expect("the proxy");
+        pause(&proxy, true);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        held(&proxy, 1).await;
+        assert_eq!(park::tests::parked(), 1, "held inside hyper's connection");
+        assert!(seen.try_recv().is_err(), "forwarded while paused");
+        pause(&proxy, false);
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(park::tests::parked(), 0);
+        assert_eq!(proxy.stats.accepted.load(Relaxed), 1);
+
+        pause(&proxy, true);
+        client
+            .write_all(b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        held(&proxy, 1).await;
+        assert_eq!(park::tests::parked(), 0, "a keep-alive request is hyper's");
+        pause(&proxy, false);
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(proxy.stats.accepted.load(Relaxed), 2);
+        assert_eq!(proxy.stats.responses[1].load(Relaxed), 2);
+    }
+
+    /// A parked request whose client goes away is counted as hyper's
+    /// service counts it: accepted, answered 503 to nobody, dropped.
+    #[tokio::test]
+    async fn a_parked_request_whose_client_leaves_is_dropped_and_counted() {
+        let (address, mut seen) = backend(None).await;
+        let (site, hosts) = site(address);
+        let proxy = hosts.any().cloned().expect("the proxy");
+        pause(&proxy, true);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        held(&proxy, 1).await;
+        assert_eq!(park::tests::parked(), 1);
+        drop(client);
+        held(&proxy, 0).await;
+        assert_eq!(proxy.stats.dropped_while_held.load(Relaxed), 1);
+        assert_eq!(proxy.stats.accepted.load(Relaxed), 1);
+        assert_eq!(proxy.stats.responses[4].load(Relaxed), 1);
+        pause(&proxy, false);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(seen.try_recv().is_err(), "forwarded after its client left");
     }
 
     #[tokio::test]
