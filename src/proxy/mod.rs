@@ -394,13 +394,29 @@ impl Proxy {
             },
         }
         let _active = ActiveGuard::up(&*self);
-        let mut backend = match settings
-            .backends
-            .connect(&self.name, settings.connect_timeout)
-            .await
-        {
+        // Out of descriptors: tried again shortly, for as long as
+        // `connect_timeout`, so that a client accepted just before they ran
+        // out waits as for a slow backend (descriptors come back as
+        // connections end) rather than being closed. Each attempt that
+        // reaches a backend has the whole `connect_timeout`.
+        let waited_from = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(5);
+        let connected = loop {
+            match settings
+                .backends
+                .connect(&self.name, settings.connect_timeout)
+                .await
+            {
+                Err(ConnectFailure::Local) if waited_from.elapsed() + pause < settings.connect_timeout => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                connected => break connected,
+            }
+        };
+        let mut backend = match connected {
             Ok(backend) => backend,
-            // Out of descriptors: closed, as if refused; no backend's fault.
+            // Still out of descriptors: closed, as if refused; no backend's fault.
             Err(ConnectFailure::Local) => {
                 debug!(proxy = %self.name, %peer, "out of local resources to reach a backend; closing the connection");
                 return;
