@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
 
 use crate::conn::TlsArgs;
+use crate::procfs::CpuWindow;
 
 pub const MODE_ECHO: u8 = b'E';
 pub const MODE_SINK: u8 = b'S';
@@ -42,6 +43,11 @@ pub struct TimedArgs {
     /// Concurrent connections (workers, for connrate).
     #[arg(long, default_value_t = 1, value_parser = positive_count)]
     pub conns: usize,
+    /// Pid of the proxy under test: its CPU time over the measured window
+    /// (utime + stime, all threads, clock ticks) goes on the result line as
+    /// `proxy_ticks`.
+    #[arg(long, value_name = "PID")]
+    pub cpu_pid: Option<u32>,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -166,14 +172,17 @@ impl Run {
             eprintln!("loadgen: {what}: {e}");
         }
     }
-    /// Warm up, measure for `seconds`, return the measured window length.
-    pub async fn window(&self, seconds: f64) -> f64 {
+    /// Warm up, measure for `seconds`; the measured window's length, and the
+    /// `proxy_ticks` field of `cpu_pid` over it (see `CpuWindow`).
+    pub async fn window(&self, seconds: f64, cpu_pid: Option<u32>) -> (f64, String) {
         sleep(WARMUP).await;
         self.phase.store(PHASE_MEASURE, Relaxed);
+        let cpu = CpuWindow::start(cpu_pid);
         let t0 = Instant::now();
         sleep(Duration::from_secs_f64(seconds)).await;
         self.phase.store(PHASE_DONE, Relaxed);
-        t0.elapsed().as_secs_f64()
+        let dt = t0.elapsed().as_secs_f64();
+        (dt, cpu.finish())
     }
 }
 

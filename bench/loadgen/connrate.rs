@@ -36,6 +36,7 @@ pub async fn run(
         target,
         conns: workers,
         seconds,
+        cpu_pid,
         ..
     }: TimedArgs,
 ) {
@@ -60,10 +61,10 @@ pub async fn run(
             }
         });
     }
-    let dt = run.window(seconds).await;
+    let (dt, cpu) = run.window(seconds, cpu_pid).await;
     let n = run.ops.load(Relaxed);
     println!(
-        "mode=connrate conns={workers} seconds={dt:.3} ok={n} cps={:.0} p50_us={} p99_us={}{} errors={}",
+        "mode=connrate conns={workers} seconds={dt:.3} ok={n} cps={:.0} p50_us={} p99_us={}{cpu}{} errors={}",
         n as f64 / dt,
         run.hist.quantile(0.50),
         run.hist.quantile(0.99),

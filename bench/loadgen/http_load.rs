@@ -10,6 +10,7 @@ use tokio::time::{sleep, timeout};
 use crate::common::{OP_TIMEOUT, PHASE_DONE, PHASE_MEASURE, Run, TimedArgs, WARMUP};
 use crate::conn::tls_note;
 use crate::http::{HttpConn, http_expected_len, http_request};
+use crate::procfs::CpuWindow;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,6 +32,7 @@ pub async fn run(a: Args, default_path: &str) {
         target,
         conns,
         seconds,
+        cpu_pid,
         ..
     } = a.timed.start();
     let run = Run::new();
@@ -101,15 +103,17 @@ pub async fn run(a: Args, default_path: &str) {
     sleep(WARMUP).await;
     let (b0, r0) = (bytes.load(Relaxed), reconnects.load(Relaxed));
     run.phase.store(PHASE_MEASURE, Relaxed);
+    let cpu = CpuWindow::start(cpu_pid);
     let t0 = Instant::now();
     sleep(Duration::from_secs_f64(seconds)).await;
     run.phase.store(PHASE_DONE, Relaxed);
     let dt = t0.elapsed().as_secs_f64();
+    let cpu = cpu.finish();
     let (b, r) = (bytes.load(Relaxed) - b0, reconnects.load(Relaxed) - r0);
     let n = run.ops.load(Relaxed);
     println!(
         "mode=http path={path} conns={conns} seconds={dt:.3} reqs={n} rps={:.0} p50_us={} p99_us={} \
-         bytes={b} mbps={:.1} reconnects={r}{} errors={}",
+         bytes={b} mbps={:.1} reconnects={r}{cpu}{} errors={}",
         n as f64 / dt,
         run.hist.quantile(0.50),
         run.hist.quantile(0.99),

@@ -1,11 +1,54 @@
-//! What the held modes read from /proc: a process's VmRSS, the connections
-//! to a backend port, and the kernel's SYN drop and retransmit counters.
+//! What loadgen reads from /proc: a process's VmRSS and CPU time, the
+//! connections to a backend port, and the kernel's SYN drop and retransmit
+//! counters.
 
 /// VmRSS of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
     line.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// CPU time of process `pid`, all its threads, user plus system, in clock
+/// ticks (`getconf CLK_TCK`): fields 14 and 15 of /proc/PID/stat.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; the fields
+    // after its last ')' start with the state (field 3).
+    let mut rest = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPU time a proxy spends over a measured window (`--cpu-pid`): sampled
+/// at the window's edges rather than around the whole client run, so that
+/// the warm-up, connection setup and teardown, which the run does not count
+/// as operations, are left out.
+pub struct CpuWindow {
+    pid: Option<u32>,
+    start: Option<u64>,
+}
+
+impl CpuWindow {
+    pub fn start(pid: Option<u32>) -> Self {
+        CpuWindow {
+            pid,
+            start: pid.and_then(cpu_ticks),
+        }
+    }
+    /// ` proxy_ticks=N` for the result line, taken now; `-` when /proc could
+    /// not be read, nothing at all without `--cpu-pid`.
+    pub fn finish(&self) -> String {
+        let Some(pid) = self.pid else {
+            return String::new();
+        };
+        let ticks = match (self.start, cpu_ticks(pid)) {
+            (Some(a), Some(b)) if b >= a => (b - a).to_string(),
+            _ => "-".to_string(),
+        };
+        format!(" proxy_ticks={ticks}")
+    }
 }
 
 /// Sockets on 127.0.0.1 with local port `port` that are established or being

@@ -14,6 +14,7 @@ pub async fn run(
         target,
         conns,
         seconds,
+        cpu_pid,
         ..
     }: TimedArgs,
 ) {
@@ -45,10 +46,10 @@ pub async fn run(
             }
         });
     }
-    let dt = run.window(seconds).await;
+    let (dt, cpu) = run.window(seconds, cpu_pid).await;
     let n = run.ops.load(Relaxed);
     println!(
-        "mode=rr conns={conns} seconds={dt:.3} reqs={n} rps={:.0} p50_us={} p99_us={}{} errors={}",
+        "mode=rr conns={conns} seconds={dt:.3} reqs={n} rps={:.0} p50_us={} p99_us={}{cpu}{} errors={}",
         n as f64 / dt,
         run.hist.quantile(0.50),
         run.hist.quantile(0.99),

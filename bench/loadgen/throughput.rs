@@ -10,12 +10,14 @@ use tokio::time::sleep;
 
 use crate::common::{BULK_CHUNK, MODE_SINK, Run, TimedArgs, WARMUP};
 use crate::conn::{connect, tls_note};
+use crate::procfs::CpuWindow;
 
 pub async fn run(
     TimedArgs {
         target,
         conns,
         seconds,
+        cpu_pid,
         ..
     }: TimedArgs,
 ) {
@@ -47,14 +49,16 @@ pub async fn run(
     // the window (steady state), so this equals what the sink received.
     sleep(WARMUP).await;
     let b0 = bytes.load(Relaxed);
+    let cpu = CpuWindow::start(cpu_pid);
     let t0 = Instant::now();
     sleep(Duration::from_secs_f64(seconds)).await;
     let b1 = bytes.load(Relaxed);
     let dt = t0.elapsed().as_secs_f64();
+    let cpu = cpu.finish();
     stop.store(true, Relaxed);
     let b = b1 - b0;
     println!(
-        "mode=throughput conns={conns} seconds={dt:.3} bytes={b} mbps={:.1}{} errors={}",
+        "mode=throughput conns={conns} seconds={dt:.3} bytes={b} mbps={:.1}{cpu}{} errors={}",
         b as f64 / dt / 1e6,
         tls_note(),
         run.errors.load(Relaxed)
