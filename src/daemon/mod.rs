@@ -423,7 +423,7 @@ impl Daemon {
         for running in &self.running.proxies {
             running.proxy.wind_down();
         }
-        self.finish(sites, signals).await;
+        self.finish(sites, None, signals).await;
     }
 
     /// After an upgrade committed: the new process serves; this one lets
@@ -466,7 +466,10 @@ impl Daemon {
             .collect();
         let departures = self.departures.clone();
         let stay_on = sites.clone();
+        let moved = CancellationToken::new();
         let moving = async {
+            // Whatever happens, the stop then waits for what stayed.
+            let _moved = moved.clone().drop_guard();
             let Some(arriving) = arriving else { return };
             let mode = |name: &str| modes.iter().find(|(n, _)| **n == *name).map(|(_, mode)| *mode);
             let stay = |live| {
@@ -477,13 +480,21 @@ impl Daemon {
         // The move runs within the stop's grace period: a connection busy
         // with a request when called keeps the move waiting, and the grace
         // period (or a second stop signal) bounds that wait like any other.
-        tokio::join!(moving, self.finish(sites, signals));
+        // The stop waits for the move, so that connections that could not
+        // go (the new process failed) are served here within the period.
+        tokio::join!(moving, self.finish(sites, Some(&moved), signals));
     }
 
     /// The end of a stop: waits for the connections within the grace
     /// period (a second stop signal cuts it short), closes what is left,
-    /// then joins the daemon's own tasks.
-    async fn finish(self, sites: Vec<Arc<crate::proxy::listener::Site>>, signals: &mut Signals) {
+    /// then joins the daemon's own tasks. After an upgrade, `moved` ends
+    /// when the live connections have gone or stayed.
+    async fn finish(
+        self,
+        sites: Vec<Arc<crate::proxy::listener::Site>>,
+        moved: Option<&CancellationToken>,
+        signals: &mut Signals,
+    ) {
         let grace = self.config.shutdown.grace_period.0;
         self.retiring.close();
         let open = self.running.active_connections();
@@ -495,6 +506,9 @@ impl Daemon {
             );
         }
         let finished = async {
+            if let Some(moved) = moved {
+                moved.cancelled().await;
+            }
             for running in &self.running.proxies {
                 running.proxy.ended().await;
             }

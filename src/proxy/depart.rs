@@ -151,6 +151,13 @@ impl Departures {
         (enlisted, &joined.called)
     }
 
+    /// The call to move for a connection already enlisted (its wave's):
+    /// one that changes what it is (a request that becomes a tunnel) keeps
+    /// its place, so the count the upgrade waits for never passes zero.
+    pub fn call_for(&self, enlisted: &Enlisted) -> &CancellationToken {
+        &self.waves[enlisted.wave].called
+    }
+
     /// Connections that could still move, here.
     pub fn enlisted(&self) -> u64 {
         self.waves.iter().map(|wave| wave.enlisted.load(Relaxed)).sum()

@@ -16,6 +16,7 @@ use std::cell::Cell;
 use std::io;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -54,39 +55,24 @@ impl Workers {
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let (lane, mut jobs) = mpsc::unbounded_channel::<Job>();
+            let (lane, jobs) = mpsc::unbounded_channel::<Job>();
+            // Built on its own thread, so that no runtime is ever dropped
+            // here, inside the daemon's (tokio forbids it); the thread says
+            // whether it could.
+            let (built, started) = std::sync::mpsc::sync_channel(1);
             let stop = workers.stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("interlude-conn-{index}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        loop {
-                            tokio::select! {
-                                biased;
-                                () = stop.cancelled() => break,
-                                job = jobs.recv() => match job {
-                                    Some(job) => job(),
-                                    None => break,
-                                },
-                            }
-                        }
-                    });
-                    // Dropping the runtime ends what still runs on it: by
-                    // now the daemon has waited for (or killed) every
-                    // connection.
-                })?;
+                .spawn(move || run_worker(jobs, &stop, &built))?;
+            match started.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other("a connection worker thread ended at its start")),
+            }
             workers.lanes.push(lane);
             threads.push(thread);
         }
         Ok(workers)
-    }
-
-    /// How many worker threads there are (0: inline).
-    pub fn count(&self) -> usize {
-        self.lanes.len()
     }
 
     /// Runs `serve` with `client` on the next worker in turn (on the
@@ -130,6 +116,40 @@ impl Workers {
         }
     }
 }
+
+/// A worker thread's life: its runtime runs the jobs it is given until
+/// `stop`, then ends what still runs on it (by then the daemon has waited
+/// for, or killed, every connection), within a bound.
+fn run_worker(
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    stop: &CancellationToken,
+    built: &std::sync::mpsc::SyncSender<io::Result<()>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = built.send(Err(e));
+            return;
+        }
+    };
+    let _ = built.send(Ok(()));
+    runtime.block_on(async {
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                job = jobs.recv() => match job {
+                    Some(job) => job(),
+                    None => break,
+                },
+            }
+        }
+    });
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+}
+
+/// How long a worker waits for its blocking work (a name lookup) at the end.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -44,6 +44,17 @@ fn assert_old_exits(old: &mut Daemon, since: Instant, context: &str) -> Duration
     }
 }
 
+/// A TCP backend that hands each connection it accepts to the test, which
+/// plays the backend's part itself (and keeps it open until it drops it).
+fn backend_handing_over_its_connections() -> (TestServer, mpsc::Receiver<Stream>) {
+    let (accepted, backend_ends) = mpsc::channel::<Stream>();
+    let accepted = Mutex::new(accepted);
+    let backend = TestServer::tcp(move |stream| {
+        let _ = accepted.lock().unwrap().send(stream);
+    });
+    (backend, backend_ends)
+}
+
 /// Proxy `name`'s entry in the `/status` of the process serving `dir`'s
 /// control socket, once `active` connections show there, on the proxy and
 /// on its one backend.
@@ -269,12 +280,7 @@ fn tcp_and_unix_streams_carry_on_across_an_upgrade() {
 fn a_half_closed_connection_stays_half_closed_across_an_upgrade() {
     let dir = common::tempdir();
     let program = install(dir.path());
-    // The backend's end of each connection goes to the test.
-    let (accepted, backend_ends) = mpsc::channel::<Stream>();
-    let accepted = Mutex::new(accepted);
-    let backend = TestServer::tcp(move |stream| {
-        let _ = accepted.lock().unwrap().send(stream);
-    });
+    let (backend, backend_ends) = backend_handing_over_its_connections();
     let config = common::write_config(
         dir.path(),
         &common::one_proxy_config(dir.path(), "60s", "127.0.0.1:0", &[backend.address()], ""),
@@ -433,11 +439,7 @@ fn bytes_in_flight_both_ways_arrive_intact_across_an_upgrade() {
     const SIZE: u64 = 16 * 1024 * 1024;
     let dir = common::tempdir();
     let program = install(dir.path());
-    let (accepted, backend_ends) = mpsc::channel::<Stream>();
-    let accepted = Mutex::new(accepted);
-    let backend = TestServer::tcp(move |stream| {
-        let _ = accepted.lock().unwrap().send(stream);
-    });
+    let (backend, backend_ends) = backend_handing_over_its_connections();
     let config = common::write_config(
         dir.path(),
         &common::one_proxy_config(dir.path(), "60s", "127.0.0.1:0", &[backend.address()], ""),
@@ -824,11 +826,7 @@ fn a_request_that_never_ends_does_not_keep_the_old_process_past_its_grace_period
     let program = install(dir.path());
     // The backend reads the request and never answers; it keeps each
     // connection until the test ends.
-    let (accepted, backend_ends) = mpsc::channel::<Stream>();
-    let accepted = Mutex::new(accepted);
-    let backend = TestServer::tcp(move |stream| {
-        let _ = accepted.lock().unwrap().send(stream);
-    });
+    let (backend, backend_ends) = backend_handing_over_its_connections();
     let config = common::write_config(
         dir.path(),
         &common::one_proxy_config(

@@ -906,10 +906,9 @@ async fn tunnel_plain(
         client_to_backend: &stats.bytes_in,
         backend_to_client: &stats.bytes_out,
     };
-    // Enlisted again as a tunnel before the request's place is given up,
-    // so that the count the upgrade waits for never passes through zero.
-    let tunnel = site.departures.enlist();
-    drop(enlisted);
+    // The tunnel keeps the request's place in its wave.
+    let call = site.departures.call_for(&enlisted);
+    let tunnel = (enlisted, call);
     let to = (&exchange.active.0.name, &**exchange.in_flight.backend());
     let ended = forward::forward_movable(
         &site.departures,
@@ -1082,12 +1081,10 @@ mod tests {
         .expect("held in time");
     }
 
-    /// The first request of a connection, held, costs its socket and its
-    /// bytes, not a hyper connection (whose buffers are 16 KiB); a next
-    /// one on the same connection is held in hyper's service as before.
-    #[tokio::test]
-    async fn a_held_first_request_is_parked_outside_hyper_and_served_on_its_release() {
-        let (address, mut seen) = backend(None).await;
+    /// A paused proxy, and a client connection whose first request it holds
+    /// (the backend's requests come to the receiver).
+    async fn held_first_request() -> (Arc<Proxy>, UnixStream, mpsc::UnboundedReceiver<()>) {
+        let (address, seen) = backend(None).await;
         let (site, hosts) = site(address);
         let proxy = hosts.any().cloned().expect("the proxy");
         pause(&proxy, true);
@@ -1097,6 +1094,15 @@ mod tests {
             .await
             .expect("write");
         held(&proxy, 1).await;
+        (proxy, client, seen)
+    }
+
+    /// The first request of a connection, held, costs its socket and its
+    /// bytes, not a hyper connection (whose buffers are 16 KiB); a next
+    /// one on the same connection is held in hyper's service as before.
+    #[tokio::test]
+    async fn a_held_first_request_is_parked_outside_hyper_and_served_on_its_release() {
+        let (proxy, mut client, mut seen) = held_first_request().await;
         assert_eq!(park::tests::parked(), 1, "held inside hyper's connection");
         assert!(seen.try_recv().is_err(), "forwarded while paused");
         pause(&proxy, false);
@@ -1123,16 +1129,7 @@ mod tests {
     /// service counts it: accepted, answered 503 to nobody, dropped.
     #[tokio::test]
     async fn a_parked_request_whose_client_leaves_is_dropped_and_counted() {
-        let (address, mut seen) = backend(None).await;
-        let (site, hosts) = site(address);
-        let proxy = hosts.any().cloned().expect("the proxy");
-        pause(&proxy, true);
-        let mut client = connect(&site, &hosts);
-        client
-            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .expect("write");
-        held(&proxy, 1).await;
+        let (proxy, client, mut seen) = held_first_request().await;
         assert_eq!(park::tests::parked(), 1);
         drop(client);
         held(&proxy, 0).await;
