@@ -79,7 +79,7 @@ pub enum Command {
     /// In the new process: held clients from the previous one.
     AdoptHeld(Vec<crate::proxy::gate::MovedClient>),
     /// The new process: live connections from the previous one (after the commit).
-    AdoptLive(Vec<crate::proxy::depart::LiveConnection>),
+    AdoptLive(Vec<crate::proxy::depart::LiveConnection<crate::sockets::stream::StdStream>>),
     /// In the new process: every held client was sent; the previous
     /// process's state as it is now and the proxies it still holds clients
     /// of. Answered with the number of clients adopted.

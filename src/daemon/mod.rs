@@ -41,6 +41,7 @@ use tracing::{info, warn};
 
 use crate::config::{Address, Config, Mode};
 use crate::drain::{Drained, drain};
+use crate::proxy::depart::LiveConnection;
 use crate::proxy::limit::{ConnectionLimit, DaemonLimit};
 use crate::proxy::{Proxy, ProxyEvent, ProxyEvents};
 use crate::telemetry::stats::{self, StatsLog};
@@ -327,18 +328,22 @@ impl Daemon {
         }
     }
 
-    /// Pings the watchdog only if every accept loop answered the previous
-    /// tick (a loop that is not being polled must stop the pings), then
-    /// sends the next tick.
+    /// Pings the watchdog only if every accept loop and every connection
+    /// worker answered the previous tick (one that is not being polled
+    /// must stop the pings), then sends the next tick.
     fn watchdog_round(&mut self) {
         let expected = *self.watchdog_ticks.borrow();
         let stuck = self.running.stuck_listeners(expected);
-        if stuck.is_empty() {
+        let stuck_workers = self.workers.stuck(expected);
+        if stuck.is_empty() && stuck_workers.is_empty() {
             systemd::watchdog();
+        } else if stuck.is_empty() {
+            warn!(workers = ?stuck_workers, "connection worker not answering: withholding the systemd watchdog ping");
         } else {
             warn!(listeners = ?stuck, "accept loop not answering: withholding the systemd watchdog ping");
         }
         self.watchdog_ticks.send_modify(|tick| *tick += 1);
+        self.workers.heartbeat(*self.watchdog_ticks.borrow());
     }
 
     /// Ends the runtime pause that reached its `max_duration`.
@@ -466,14 +471,18 @@ impl Daemon {
             .collect();
         let departures = self.departures.clone();
         let stay_on = sites.clone();
+        let workers = self.workers.clone();
         let moved = CancellationToken::new();
         let moving = async {
             // Whatever happens, the stop then waits for what stayed.
             let _moved = moved.clone().drop_guard();
             let Some(arriving) = arriving else { return };
             let mode = |name: &str| modes.iter().find(|(n, _)| **n == *name).map(|(_, mode)| *mode);
-            let stay = |live| {
-                relocate::serve_live(&proxies, &mode, &stay_on, live);
+            let stay = |live: LiveConnection| match live.unregister() {
+                Ok(live) => {
+                    relocate::serve_live(&proxies, &mode, &stay_on, &workers, live);
+                }
+                Err(e) => warn!(error = %e, "cannot take back a live connection; closing it"),
             };
             relocate::send_live(&channel, &departures, arriving, stay).await;
         };

@@ -12,9 +12,10 @@
 //! process, from what they had in hand: nothing is dropped.
 //!
 //! The new process turns each entry back into a connection and serves it
-//! from where it stopped: on its proxy's backend (`Proxy::resume`), or, for
-//! a mode http client between requests, as an HTTP connection whose next
-//! request starts with the bytes already read.
+//! from where it stopped, on a connection worker like any accepted one: on
+//! its proxy's backend (`Proxy::resume`), or, for a mode http client
+//! between requests, as an HTTP connection whose next request starts with
+//! the bytes already read.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -32,8 +33,9 @@ use crate::proxy::Proxy;
 use crate::proxy::depart::{Carried, Departures, LiveBackend, LiveConnection, WAVES};
 use crate::proxy::http;
 use crate::proxy::listener::{Permits, Routes, Site};
+use crate::proxy::workers::Workers;
 use crate::sockets::address::Address;
-use crate::sockets::stream::Stream;
+use crate::sockets::stream::StdStream;
 
 /// How long one packet may take to go out before the new process is taken
 /// to be stuck (its socket buffer full) and the rest stay here.
@@ -208,21 +210,21 @@ pub(super) fn live_connections(
     entries: Vec<LiveEntry>,
     payload: &[u8],
     fds: Vec<OwnedFd>,
-) -> Vec<LiveConnection> {
+) -> Vec<LiveConnection<StdStream>> {
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let mut take = |index: usize| fds.get_mut(index).and_then(Option::take);
     let mut connections = Vec::with_capacity(entries.len());
     for entry in entries {
         let client = take(entry.client);
         let backend = entry.backend.map(|b| (take(b.fd), b));
-        let Some(client) = client.map(Stream::adopt).and_then(Result::ok) else {
+        let Some(client) = client.map(StdStream::adopt).and_then(Result::ok) else {
             warn!(proxy = %entry.proxy, "a live connection arrived without a usable client socket; closing it");
             continue;
         };
         let backend = match backend {
             None => None,
             Some((fd, b)) => {
-                let stream = fd.map(Stream::adopt).and_then(Result::ok);
+                let stream = fd.map(StdStream::adopt).and_then(Result::ok);
                 let address = Address::parse(&b.address);
                 match (stream, address) {
                     (Some(stream), Ok(address)) => Some(LiveBackend {
@@ -255,21 +257,29 @@ pub(super) fn live_connections(
     connections
 }
 
-/// Serves a live connection on its proxy: mode tcp (or a tunnel) copies
-/// on; a mode http client between requests is served by its site. False
-/// if this process has nowhere to serve it (it is closed).
+/// Serves a live connection on its proxy, on the next connection worker:
+/// mode tcp (or a tunnel) copies on; a mode http client between requests
+/// is served by its site. False if this process has nowhere to serve it
+/// (it is closed).
 pub(super) fn serve_live(
     proxies: &[Arc<Proxy>],
     modes: &dyn Fn(&str) -> Option<Mode>,
     sites: &[Arc<Site>],
-    live: LiveConnection,
+    workers: &Workers,
+    live: LiveConnection<StdStream>,
 ) -> bool {
     let Some(proxy) = proxies.iter().find(|p| p.name == live.proxy) else {
         warn!(proxy = %live.proxy, "a live connection for a proxy this config does not have; closing it");
         return false;
     };
     if live.backend.is_some() || modes(&live.proxy) == Some(Mode::Tcp) {
-        proxy.connections.spawn(proxy.clone().resume(live));
+        let proxy = proxy.clone();
+        workers.run(move || match live.register() {
+            Ok(live) => {
+                proxy.connections.spawn(proxy.clone().resume(live));
+            }
+            Err(e) => warn!(proxy = %proxy.name, error = %e, "cannot register a live connection; closing it"),
+        });
         return true;
     }
     let found = sites.iter().find_map(|site| match &*site.routes.borrow() {
@@ -282,23 +292,33 @@ pub(super) fn serve_live(
         warn!(proxy = %live.proxy, "a live HTTP connection for a proxy that listens nowhere; closing it");
         return false;
     };
-    let peer = live.client.peer();
     let permits = Permits::admitted(&site);
-    let serving = http::serve_connection(
-        site.clone(),
-        hosts,
-        live.client,
-        peer,
-        permits,
-        live.carried.to_backend,
-    );
-    site.connections.spawn(serving);
+    let name = live.proxy.clone();
+    workers.run(move || {
+        let live = match live.register() {
+            Ok(live) => live,
+            Err(e) => {
+                warn!(proxy = %name, error = %e, "cannot register a live connection; closing it");
+                return;
+            }
+        };
+        let peer = live.client.peer();
+        let serving = http::serve_connection(
+            site.clone(),
+            hosts,
+            live.client,
+            peer,
+            permits,
+            live.carried.to_backend,
+        );
+        site.connections.spawn(serving);
+    });
     true
 }
 
 impl Daemon {
     /// The new process's side: live connections from the previous process.
-    pub(super) fn adopt_live(&self, connections: Vec<LiveConnection>) {
+    pub(super) fn adopt_live(&self, connections: Vec<LiveConnection<StdStream>>) {
         let proxies: Vec<Arc<Proxy>> = self.running.proxies.iter().map(|r| r.proxy.clone()).collect();
         let modes = |name: &str| {
             self.running
@@ -314,7 +334,7 @@ impl Daemon {
             .map(|l: &RunningListener| l.site.clone())
             .collect();
         for live in connections {
-            serve_live(&proxies, &modes, &sites, live);
+            serve_live(&proxies, &modes, &sites, &self.workers, live);
         }
     }
 }
@@ -323,6 +343,7 @@ impl Daemon {
 mod tests {
     use super::*;
     use crate::daemon::handover;
+    use crate::sockets::stream::Stream;
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
@@ -412,7 +433,8 @@ mod tests {
                 panic!("not live: {:?}", packet.message);
             };
             packets += 1;
-            arrived.extend(live_connections(connections, &packet.payload, packet.fds));
+            let connections = live_connections(connections, &packet.payload, packet.fds);
+            arrived.extend(connections.into_iter().map(|c| c.register().expect("registered")));
         }
         assert_eq!(packets, 2, "each fills a packet");
         arrived.sort_by_key(|c| c.carried.to_backend[0]);

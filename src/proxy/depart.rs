@@ -19,6 +19,7 @@
 //! process failed) carries on where it is, from what it had in hand.
 
 use std::cell::Cell;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::sockets::address::Address;
-use crate::sockets::stream::Stream;
+use crate::sockets::stream::{StdStream, Stream};
 
 /// How many waves the connections are called in: with 10,000 connections,
 /// about 160 each, a few packets' worth.
@@ -69,27 +70,71 @@ thread_local! {
     static NEXT_WAVE: Cell<usize> = const { Cell::new(0) };
 }
 
-/// A connection on its way to the new process.
+/// A connection on its way to the new process: its sockets registered
+/// with a runtime (`Stream`), or between runtimes (`StdStream`: arrived,
+/// or about to be served on a connection worker).
 #[derive(Debug)]
-pub struct LiveConnection {
+pub struct LiveConnection<S = Stream> {
     pub proxy: Arc<str>,
-    pub client: Stream,
+    pub client: S,
     /// Mode tcp, or a mode http tunnel (a protocol switch): the backend's
     /// socket. `None`: a mode http client between requests, whose next
     /// request the new process reads (`carried.to_backend` is what of it
     /// was read already).
-    pub backend: Option<LiveBackend>,
+    pub backend: Option<LiveBackend<S>>,
     pub carried: Carried,
 }
 
 /// The backend end of a moving connection.
 #[derive(Debug)]
-pub struct LiveBackend {
-    pub stream: Stream,
+pub struct LiveBackend<S = Stream> {
+    pub stream: S,
     pub address: Address,
     pub weight: u32,
     /// Draining here (replaced by a deploy): it drains in the new process too.
     pub draining: bool,
+}
+
+impl LiveConnection {
+    /// Its sockets off this runtime, to be served on another.
+    pub fn unregister(self) -> io::Result<LiveConnection<StdStream>> {
+        let backend = match self.backend {
+            Some(b) => Some(LiveBackend {
+                stream: b.stream.into_std()?,
+                address: b.address,
+                weight: b.weight,
+                draining: b.draining,
+            }),
+            None => None,
+        };
+        Ok(LiveConnection {
+            proxy: self.proxy,
+            client: self.client.into_std()?,
+            backend,
+            carried: self.carried,
+        })
+    }
+}
+
+impl LiveConnection<StdStream> {
+    /// Its sockets registered with the runtime this runs on.
+    pub fn register(self) -> io::Result<LiveConnection> {
+        let backend = match self.backend {
+            Some(b) => Some(LiveBackend {
+                stream: Stream::from_std(b.stream)?,
+                address: b.address,
+                weight: b.weight,
+                draining: b.draining,
+            }),
+            None => None,
+        };
+        Ok(LiveConnection {
+            proxy: self.proxy,
+            client: Stream::from_std(self.client)?,
+            backend,
+            carried: self.carried,
+        })
+    }
 }
 
 /// Where a connection was when it stopped to move: the bytes in hand and

@@ -9,12 +9,17 @@
 //! multi-threaded scheduler moves tasks between cores whenever one is
 //! woken by the other core's I/O driver.)
 //!
+//! The systemd watchdog covers the workers too: each tick is a job on
+//! every worker, and a worker that has not run it by the next tick is
+//! stuck (`Workers::stuck`).
+//!
 //! `Workers::inline()` has no threads: connections run on the caller's
 //! runtime (unit tests, and the fallback if a worker is gone).
 
 use std::cell::Cell;
 use std::io;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -31,6 +36,8 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 #[derive(Debug, Default)]
 pub struct Workers {
     lanes: Vec<mpsc::UnboundedSender<Job>>,
+    /// Per worker: the last watchdog tick it ran.
+    answered: Vec<Arc<AtomicU64>>,
     stop: CancellationToken,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -70,6 +77,7 @@ impl Workers {
                 Err(_) => return Err(io::Error::other("a connection worker thread ended at its start")),
             }
             workers.lanes.push(lane);
+            workers.answered.push(Arc::new(AtomicU64::new(0)));
             threads.push(thread);
         }
         Ok(workers)
@@ -79,10 +87,16 @@ impl Workers {
     /// caller's runtime if there is none), where it is registered. `serve`
     /// spawns the connection's task, which then lives on that worker.
     pub fn serve(&self, client: StdStream, serve: impl FnOnce(Stream) + Send + 'static) {
-        let job = move || match Stream::from_std(client) {
+        self.run(move || match Stream::from_std(client) {
             Ok(client) => serve(client),
             Err(e) => warn!(error = %e, "cannot register an accepted connection; closing it"),
-        };
+        });
+    }
+
+    /// Runs `job` on the next worker in turn, inside its runtime (on the
+    /// caller's if there is none). `job` registers the sockets it brings
+    /// and spawns the task that serves them.
+    pub fn run(&self, job: impl FnOnce() + Send + 'static) {
         if self.lanes.is_empty() {
             return job();
         }
@@ -91,12 +105,28 @@ impl Workers {
             next.set(lane + 1);
             lane
         });
-        let job: Job = Box::new(job);
-        if let Err(refused) = self.lanes[lane].send(job) {
+        if let Err(refused) = self.lanes[lane].send(Box::new(job)) {
             // The worker is gone (only at the very end of a stop): serve it
             // here rather than drop it.
             (refused.0)();
         }
+    }
+
+    /// Asks every worker to note `tick` (the watchdog's proof of life).
+    pub fn heartbeat(&self, tick: u64) {
+        for (lane, answered) in self.lanes.iter().zip(&self.answered) {
+            let answered = answered.clone();
+            let _ = lane.send(Box::new(move || answered.store(tick, Relaxed)));
+        }
+    }
+
+    /// The workers that have not noted `tick` (their runtime is not being
+    /// polled: a connection's task blocks it).
+    pub fn stuck(&self, tick: u64) -> Vec<String> {
+        (self.answered.iter().enumerate())
+            .filter(|(_, answered)| answered.load(Relaxed) != tick)
+            .map(|(index, _)| format!("interlude-conn-{index}"))
+            .collect()
     }
 
     /// Ends the worker threads and waits for them (after the daemon ended:
@@ -213,5 +243,38 @@ mod tests {
         tokio::task::spawn_blocking(move || stopping.shutdown())
             .await
             .expect("shutdown");
+    }
+
+    /// A worker whose runtime is blocked does not note the watchdog's tick
+    /// (the daemon then withholds its ping); once free, it notes the next.
+    #[test]
+    fn a_blocked_worker_misses_the_watchdog_tick() {
+        let workers = Workers::start(2).expect("workers");
+        let noted = |tick| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !workers.stuck(tick).is_empty() {
+                assert!(std::time::Instant::now() < deadline, "tick {tick} not noted");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        workers.heartbeat(1);
+        noted(1);
+
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let (entered, running) = std::sync::mpsc::channel::<()>();
+        workers.run(move || {
+            let _ = entered.send(());
+            let _ = blocked.recv_timeout(Duration::from_secs(10));
+        });
+        running
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the blocking job runs");
+        workers.heartbeat(2);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(workers.stuck(2), vec!["interlude-conn-0".to_string()]);
+
+        release.send(()).expect("release");
+        noted(2);
+        workers.shutdown();
     }
 }

@@ -36,26 +36,44 @@ pub enum StdStream {
     Unix(std::os::unix::net::UnixStream),
 }
 
-impl Stream {
-    /// A connected socket handed over by another process.
-    pub fn adopt(fd: OwnedFd) -> io::Result<Stream> {
+impl StdStream {
+    /// A connected socket handed over by another process, ready for a
+    /// runtime (non-blocking; TCP without Nagle).
+    pub fn adopt(fd: OwnedFd) -> io::Result<StdStream> {
         let local = rustix::net::getsockname(&fd)?;
         if local.address_family() == rustix::net::AddressFamily::UNIX {
             let socket = std::os::unix::net::UnixStream::from(fd);
             socket.set_nonblocking(true)?;
-            Ok(Stream::Unix(UnixStream::from_std(socket)?))
+            Ok(StdStream::Unix(socket))
         } else {
             let socket = std::net::TcpStream::from(fd);
             socket.set_nonblocking(true)?;
-            tcp(TcpStream::from_std(socket)?)
+            socket.set_nodelay(true)?;
+            Ok(StdStream::Tcp(socket))
         }
     }
+}
 
-    /// A socket accepted for this runtime (`Listener::accept_std`).
+impl Stream {
+    /// A connected socket handed over by another process.
+    pub fn adopt(fd: OwnedFd) -> io::Result<Stream> {
+        Stream::from_std(StdStream::adopt(fd)?)
+    }
+
+    /// A socket accepted for this runtime (`Listener::accept_std`), or
+    /// moved to it (`into_std`).
     pub fn from_std(socket: StdStream) -> io::Result<Stream> {
         match socket {
             StdStream::Tcp(socket) => TcpStream::from_std(socket).map(Stream::Tcp),
             StdStream::Unix(socket) => UnixStream::from_std(socket).map(Stream::Unix),
+        }
+    }
+
+    /// The socket off its runtime (still non-blocking), for another.
+    pub fn into_std(self) -> io::Result<StdStream> {
+        match self {
+            Stream::Tcp(socket) => socket.into_std().map(StdStream::Tcp),
+            Stream::Unix(socket) => socket.into_std().map(StdStream::Unix),
         }
     }
 
