@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, O
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -80,6 +81,22 @@ static PAUSED_GATES: AtomicUsize = AtomicUsize::new(0);
 /// Whether any proxy of this process is paused.
 pub fn any_paused() -> bool {
     PAUSED_GATES.load(Relaxed) > 0
+}
+
+/// Woken when a proxy of this process pauses: a mode http connection
+/// idle between requests then leaves hyper, so that its next request, if
+/// held, is held parked (`http::park`), not inside hyper's connection.
+static PAUSE_BEGUN: Notify = Notify::const_new();
+
+/// Completes when a proxy of this process next pauses.
+pub fn pause_begun() -> Notified<'static> {
+    PAUSE_BEGUN.notified()
+}
+
+/// One more paused gate.
+fn paused_one_more() {
+    PAUSED_GATES.fetch_add(1, Relaxed);
+    PAUSE_BEGUN.notify_waiters();
 }
 
 impl Drop for Gate {
@@ -175,7 +192,7 @@ impl Gate {
     ) -> Gate {
         let state = PauseState { declared, runtime };
         if state.paused() {
-            PAUSED_GATES.fetch_add(1, Relaxed);
+            paused_one_more();
         }
         Gate {
             slow_path: AtomicBool::new(state.paused()),
@@ -302,7 +319,7 @@ impl Gate {
             self.slow_path.store(true, Relaxed);
         }
         if paused && !was_paused {
-            PAUSED_GATES.fetch_add(1, Relaxed);
+            paused_one_more();
         }
         if was_paused && !paused {
             PAUSED_GATES.fetch_sub(1, Relaxed);

@@ -88,29 +88,84 @@ struct ClientConnection {
     first: std::sync::Mutex<Option<First>>,
 }
 
+/// Why a connection leaves hyper between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// An upgrade called it: it moves to the new process.
+    Move,
+    /// A proxy of its site is paused: its next request is read, and held
+    /// if its gate holds it, outside hyper (`park`).
+    Park,
+}
+
 impl ClientConnection {
-    /// Once `wanted` is cancelled (an upgrade calls live connections):
-    /// true when the connection is between requests (none in the service,
-    /// and hyper's buffer holds at most the start of a next head, not of
-    /// a first one that a close would answer with `Connection: close`);
-    /// false if it stays here.
-    async fn between_requests(&self, wanted: Option<&CancellationToken>) -> bool {
-        let Some(wanted) = wanted else {
-            return std::future::pending().await;
-        };
-        wanted.cancelled().await;
+    /// When the connection is between requests (none in the service, and
+    /// hyper's buffer holds at most the start of a next head, not of a
+    /// first one that a close would answer with `Connection: close`) and
+    /// either `wanted` is cancelled (an upgrade calls live connections) or
+    /// a proxy of its site is paused: why it leaves hyper. `None` once
+    /// called if it stays here.
+    async fn between_requests(&self, wanted: Option<&CancellationToken>) -> Option<Leave> {
         loop {
             let settled = self.settled.notified();
-            tokio::pin!(settled);
+            let paused = gate::pause_begun();
+            let called = async {
+                match wanted {
+                    Some(wanted) => wanted.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(settled, paused, called);
             // Registered before looking, so a change in between wakes it.
             settled.as_mut().enable();
-            if self.stays.load(Relaxed) {
-                return false;
+            paused.as_mut().enable();
+            let is_called = wanted.is_some_and(CancellationToken::is_cancelled);
+            let leave = if self.stays.load(Relaxed) {
+                if is_called {
+                    return None;
+                }
+                None
+            } else if is_called {
+                Some(Leave::Move)
+            } else if self.parks_next() {
+                Some(Leave::Park)
+            } else {
+                None
+            };
+            match leave {
+                Some(leave) => {
+                    if self.in_service.load(Relaxed) == 0
+                        && (self.served.load(Relaxed) || !self.socket.read_any())
+                    {
+                        return Some(leave);
+                    }
+                    tokio::select! {
+                        () = &mut settled => {}
+                        // Once called, a call no longer wakes it.
+                        () = &mut called, if !is_called => {}
+                        () = &mut paused => {}
+                    }
+                }
+                // Not called and nothing to park for: only a call or a
+                // pause changes that (not each request's end).
+                None => tokio::select! {
+                    () = &mut called, if !is_called => {}
+                    () = &mut paused => {}
+                },
             }
-            if self.in_service.load(Relaxed) == 0 && (self.served.load(Relaxed) || !self.socket.read_any()) {
-                return true;
-            }
-            settled.await;
+        }
+    }
+
+    /// Whether its next request should be read outside hyper: it can be
+    /// (a plain socket hyper is not bound to keep), and a proxy of its
+    /// site is paused now.
+    fn parks_next(&self) -> bool {
+        if !self.plain || !gate::any_paused() {
+            return false;
+        }
+        match &*self.site.routes.borrow() {
+            Routes::Http(hosts) => hosts.all().iter().any(|proxy| proxy.gate.state().paused()),
+            Routes::Tcp(_) => false,
         }
     }
 
@@ -208,31 +263,42 @@ pub async fn serve_connection(
     let plain = matches!(client, crate::sockets::stream::Client::Plain(_));
     let mut enlisted = plain.then(|| site.departures.enlist());
     let (mut early, mut parked) = (early, None);
-    if plain && gate::any_paused() {
-        let crate::sockets::stream::Client::Plain(socket) = client else {
-            return;
-        };
-        match park::first_request(&site, socket, early, &peer, settings.request_timeout, enlisted).await {
-            Parked::Serve {
-                socket,
-                early: read,
-                first,
-                enlisted: still,
-            } => {
-                client = crate::sockets::stream::Client::Plain(socket);
-                early = read;
-                parked = first;
-                enlisted = still.or_else(|| Some(site.departures.enlist()));
-            }
-            Parked::TimedOut(socket) => {
-                debug!(peer = %peer, "no complete request head within request_timeout");
-                head::answer_timeout(socket).await;
-                return;
-            }
-            Parked::Done => return,
-        }
-    }
+    // Whether the next request is read (and held) outside hyper, and
+    // whether it is the connection's first.
+    let mut park_next = plain && gate::any_paused();
+    let mut later = false;
     loop {
+        if park_next {
+            let crate::sockets::stream::Client::Plain(socket) = client else {
+                return;
+            };
+            match park::first_request(&site, socket, early, &peer, settings.request_timeout, enlisted).await {
+                Parked::Serve {
+                    socket,
+                    early: read,
+                    first,
+                    enlisted: still,
+                } => {
+                    client = crate::sockets::stream::Client::Plain(socket);
+                    early = read;
+                    parked = first;
+                    enlisted = still.or_else(|| Some(site.departures.enlist()));
+                }
+                // As hyper: a 408 for a head begun, silence for a
+                // keep-alive connection that sent nothing more.
+                Parked::TimedOut(socket, read) if later && read == 0 => {
+                    debug!(peer = %peer, "keep-alive connection idle for request_timeout");
+                    drop(socket);
+                    return;
+                }
+                Parked::TimedOut(socket, _) => {
+                    debug!(peer = %peer, "no complete request head within request_timeout");
+                    head::answer_timeout(socket).await;
+                    return;
+                }
+                Parked::Done => return,
+            }
+        }
         // Boxed: a parked request's task does not carry hyper's
         // connection inline.
         let served = Box::pin(serve(
@@ -246,17 +312,29 @@ pub async fn serve_connection(
             enlisted.take(),
             parked.take(),
         ));
-        // Held until the connection is on its way, so that the upgrade
-        // does not see every connection answered before this one left.
-        let Some((live, _enlisted)) = served.await else {
-            return;
-        };
-        match site.departures.leave(live) {
-            Ok(()) => return,
-            Err(back) => {
-                debug!(peer = %peer, "the upgraded process took no connection; this one carries on here");
-                client = crate::sockets::stream::Client::Plain(back.client);
-                early = back.carried.to_backend;
+        match served.await {
+            Left::Ended => return,
+            // Held until the connection is on its way, so that the upgrade
+            // does not see every connection answered before this one left.
+            Left::Moving(live, _enlisted) => match site.departures.leave(live) {
+                Ok(()) => return,
+                Err(back) => {
+                    debug!(peer = %peer, "the upgraded process took no connection; this one carries on here");
+                    client = crate::sockets::stream::Client::Plain(back.client);
+                    early = back.carried.to_backend;
+                    park_next = false;
+                }
+            },
+            Left::Parking {
+                socket,
+                early: read,
+                enlisted: still,
+            } => {
+                client = crate::sockets::stream::Client::Plain(socket);
+                early = read;
+                enlisted = still;
+                park_next = true;
+                later = true;
             }
         }
     }
@@ -266,14 +344,31 @@ pub async fn serve_connection(
 enum Outcome {
     Killed,
     Ended(hyper::Result<()>),
-    Leaving,
+    Leaving(Leave),
 }
 
-/// Serves `client` with hyper until the connection ends (`None`) or, when
-/// it is `enlisted` (it may move) and the site's departures call, stops
-/// between requests and returns itself as a live connection (with its
-/// place in the count of those called). `parked`: how the hold of its
-/// first request ended, if it was held before hyper had the connection.
+/// How a connection left `serve`.
+enum Left<'a> {
+    /// Closed, or given to a protocol switch's tunnel.
+    Ended,
+    /// Between requests, called by an upgrade: on its way to the new
+    /// process (with its place in the count of those called).
+    Moving(LiveConnection, Enlisted),
+    /// Between requests while a proxy of its site is paused: its next
+    /// request is to be read by `park`, after `early`.
+    Parking {
+        socket: Stream,
+        early: Vec<u8>,
+        enlisted: Option<(Enlisted, &'a CancellationToken)>,
+    },
+}
+
+/// Serves `client` with hyper until the connection ends, or stops between
+/// requests: when it is `enlisted` (it may move) and the site's departures
+/// call, to move as a live connection (with its place in the count of
+/// those called); when a proxy of its site is paused, to have its next
+/// request parked. `parked`: how the hold of its first request ended, if
+/// it was held before hyper had the connection.
 #[allow(clippy::too_many_arguments)]
 async fn serve<'a>(
     site: &'a Arc<Site>,
@@ -285,7 +380,7 @@ async fn serve<'a>(
     early: Vec<u8>,
     enlisted: Option<(Enlisted, &'a CancellationToken)>,
     parked: Option<First>,
-) -> Option<(LiveConnection, Enlisted)> {
+) -> Left<'a> {
     let plain = matches!(client, crate::sockets::stream::Client::Plain(_));
     let may_move = enlisted.is_some() && plain;
     let (client, socket) = SharedClient::new(client, early);
@@ -317,13 +412,17 @@ async fn serve<'a>(
         .serve_connection(TokioIo::new(client), service)
         .with_upgrades();
     let mut killed = PollWhenWoken::new(site.kill.cancelled());
+    let mut closing = PollWhenWoken::new(site.closing.cancelled());
     let served = loop {
         let wanted = enlisted.as_ref().map(|(_, wanted)| *wanted);
+        // Polled only when woken (a call, a pause, a request's end), not
+        // on each of hyper's reads and writes.
+        let between_requests = PollWhenWoken::new(connection.between_requests(wanted));
         tokio::select! {
             biased;
             () = &mut killed => break Outcome::Killed,
             result = &mut serving => break Outcome::Ended(result),
-            () = PollWhenWoken::new(site.closing.cancelled()) => {
+            () = &mut closing => {
                 // Answer the request in flight with `Connection: close`, or
                 // close now if idle.
                 Pin::new(&mut serving).graceful_shutdown();
@@ -332,30 +431,28 @@ async fn serve<'a>(
                     result = &mut serving => Outcome::Ended(result),
                 };
             }
-            leave = connection.between_requests(wanted) => {
-                if leave {
-                    break Outcome::Leaving;
-                }
+            leave = between_requests => match leave {
+                Some(leave) => break Outcome::Leaving(leave),
                 // It stays: the upgrade need not wait for it.
-                enlisted = None;
-            }
+                None => enlisted = None,
+            },
         }
     };
     let result = match served {
-        Outcome::Killed => return None,
+        Outcome::Killed => return Left::Ended,
         Outcome::Ended(result) => result,
-        Outcome::Leaving => {
+        Outcome::Leaving(leave) => {
             // hyper closes an idle connection at once, keeping what it read
             // of a next request; the socket stays open for the client.
             connection.socket.keep_open();
             Pin::new(&mut serving).graceful_shutdown();
             let result = tokio::select! {
                 biased;
-                () = &mut killed => return None,
+                () = &mut killed => return Left::Ended,
                 result = &mut serving => result,
             };
             match result {
-                Ok(()) => return leaving(site, first, serving, enlisted),
+                Ok(()) => return leaving(site, first, serving, enlisted, leave),
                 Err(e) => Err(e),
             }
         }
@@ -373,27 +470,46 @@ async fn serve<'a>(
         Err(e) => debug!(peer = %peer, error = %e, "http connection ended with an error"),
         Ok(()) => {}
     }
-    None
+    Left::Ended
 }
 
-/// The connection hyper left between requests, as a live connection: its
-/// socket and the bytes of a next request already read (hyper's buffer,
-/// then what hyper had not read yet).
-fn leaving<S>(
+/// The connection hyper left between requests: its socket and the bytes
+/// of a next request already read (hyper's buffer, then what hyper had not
+/// read yet), as a live connection to move or to park.
+fn leaving<'a, S>(
     site: &Site,
     first: &Arc<Proxy>,
     serving: hyper::server::conn::http1::UpgradeableConnection<TokioIo<head::Reclaimable<SharedClient>>, S>,
-    enlisted: Option<(Enlisted, &CancellationToken)>,
-) -> Option<(LiveConnection, Enlisted)>
+    enlisted: Option<(Enlisted, &'a CancellationToken)>,
+    leave: Leave,
+) -> Left<'a>
 where
     S: hyper::service::HttpService<Incoming, ResBody = Served>,
 {
-    let (enlisted, _) = enlisted?;
-    // `None`: it switched protocols meanwhile (its tunnel moves on its own).
-    let parts = serving.into_parts()?;
-    let (client, unread) = parts.io.into_inner().into_inner()?.into_plain()?;
-    let mut to_backend = parts.read_buf.to_vec();
-    to_backend.extend_from_slice(&unread);
+    // `None`: it switched protocols meanwhile (its tunnel goes on alone).
+    let Some(parts) = serving.into_parts() else {
+        return Left::Ended;
+    };
+    let Some((client, unread)) = parts
+        .io
+        .into_inner()
+        .into_inner()
+        .and_then(|shared| shared.into_plain())
+    else {
+        return Left::Ended;
+    };
+    let mut early = parts.read_buf.to_vec();
+    early.extend_from_slice(&unread);
+    let enlisted = match (leave, enlisted) {
+        (Leave::Move, Some((enlisted, _))) => enlisted,
+        (_, enlisted) => {
+            return Left::Parking {
+                socket: client,
+                early,
+                enlisted,
+            };
+        }
+    };
     // Any proxy of the site: the new process serves the connection on the
     // site that has it, and routes each request by its `Host`.
     let proxy = match &*site.routes.borrow() {
@@ -406,11 +522,11 @@ where
         client,
         backend: None,
         carried: Carried {
-            to_backend,
+            to_backend: early,
             ..Carried::default()
         },
     };
-    Some((live, enlisted))
+    Left::Moving(live, enlisted)
 }
 
 async fn handle(
@@ -1097,11 +1213,12 @@ mod tests {
         (proxy, client, seen)
     }
 
-    /// The first request of a connection, held, costs its socket and its
-    /// bytes, not a hyper connection (whose buffers are 16 KiB); a next
-    /// one on the same connection is held in hyper's service as before.
+    /// A held request costs its socket and its bytes, not a hyper
+    /// connection (whose buffers are 16 KiB): the first of a connection,
+    /// and a next one on the same keep-alive connection (the pause began
+    /// while it was idle).
     #[tokio::test]
-    async fn a_held_first_request_is_parked_outside_hyper_and_served_on_its_release() {
+    async fn held_requests_are_parked_outside_hyper_and_served_on_their_release() {
         let (proxy, mut client, mut seen) = held_first_request().await;
         assert_eq!(park::tests::parked(), 1, "held inside hyper's connection");
         assert!(seen.try_recv().is_err(), "forwarded while paused");
@@ -1117,11 +1234,50 @@ mod tests {
             .await
             .expect("write");
         held(&proxy, 1).await;
-        assert_eq!(park::tests::parked(), 0, "a keep-alive request is hyper's");
+        assert_eq!(park::tests::parked(), 1, "a keep-alive request held inside hyper");
         pause(&proxy, false);
         let head = answer(&mut client).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(park::tests::parked(), 0);
         assert_eq!(proxy.stats.accepted.load(Relaxed), 2);
+        assert_eq!(proxy.stats.responses[1].load(Relaxed), 2);
+    }
+
+    /// A pause that begins while a request is in the service: that request
+    /// is answered, and the next one on the connection is held parked.
+    #[tokio::test]
+    async fn the_request_after_one_in_flight_at_a_pause_is_parked() {
+        let (release, released) = mpsc::channel(4);
+        let (address, mut seen) = backend(Some(released)).await;
+        let (site, hosts) = site(address);
+        let proxy = hosts.any().cloned().expect("the proxy");
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .expect("at the backend");
+        pause(&proxy, true);
+        release.send(()).await.expect("answer /1");
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        client
+            .write_all(b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        held(&proxy, 1).await;
+        assert_eq!(park::tests::parked(), 1, "held inside hyper's connection");
+        assert!(seen.try_recv().is_err(), "forwarded while paused");
+        pause(&proxy, false);
+        tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .expect("/2 at the backend");
+        release.send(()).await.expect("answer /2");
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(park::tests::parked(), 0);
         assert_eq!(proxy.stats.responses[1].load(Relaxed), 2);
     }
 

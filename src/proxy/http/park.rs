@@ -1,21 +1,23 @@
-//! A connection's first request, held before hyper has the connection.
+//! A request read, and held, outside hyper: a connection's first while
+//! some proxy of the process is paused, and a keep-alive connection's next
+//! one while a proxy of its site is paused (hyper leaves the connection
+//! between requests, as for an upgrade's move, and serves it again after).
 //!
 //! hyper's server connection costs about 16 KiB from its first read (an
 //! 8 KiB read buffer, which the request's header values keep alive, and an
 //! 8 KiB write buffer) plus its futures. A held request needs none of it
-//! until its release, so while some proxy of the process is paused, a new
-//! plain connection's first request head is read here instead: the socket
-//! and the bytes read are all that is kept while it is held (as in mode
-//! tcp), and on the release hyper is started on those bytes, followed by
-//! the socket, exactly as if it had read them itself.
+//! until its release, so its head is read here instead: the socket and
+//! the bytes read are all that is kept while it is held (as in mode tcp),
+//! and on the release hyper is started on those bytes, followed by the
+//! socket, exactly as if it had read them itself.
 //!
 //! Only a request the gate holds is parked. Whatever hyper would answer by
 //! itself or differently (a malformed or oversized head, a framing hyper
 //! may refuse, `Expect`, `CONNECT`, a missing or repeated `Host`, no proxy
 //! for its host, a bypass) goes to hyper with the bytes read, as does any
 //! request the gate forwards or rejects: hyper asks the gate again, as for
-//! any request. A later request on a keep-alive connection is held inside
-//! hyper as before.
+//! any request. A keep-alive connection idle here for `request_timeout`
+//! is closed without an answer, as hyper closes it.
 
 use std::io;
 use std::sync::Arc;
@@ -52,8 +54,9 @@ pub enum Parked<'a> {
         /// Still enlisted for an upgrade's call (not held meanwhile).
         enlisted: Option<(Enlisted, &'a CancellationToken)>,
     },
-    /// No complete head within `request_timeout`: the 408 is due.
-    TimedOut(Stream),
+    /// No complete head within `request_timeout`, with the bytes of it
+    /// read (a 408 is due, unless a keep-alive connection sent none).
+    TimedOut(Stream, usize),
     /// Over: the client left, moved to an upgraded process, or the site
     /// was killed.
     Done,
@@ -123,7 +126,7 @@ pub async fn first_request<'a>(
             // hyper closes, or finishes, what it has been given.
             () = PollWhenWoken::new(site.closing.cancelled()) => return serve(socket, early, enlisted),
             () = &mut wanted => return serve(socket, early, enlisted),
-            () = &mut deadline => return Parked::TimedOut(socket),
+            () = &mut deadline => return Parked::TimedOut(socket, early.len()),
             readable = socket.readable() => {
                 let read = readable.and_then(|()| read_into(&socket, &mut early));
                 match read {
