@@ -20,7 +20,7 @@ use tokio::time::{sleep, timeout};
 use crate::common::{MODE_ECHO, bad_data, positive_count, secs, show, timed_out};
 use crate::conn::Conn;
 use crate::http::{HTTP_SMALL_LEN, HTTP_SMALL_PATH, HttpConn, http_request};
-use crate::procfs::{SynStats, syn_stats};
+use crate::procfs::{CpuTicks, SynStats, syn_stats};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +30,9 @@ pub struct Args {
     /// Clients connecting at once.
     #[arg(long, default_value_t = 1, value_parser = positive_count)]
     pub conns: usize,
+    /// The backend's pid, to read its CPU time over the run.
+    #[arg(long, value_name = "PID")]
+    pub backend_pid: Option<u32>,
     /// Seconds to wait after the start for every client.
     #[arg(long, default_value_t = 30.0, value_parser = secs)]
     pub wait: f64,
@@ -37,7 +40,12 @@ pub struct Args {
 
 /// `floor` and `http-floor` (`http`: one `GET /small` per client).
 pub async fn run(o: Args, http: bool) {
-    let Args { target, conns, wait } = o;
+    let Args {
+        target,
+        conns,
+        backend_pid,
+        wait,
+    } = o;
     let mode = if http { "http_floor" } else { "floor" };
     // Every socket exists before the start: the clock then covers only the
     // connects and exchanges, as a resume's does (its clients are long
@@ -138,12 +146,14 @@ pub async fn run(o: Args, http: bool) {
     }
     let ready = waiting.load(Relaxed);
     let syn_before = syn_stats();
+    let cpu_before = CpuTicks::read(None, backend_pid);
     let t0 = Instant::now();
     let _ = start_tx.send(Some(t0));
     let end = t0 + deadline + Duration::from_secs(1);
     while served.load(Relaxed) + failed.load(Relaxed) < tasks && Instant::now() < end {
         sleep(Duration::from_millis(2)).await;
     }
+    let cpu = CpuTicks::read(None, backend_pid).since(&cpu_before);
     let syn = syn_stats().zip(syn_before).map(|(a, b)| SynStats {
         listen_drops: a.listen_drops.saturating_sub(b.listen_drops),
         syn_retrans: a.syn_retrans.saturating_sub(b.syn_retrans),
@@ -162,7 +172,7 @@ pub async fn run(o: Args, http: bool) {
     println!(
         "mode={mode} conns={conns} ready={ready} served={served_n} failed={failed_n} missing={missing} \
          socket_errors={socket_errors} first_ms={} p50_ms={} p99_ms={} last_ms={} listen_drops={} syn_retrans={} \
-         errors={errors}",
+         {cpu} errors={errors}",
         show(ms(0.0)),
         show(ms(0.50)),
         show(ms(0.99)),
