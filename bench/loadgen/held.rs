@@ -18,7 +18,7 @@ use crate::common::{MODE_ECHO, OP_TIMEOUT, OPEN_CONCURRENCY, positive_count, sec
 use crate::conn::{Conn, connect};
 use crate::control::{control, control_exchange, json_value};
 use crate::http::{HTTP_SMALL_LEN, HTTP_SMALL_PATH, HttpConn, http_request};
-use crate::procfs::{SynStats, rss_kib, syn_stats, tcp_conns_to};
+use crate::procfs::{CpuTicks, SynStats, rss_kib, syn_stats, tcp_conns_to};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,6 +40,9 @@ pub struct Args {
     /// The backend's port, to check that no connection reached it.
     #[arg(long, value_name = "PORT")]
     pub backend_port: Option<u16>,
+    /// The backend's pid, to read its CPU time over the resume.
+    #[arg(long, value_name = "PID")]
+    pub backend_pid: Option<u32>,
     /// Seconds to wait after the resume for every client.
     #[arg(long, default_value_t = 30.0, value_parser = secs)]
     pub wait: f64,
@@ -234,6 +237,7 @@ pub async fn run(o: Args, http: bool) {
     let lost_before = h.lost.load(Relaxed);
     let early = h.early.load(Relaxed);
     let syn_before = syn_stats();
+    let cpu_before = CpuTicks::read(o.rss_pid, o.backend_pid);
 
     // Resume: the clock starts right before the request is written.
     let mut ctl = match timeout(OP_TIMEOUT, UnixStream::connect(&control_path)).await {
@@ -265,6 +269,9 @@ pub async fn run(o: Args, http: bool) {
     while h.settled() < opened && Instant::now() < wait_deadline {
         sleep(Duration::from_millis(2)).await;
     }
+    // CPU time over the resume: the proxy's is what a resume costs beyond
+    // the floor's client and backend.
+    let cpu = CpuTicks::read(o.rss_pid, o.backend_pid).since(&cpu_before);
     let syn = syn_stats().zip(syn_before).map(|(a, b)| SynStats {
         listen_drops: a.listen_drops.saturating_sub(b.listen_drops),
         syn_retrans: a.syn_retrans.saturating_sub(b.syn_retrans),
@@ -314,7 +321,7 @@ pub async fn run(o: Args, http: bool) {
          settle_seconds={} rss_before_kib={} rss_after_kib={} kib_per_conn={} status_held={} \
          status_active={} backend_conns_before_resume={} early_echoes={early} lost_before_resume={lost_before} \
          resume_status={} echoed={echoed} lost={lost} bad_responses={bad} missing={missing} first_ms={} p50_ms={} p99_ms={} \
-         resume_ms={} listen_drops={} syn_retrans={} errors={errors}",
+         resume_ms={} listen_drops={} syn_retrans={} {cpu} errors={errors}",
         if http { "http_held" } else { "held" },
         o.settle,
         show(rss_before),

@@ -101,12 +101,17 @@ pub struct HttpResp {
 
 impl HttpConn {
     pub async fn connect(target: &str) -> io::Result<Self> {
-        Ok(HttpConn {
-            s: connect(target).await?,
+        Ok(HttpConn::new(connect(target).await?))
+    }
+
+    /// Wraps a connection already set up.
+    pub fn new(s: Conn) -> Self {
+        HttpConn {
+            s,
             buf: vec![0u8; HTTP_CLIENT_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
-        })
+        }
     }
 
     /// Reads more into the buffer (keeping what is unread); Ok(0) at EOF.

@@ -13,6 +13,7 @@ mod common;
 mod conn;
 mod connrate;
 mod control;
+mod floor;
 mod freeports;
 mod held;
 mod http;
@@ -81,6 +82,15 @@ enum Mode {
     /// the request), and after the resume every client must get a 200 with the
     /// 64-byte body.
     HttpHeld(held::Args),
+    /// The no-proxy floor of held: N clients connect to the backend at once.
+    ///
+    /// Create N sockets, start N client tasks and let them all go at once:
+    /// each connects straight to the backend, sends 'E' plus one byte and
+    /// waits for its echo; time from the start until the last echo, as the
+    /// held test times a resume of N held clients.
+    Floor(floor::Args),
+    /// The no-proxy floor of http-held: as floor, one `GET /small` each.
+    HttpFloor(floor::Args),
     /// interlude only: time config reloads by SIGHUP.
     ///
     /// Swap its config between backends tagged A and B, send SIGHUP and time
@@ -123,6 +133,8 @@ fn main() {
         Mode::Slowloris(a) => rt.block_on(slowloris::run(a)),
         Mode::Held(a) => rt.block_on(held::run(a, false)),
         Mode::HttpHeld(a) => rt.block_on(held::run(a, true)),
+        Mode::Floor(a) => rt.block_on(floor::run(a, false)),
+        Mode::HttpFloor(a) => rt.block_on(floor::run(a, true)),
         Mode::ReloadLatency(a) => rt.block_on(reload::run(a)),
         Mode::Upgrade(a) => rt.block_on(upgrade::run(a)),
         Mode::Freeports(_) => {}

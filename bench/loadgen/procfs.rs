@@ -51,6 +51,48 @@ impl CpuWindow {
     }
 }
 
+/// CPU time of the processes in a pause/resume or floor test (clock ticks):
+/// this loadgen (the clients), the proxy if any, the backend if given.
+pub struct CpuTicks {
+    client: Option<u64>,
+    proxy: Option<u64>,
+    backend: Option<u64>,
+}
+
+impl CpuTicks {
+    pub fn read(proxy: Option<u32>, backend: Option<u32>) -> Self {
+        CpuTicks {
+            client: cpu_ticks(std::process::id()),
+            proxy: proxy.and_then(cpu_ticks),
+            backend: backend.and_then(cpu_ticks),
+        }
+    }
+
+    /// The ticks spent since `before`, each `None` unless read both times.
+    pub fn since(&self, before: &CpuTicks) -> Self {
+        let d = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a.saturating_sub(b));
+        CpuTicks {
+            client: d(self.client, before.client),
+            proxy: d(self.proxy, before.proxy),
+            backend: d(self.backend, before.backend),
+        }
+    }
+}
+
+/// `client_ticks=N proxy_ticks=N backend_ticks=N`, `-` where unknown.
+impl std::fmt::Display for CpuTicks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "client_ticks={} proxy_ticks={} backend_ticks={}",
+            show(self.client),
+            show(self.proxy),
+            show(self.backend)
+        )
+    }
+}
+
 /// Sockets on 127.0.0.1 with local port `port` that are established or being
 /// established (accept queue included): the backend side of connections to it.
 pub fn tcp_conns_to(port: u16) -> Option<u64> {
