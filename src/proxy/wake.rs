@@ -52,7 +52,9 @@ impl<F: Future> Future for PollWhenWoken<F> {
         match &this.flag {
             // Same task, not woken by the inner future: nothing can have changed.
             Some((flag, _)) if flag.task.will_wake(cx.waker()) => {
-                if !flag.woken.swap(false, Ordering::Acquire) {
+                // A plain load first: most polls find it unset, and a
+                // swap is a locked instruction on every one of them.
+                if !flag.woken.load(Ordering::Relaxed) || !flag.woken.swap(false, Ordering::Acquire) {
                     return Poll::Pending;
                 }
             }

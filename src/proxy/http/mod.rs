@@ -34,7 +34,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use body::RequestBody;
@@ -86,6 +86,12 @@ struct ClientConnection {
     /// How the hold of its first request ended, when it was held before
     /// hyper had the connection (taken by that request).
     first: std::sync::Mutex<Option<First>>,
+    /// The site's `handed_over`, watched from this connection: asking the
+    /// token takes a lock shared by every connection of the site, which
+    /// every request would take (and bounce between the cores).
+    handed_over: std::sync::Mutex<PollWhenWoken<WaitForCancellationFutureOwned>>,
+    /// `handed_over` was seen cancelled (it stays so).
+    handed_over_seen: AtomicBool,
 }
 
 /// Why a connection leaves hyper between requests.
@@ -167,6 +173,24 @@ impl ClientConnection {
             Routes::Http(hosts) => hosts.all().iter().any(|proxy| proxy.gate.state().paused()),
             Routes::Tcp(_) => false,
         }
+    }
+
+    /// Whether the site's listening socket was handed over to an upgraded
+    /// process. Registers the task's waker on the token once, then asks
+    /// only this connection's flag until the token wakes it.
+    fn handed_over(&self, cx: &mut Context<'_>) -> bool {
+        if self.handed_over_seen.load(Relaxed) {
+            return true;
+        }
+        let mut watch = self
+            .handed_over
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let over = Pin::new(&mut *watch).poll(cx).is_ready();
+        if over {
+            self.handed_over_seen.store(true, Relaxed);
+        }
+        over
     }
 
     fn stay(&self) {
@@ -397,6 +421,8 @@ async fn serve<'a>(
         settled: Notify::new(),
         plain,
         first: std::sync::Mutex::new(parked),
+        handed_over: std::sync::Mutex::new(PollWhenWoken::new(site.handed_over.clone().cancelled_owned())),
+        handed_over_seen: AtomicBool::new(false),
     });
     let mut enlisted = enlisted.filter(|_| may_move);
     let serving_connection = connection.clone();
@@ -543,10 +569,8 @@ async fn handle(
     if closes || says_close(&response) || (bodied && !response.body().keeps_alive()) {
         connection.stay();
     }
-    if connection.site.handed_over.is_cancelled()
-        && response.status() != StatusCode::SWITCHING_PROTOCOLS
-        && !connection.moves()
-    {
+    let handed_over = std::future::poll_fn(|cx| Poll::Ready(connection.handed_over(cx))).await;
+    if handed_over && response.status() != StatusCode::SWITCHING_PROTOCOLS && !connection.moves() {
         // The client's next request goes to the upgraded process, on a
         // new connection.
         response
@@ -652,6 +676,27 @@ fn bad_request(why: &'static str) -> Response<ResponseBody> {
 /// What a `405` to `CONNECT` says is allowed: every standard method but it.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
+/// What a request uses of its proxy's settings, taken from them once per
+/// request: cloning the whole `ProxySettings` would copy its strings and
+/// lists (health check path, bypass patterns) on every request.
+struct RequestSettings {
+    connect_timeout: std::time::Duration,
+    idle_timeout: Option<std::time::Duration>,
+    reject_with_503: Option<std::time::Duration>,
+    backends: Arc<crate::backends::BackendSet>,
+}
+
+impl RequestSettings {
+    fn of(settings: &ProxySettings) -> RequestSettings {
+        RequestSettings {
+            connect_timeout: settings.connect_timeout,
+            idle_timeout: settings.idle_timeout,
+            reject_with_503: settings.reject_with_503,
+            backends: settings.backends.clone(),
+        }
+    }
+}
+
 /// One request through the proxy's gate, then to a backend. `parked`: it
 /// was held before hyper had its connection, and its hold ended so.
 async fn exchange(
@@ -660,14 +705,19 @@ async fn exchange(
     request: Request<Incoming>,
     parked: Option<First>,
 ) -> Response<ResponseBody> {
-    let mut settings = proxy.settings.borrow().clone();
+    let (mut settings, bypassed) = {
+        let all = proxy.settings.borrow();
+        // Only a request not let through already asks whether it bypasses.
+        let bypassed = parked.is_none() && route::bypasses(&all.bypass, &request);
+        (RequestSettings::of(&all), bypassed)
+    };
     match parked {
         // Released: the gate has let it through already.
         Some(First::Released(_)) => return forward(proxy, &settings, connection, request).await,
         Some(First::Closed(_)) => return unavailable(&settings, "shutting down\n"),
         None => {}
     }
-    if !route::bypasses(&settings.bypass, &request) {
+    if !bypassed {
         match proxy.gate.admit() {
             Admission::Forward => {}
             Admission::Reject(reason) => {
@@ -681,7 +731,7 @@ async fn exchange(
             }
             Admission::Hold(ticket) => match hold_request(proxy, connection, ticket, &request).await {
                 // The backends current at the release.
-                Hold::Released => settings = proxy.settings.borrow().clone(),
+                Hold::Released => settings = RequestSettings::of(&proxy.settings.borrow()),
                 // Nobody reads this answer; the connection is closing.
                 Hold::ClientLeft => return unavailable(&settings, "client left\n"),
                 Hold::Closed => return unavailable(&settings, "shutting down\n"),
@@ -795,7 +845,7 @@ async fn client_leaves(connection: &ClientConnection) {
 /// under it without an answer (the backend closed it as we sent).
 async fn forward(
     proxy: &Arc<Proxy>,
-    settings: &ProxySettings,
+    settings: &RequestSettings,
     connection: &ClientConnection,
     mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
@@ -1053,7 +1103,7 @@ fn local(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
 }
 
 /// 503 with `Retry-After` (the TCPause answer), closing the connection.
-fn unavailable(settings: &ProxySettings, why: &'static str) -> Response<ResponseBody> {
+fn unavailable(settings: &RequestSettings, why: &'static str) -> Response<ResponseBody> {
     let mut response = local(StatusCode::SERVICE_UNAVAILABLE, why);
     let retry_after = settings.reject_with_503.unwrap_or_default().as_secs().max(1);
     let headers = response.headers_mut();
