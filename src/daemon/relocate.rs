@@ -260,7 +260,8 @@ pub(super) fn live_connections(
 /// Serves a live connection on its proxy, on the next connection worker:
 /// mode tcp (or a tunnel) copies on; a mode http client between requests
 /// is served by its site. False if this process has nowhere to serve it
-/// (it is closed).
+/// (it is closed). Counted in its proxy's (or site's) connections from
+/// this call on, so that a stop waits for it.
 pub(super) fn serve_live(
     proxies: &[Arc<Proxy>],
     modes: &dyn Fn(&str) -> Option<Mode>,
@@ -274,9 +275,13 @@ pub(super) fn serve_live(
     };
     if live.backend.is_some() || modes(&live.proxy) == Some(Mode::Tcp) {
         let proxy = proxy.clone();
+        // Counted from now, not from the worker's spawn: a stop waiting
+        // for the proxy's connections must not end before this one runs.
+        let counted = proxy.connections.token();
         workers.run(move || match live.register() {
             Ok(live) => {
                 proxy.connections.spawn(proxy.clone().resume(live));
+                drop(counted);
             }
             Err(e) => warn!(proxy = %proxy.name, error = %e, "cannot register a live connection; closing it"),
         });
@@ -294,7 +299,9 @@ pub(super) fn serve_live(
     };
     let permits = Permits::admitted(&site);
     let name = live.proxy.clone();
+    let counted = site.connections.token();
     workers.run(move || {
+        let _counted = counted;
         let live = match live.register() {
             Ok(live) => live,
             Err(e) => {

@@ -263,7 +263,8 @@ impl hyper::body::Body for Served {
 /// what follows.
 ///
 /// While some proxy is paused, a plain connection's first request is read
-/// and, if held, held before hyper has the connection (see `park`).
+/// and, if held, held before hyper has the connection (see `park`); so is
+/// a keep-alive connection's next one while a proxy of its site is paused.
 pub async fn serve_connection(
     site: Arc<Site>,
     hosts: Arc<VirtualHosts>,
@@ -1270,7 +1271,11 @@ mod tests {
     #[tokio::test]
     async fn held_requests_are_parked_outside_hyper_and_served_on_their_release() {
         let (proxy, mut client, mut seen) = held_first_request().await;
-        assert_eq!(park::tests::parked(), 1, "held inside hyper's connection");
+        assert_eq!(
+            park::tests::parked(),
+            1,
+            "not parked: held inside hyper's connection"
+        );
         assert!(seen.try_recv().is_err(), "forwarded while paused");
         pause(&proxy, false);
         let head = answer(&mut client).await;
@@ -1284,7 +1289,11 @@ mod tests {
             .await
             .expect("write");
         held(&proxy, 1).await;
-        assert_eq!(park::tests::parked(), 1, "a keep-alive request held inside hyper");
+        assert_eq!(
+            park::tests::parked(),
+            1,
+            "not parked: a keep-alive request held inside hyper"
+        );
         pause(&proxy, false);
         let head = answer(&mut client).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -1318,7 +1327,11 @@ mod tests {
             .await
             .expect("write");
         held(&proxy, 1).await;
-        assert_eq!(park::tests::parked(), 1, "held inside hyper's connection");
+        assert_eq!(
+            park::tests::parked(),
+            1,
+            "not parked: held inside hyper's connection"
+        );
         assert!(seen.try_recv().is_err(), "forwarded while paused");
         pause(&proxy, false);
         tokio::time::timeout(WAIT, seen.recv())

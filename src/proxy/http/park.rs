@@ -83,8 +83,9 @@ impl First {
     }
 }
 
-/// Reads the first request head from `socket` (after `early`) and holds it
-/// here if its proxy's gate holds it. `enlisted`: the connection's place in
+/// Reads the next request head from `socket` (after `early`): a
+/// connection's first, or a keep-alive connection's next. Holds it here if
+/// its proxy's gate holds it. `enlisted`: the connection's place in
 /// an upgrade's call, given back with the connection while it is not held.
 pub async fn first_request<'a>(
     site: &'a Site,
