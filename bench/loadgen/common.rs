@@ -204,6 +204,13 @@ pub fn timed_out(what: &str) -> io::Error {
 }
 
 /// A result-line value, `-` when it is unknown.
+/// The `p` quantile (0 = first, 1 = last) of sorted microseconds, in
+/// milliseconds with one decimal; `None` if there are none.
+pub fn quantile_ms(sorted_us: &[u64], p: f64) -> Option<String> {
+    let i = ((p * sorted_us.len() as f64).ceil() as usize).clamp(1, sorted_us.len().max(1)) - 1;
+    sorted_us.get(i).map(|us| format!("{:.1}", *us as f64 / 1000.0))
+}
+
 pub fn show<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout};
 
-use crate::common::{MODE_ECHO, bad_data, positive_count, secs, show, timed_out};
+use crate::common::{MODE_ECHO, bad_data, positive_count, quantile_ms, secs, show, timed_out};
 use crate::conn::Conn;
 use crate::http::{HTTP_SMALL_LEN, HTTP_SMALL_PATH, HttpConn, http_request};
 use crate::procfs::{CpuTicks, SynStats, syn_stats};
@@ -164,10 +164,7 @@ pub async fn run(o: Args, http: bool) {
     let errors = socket_errors + failed_n + missing;
     let mut us = std::mem::take(&mut *served_us.lock().unwrap());
     us.sort_unstable();
-    let ms = |p: f64| {
-        let i = ((p * us.len() as f64).ceil() as usize).clamp(1, us.len().max(1)) - 1;
-        us.get(i).map(|v| format!("{:.1}", *v as f64 / 1000.0))
-    };
+    let ms = |p: f64| quantile_ms(&us, p);
     let done = served_n > 0 && errors == 0;
     println!(
         "mode={mode} conns={conns} ready={ready} served={served_n} failed={failed_n} missing={missing} \

@@ -14,7 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::{sleep, timeout};
 
-use crate::common::{MODE_ECHO, OP_TIMEOUT, OPEN_CONCURRENCY, positive_count, secs, show, timed_out};
+use crate::common::{
+    MODE_ECHO, OP_TIMEOUT, OPEN_CONCURRENCY, positive_count, quantile_ms, secs, show, timed_out,
+};
 use crate::conn::{Conn, connect};
 use crate::control::{control, control_exchange, json_value};
 use crate::http::{HTTP_SMALL_LEN, HTTP_SMALL_PATH, HttpConn, http_request};
@@ -312,10 +314,7 @@ pub async fn run(o: Args, http: bool) {
     let done = echoed > 0 && missing == 0;
     let mut echo_us = std::mem::take(&mut *h.echo_us.lock().unwrap());
     echo_us.sort_unstable();
-    let ms = |p: f64| {
-        let i = ((p * echo_us.len() as f64).ceil() as usize).clamp(1, echo_us.len().max(1)) - 1;
-        echo_us.get(i).map(|us| format!("{:.1}", *us as f64 / 1000.0))
-    };
+    let ms = |p: f64| quantile_ms(&echo_us, p);
     println!(
         "mode={} conns={conns} open={opened} open_errors={open_errors} open_seconds={open_seconds:.3} \
          settle_seconds={} rss_before_kib={} rss_after_kib={} kib_per_conn={} status_held={} \

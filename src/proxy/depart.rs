@@ -95,12 +95,12 @@ pub struct LiveBackend<S = Stream> {
     pub draining: bool,
 }
 
-impl LiveConnection {
-    /// Its sockets off this runtime, to be served on another.
-    pub fn unregister(self) -> io::Result<LiveConnection<StdStream>> {
+impl<S> LiveConnection<S> {
+    /// The same connection with each socket turned by `turn`.
+    fn with_sockets<T>(self, mut turn: impl FnMut(S) -> io::Result<T>) -> io::Result<LiveConnection<T>> {
         let backend = match self.backend {
             Some(b) => Some(LiveBackend {
-                stream: b.stream.into_std()?,
+                stream: turn(b.stream)?,
                 address: b.address,
                 weight: b.weight,
                 draining: b.draining,
@@ -109,31 +109,24 @@ impl LiveConnection {
         };
         Ok(LiveConnection {
             proxy: self.proxy,
-            client: self.client.into_std()?,
+            client: turn(self.client)?,
             backend,
             carried: self.carried,
         })
     }
 }
 
+impl LiveConnection {
+    /// Its sockets off this runtime, to be served on another.
+    pub fn unregister(self) -> io::Result<LiveConnection<StdStream>> {
+        self.with_sockets(Stream::into_std)
+    }
+}
+
 impl LiveConnection<StdStream> {
     /// Its sockets registered with the runtime this runs on.
     pub fn register(self) -> io::Result<LiveConnection> {
-        let backend = match self.backend {
-            Some(b) => Some(LiveBackend {
-                stream: Stream::from_std(b.stream)?,
-                address: b.address,
-                weight: b.weight,
-                draining: b.draining,
-            }),
-            None => None,
-        };
-        Ok(LiveConnection {
-            proxy: self.proxy,
-            client: Stream::from_std(self.client)?,
-            backend,
-            carried: self.carried,
-        })
+        self.with_sockets(Stream::from_std)
     }
 }
 

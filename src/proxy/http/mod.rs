@@ -126,10 +126,11 @@ impl ClientConnection {
             settled.as_mut().enable();
             paused.as_mut().enable();
             let is_called = wanted.is_some_and(CancellationToken::is_cancelled);
-            let leave = if self.stays.load(Relaxed) {
-                if is_called {
-                    return None;
-                }
+            let stays = self.stays.load(Relaxed);
+            if stays && is_called {
+                return None;
+            }
+            let leave = if stays {
                 None
             } else if is_called {
                 Some(Leave::Move)
@@ -1248,6 +1249,18 @@ mod tests {
         .expect("held in time");
     }
 
+    /// Writes `request`, waits until `proxy` holds it, and checks that it
+    /// is held parked, not inside hyper's connection.
+    async fn held_parked(proxy: &Proxy, client: &mut UnixStream, request: &[u8]) {
+        client.write_all(request).await.expect("write");
+        held(proxy, 1).await;
+        assert_eq!(
+            park::tests::parked(),
+            1,
+            "not parked: held inside hyper's connection"
+        );
+    }
+
     /// A paused proxy, and a client connection whose first request it holds
     /// (the backend's requests come to the receiver).
     async fn held_first_request() -> (Arc<Proxy>, UnixStream, mpsc::UnboundedReceiver<()>) {
@@ -1284,16 +1297,7 @@ mod tests {
         assert_eq!(proxy.stats.accepted.load(Relaxed), 1);
 
         pause(&proxy, true);
-        client
-            .write_all(b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .expect("write");
-        held(&proxy, 1).await;
-        assert_eq!(
-            park::tests::parked(),
-            1,
-            "not parked: a keep-alive request held inside hyper"
-        );
+        held_parked(&proxy, &mut client, b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n").await;
         pause(&proxy, false);
         let head = answer(&mut client).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -1322,16 +1326,7 @@ mod tests {
         release.send(()).await.expect("answer /1");
         let head = answer(&mut client).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
-        client
-            .write_all(b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .expect("write");
-        held(&proxy, 1).await;
-        assert_eq!(
-            park::tests::parked(),
-            1,
-            "not parked: held inside hyper's connection"
-        );
+        held_parked(&proxy, &mut client, b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n").await;
         assert!(seen.try_recv().is_err(), "forwarded while paused");
         pause(&proxy, false);
         tokio::time::timeout(WAIT, seen.recv())
