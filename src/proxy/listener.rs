@@ -78,6 +78,15 @@ pub struct Permits {
 }
 
 impl Permits {
+    /// Permits of limits that count but never refuse.
+    #[cfg(test)]
+    pub(crate) fn unlimited() -> Permits {
+        Permits {
+            _socket: ConnectionLimit::new(0).admit(),
+            _daemon: ConnectionLimit::new(0).admit(),
+        }
+    }
+
     /// The permits of a connection an upgrade brought over (accepted by
     /// the previous process): counted, never refused.
     pub fn admitted(site: &Site) -> Permits {
@@ -253,11 +262,13 @@ pub async fn accept_loop(
                     Routes::Tcp(proxy) => {
                         proxy.stats.accepted.fetch_add(1, Relaxed);
                         site.workers.serve(client, move |client| {
-                            let serving = proxy.clone().serve(client, peer);
-                            proxy.connections.spawn(async move {
-                                let _permits = permits;
-                                serving.await;
-                            });
+                            // `serve`'s own future, not wrapped in an async
+                            // block: a wrapper keeps the future it awaits
+                            // twice (rust-lang/rust#62958), and every held
+                            // connection would pay for the copy.
+                            proxy
+                                .connections
+                                .spawn(proxy.clone().serve(client, peer, permits));
                         });
                     }
                     Routes::Http(hosts) => {

@@ -37,6 +37,7 @@ use depart::{Carried, Departures, LiveConnection};
 use forward::{Ended, Traffic};
 use gate::{Admission, Gate, MovedClient, RejectReason, RuntimePause};
 use hold::{Hold, client_leaves, hold};
+use listener::Permits;
 
 /// What a new connection needs from the config, shared read-only.
 #[derive(Debug, Clone)]
@@ -267,8 +268,10 @@ impl Proxy {
     }
 
     /// Serves one accepted client to its end: through the gate (forward,
-    /// hold or reject), then to a backend.
-    pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer) {
+    /// hold or reject), then to a backend. `permits` count it against its
+    /// connection limits until it ends.
+    pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer, permits: Permits) {
+        let _permits = permits;
         // Read once per connection (again only after a hold): the settings
         // lock is shared by every connection of the proxy.
         let settings = self.settings.borrow().clone();
@@ -607,12 +610,15 @@ mod tests {
 
     /// Every connection's task is allocated at the size of its largest
     /// state: TLS state (a rustls session, the stream copy path) must stay
-    /// boxed, or every plain connection pays for it in idle memory.
+    /// boxed, or every plain connection pays for it in idle memory. The
+    /// accept loop spawns this very future (no wrapper around it).
     #[tokio::test]
     async fn a_plain_connection_task_stays_small() {
         let proxy = test_proxy("a");
         let (client, _peer) = tokio::net::UnixStream::pair().unwrap();
-        let task = proxy.clone().serve(Stream::Unix(client), Peer::Unix);
+        let task = proxy
+            .clone()
+            .serve(Stream::Unix(client), Peer::Unix, Permits::unlimited());
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1280, "the per-connection future grew to {size} bytes");
         proxy.retired.cancel();
