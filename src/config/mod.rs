@@ -331,10 +331,11 @@ proxies:
             message.starts_with("/etc/x.yaml:5:35: proxies[0].trusted_proxies[1]: \"10.0.0.0/33\" is not an address or network"),
             "{message}"
         );
-        let yaml = yaml
-            .replace("10.0.0.0/33", "::1/128")
-            .replace("send_proxy: v3", "");
-        assert!(parse(&yaml, Path::new("x")).is_ok());
+        // An IPv6 network in a flow list is quoted (YAML reads `::` as a key).
+        let yaml = yaml.replace("10.0.0.0/33", "'::1/128'");
+        if let Err(e) = parse(&yaml, Path::new("x")) {
+            panic!("{e}");
+        }
         let message = errors(&yaml.replace("accept_proxy: true", "send_proxy: v3"));
         assert!(
             message.starts_with("/etc/x.yaml:4:17: proxies[0].send_proxy: unknown variant `v3`"),
