@@ -122,8 +122,13 @@ fn get_body(mut stream: TcpStream) -> String {
         .expect("send the request");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).expect("read the answer");
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {answer:?}"));
-    assert!(head.starts_with("HTTP/1.") && head[8..].starts_with(" 200"), "{answer}");
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {answer:?}"));
+    assert!(
+        head.starts_with("HTTP/1.") && head[8..].starts_with(" 200"),
+        "{answer}"
+    );
     body.to_string()
 }
 
@@ -140,13 +145,23 @@ fn nginx_sees_the_client_behind_send_proxy() {
     for mode in ["tcp", "http"] {
         for version in ["v1", "v2"] {
             let extra = format!("mode: {mode}\nsend_proxy: {version}");
-            let yaml = one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[format!("tcp://{nginx}")], &extra);
+            let yaml = one_proxy_config(
+                dir.path(),
+                "5s",
+                "tcp://127.0.0.1:0",
+                &[format!("tcp://{nginx}")],
+                &extra,
+            );
             let daemon = Daemon::start(dir.path(), &yaml);
             let listen = tcp_addr(&daemon.listen_addr("p"));
             let client = connect_from("127.0.0.2", listen);
             let port = client.local_addr().expect("local address").port();
             let seen = get_body(client);
-            assert_eq!(seen, format!("127.0.0.2 {port}"), "mode {mode}, send_proxy {version}");
+            assert_eq!(
+                seen,
+                format!("127.0.0.2 {port}"),
+                "mode {mode}, send_proxy {version}"
+            );
             drop(daemon);
         }
     }
@@ -181,8 +196,18 @@ fn haproxy_in_front_gives_the_real_client() {
     let client = connect_from("127.0.0.2", front);
     assert_eq!(get_body(client), "ok");
     let request = backend.wait_requests(1, WAIT).remove(0);
-    assert_eq!(request.header("x-forwarded-for"), Some("127.0.0.2"), "{:?}", request.headers);
-    assert_eq!(request.header("forwarded"), Some("for=127.0.0.2;proto=http;host=\"test\""), "{:?}", request.headers);
+    assert_eq!(
+        request.header("x-forwarded-for"),
+        Some("127.0.0.2"),
+        "{:?}",
+        request.headers
+    );
+    assert_eq!(
+        request.header("forwarded"),
+        Some("for=127.0.0.2;proto=http;host=\"test\""),
+        "{:?}",
+        request.headers
+    );
     assert_eq!(proxy_protocol_errors(dir.path()), 0);
 }
 
@@ -200,13 +225,11 @@ fn proxy_protocol_errors(dir: &Path) -> u64 {
 fn closed_within(mut stream: TcpStream) -> Duration {
     let started = Instant::now();
     let mut buf = [0u8; 64];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return started.elapsed(),
-            Ok(n) => panic!("the daemon answered {:?}", String::from_utf8_lossy(&buf[..n])),
-            Err(e) if is_closed_error(&e) => return started.elapsed(),
-            Err(e) => panic!("not closed within {WAIT:?}: {e}"),
-        }
+    match stream.read(&mut buf) {
+        Ok(0) => started.elapsed(),
+        Ok(n) => panic!("the daemon answered {:?}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) if is_closed_error(&e) => started.elapsed(),
+        Err(e) => panic!("not closed within {WAIT:?}: {e}"),
     }
 }
 
@@ -230,7 +253,9 @@ fn accept_proxy_refuses_untrusted_malformed_and_missing_headers() {
     assert_eq!(proxy_protocol_errors(dir.path()), 1);
 
     let mut malformed = connect_from("127.0.0.2", listen);
-    malformed.write_all(b"PROXY TCP4 198.51.100.7 127.0.0.1 4444\r\nhello").expect("send");
+    malformed
+        .write_all(b"PROXY TCP4 198.51.100.7 127.0.0.1 4444\r\nhello")
+        .expect("send");
     closed_within(malformed);
     assert_eq!(proxy_protocol_errors(dir.path()), 2);
 
@@ -241,7 +266,10 @@ fn accept_proxy_refuses_untrusted_malformed_and_missing_headers() {
 
     let silent = connect_from("127.0.0.2", listen);
     let waited = closed_within(silent);
-    assert!(waited >= Duration::from_millis(900), "closed after {waited:?}, before connect_timeout");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}, before connect_timeout"
+    );
     assert_eq!(proxy_protocol_errors(dir.path()), 4);
     assert_eq!(server.accepted(), 0, "a refused connection reached the backend");
 
@@ -297,7 +325,14 @@ fn a_held_client_keeps_its_proxy_header_address() {
     let mut reader = BufReader::new(client);
     let mut line = String::new();
     reader.read_line(&mut line).expect("the backend's PROXY line");
-    assert_eq!(line, format!("PROXY TCP4 198.51.100.7 {} 4444 {}\r\n", listen.ip(), listen.port()));
+    assert_eq!(
+        line,
+        format!(
+            "PROXY TCP4 198.51.100.7 {} 4444 {}\r\n",
+            listen.ip(),
+            listen.port()
+        )
+    );
     let mut rest = [0u8; 5];
     reader.read_exact(&mut rest).expect("echo");
     assert_eq!(&rest, b"hello");
