@@ -5,7 +5,8 @@
 //! untrusted sources, malformed and missing headers are closed, counted in
 //! `interlude_proxy_protocol_errors_total` and never reach a backend; a
 //! paused proxy holds a client after reading its header and sends the
-//! header's address on at the resume.
+//! header's address on at the resume; a UNIX socket listener takes the
+//! header from every client.
 //!
 //! The test client connects from 127.0.0.2, so that the address a backend
 //! is told differs from interlude's own (127.0.0.1). nginx and HAProxy are
@@ -282,6 +283,69 @@ fn accept_proxy_refuses_untrusted_malformed_and_missing_headers() {
     assert_eq!(proxy_protocol_errors(dir.path()), 4);
 }
 
+/// A backend that answers with the PROXY line it received, then echoes
+/// the next 5 bytes.
+fn answer_proxy_line(stream: Stream) {
+    let Stream::Tcp(stream) = stream else {
+        return;
+    };
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut writer = stream;
+    let _ = writer.write_all(line.as_bytes());
+    let mut rest = [0u8; 5];
+    if reader.read_exact(&mut rest).is_ok() {
+        let _ = writer.write_all(&rest);
+    }
+}
+
+/// A UNIX socket listener with `accept_proxy` (no `trusted_proxies`: its
+/// clients have no address to match): a client with a v2 header is the
+/// header's client for `send_proxy`; one without is closed and counted.
+#[test]
+fn a_unix_listener_takes_the_header_from_every_client() {
+    let dir = tempdir();
+    let server = TestServer::tcp(answer_proxy_line);
+    let listen = format!("unix:{}/p.sock", dir.path().display());
+    let extra = "accept_proxy: true\nsend_proxy: v1";
+    let yaml = one_proxy_config(dir.path(), "5s", &listen, &[server.address()], extra);
+    let daemon = Daemon::start(dir.path(), &yaml);
+    let endpoint = daemon.listen_addr("p");
+
+    let mut client = endpoint.must_connect();
+    let header = interlude::sockets::proxy_protocol::encode(
+        interlude::sockets::proxy_protocol::Version::V2,
+        Some((
+            "[2001:db8::7]:4444".parse().expect("source"),
+            "[2001:db8::1]:443".parse().expect("destination"),
+        )),
+    );
+    client.write_all(header.as_bytes()).expect("send the header");
+    client.write_all(b"hello").expect("send");
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"hello") {
+        client.read_exact(&mut byte).expect("the backend's answer");
+        answer.push(byte[0]);
+    }
+    // The listener is a UNIX socket: no address of its own to name.
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "PROXY TCP6 2001:db8::7 :: 4444 0\r\nhello"
+    );
+
+    let mut without = endpoint.must_connect();
+    without.write_all(b"hello").expect("send");
+    let mut rest = Vec::new();
+    let _ = without.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "answered {rest:?}");
+    assert_eq!(proxy_protocol_errors(dir.path()), 1);
+    assert_eq!(server.accepted(), 1);
+}
+
 /// A paused proxy with `accept_proxy` and `send_proxy`: the client's header
 /// is read before it is held (the backend is not contacted), and at the
 /// resume the backend is told the header's client, then gets the bytes the
@@ -290,22 +354,7 @@ fn accept_proxy_refuses_untrusted_malformed_and_missing_headers() {
 fn a_held_client_keeps_its_proxy_header_address() {
     let dir = tempdir();
     // Answers with the PROXY line it received, then echoes.
-    let server = TestServer::tcp(|stream| {
-        let Stream::Tcp(stream) = stream else {
-            return;
-        };
-        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-        let mut line = String::new();
-        if reader.read_line(&mut line).is_err() {
-            return;
-        }
-        let mut writer = stream;
-        let _ = writer.write_all(line.as_bytes());
-        let mut rest = [0u8; 5];
-        if reader.read_exact(&mut rest).is_ok() {
-            let _ = writer.write_all(&rest);
-        }
-    });
+    let server = TestServer::tcp(answer_proxy_line);
     let extra = "accept_proxy: true\ntrusted_proxies: [127.0.0.1]\nsend_proxy: v1";
     let yaml = one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[server.address()], extra);
     let daemon = Daemon::start(dir.path(), &yaml);
