@@ -1,6 +1,7 @@
 //! `loadgen serve`: the backend. The first byte of each connection picks what
 //! it does: echo, sink, answer a tag byte, or serve HTTP/1.1 with keep-alive
-//! (canned responses for `/small`, `/1m` and a 404).
+//! (canned responses for `/small`, `/1m` and a 404). A PROXY protocol v2
+//! header before it is skipped.
 
 use std::io;
 use std::process::exit;
@@ -102,6 +103,18 @@ async fn handle(mut s: TcpStream, tag: u8) {
     let mut mode = [0u8; 1];
     if s.read_exact(&mut mode).await.is_err() {
         return;
+    }
+    // A PROXY protocol v2 header (a proxy with `send_proxy: v2` /
+    // `send-proxy-v2` in front): skipped, then the mode byte follows.
+    if mode[0] == b'\r' {
+        let mut header = [0u8; 15];
+        if s.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let mut rest = vec![0u8; usize::from(u16::from_be_bytes([header[13], header[14]]))];
+        if s.read_exact(&mut rest).await.is_err() || s.read_exact(&mut mode).await.is_err() {
+            return;
+        }
     }
     match mode[0] {
         MODE_ECHO => {

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use super::{Backend, BackendSet, Role};
 use crate::config::{Address, HealthCheckConfig, HealthCheckKind, StatusRange};
+use crate::sockets::proxy_protocol::Version;
 use crate::sockets::stream::Stream;
 
 /// What a checker and its owner tell each other.
@@ -42,10 +43,10 @@ pub async fn run<Current>(
     retired: CancellationToken,
     current: Current,
 ) where
-    Current: Fn() -> (Arc<BackendSet>, HealthCheckConfig),
+    Current: Fn() -> (Arc<BackendSet>, HealthCheckConfig, Option<Version>),
 {
     loop {
-        let (backends, check) = current();
+        let (backends, check, send_proxy) = current();
         let mut probes = JoinSet::new();
         for backend in &backends.backends {
             let wanted = match check.kind {
@@ -55,7 +56,7 @@ pub async fn run<Current>(
             if wanted {
                 let (backend, check) = (backend.clone(), check.clone());
                 probes.spawn(async move {
-                    let result = probe(&backend.address, &check).await;
+                    let result = probe(&backend.address, &check, send_proxy).await;
                     (backend, result)
                 });
             }
@@ -100,11 +101,24 @@ fn log_change(proxy: &str, backend: &Backend, up: bool, detail: &str) {
     }
 }
 
-/// One check. Ok: a short description of the pass.
-pub async fn probe(address: &Address, check: &HealthCheckConfig) -> Result<String, ProbeError> {
+/// One check. Ok: a short description of the pass. With `send_proxy`
+/// (the proxy's), the connection starts with a PROXY header that names no
+/// client, as HAProxy's `check-send-proxy` does: v1 `UNKNOWN`, v2 `LOCAL`.
+pub async fn probe(
+    address: &Address,
+    check: &HealthCheckConfig,
+    send_proxy: Option<Version>,
+) -> Result<String, ProbeError> {
     let timeout = check.timeout.0;
     let attempt = async {
-        let stream = Stream::connect(address).await.map_err(ProbeError::Connect)?;
+        let mut stream = Stream::connect(address).await.map_err(ProbeError::Connect)?;
+        if let Some(version) = send_proxy {
+            let header = crate::sockets::proxy_protocol::encode(version, None);
+            stream
+                .write_all(header.as_bytes())
+                .await
+                .map_err(ProbeError::Io)?;
+        }
         match check.kind {
             HealthCheckKind::Http => http_get(stream, address, &check.path, check.expect_status).await,
             _ => Ok("connect ok".to_string()),
@@ -240,11 +254,13 @@ mod tests {
     async fn http_checks_honour_the_expected_status() {
         let good = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
         assert_eq!(
-            probe(&good, &check(HealthCheckKind::Http)).await.unwrap(),
+            probe(&good, &check(HealthCheckKind::Http), None).await.unwrap(),
             "HTTP 204"
         );
         let bad = http_server("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n").await;
-        let failure = probe(&bad, &check(HealthCheckKind::Http)).await.unwrap_err();
+        let failure = probe(&bad, &check(HealthCheckKind::Http), None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(failure, ProbeError::Status { status: 500, .. }),
             "{failure:?}"
@@ -252,7 +268,9 @@ mod tests {
         assert_eq!(failure.to_string(), "HTTP 500, expected 200-399");
         assert!(!failure.is_local());
         let garbage = http_server("SSH-2.0-OpenSSH\r\n").await;
-        let failure = probe(&garbage, &check(HealthCheckKind::Http)).await.unwrap_err();
+        let failure = probe(&garbage, &check(HealthCheckKind::Http), None)
+            .await
+            .unwrap_err();
         assert!(matches!(failure, ProbeError::NoStatusLine), "{failure:?}");
         assert_eq!(failure.to_string(), "no HTTP status line in the answer");
     }
@@ -264,7 +282,7 @@ mod tests {
         let mut quick = check(HealthCheckKind::Http);
         quick.timeout = Dur(Duration::from_millis(100));
         // Accepted by the kernel's backlog, never answered.
-        let failure = probe(&address, &quick).await.unwrap_err();
+        let failure = probe(&address, &quick, None).await.unwrap_err();
         assert!(matches!(failure, ProbeError::Timeout(_)), "{failure:?}");
         assert_eq!(failure.to_string(), "no answer within 100ms");
         assert!(!failure.is_local());
@@ -287,12 +305,38 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
         assert_eq!(
-            probe(&address, &check(HealthCheckKind::Tcp)).await.unwrap(),
+            probe(&address, &check(HealthCheckKind::Tcp), None).await.unwrap(),
             "connect ok"
         );
         drop(listener);
-        let failure = probe(&address, &check(HealthCheckKind::Tcp)).await.unwrap_err();
+        let failure = probe(&address, &check(HealthCheckKind::Tcp), None)
+            .await
+            .unwrap_err();
         assert!(matches!(failure, ProbeError::Connect(_)), "{failure:?}");
         assert!(!failure.is_local());
+    }
+
+    /// With `send_proxy`, a check starts with the header of a connection
+    /// that has no client (v1 UNKNOWN, v2 LOCAL), then asks as usual.
+    #[tokio::test]
+    async fn checks_send_a_proxy_header_naming_no_client() {
+        use tokio::io::AsyncReadExt;
+        for (version, expected) in [
+            (Version::V1, &b"PROXY UNKNOWN\r\nGET /"[..]),
+            (Version::V2, &b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00GET /"[..]),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+            let backend = tokio::spawn(async move {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut got = vec![0u8; expected.len()];
+                socket.read_exact(&mut got).await.unwrap();
+                socket.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+                got
+            });
+            let pass = probe(&address, &check(HealthCheckKind::Http), Some(version)).await;
+            assert_eq!(pass.unwrap(), "HTTP 200");
+            assert_eq!(backend.await.unwrap(), expected);
+        }
     }
 }

@@ -6,6 +6,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::sockets::proxy_protocol::Cidr;
+
 use crate::sockets::Address;
 
 impl<'de> Deserialize<'de> for Address {
@@ -13,6 +15,15 @@ impl<'de> Deserialize<'de> for Address {
         deserializer.deserialize_str(super::values::ScalarVisitor {
             expecting: "an address such as tcp://127.0.0.1:8080 or unix:/run/app.sock",
             parse: Address::parse,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(super::values::ScalarVisitor {
+            expecting: "an address or network such as 10.0.0.0/8 or ::1/128",
+            parse: str::parse::<Cidr>,
         })
     }
 }

@@ -317,6 +317,33 @@ proxies:
     }
 
     #[test]
+    fn a_bad_trusted_proxy_is_located_with_its_value() {
+        let yaml = "\
+proxies:
+  - name: a
+    listen: 127.0.0.1:1
+    accept_proxy: true
+    trusted_proxies: [10.0.0.0/8, 10.0.0.0/33]
+    backends: [127.0.0.1:2]
+";
+        let message = errors(yaml);
+        assert!(
+            message.starts_with("/etc/x.yaml:5:35: proxies[0].trusted_proxies[1]: \"10.0.0.0/33\" is not an address or network"),
+            "{message}"
+        );
+        // An IPv6 network in a flow list is quoted (YAML reads `::` as a key).
+        let yaml = yaml.replace("10.0.0.0/33", "'::1/128'");
+        if let Err(e) = parse(&yaml, Path::new("x")) {
+            panic!("{e}");
+        }
+        let message = errors(&yaml.replace("accept_proxy: true", "send_proxy: v3"));
+        assert!(
+            message.starts_with("/etc/x.yaml:4:17: proxies[0].send_proxy: unknown variant `v3`"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn an_empty_file_is_an_error_not_zero_proxies() {
         assert!(errors("  \n").contains("empty"));
         assert_eq!(

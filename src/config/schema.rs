@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use super::address::SyslogDestination;
 use super::values::{Dur, StatusRange};
 use crate::sockets::Address;
+use crate::sockets::proxy_protocol::{Cidr, Version};
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -159,6 +160,16 @@ pub struct ProxyConfig {
     /// head (`None`: not written, `DEFAULT_REQUEST_TIMEOUT`).
     #[serde(default)]
     pub request_timeout: Option<Dur>,
+    /// The PROXY protocol header each backend connection (and health
+    /// check) starts with.
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+    /// Clients must start with a PROXY protocol header (read within
+    /// `connect_timeout`), from one of `trusted_proxies`.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
     pub health_check: HealthCheckConfig,
@@ -270,6 +281,26 @@ pub enum RejectWith {
 pub struct BypassConfig {
     pub paths: Vec<String>,
     pub user_agents: Vec<String>,
+}
+
+/// `send_proxy`: no PROXY protocol header, or one of its versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+impl SendProxy {
+    pub fn version(self) -> Option<Version> {
+        match self {
+            SendProxy::Off => None,
+            SendProxy::V1 => Some(Version::V1),
+            SendProxy::V2 => Some(Version::V2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

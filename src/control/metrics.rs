@@ -90,6 +90,13 @@ pub fn render(shared: &Shared, snapshot: &RunningView) -> String {
         "Failed TLS handshakes.",
         &|p| p.stats.tls_handshake_failures.load(Relaxed),
     );
+    per_proxy(
+        &mut out,
+        "interlude_proxy_protocol_errors_total",
+        "counter",
+        "Connections closed for a missing or invalid PROXY protocol header, or one from a source not in trusted_proxies.",
+        &|p| p.stats.proxy_protocol_errors.load(Relaxed),
+    );
 
     per_proxy(
         &mut out,

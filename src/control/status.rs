@@ -71,6 +71,9 @@ pub struct ProxyStatus {
     pub dropped_while_held: u64,
     #[serde(default)]
     pub connect_failures: u64,
+    /// Connections closed for their PROXY protocol header (`accept_proxy`).
+    #[serde(default)]
+    pub proxy_protocol_errors: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Its `max_connections` as its listening socket applies it (virtual
@@ -162,6 +165,7 @@ fn proxy_status(entry: &ProxyEntry) -> ProxyStatus {
         rejected: stats.rejected.load(Relaxed),
         dropped_while_held,
         connect_failures: stats.connect_failures.load(Relaxed),
+        proxy_protocol_errors: stats.proxy_protocol_errors.load(Relaxed),
         bytes_in: stats.bytes_in.load(Relaxed),
         bytes_out: stats.bytes_out.load(Relaxed),
         max_connections: entry.limit.as_ref().map_or(0, |l| l.max() as u64),

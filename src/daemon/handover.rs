@@ -135,6 +135,11 @@ pub struct HeldClient {
     pub proxy: String,
     pub fd: usize,
     pub early: Span,
+    /// The client's address when it is not the socket's peer (a PROXY
+    /// header named it): absent before this field existed, and then the
+    /// socket's peer stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<std::net::SocketAddr>,
 }
 
 /// A live connection: `client` (and `backend.fd`) index the packet's
@@ -159,6 +164,9 @@ pub struct LiveEntry {
     /// Milliseconds since a byte last moved.
     #[serde(default)]
     pub idle_ms: u64,
+    /// As `HeldClient::client_address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -552,6 +560,9 @@ mod tests {
         );
         assert!(web.backend.is_none());
         assert_eq!(web.to_backend.of(&payload), Some(&b"GET "[..]));
+        // Written before PROXY protocol addresses were carried: the
+        // sockets' own peers stand.
+        assert_eq!((db.client_address, web.client_address), (None, None));
     }
 
     /// A live packet may be larger than the others: one connection's bytes
@@ -578,6 +589,7 @@ mod tests {
             client_closed: false,
             backend_closed: false,
             idle_ms: u64::MAX,
+            client_address: Some("[2001:db8::1]:65535".parse().expect("address")),
         };
         let live = Message::Live {
             connections: vec![entry],
@@ -641,6 +653,7 @@ mod tests {
                 proxy: "web".into(),
                 fd: 0,
                 early: Span { offset: 0, len: 3 },
+                client_address: Some("203.0.113.7:4000".parse().expect("address")),
             }],
         };
         ours.send(&held, b"abc", &[probe.as_fd()]).await.expect("send");

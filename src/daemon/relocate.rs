@@ -35,7 +35,7 @@ use crate::proxy::http;
 use crate::proxy::listener::{Permits, Routes, Site};
 use crate::proxy::workers::Workers;
 use crate::sockets::address::Address;
-use crate::sockets::stream::StdStream;
+use crate::sockets::stream::{Peer, StdStream};
 
 /// How long one packet may take to go out before the new process is taken
 /// to be stuck (its socket buffer full) and the rest stay here.
@@ -182,6 +182,7 @@ fn live_packet(pending: &[LiveConnection]) -> (Message, Vec<u8>, usize) {
             client_closed: carried.client_closed,
             backend_closed: carried.backend_closed,
             idle_ms: u64::try_from(carried.idle_for.as_millis()).unwrap_or(u64::MAX),
+            client_address: connection.peer.tcp(),
         };
         let entry_size = serde_json::to_vec(&entry).map_or(usize::MAX, |json| json.len() + 1);
         let bytes = carried.to_backend.len() + carried.to_client.len();
@@ -241,7 +242,9 @@ pub(super) fn live_connections(
             }
         };
         let bytes = |span: Span| span.of(payload).unwrap_or_default().to_vec();
+        let peer = entry.client_address.map_or_else(|| client.peer(), Peer::Tcp);
         connections.push(LiveConnection {
+            peer,
             proxy: entry.proxy.into(),
             client,
             backend,
@@ -309,7 +312,7 @@ pub(super) fn serve_live(
                 return;
             }
         };
-        let peer = live.client.peer();
+        let peer = live.peer;
         let serving = http::serve_connection(
             site.clone(),
             hosts,
@@ -369,6 +372,7 @@ mod tests {
         let (client, client_far) = pair();
         let (backend, backend_far) = pair();
         let connection = LiveConnection {
+            peer: Peer::Tcp("203.0.113.7:4000".parse().expect("address")),
             proxy: proxy.into(),
             client,
             backend: Some(LiveBackend {
@@ -453,6 +457,11 @@ mod tests {
             assert_eq!(connection.carried.to_client, vec![i + 10; 60000]);
             assert!(connection.carried.client_closed && !connection.carried.backend_closed);
             assert_eq!(connection.carried.idle_for, Duration::from_millis(1234));
+            // The PROXY-derived client, not the socket pair's peer.
+            assert_eq!(
+                connection.peer,
+                Peer::Tcp("203.0.113.7:4000".parse().expect("address"))
+            );
             let backend = connection.backend.expect("its backend");
             assert_eq!(
                 (backend.address.to_string(), backend.weight, backend.draining),

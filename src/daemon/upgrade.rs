@@ -44,7 +44,7 @@ use crate::proxy::gate::MovedClient;
 use crate::proxy::http;
 use crate::proxy::listener::{Permits, Routes};
 use crate::sockets::inherited::{Inherited, InheritedSocket};
-use crate::sockets::stream::Stream;
+use crate::sockets::stream::{Peer, Stream};
 use crate::telemetry::systemd;
 
 /// How long the new process has to read the offer, and the old one to
@@ -496,7 +496,7 @@ impl Daemon {
             warn!(proxy = %client.proxy, "a held client handed over for a proxy this config does not have; closing it");
             return false;
         };
-        let peer = client.socket.peer();
+        let peer = client.peer;
         match running.config.mode {
             Mode::Tcp => {
                 let proxy = running.proxy.clone();
@@ -765,6 +765,7 @@ async fn send_held(
         let mut header = ENVELOPE_ROOM;
         for client in rest.iter().take(MAX_FDS) {
             let entry = HeldClient {
+                client_address: client.peer.tcp(),
                 proxy: client.proxy.to_string(),
                 fd: clients.len(),
                 early: Span {
@@ -1003,6 +1004,7 @@ fn held_clients(clients: Vec<HeldClient>, payload: &[u8], fds: Vec<OwnedFd>) -> 
         let early = client.early.of(payload).unwrap_or_default().to_vec();
         match Stream::adopt(fd) {
             Ok(socket) => adopted.push(MovedClient {
+                peer: client.client_address.map_or_else(|| socket.peer(), Peer::Tcp),
                 proxy: client.proxy.into(),
                 socket,
                 early,

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::sockets::address::Address;
-use crate::sockets::stream::{StdStream, Stream};
+use crate::sockets::stream::{Peer, StdStream, Stream};
 
 /// How many waves the connections are called in: with 10,000 connections,
 /// about 160 each, a few packets' worth.
@@ -83,6 +83,8 @@ pub struct LiveConnection<S = Stream> {
     /// was read already).
     pub backend: Option<LiveBackend<S>>,
     pub carried: Carried,
+    /// Who the client is (with `accept_proxy`, as its PROXY header said).
+    pub peer: Peer,
 }
 
 /// The backend end of a moving connection.
@@ -112,6 +114,7 @@ impl<S> LiveConnection<S> {
             client: turn(self.client)?,
             backend,
             carried: self.carried,
+            peer: self.peer,
         })
     }
 }

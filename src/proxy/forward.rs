@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::depart::{Carried, Departures, Enlisted, LiveBackend, LiveConnection};
 use super::wake::PollWhenWoken;
 use crate::backends::{Backend, Role};
-use crate::sockets::stream::Stream;
+use crate::sockets::stream::{Peer, Stream};
 
 /// Size of one copy buffer: large enough that bulk transfers make few
 /// syscalls, and only ever held while bytes are in flight.
@@ -63,7 +63,7 @@ pub struct Traffic<'a> {
 /// ended here; `None` when it left.
 pub async fn forward_movable(
     departures: &Departures,
-    (proxy, to): (&Arc<str>, &Backend),
+    (proxy, to, peer): (&Arc<str>, &Backend, &Peer),
     (mut client, mut backend): (Stream, Stream),
     mut carried: Carried,
     idle_timeout: Option<Duration>,
@@ -92,6 +92,7 @@ pub async fn forward_movable(
         };
         let live = LiveConnection {
             proxy: proxy.clone(),
+            peer: peer.clone(),
             client,
             backend: Some(LiveBackend {
                 address: to.address.clone(),

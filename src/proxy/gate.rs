@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{PauseConfig, WhenPaused};
-use crate::sockets::stream::Stream;
+use crate::sockets::stream::{Peer, Stream};
 
 /// A pause set at run time (signal, API, CLI), as opposed to one the config declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +163,9 @@ pub struct MovedClient {
     pub proxy: Arc<str>,
     pub socket: Stream,
     pub early: Vec<u8>,
+    /// Who the client is (with `accept_proxy`, as its PROXY header said:
+    /// not the socket's peer, and not read again).
+    pub peer: Peer,
 }
 
 /// Counts a held client that could move while it is held.

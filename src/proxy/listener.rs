@@ -274,14 +274,8 @@ pub async fn accept_loop(
                     Routes::Http(hosts) => {
                         let on = site.clone();
                         site.workers.serve(client, move |client| {
-                            let connection = super::http::serve_connection(
-                                on.clone(),
-                                hosts,
-                                client,
-                                peer,
-                                permits,
-                                Vec::new(),
-                            );
+                            let connection =
+                                super::http::serve_accepted(on.clone(), hosts, client, peer, permits);
                             on.connections.spawn(connection);
                         });
                     }

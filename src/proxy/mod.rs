@@ -32,6 +32,7 @@ use tracing::debug;
 use crate::backends::health::{self, HealthEvents};
 use crate::backends::{Backend, BackendSet, ConnectFailure, Connected, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
+use crate::sockets::proxy_protocol::{self, Cidr, Header, Version};
 use crate::sockets::stream::{Client, Peer, Stream};
 use depart::{Carried, Departures, LiveConnection};
 use forward::{Ended, Traffic};
@@ -57,6 +58,29 @@ pub struct ProxySettings {
     pub mode: Mode,
     /// Mode http: requests forwarded even while paused.
     pub bypass: BypassConfig,
+    /// The PROXY protocol header each backend connection starts with.
+    pub send_proxy: Option<Version>,
+    /// Clients must start with a PROXY protocol header.
+    pub accept_proxy: Option<AcceptProxy>,
+}
+
+/// `accept_proxy: true`: whom a PROXY header is taken from.
+#[derive(Debug, Clone)]
+pub struct AcceptProxy {
+    /// The networks a header is taken from (empty on a UNIX listener:
+    /// there every client must send one).
+    pub trusted: Arc<[Cidr]>,
+}
+
+impl AcceptProxy {
+    /// Whether `peer` may speak for a client.
+    fn trusts(&self, peer: &Peer) -> bool {
+        match peer {
+            Peer::Tcp(addr) => self.trusted.iter().any(|net| net.contains(addr.ip())),
+            // Only a UNIX listener has UNIX peers, and its list is empty.
+            Peer::Unix => self.trusted.is_empty(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -88,6 +112,10 @@ impl ProxySettings {
             }),
             mode: config.mode,
             bypass: config.pause.bypass.clone(),
+            send_proxy: config.send_proxy.version(),
+            accept_proxy: config.accept_proxy.then(|| AcceptProxy {
+                trusted: config.trusted_proxies.clone().into(),
+            }),
         }
     }
 
@@ -117,6 +145,9 @@ pub struct ProxyStats {
     pub limit_reached: AtomicU64,
     /// Times its listener stopped accepting at `limits.max_connections`.
     pub daemon_limit_reached: AtomicU64,
+    /// Connections closed for a missing or invalid PROXY header, or one
+    /// from an untrusted source.
+    pub proxy_protocol_errors: AtomicU64,
     pub bytes_in: Padded<AtomicU64>,
     pub bytes_out: Padded<AtomicU64>,
 }
@@ -229,7 +260,11 @@ impl Proxy {
             proxy.retired.clone(),
             move || {
                 let settings = settings.borrow();
-                (settings.backends.clone(), settings.health.clone())
+                (
+                    settings.backends.clone(),
+                    settings.health.clone(),
+                    settings.send_proxy,
+                )
             },
         ));
         proxy
@@ -270,11 +305,22 @@ impl Proxy {
     /// Serves one accepted client to its end: through the gate (forward,
     /// hold or reject), then to a backend. `permits` count it against its
     /// connection limits until it ends.
-    pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer, permits: Permits) {
+    pub async fn serve(self: Arc<Self>, mut client: Stream, mut peer: Peer, permits: Permits) {
         let _permits = permits;
         // Read once per connection (again only after a hold): the settings
         // lock is shared by every connection of the proxy.
         let settings = self.settings.borrow().clone();
+        // Before the gate (a held client knows who it is) and the TLS
+        // handshake (the header comes first on the wire).
+        if let Some(accept) = &settings.accept_proxy {
+            match self
+                .read_proxy_header(&mut client, peer, accept, settings.connect_timeout)
+                .await
+            {
+                Some(client) => peer = client,
+                None => return,
+            }
+        }
         match &settings.tls {
             None => {
                 self.serve_client(Client::Plain(client), peer, settings, Vec::new())
@@ -285,6 +331,45 @@ impl Proxy {
             Some(tls) => {
                 let tls = tls.clone();
                 Box::pin(self.serve_tls(client, peer, tls, settings)).await
+            }
+        }
+    }
+
+    /// `accept_proxy`: the client as the PROXY header at the start of
+    /// `client` names it (read within `timeout`, on the connection's own
+    /// task), or `None` when the connection must close: an untrusted
+    /// source, no valid header in time. Counted and logged at debug.
+    pub async fn read_proxy_header(
+        &self,
+        client: &mut Stream,
+        peer: Peer,
+        accept: &AcceptProxy,
+        timeout: Duration,
+    ) -> Option<Peer> {
+        let failed = |why: &dyn std::fmt::Display| {
+            self.stats.proxy_protocol_errors.fetch_add(1, Relaxed);
+            debug!(proxy = %self.name, %peer, reason = %why, "PROXY protocol: connection closed");
+        };
+        if !accept.trusts(&peer) {
+            failed(&"source not in trusted_proxies");
+            return None;
+        }
+        // Boxed: its buffer is not room every connection's task carries.
+        let read = Box::pin(proxy_protocol::read_header(client));
+        match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(Header::Inet { source, .. })) => Some(Peer::Tcp(std::net::SocketAddr::new(
+                source.ip().to_canonical(),
+                source.port(),
+            ))),
+            Ok(Ok(Header::Unix)) => Some(Peer::Unix),
+            Ok(Ok(Header::Local)) => Some(peer),
+            Ok(Err(e)) => {
+                failed(&e);
+                None
+            }
+            Err(_) => {
+                failed(&"no PROXY header within connect_timeout");
+                None
             }
         }
     }
@@ -375,6 +460,7 @@ impl Proxy {
                             proxy: self.name.clone(),
                             socket,
                             early,
+                            peer: peer.clone(),
                         };
                         // The ticket and the movable count end after the
                         // client is on its way, so the upgrade, waiting
@@ -430,6 +516,14 @@ impl Proxy {
                 return;
             }
         };
+        if let Some(version) = settings.send_proxy {
+            let header = proxy_protocol::encode_for(version, &peer, client.socket().local_tcp_addr());
+            if let Err(e) = send_header(&mut backend.stream, header.as_bytes()).await {
+                self.stats.connect_failures.fetch_add(1, Relaxed);
+                debug!(proxy = %self.name, %peer, error = %e, "the backend took no PROXY header; closing the connection");
+                return;
+            }
+        }
         let stream = match client {
             Client::Plain(stream) => stream,
             Client::Tls(mut stream) => {
@@ -474,8 +568,7 @@ impl Proxy {
         };
         let _active = ActiveGuard::up(&*self);
         let idle = self.settings.borrow().idle_timeout;
-        let peer = live.client.peer();
-        self.forward_plain(live.client, connected, live.carried, idle, &peer)
+        self.forward_plain(live.client, connected, live.carried, idle, &live.peer)
             .await;
     }
 
@@ -500,7 +593,7 @@ impl Proxy {
         let enlisted = self.departures.enlist();
         let ended = forward::forward_movable(
             &self.departures,
-            (&self.name, to),
+            (&self.name, to, peer),
             streams,
             carried,
             idle,
@@ -557,6 +650,16 @@ async fn until_zero(count: &AtomicU64, zero: &Notify) {
             return;
         }
         notified.await;
+    }
+}
+
+/// Writes a PROXY header to a backend just connected, before any client
+/// byte (a fresh socket's buffer takes it at once; bounded all the same).
+pub async fn send_header(backend: &mut Stream, header: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    match tokio::time::timeout(Duration::from_secs(5), backend.write_all(header)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod activation;
 pub mod address;
 pub mod exhaustion;
 pub mod inherited;
+pub mod proxy_protocol;
 pub mod stream;
 
 pub use address::{Address, AddressError, TcpAddressProblem, TcpTarget};

@@ -37,6 +37,14 @@ pub enum StdStream {
 }
 
 impl StdStream {
+    /// Who is at the other end, as the socket says.
+    pub fn peer(&self) -> Peer {
+        match self {
+            StdStream::Tcp(socket) => socket.peer_addr().map_or(Peer::Unix, Peer::Tcp),
+            StdStream::Unix(_) => Peer::Unix,
+        }
+    }
+
     /// A connected socket handed over by another process, ready for a
     /// runtime (non-blocking; TCP without Nagle).
     pub fn adopt(fd: OwnedFd) -> io::Result<StdStream> {
@@ -74,6 +82,15 @@ impl Stream {
         match self {
             Stream::Tcp(socket) => socket.into_std().map(StdStream::Tcp),
             Stream::Unix(socket) => socket.into_std().map(StdStream::Unix),
+        }
+    }
+
+    /// The TCP address this end has (the one a client connected to);
+    /// `None` for a UNIX socket.
+    pub fn local_tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Stream::Tcp(socket) => socket.local_addr().ok(),
+            Stream::Unix(_) => None,
         }
     }
 
@@ -217,11 +234,24 @@ pub enum Listener {
     Unix(AsyncFd<std::os::unix::net::UnixListener>, OwnedSocketFile),
 }
 
-/// Who connected, for logs.
-#[derive(Debug, Clone)]
+/// Who connected: the one place the client's address is read from (logs,
+/// `X-Forwarded-For`, the PROXY header sent on). With `accept_proxy`, the
+/// address the PROXY header named, not the socket's peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
     Tcp(std::net::SocketAddr),
     Unix,
+}
+
+impl Peer {
+    /// The client's TCP address, for a handover to carry (`None`: a UNIX
+    /// client, whose socket says so again on the other side).
+    pub fn tcp(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Peer::Tcp(addr) => Some(*addr),
+            Peer::Unix => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Peer {

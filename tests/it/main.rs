@@ -18,6 +18,7 @@ mod live_move;
 mod manual;
 mod operations;
 mod pause;
+mod proxy_protocol;
 mod reload;
 mod systemd_sockets;
 mod tls;

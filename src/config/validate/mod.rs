@@ -125,6 +125,7 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
             );
         }
     }
+    check_accept_proxy(proxy, at, issues);
     if proxy.request_timeout.as_ref().is_some_and(|d| d.is_zero()) {
         issues.add(
             format!("{at}.request_timeout"),
@@ -181,6 +182,33 @@ fn check_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
                 format!("path {:?} must start with /", health.path),
             );
         }
+    }
+}
+
+/// `accept_proxy` and `trusted_proxies`: on a TCP listener the header is
+/// taken only from the listed networks, so there must be some; a UNIX
+/// listener's clients have no address to match, so there every client must
+/// send a header and a list would mean nothing.
+fn check_accept_proxy(proxy: &ProxyConfig, at: &str, issues: &mut Issues) {
+    let unix = matches!(proxy.listen, Address::Unix(_));
+    if !proxy.accept_proxy && !proxy.trusted_proxies.is_empty() {
+        issues.add(
+            format!("{at}.trusted_proxies"),
+            "trusted_proxies applies with accept_proxy: true only",
+        );
+    } else if proxy.accept_proxy && !unix && proxy.trusted_proxies.is_empty() {
+        issues.add(
+            format!("{at}.trusted_proxies"),
+            "accept_proxy: true needs trusted_proxies (the networks the PROXY header is taken from)",
+        );
+    } else if proxy.accept_proxy && unix && !proxy.trusted_proxies.is_empty() {
+        issues.add(
+            format!("{at}.trusted_proxies"),
+            format!(
+                "listen {} is a UNIX socket: its clients have no address to match, so with accept_proxy every client must send the header; remove trusted_proxies",
+                proxy.listen
+            ),
+        );
     }
 }
 
@@ -408,6 +436,10 @@ fn sharing_conflict(first: &ProxyConfig, second: &ProxyConfig) -> Option<String>
     }
     if first.tls != second.tls {
         return Some("proxies sharing a listener need the same tls settings".into());
+    }
+    // The PROXY header is read before any request says which proxy it is for.
+    if first.accept_proxy != second.accept_proxy || first.trusted_proxies != second.trusted_proxies {
+        return Some("proxies sharing a listener need the same accept_proxy and trusted_proxies".into());
     }
     // A request head is read before its Host says which proxy it is for.
     if first.request_timeout() != second.request_timeout() {

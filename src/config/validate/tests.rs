@@ -188,3 +188,74 @@ proxies:
     assert_eq!(found.len(), 1);
     assert!(found[0].message.contains("/nonexistent/c.pem"));
 }
+
+#[test]
+fn accept_proxy_needs_trusted_proxies_on_tcp_and_none_on_unix() {
+    let yaml = "
+proxies:
+  - name: a
+    listen: LISTEN
+    ACCEPT
+    TRUSTED
+    backends: [127.0.0.1:2000]
+";
+    let with = |listen: &str, accept: &str, trusted: &str| {
+        paths(
+            &yaml
+                .replace("LISTEN", listen)
+                .replace("ACCEPT", accept)
+                .replace("TRUSTED", trusted),
+        )
+    };
+    let none = Vec::<String>::new();
+    assert_eq!(
+        with("127.0.0.1:1", "accept_proxy: true", ""),
+        ["proxies[0].trusted_proxies"]
+    );
+    assert_eq!(
+        with(
+            "127.0.0.1:1",
+            "accept_proxy: true",
+            "trusted_proxies: [127.0.0.1]"
+        ),
+        none
+    );
+    assert_eq!(
+        with("127.0.0.1:1", "", "trusted_proxies: [127.0.0.1]"),
+        ["proxies[0].trusted_proxies"]
+    );
+    assert_eq!(with("unix:/tmp/x.sock", "accept_proxy: true", ""), none);
+    assert_eq!(
+        with(
+            "unix:/tmp/x.sock",
+            "accept_proxy: true",
+            "trusted_proxies: [127.0.0.1]"
+        ),
+        ["proxies[0].trusted_proxies"]
+    );
+}
+
+#[test]
+fn proxies_sharing_a_listener_agree_on_accept_proxy() {
+    let yaml = "
+proxies:
+  - name: a
+    listen: 127.0.0.1:1000
+    mode: http
+    hosts: [a.example]
+    accept_proxy: true
+    trusted_proxies: [127.0.0.1]
+    backends: [127.0.0.1:2000]
+  - name: b
+    listen: 127.0.0.1:1000
+    mode: http
+    hosts: [b.example]
+    B
+    backends: [127.0.0.1:2000]
+";
+    assert_eq!(paths(&yaml.replace("B", "")), ["proxies[1].listen"]);
+    assert_eq!(
+        paths(&yaml.replace("B", "accept_proxy: true\n    trusted_proxies: [127.0.0.1]")),
+        Vec::<String>::new()
+    );
+}

@@ -58,6 +58,8 @@ use wire::RequestFraming;
 struct ClientConnection {
     site: Arc<Site>,
     peer: Peer,
+    /// The TCP address the client connected to (for `send_proxy`).
+    local: Option<std::net::SocketAddr>,
     /// The client's socket, to watch for a hang-up while a request is
     /// held (hyper owns the stream).
     socket: ClientSocket,
@@ -253,6 +255,32 @@ impl hyper::body::Body for Served {
     }
 }
 
+/// A connection just accepted by an http listener: its PROXY header read
+/// first with `accept_proxy` (proxies sharing a listener agree on it, as
+/// validated: the header comes before any request names its proxy, and
+/// before TLS), then served.
+pub async fn serve_accepted(
+    site: Arc<Site>,
+    hosts: Arc<VirtualHosts>,
+    mut client: Stream,
+    mut peer: Peer,
+    permits: Permits,
+) {
+    if let Some(first) = hosts.any() {
+        let settings = first.settings.borrow().clone();
+        if let Some(accept) = &settings.accept_proxy {
+            match first
+                .read_proxy_header(&mut client, peer, accept, settings.connect_timeout)
+                .await
+            {
+                Some(proxied) => peer = proxied,
+                None => return,
+            }
+        }
+    }
+    serve_connection(site, hosts, client, peer, permits, Vec::new()).await;
+}
+
 /// Serves one accepted connection of an http listener until the client
 /// closes it, the listener closes (then it closes when idle) or the site
 /// is killed. A plain connection moves to an upgraded process between
@@ -409,11 +437,13 @@ async fn serve<'a>(
 ) -> Left<'a> {
     let plain = matches!(client, crate::sockets::stream::Client::Plain(_));
     let may_move = enlisted.is_some() && plain;
+    let local = client.socket().local_tcp_addr();
     let (client, socket) = SharedClient::new(client, early);
     let connection = Arc::new(ClientConnection {
         site: site.clone(),
         identity: headers::ClientIdentity::new(peer, settings.tls.is_some()),
         peer: peer.clone(),
+        local,
         socket,
         attached: Default::default(),
         permits,
@@ -480,7 +510,7 @@ async fn serve<'a>(
                 result = &mut serving => result,
             };
             match result {
-                Ok(()) => return leaving(site, first, serving, enlisted, leave),
+                Ok(()) => return leaving((site, peer), first, serving, enlisted, leave),
                 Err(e) => Err(e),
             }
         }
@@ -505,7 +535,7 @@ async fn serve<'a>(
 /// of a next request already read (hyper's buffer, then what hyper had not
 /// read yet), as a live connection to move or to park.
 fn leaving<'a, S>(
-    site: &Site,
+    (site, peer): (&Site, &Peer),
     first: &Arc<Proxy>,
     serving: hyper::server::conn::http1::UpgradeableConnection<TokioIo<head::Reclaimable<SharedClient>>, S>,
     enlisted: Option<(Enlisted, &'a CancellationToken)>,
@@ -547,6 +577,7 @@ where
     .unwrap_or_else(|| first.name.clone());
     let live = LiveConnection {
         proxy,
+        peer: peer.clone(),
         client,
         backend: None,
         carried: Carried {
@@ -686,6 +717,7 @@ struct RequestSettings {
     idle_timeout: Option<std::time::Duration>,
     reject_with_503: Option<std::time::Duration>,
     backends: Arc<crate::backends::BackendSet>,
+    send_proxy: Option<crate::sockets::proxy_protocol::Version>,
 }
 
 impl RequestSettings {
@@ -695,6 +727,7 @@ impl RequestSettings {
             idle_timeout: settings.idle_timeout,
             reject_with_503: settings.reject_with_503,
             backends: settings.backends.clone(),
+            send_proxy: settings.send_proxy,
         }
     }
 }
@@ -809,6 +842,7 @@ async fn hold_request(
             proxy: proxy.name.clone(),
             socket,
             early,
+            peer: connection.peer.clone(),
         };
         match proxy.gate.hand_over(moved) {
             Ok(()) => break Hold::Moving,
@@ -861,6 +895,10 @@ async fn forward(
     let retryable = framing == RequestFraming::Empty && is_idempotent(&parts.method);
     let mut body = (framing != RequestFraming::Empty).then(|| RequestBody::new(body, proxy.clone()));
     let mut timed_out = false;
+    let proxy_header = settings.send_proxy.map(|version| {
+        crate::sockets::proxy_protocol::encode_for(version, &connection.peer, connection.local)
+    });
+    let proxy_header = proxy_header.as_ref().map(|header| header.as_bytes());
     for backend in settings.backends.candidates() {
         let in_flight = InFlight::begin(backend);
         loop {
@@ -869,6 +907,7 @@ async fn forward(
                 &connection.attached,
                 &proxy.name,
                 settings.connect_timeout,
+                proxy_header,
             )
             .await
             {
@@ -983,6 +1022,7 @@ fn respond(
             connection.permits.clone(),
             connection.site.clone(),
             connection.plain.then_some(enlisted),
+            connection.peer.clone(),
         );
         connection.site.connections.spawn(tunnelled);
         return response.map(|()| ResponseBody::empty());
@@ -1010,6 +1050,7 @@ async fn tunnel(
     _permits: Arc<Permits>,
     site: Arc<Site>,
     plain: Option<Enlisted>,
+    peer: Peer,
 ) {
     let Ok(client) = client.await else {
         return;
@@ -1032,7 +1073,8 @@ async fn tunnel(
                             to_client: backend_early.to_vec(),
                             ..Carried::default()
                         };
-                        return tunnel_plain(client, backend, carried, exchange, &site, enlisted).await;
+                        return tunnel_plain(client, backend, carried, exchange, &site, (enlisted, &peer))
+                            .await;
                     }
                     // Taken already (cannot be: the connection is plain, and
                     // hyper let go of it).
@@ -1067,7 +1109,7 @@ async fn tunnel_plain(
     carried: Carried,
     exchange: Exchange,
     site: &Site,
-    enlisted: Enlisted,
+    (enlisted, peer): (Enlisted, &Peer),
 ) {
     let stats = &exchange.active.0.stats;
     let traffic = Traffic {
@@ -1077,7 +1119,7 @@ async fn tunnel_plain(
     // The tunnel keeps the request's place in its wave.
     let call = site.departures.call_for(&enlisted);
     let tunnel = (enlisted, call);
-    let to = (&exchange.active.0.name, &**exchange.in_flight.backend());
+    let to = (&exchange.active.0.name, &**exchange.in_flight.backend(), peer);
     let ended = forward::forward_movable(
         &site.departures,
         to,

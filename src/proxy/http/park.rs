@@ -188,6 +188,7 @@ async fn hold<'a>(
                     proxy: proxy.name.clone(),
                     socket,
                     early,
+                    peer: peer.clone(),
                 };
                 // The ticket and the movable count end after the client is
                 // on its way, so the upgrade, waiting for the count to

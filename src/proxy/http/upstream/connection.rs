@@ -43,6 +43,9 @@ pub struct BackendConnection {
     /// Fires when the backend is killed; polled while an exchange runs.
     kill: PollWhenWoken<WaitForCancellationFutureOwned>,
     killed: bool,
+    /// It began with a PROXY header naming one client: it serves that
+    /// client connection only, never the backend's shared pool.
+    pub(super) private: bool,
 }
 
 impl BackendConnection {
@@ -64,6 +67,7 @@ impl BackendConnection {
             read_size: FIRST_READ,
             kill: PollWhenWoken::new(backend.kill.clone().cancelled_owned()),
             killed: false,
+            private: false,
         }
     }
 

@@ -77,7 +77,7 @@ impl Drop for Attached {
     fn drop(&mut self) {
         for (backend, connection) in std::mem::take(&mut *self.lock()) {
             backend.idle_http.uncount_kept();
-            if connection.reusable(&backend) {
+            if connection.reusable(&backend) && !connection.private {
                 backend.put_idle(connection.into_idle());
             }
         }
@@ -87,29 +87,47 @@ impl Drop for Attached {
 /// A connection to `backend` ready for a request: the one the client
 /// connection kept, an idle one from the pool, else a new one (`fresh`). A
 /// failed connect marks the backend down.
+///
+/// `proxy_header`: `send_proxy` is on, and this is the header naming the
+/// client. A connection that carries one serves its client connection
+/// only: a new one is made (the pool's began with nobody's header, or
+/// another client's), kept for this client's next requests, and closed
+/// with it, never pooled.
 pub async fn connection(
     backend: &Arc<Backend>,
     attached: &Attached,
     proxy: &str,
     connect_timeout: Duration,
+    proxy_header: Option<&[u8]>,
 ) -> Result<(BackendConnection, bool), ConnectFailure> {
     if let Some(mut kept) = attached.take(backend)
         && kept.is_live()
     {
         return Ok((kept, false));
     }
-    while let Some(idle) = backend.take_idle() {
+    while proxy_header.is_none()
+        && let Some(idle) = backend.take_idle()
+    {
         let mut idle = BackendConnection::resume(idle, backend);
         if idle.is_live() {
             return Ok((idle, false));
         }
     }
-    let stream = backend.connect(proxy, connect_timeout).await?;
-    Ok((BackendConnection::new(stream, backend), true))
+    let mut stream = backend.connect(proxy, connect_timeout).await?;
+    if let Some(header) = proxy_header {
+        // Refused at once, like a refused connect.
+        crate::proxy::send_header(&mut stream, header)
+            .await
+            .map_err(|_| ConnectFailure::Refused)?;
+    }
+    let mut connection = BackendConnection::new(stream, backend);
+    connection.private = proxy_header.is_some();
+    Ok((connection, true))
 }
 
 /// A connection whose exchange ended cleanly stays with its client
-/// connection for the next request, or goes back to its backend's pool.
+/// connection for the next request, or goes back to its backend's pool
+/// (closed instead if it is `private`).
 pub fn release(backend: &Arc<Backend>, attached: &Attached, mut connection: BackendConnection) {
     if !connection.reusable(backend) {
         return;
@@ -118,7 +136,9 @@ pub fn release(backend: &Arc<Backend>, attached: &Attached, mut connection: Back
         connection.buf = BytesMut::new();
         connection.read_size = FIRST_READ;
     }
-    if let Some(spare) = attached.keep(backend, connection) {
+    if let Some(spare) = attached.keep(backend, connection)
+        && !spare.private
+    {
         backend.put_idle(spare.into_idle());
     }
 }
