@@ -274,9 +274,26 @@ pub async fn accept_loop(
                     Routes::Http(hosts) => {
                         let on = site.clone();
                         site.workers.serve(client, move |client| {
-                            let connection =
-                                super::http::serve_accepted(on.clone(), hosts, client, peer, permits);
-                            on.connections.spawn(connection);
+                            // Only a site that takes PROXY headers pays for
+                            // the wait for one in its connections' tasks.
+                            let accepts_proxy = hosts
+                                .any()
+                                .is_some_and(|first| first.settings.borrow().accept_proxy.is_some());
+                            if accepts_proxy {
+                                let connection =
+                                    super::http::serve_accepted(on.clone(), hosts, client, peer, permits);
+                                on.connections.spawn(connection);
+                            } else {
+                                let connection = super::http::serve_connection(
+                                    on.clone(),
+                                    hosts,
+                                    client,
+                                    peer,
+                                    permits,
+                                    Vec::new(),
+                                );
+                                on.connections.spawn(connection);
+                            }
                         });
                     }
                 }
