@@ -7,6 +7,7 @@
 //! an immutable snapshot of the config a connection was accepted under, so a
 //! later change never alters a connection already running.
 
+pub mod access;
 pub mod changes;
 pub mod depart;
 pub mod forward;
@@ -20,7 +21,7 @@ pub mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -33,8 +34,9 @@ use crate::backends::health::{self, HealthEvents};
 use crate::backends::{Backend, BackendSet, ConnectFailure, Connected, Role};
 use crate::config::{BackendConfig, BypassConfig, HealthCheckConfig, Mode, ProxyConfig, RejectWith};
 use crate::sockets::stream::{Client, Peer, Stream};
+use access::End;
 use depart::{Carried, Departures, LiveConnection};
-use forward::{Ended, Traffic};
+use forward::{Ended, Tally, Traffic};
 use gate::{Admission, Gate, MovedClient, RejectReason, RuntimePause};
 use hold::{Hold, client_leaves, hold};
 
@@ -269,19 +271,20 @@ impl Proxy {
     /// Serves one accepted client to its end: through the gate (forward,
     /// hold or reject), then to a backend.
     pub async fn serve(self: Arc<Self>, client: Stream, peer: Peer) {
+        let started = access::start();
         // Read once per connection (again only after a hold): the settings
         // lock is shared by every connection of the proxy.
         let settings = self.settings.borrow().clone();
         match &settings.tls {
             None => {
-                self.serve_client(Client::Plain(client), peer, settings, Vec::new())
+                self.serve_client(Client::Plain(client), peer, settings, Vec::new(), started)
                     .await
             }
             // A TLS session's state is large: boxed, so that every plain
             // connection's task does not carry room for it.
             Some(tls) => {
                 let tls = tls.clone();
-                Box::pin(self.serve_tls(client, peer, tls, settings)).await
+                Box::pin(self.serve_tls(client, peer, tls, settings, started)).await
             }
         }
     }
@@ -294,9 +297,11 @@ impl Proxy {
         peer: Peer,
         tls: TlsSettings,
         settings: Arc<ProxySettings>,
+        started: Option<Instant>,
     ) {
         if let Some(client) = self.accept_tls(client, &peer, &tls).await {
-            self.serve_client(client, peer, settings, Vec::new()).await;
+            self.serve_client(client, peer, settings, Vec::new(), started)
+                .await;
         }
     }
 
@@ -320,22 +325,32 @@ impl Proxy {
 
     /// A held client handed over by the process this one upgraded from:
     /// through the gate again (held while paused here), then forwarded
-    /// with the bytes it had already sent.
+    /// with the bytes it had already sent. Its access line counts its
+    /// duration and time held from its arrival here.
     pub async fn serve_moved(self: Arc<Self>, client: Stream, peer: Peer, early: Vec<u8>) {
+        let started = access::start();
         let settings = self.settings.borrow().clone();
-        self.serve_client(Client::Plain(client), peer, settings, early)
+        self.serve_client(Client::Plain(client), peer, settings, early, started)
             .await;
     }
 
     /// A client past its TLS handshake (if any): through the gate, then to
-    /// a backend. `early`: bytes already read from it.
+    /// a backend. `early`: bytes already read from it. `started`: when it
+    /// arrived, if its end is to be in the access log.
     async fn serve_client(
         self: Arc<Self>,
         mut client: Client,
         peer: Peer,
         mut settings: Arc<ProxySettings>,
         mut early: Vec<u8>,
+        started: Option<Instant>,
     ) {
+        let mut held = Duration::ZERO;
+        let ended_early = |end: End, held: Duration| {
+            if let Some(started) = started {
+                self.log_access(&peer, started, held, None, Tally::default(), end);
+            }
+        };
         match self.gate.admit() {
             Admission::Forward => {}
             Admission::Reject(reason) => {
@@ -344,9 +359,11 @@ impl Proxy {
                 if let Some(retry_after) = settings.reject_with_503 {
                     answer_503(&mut client, retry_after, reason).await;
                 }
+                ended_early(End::Rejected, held);
                 return;
             }
             Admission::Hold(mut ticket) => loop {
+                let held_since = Instant::now();
                 // A plain socket can move to an upgraded process; a TLS
                 // session's keys cannot, so it stays held here.
                 let movable = matches!(client, Client::Plain(_)).then(|| self.gate.movable());
@@ -356,14 +373,19 @@ impl Proxy {
                     // The backends current at the release.
                     Hold::Released => {
                         settings = self.settings.borrow().clone();
+                        held += held_since.elapsed();
                         break;
                     }
                     Hold::ClientLeft => {
                         ticket.client_left(&self.stats.dropped_while_held);
                         debug!(proxy = %self.name, %peer, "held client left before the resume");
+                        ended_early(End::ClientClosed, held + held_since.elapsed());
                         return;
                     }
-                    Hold::Closed => return,
+                    Hold::Closed => {
+                        ended_early(End::Stop, held + held_since.elapsed());
+                        return;
+                    }
                     Hold::Moving => {
                         let Client::Plain(socket) = client else {
                             unreachable!("only a plain client is given the upgrade's token")
@@ -385,6 +407,7 @@ impl Proxy {
                             // (once it has reset its call for clients).
                             Err(back) => {
                                 (client, early) = (Client::Plain(back.socket), back.early);
+                                held += held_since.elapsed();
                                 drop(movable);
                                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                             }
@@ -419,14 +442,17 @@ impl Proxy {
             // Still out of descriptors: closed, as if refused; no backend's fault.
             Err(ConnectFailure::Local) => {
                 debug!(proxy = %self.name, %peer, "out of local resources to reach a backend; closing the connection");
+                ended_early(End::NoBackend, held);
                 return;
             }
             Err(_) => {
                 self.stats.connect_failures.fetch_add(1, Relaxed);
                 debug!(proxy = %self.name, %peer, "no backend accepted the connection; closing it");
+                ended_early(End::NoBackend, held);
                 return;
             }
         };
+        let logged = started.map(|started| (started, held));
         let stream = match client {
             Client::Plain(stream) => stream,
             Client::Tls(mut stream) => {
@@ -438,10 +464,18 @@ impl Proxy {
                 // that every connection to this backend shares.
                 let (idle, kill) = (settings.idle_timeout, &backend.in_flight.backend().kill);
                 // Boxed like the handshake: plain connections do not pay for it.
-                let copy =
-                    forward::forward_streams(&mut *stream, &mut backend.stream, &early, idle, kill, traffic);
+                let mut tally = Tally::default();
+                let copy = forward::forward_streams(
+                    &mut *stream,
+                    &mut backend.stream,
+                    &early,
+                    idle,
+                    kill,
+                    traffic,
+                    &mut tally,
+                );
                 let result = Box::pin(copy).await;
-                self.log_end(&result, &peer, backend.in_flight.backend());
+                self.log_end(&result, &peer, backend.in_flight.backend(), logged, tally);
                 return;
             }
         };
@@ -453,13 +487,17 @@ impl Proxy {
             Carried::early(early),
             settings.idle_timeout,
             &peer,
+            logged,
         );
         Box::pin(copy).await;
     }
 
     /// A live connection the previous process handed over at an upgrade:
     /// counted on its backend here, then copied on from where it stopped.
+    /// Its access line counts its duration from its arrival here (the
+    /// handover does not carry when it began).
     pub async fn resume(self: Arc<Self>, live: LiveConnection) {
+        let started = access::start();
         let Some(backend) = live.backend else {
             debug!(proxy = %self.name, "a moved connection without its backend; closing it");
             return;
@@ -472,7 +510,8 @@ impl Proxy {
         let _active = ActiveGuard::up(&*self);
         let idle = self.settings.borrow().idle_timeout;
         let peer = live.client.peer();
-        self.forward_plain(live.client, connected, live.carried, idle, &peer)
+        let logged = started.map(|started| (started, Duration::ZERO));
+        self.forward_plain(live.client, connected, live.carried, idle, &peer, logged)
             .await;
     }
 
@@ -486,6 +525,7 @@ impl Proxy {
         carried: Carried,
         idle: Option<Duration>,
         peer: &Peer,
+        logged: Option<(Instant, Duration)>,
     ) {
         let traffic = Traffic {
             client_to_backend: &self.stats.bytes_in,
@@ -495,6 +535,7 @@ impl Proxy {
         let to = in_flight.backend();
         let streams = (client, stream);
         let enlisted = self.departures.enlist();
+        let mut tally = Tally::default();
         let ended = forward::forward_movable(
             &self.departures,
             (&self.name, to),
@@ -502,24 +543,75 @@ impl Proxy {
             carried,
             idle,
             enlisted,
-            traffic,
+            (traffic, &mut tally),
         )
         .await;
+        // A connection that moved is logged by the process it moved to.
         if let Some(ended) = ended {
-            self.log_end(&ended, peer, to);
+            self.log_end(&ended, peer, to, logged, tally);
         }
     }
 
-    fn log_end(&self, result: &std::io::Result<Ended>, peer: &Peer, backend: &Backend) {
-        match result {
-            Ok(Ended::Closed) => {}
-            Ok(Ended::Idle) => debug!(proxy = %self.name, %peer, "idle timeout: connection closed"),
-            Ok(Ended::Killed) => debug!(proxy = %self.name, %peer, "connection closed by the proxy"),
-            Ok(Ended::Moving(_)) => {}
-            Err(e) => {
-                debug!(proxy = %self.name, %peer, backend = %backend.address, error = %e, "connection ended with an error")
+    /// Logs how a forwarded connection ended: at debug if unusual, and in
+    /// the access log if `logged` (when it started, how long it was held).
+    fn log_end(
+        &self,
+        result: &std::io::Result<Ended>,
+        peer: &Peer,
+        backend: &Arc<Backend>,
+        logged: Option<(Instant, Duration)>,
+        tally: Tally,
+    ) {
+        let end = match result {
+            Ok(Ended::Closed) if tally.backend_closed_first => End::BackendClosed,
+            Ok(Ended::Closed) => End::ClientClosed,
+            Ok(Ended::Idle) => {
+                debug!(proxy = %self.name, %peer, "idle timeout: connection closed");
+                End::IdleTimeout
             }
+            Ok(Ended::Killed) => {
+                debug!(proxy = %self.name, %peer, "connection closed by the proxy");
+                // The backend's token fires alone at the end of its drain;
+                // the proxy's (its parent) when the proxy stops.
+                if self.kill.is_cancelled() {
+                    End::Stop
+                } else {
+                    End::Drain
+                }
+            }
+            Ok(Ended::Moving(_)) => return,
+            Err(e) => {
+                debug!(proxy = %self.name, %peer, backend = %backend.address, error = %e, "connection ended with an error");
+                End::Error
+            }
+        };
+        if let Some((started, held)) = logged {
+            self.log_access(peer, started, held, Some(backend.clone()), tally, end);
         }
+    }
+
+    /// Puts a mode tcp connection's access record on the queue.
+    fn log_access(
+        &self,
+        peer: &Peer,
+        started: Instant,
+        held: Duration,
+        backend: Option<Arc<Backend>>,
+        tally: Tally,
+        end: End,
+    ) {
+        access::write(access::AccessRecord {
+            client: peer.clone(),
+            proxy: Some(self.name.clone()),
+            backend,
+            duration: started.elapsed(),
+            held,
+            detail: access::Detail::Tcp(access::TcpDetail {
+                bytes_in: tally.to_backend,
+                bytes_out: tally.to_client,
+                end,
+            }),
+        });
     }
 }
 
