@@ -346,11 +346,6 @@ impl Proxy {
         started: Option<Instant>,
     ) {
         let mut held = Duration::ZERO;
-        let ended_early = |end: End, held: Duration| {
-            if let Some(started) = started {
-                self.log_access(&peer, started, held, None, Tally::default(), end);
-            }
-        };
         match self.gate.admit() {
             Admission::Forward => {}
             Admission::Reject(reason) => {
@@ -359,7 +354,7 @@ impl Proxy {
                 if let Some(retry_after) = settings.reject_with_503 {
                     answer_503(&mut client, retry_after, reason).await;
                 }
-                ended_early(End::Rejected, held);
+                self.log_unforwarded(started, &peer, held, End::Rejected);
                 return;
             }
             Admission::Hold(mut ticket) => loop {
@@ -379,11 +374,11 @@ impl Proxy {
                     Hold::ClientLeft => {
                         ticket.client_left(&self.stats.dropped_while_held);
                         debug!(proxy = %self.name, %peer, "held client left before the resume");
-                        ended_early(End::ClientClosed, held + held_since.elapsed());
+                        self.log_unforwarded(started, &peer, held + held_since.elapsed(), End::ClientClosed);
                         return;
                     }
                     Hold::Closed => {
-                        ended_early(End::Stop, held + held_since.elapsed());
+                        self.log_unforwarded(started, &peer, held + held_since.elapsed(), End::Stop);
                         return;
                     }
                     Hold::Moving => {
@@ -442,13 +437,13 @@ impl Proxy {
             // Still out of descriptors: closed, as if refused; no backend's fault.
             Err(ConnectFailure::Local) => {
                 debug!(proxy = %self.name, %peer, "out of local resources to reach a backend; closing the connection");
-                ended_early(End::NoBackend, held);
+                self.log_unforwarded(started, &peer, held, End::NoBackend);
                 return;
             }
             Err(_) => {
                 self.stats.connect_failures.fetch_add(1, Relaxed);
                 debug!(proxy = %self.name, %peer, "no backend accepted the connection; closing it");
-                ended_early(End::NoBackend, held);
+                self.log_unforwarded(started, &peer, held, End::NoBackend);
                 return;
             }
         };
@@ -587,6 +582,13 @@ impl Proxy {
         };
         if let Some((started, held)) = logged {
             self.log_access(peer, started, held, Some(backend.clone()), tally, end);
+        }
+    }
+
+    /// Logs (if `started`) a connection that never reached a backend.
+    fn log_unforwarded(&self, started: Option<Instant>, peer: &Peer, held: Duration, end: End) {
+        if let Some(started) = started {
+            self.log_access(peer, started, held, None, Tally::default(), end);
         }
     }
 
