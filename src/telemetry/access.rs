@@ -9,10 +9,17 @@
 //! JSON, like the log) over a rolling file appender, rotated like
 //! `log.file`. The same event either way, so the line reads the same.
 //! A reload that changes the output swaps it between two records.
+//!
+//! Lines for the file are formatted into a buffer and written out when
+//! the queue is empty or the buffer full: one write for many lines, not a
+//! system call per line.
 
-use std::sync::mpsc::Receiver;
+use std::io::Write as _;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use tracing_appender::rolling::RollingFileAppender;
 
 use tracing::Dispatch;
 
@@ -22,7 +29,68 @@ use crate::proxy::access::{AccessRecord, Detail, Entry};
 pub const ACCESS_TARGET: &str = "interlude_access";
 
 /// Where access lines go now: `None` for the main log.
-pub type AccessOutput = Option<Dispatch>;
+pub type AccessOutput = Option<Arc<AccessFile>>;
+
+/// Written out once it holds this much.
+const BATCH: usize = 64 * 1024;
+
+/// `log.access_file`, opened: a dispatcher whose fmt layer formats into
+/// `pending`, which the writer thread writes to the file.
+pub struct AccessFile {
+    dispatch: Dispatch,
+    pending: Pending,
+    file: Mutex<RollingFileAppender>,
+}
+
+impl AccessFile {
+    /// The access file `file`, its lines formatted by a fmt layer that
+    /// `layer` builds over the given writer.
+    pub fn new<L>(file: RollingFileAppender, layer: impl FnOnce(Pending) -> L) -> AccessFile
+    where
+        L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        let pending = Pending::default();
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer(pending.clone())));
+        AccessFile {
+            dispatch,
+            pending,
+            file: Mutex::new(file),
+        }
+    }
+
+    /// Writes out what is formatted (the writer thread only).
+    fn write_out(&self) {
+        let lines = std::mem::take(&mut *self.pending.0.lock().unwrap_or_else(PoisonError::into_inner));
+        if !lines.is_empty() {
+            let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+            if file.write_all(&lines).and_then(|()| file.flush()).is_err() {
+                crate::proxy::access::DROPPED.fetch_add(
+                    lines.iter().filter(|&&b| b == b'\n').count() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        }
+    }
+}
+
+/// Formatted lines not yet written (the fmt layer's writer).
+#[derive(Clone, Default)]
+pub struct Pending(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Pending {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// The running writer. Dropping it (at shutdown) waits briefly for the
 /// lines still queued.
@@ -60,18 +128,54 @@ impl Drop for AccessWriter {
 }
 
 fn write_lines(queue: &Receiver<Entry>, output: &Mutex<AccessOutput>) {
-    while let Ok(entry) = queue.recv() {
+    // The file the last record went to, with lines perhaps not written.
+    let mut last: AccessOutput = None;
+    loop {
+        let entry = match queue.try_recv() {
+            Ok(entry) => entry,
+            Err(TryRecvError::Empty) => {
+                if let Some(file) = &last {
+                    file.write_out();
+                }
+                match queue.recv() {
+                    Ok(entry) => entry,
+                    Err(_) => return,
+                }
+            }
+            Err(TryRecvError::Disconnected) => return,
+        };
         match entry {
             Entry::Record(record) => {
                 // Cloned out (a reference count), so that a reload never
                 // waits on a write that blocks.
                 let file = output.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                if let Some(previous) = &last
+                    && !file.as_ref().is_some_and(|file| Arc::ptr_eq(file, previous))
+                {
+                    previous.write_out();
+                }
                 match &file {
-                    Some(file) => tracing::dispatcher::with_default(file, || emit(&record)),
+                    Some(file) => {
+                        tracing::dispatcher::with_default(&file.dispatch, || emit(&record));
+                        if file
+                            .pending
+                            .0
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .len()
+                            >= BATCH
+                        {
+                            file.write_out();
+                        }
+                    }
                     None => emit(&record),
                 }
+                last = file;
             }
             Entry::Flush(done) => {
+                if let Some(file) = &last {
+                    file.write_out();
+                }
                 let _ = done.try_send(());
             }
         }

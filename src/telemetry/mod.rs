@@ -21,7 +21,7 @@ pub mod systemd;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use tracing::{Dispatch, Subscriber};
+use tracing::Subscriber;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_appender::rolling::{RollingFileAppender, Rotation as Rolling};
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -265,8 +265,10 @@ fn prepare_access(config: &LogConfig) -> Result<AccessOutput, LogError> {
         return Ok(None);
     };
     let appender = open_log_file(file, rotation, true)?;
-    let layer = formatted(appender, format, true, false);
-    Ok(Some(Dispatch::new(tracing_subscriber::registry().with(layer))))
+    let file = access::AccessFile::new(appender, |pending: access::Pending| {
+        formatted(move || pending.clone(), format, true, false)
+    });
+    Ok(Some(std::sync::Arc::new(file)))
 }
 
 /// Opens (creating the directory if needed) the log file (`access`: the
