@@ -34,6 +34,11 @@ pub struct LogConfig {
     pub rotation: Rotation,
     pub syslog: SyslogDestination,
     pub level: LogLevel,
+    pub format: LogFormat,
+    /// One line per connection (mode tcp) or request (mode http).
+    pub access: bool,
+    /// Where access lines go; `None`: with the other log lines.
+    pub access_file: Option<PathBuf>,
 }
 
 impl Default for LogConfig {
@@ -44,8 +49,19 @@ impl Default for LogConfig {
             rotation: Rotation::Daily,
             syslog: SyslogDestination::Unix("/dev/log".into()),
             level: LogLevel::Info,
+            format: LogFormat::Text,
+            access: false,
+            access_file: None,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -222,6 +222,11 @@ pub fn render(shared: &Shared, snapshot: &RunningView) -> String {
         "# HELP interlude_log_lines_dropped_total Log lines syslog could not take.\n# TYPE interlude_log_lines_dropped_total counter\ninterlude_log_lines_dropped_total {}",
         syslog::DROPPED.load(Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP interlude_access_log_dropped_total Access log lines dropped: the writer fell behind.\n# TYPE interlude_access_log_dropped_total counter\ninterlude_access_log_dropped_total {}",
+        crate::proxy::access::DROPPED.load(Relaxed)
+    );
     out
 }
 

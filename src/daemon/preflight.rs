@@ -15,6 +15,12 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
     if let Err(e) = telemetry::check_log_file(&config.log) {
         problems.push(("log.file".to_string(), strip_key(&e.to_string(), "log.file ")));
     }
+    if let Err(e) = telemetry::check_access_file(&config.log) {
+        problems.push((
+            "log.access_file".to_string(),
+            strip_key(&e.to_string(), "log.access_file "),
+        ));
+    }
     if let Err(e) = state_dir(config, false) {
         problems.push(e);
     }

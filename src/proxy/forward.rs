@@ -46,6 +46,30 @@ pub enum Ended {
     Moving(Carried),
 }
 
+/// What one connection moved, for its access line: bytes each way, and
+/// which side closed first. Kept in the copy's own state (no atomics),
+/// added up here when a copy ends (a connection that stopped to move and
+/// stayed copies again).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub to_backend: u64,
+    pub to_client: u64,
+    /// The backend's half closed before the client's.
+    pub backend_closed_first: bool,
+}
+
+impl Tally {
+    fn add(&mut self, up: &Direction, down: &Direction) {
+        self.to_backend += up.written;
+        self.to_client += down.written;
+        self.backend_closed_first = match (up.closed_at, down.closed_at) {
+            (Some(client), Some(backend)) => backend < client,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+    }
+}
+
 /// Counters the copy path adds to, per direction.
 #[derive(Clone, Copy)]
 pub struct Traffic<'a> {
@@ -68,7 +92,7 @@ pub async fn forward_movable(
     mut carried: Carried,
     idle_timeout: Option<Duration>,
     enlisted: (Enlisted, &CancellationToken),
-    traffic: Traffic<'_>,
+    (traffic, tally): (Traffic<'_>, &mut Tally),
 ) -> Option<io::Result<Ended>> {
     let (enlisted, wanted) = enlisted;
     let mut enlisted = Some(enlisted);
@@ -83,7 +107,7 @@ pub async fn forward_movable(
             idle_timeout,
             &to.kill,
             moving,
-            traffic,
+            (traffic, &mut *tally),
         )
         .await;
         let rest = match ended {
@@ -122,7 +146,7 @@ pub async fn forward(
     idle_timeout: Option<Duration>,
     kill: &CancellationToken,
     moving: Option<&CancellationToken>,
-    traffic: Traffic<'_>,
+    (traffic, tally): (Traffic<'_>, &mut Tally),
 ) -> io::Result<Ended> {
     let activity = Activity::since(carried.idle_for);
     // Touched only when something waits for idleness.
@@ -137,9 +161,10 @@ pub async fn forward(
                 PollWhenWoken::new(pump(backend, client, traffic.backend_to_client, touch, &mut down)),
             )
         };
-        until_ended(both_ways, idle_timeout, &activity, kill, moving).await?
+        until_ended(both_ways, idle_timeout, &activity, kill, moving).await
     };
-    Ok(match stopped {
+    tally.add(&up, &down);
+    Ok(match stopped? {
         Stopped::Ended(ended) => ended,
         Stopped::Moving => Ended::Moving(Carried {
             to_backend: up.unwritten(),
@@ -162,6 +187,7 @@ pub async fn forward_streams<A, B>(
     idle_timeout: Option<Duration>,
     kill: &CancellationToken,
     traffic: Traffic<'_>,
+    tally: &mut Tally,
 ) -> io::Result<Ended>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -172,27 +198,32 @@ where
     let touch = idle_timeout.map(|_| &activity);
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut backend_read, mut backend_write) = tokio::io::split(backend);
+    let (mut up, mut down) = (0, 0);
     let both_ways = async {
         if !early.is_empty() {
             backend_write.write_all(early).await?;
             traffic.client_to_backend.fetch_add(early.len() as u64, Relaxed);
+            up += early.len() as u64;
         }
         tokio::try_join!(
             copy_stream(
                 &mut client_read,
                 &mut backend_write,
-                traffic.client_to_backend,
+                (traffic.client_to_backend, &mut up),
                 touch
             ),
             copy_stream(
                 &mut backend_read,
                 &mut client_write,
-                traffic.backend_to_client,
+                (traffic.backend_to_client, &mut down),
                 touch
             ),
         )
     };
-    match until_ended(both_ways, idle_timeout, &activity, kill, None).await? {
+    let stopped = until_ended(both_ways, idle_timeout, &activity, kill, None).await;
+    tally.to_backend += up;
+    tally.to_client += down;
+    match stopped? {
         Stopped::Ended(ended) => Ok(ended),
         // Not asked to move: a TLS session stays.
         Stopped::Moving => Ok(Ended::Killed),
@@ -205,7 +236,7 @@ const STREAM_BUFFER: usize = 16 * 1024;
 async fn copy_stream<R, W>(
     from: &mut R,
     to: &mut W,
-    counter: &AtomicU64,
+    (counter, moved): (&AtomicU64, &mut u64),
     activity: Option<&Activity>,
 ) -> io::Result<()>
 where
@@ -221,6 +252,7 @@ where
         to.write_all(&buffer[..n]).await?;
         to.flush().await?;
         counter.fetch_add(n as u64, Relaxed);
+        *moved += n as u64;
         if let Some(activity) = activity {
             activity.touch();
         }
@@ -309,10 +341,13 @@ impl Activity {
 
 /// One direction's state, kept outside its future so that the copy can be
 /// stopped at any await: the bytes read and not yet written, and whether
-/// the half-close was passed on.
+/// the half-close was passed on (and when, to tell who closed first), and
+/// the bytes written by this copy.
 struct Direction {
     in_hand: Option<InHand>,
     closed: bool,
+    closed_at: Option<Instant>,
+    written: u64,
 }
 
 /// Bytes read from one side: `buffer[start..end]` is not yet written.
@@ -332,6 +367,8 @@ impl Direction {
                 end,
             }),
             closed,
+            closed_at: None,
+            written: 0,
         }
     }
 
@@ -366,6 +403,7 @@ async fn pump(
                 Ok((0, _)) => {
                     to.shutdown_write()?;
                     state.closed = true;
+                    state.closed_at = Some(Instant::now());
                     return Ok(());
                 }
                 Ok(read) => read,
@@ -398,7 +436,8 @@ async fn write_in_hand(
     counter: &AtomicU64,
     activity: Option<&Activity>,
 ) -> io::Result<()> {
-    let Some(hand) = state.in_hand.as_mut() else {
+    let Direction { in_hand, written, .. } = state;
+    let Some(hand) = in_hand.as_mut() else {
         return Ok(());
     };
     while hand.start < hand.end {
@@ -406,6 +445,7 @@ async fn write_in_hand(
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 hand.start += n;
+                *written += n as u64;
                 counter.fetch_add(n as u64, Relaxed);
                 if let Some(activity) = activity {
                     activity.touch();
@@ -470,7 +510,7 @@ mod tests {
     ) -> (
         UnixStream,
         UnixStream,
-        tokio::task::JoinHandle<io::Result<Ended>>,
+        tokio::task::JoinHandle<(io::Result<Ended>, Tally)>,
         CancellationToken,
     ) {
         let (client_far, client_near) = UnixStream::pair().unwrap();
@@ -483,16 +523,18 @@ mod tests {
                 client_to_backend: &a,
                 backend_to_client: &b,
             };
-            forward(
+            let mut tally = Tally::default();
+            let ended = forward(
                 &Stream::Unix(client_near),
                 &Stream::Unix(backend_near),
                 Carried::default(),
                 idle,
                 &task_kill,
                 None,
-                traffic,
+                (traffic, &mut tally),
             )
-            .await
+            .await;
+            (ended, tally)
         });
         (client_far, backend_far, task, kill)
     }
@@ -510,7 +552,33 @@ mod tests {
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, b"reply");
-        assert_eq!(task.await.unwrap().unwrap(), Ended::Closed);
+        let (ended, tally) = task.await.unwrap();
+        assert_eq!(ended.unwrap(), Ended::Closed);
+        let expected = Tally {
+            to_backend: 7,
+            to_client: 5,
+            backend_closed_first: false,
+        };
+        assert_eq!(tally, expected);
+    }
+
+    #[tokio::test]
+    async fn the_tally_says_the_backend_closed_first() {
+        let (mut client, mut backend, task, _kill) = joined(None).await;
+        backend.write_all(b"bye").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        drop(client);
+        let (ended, tally) = task.await.unwrap();
+        assert_eq!(ended.unwrap(), Ended::Closed);
+        let expected = Tally {
+            to_backend: 0,
+            to_client: 3,
+            backend_closed_first: true,
+        };
+        assert_eq!(tally, expected);
     }
 
     #[tokio::test]
@@ -528,7 +596,7 @@ mod tests {
         assert_eq!(got, payload);
         drop(backend);
         drop(writer.await.unwrap());
-        assert_eq!(task.await.unwrap().unwrap(), Ended::Closed);
+        assert_eq!(task.await.unwrap().0.unwrap(), Ended::Closed);
     }
 
     #[tokio::test(start_paused = true)]
@@ -542,7 +610,7 @@ mod tests {
         }
         assert!(!task.is_finished());
         tokio::time::sleep(Duration::from_secs(11)).await;
-        assert_eq!(task.await.unwrap().unwrap(), Ended::Idle);
+        assert_eq!(task.await.unwrap().0.unwrap(), Ended::Idle);
     }
 
     /// Stopped again and again mid-transfer (both ways, a slow reader at
@@ -583,6 +651,7 @@ mod tests {
         let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
         let kill = CancellationToken::new();
         let mut carried = Carried::default();
+        let mut tally = Tally::default();
         let mut moves = 0;
         loop {
             let moving = CancellationToken::new();
@@ -602,7 +671,7 @@ mod tests {
                 None,
                 &kill,
                 Some(&moving),
-                traffic,
+                (traffic, &mut tally),
             )
             .await
             .unwrap();
@@ -628,12 +697,17 @@ mod tests {
         );
         assert_eq!(a.load(Relaxed), up.len() as u64);
         assert_eq!(b.load(Relaxed), down.len() as u64);
+        // Across the stops, every byte counted once.
+        assert_eq!(
+            (tally.to_backend, tally.to_client),
+            (up.len() as u64, down.len() as u64)
+        );
     }
 
     #[tokio::test]
     async fn kill_ends_the_connection() {
         let (_client, _backend, task, kill) = joined(None).await;
         kill.cancel();
-        assert_eq!(task.await.unwrap().unwrap(), Ended::Killed);
+        assert_eq!(task.await.unwrap().0.unwrap(), Ended::Killed);
     }
 }

@@ -4,11 +4,16 @@
 //! a file rotated daily, hourly or never, or syslog. Lines are written by a
 //! background thread (tracing-appender's non-blocking writer, or the syslog
 //! worker), so a slow disk or server never stalls a runtime worker.
+//! Formats: text (`key=value` fields) or JSON lines (`json`). The access
+//! log's writer (`access`) is started here too, and its output (the log, or
+//! a file of its own) changes with the rest.
 //!
 //! A new output is *prepared* first (a file that cannot be opened fails
 //! there: a config error at start, a rejected reload later) and only then
 //! swapped in.
 
+pub mod access;
+pub mod json;
 pub mod stats;
 pub mod syslog;
 pub mod systemd;
@@ -16,29 +21,41 @@ pub mod systemd;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+use tracing::Subscriber;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_appender::rolling::{RollingFileAppender, Rotation as Rolling};
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry, reload};
 
-use crate::config::{LogConfig, LogLevel, LogTarget, Rotation};
+use crate::config::{LogConfig, LogFormat, LogLevel, LogTarget, Rotation};
+use access::{AccessOutput, AccessWriter};
 
-type WithLevel = Layered<reload::Layer<LevelFilter, Registry>, Registry>;
+type WithLevel = Layered<reload::Layer<Targets, Registry>, Registry>;
 type Output = Box<dyn Layer<WithLevel> + Send + Sync>;
 
 /// The installed logging: handles to change level and output, and the
 /// writer thread of the current output (dropping it flushes).
 pub struct Logging {
-    level: reload::Handle<LevelFilter, Registry>,
+    level: reload::Handle<Targets, Registry>,
     output: reload::Handle<Output, WithLevel>,
     current: LogConfig,
+    /// Before `_writer`: dropped first, its last lines go to the log.
+    access: Option<AccessWriter>,
     _writer: Option<WorkerGuard>,
 }
 
-/// An output ready to be swapped in.
+/// Outputs ready to be swapped in: the log's and the access log's, each
+/// if it changed.
 pub struct Prepared {
+    main: Option<MainOutput>,
+    access: Option<AccessOutput>,
+}
+
+struct MainOutput {
     layer: Output,
     writer: Option<WorkerGuard>,
 }
@@ -51,6 +68,10 @@ pub enum LogError {
     File { path: PathBuf, error: LogFileError },
     /// The syslog writer thread cannot start.
     SyslogWriter(std::io::Error),
+    /// `log.access_file`, as `File` for `log.file`.
+    AccessFile { path: PathBuf, error: LogFileError },
+    /// The access log's writer thread cannot start.
+    AccessWriter(std::io::Error),
 }
 
 #[derive(Debug)]
@@ -70,8 +91,12 @@ pub enum LogFileError {
 impl std::fmt::Display for LogError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LogError::File { path, error } => {
-                write!(f, "log.file {}: ", path.display())?;
+            LogError::File { path, error } | LogError::AccessFile { path, error } => {
+                let key = match self {
+                    LogError::AccessFile { .. } => "log.access_file",
+                    _ => "log.file",
+                };
+                write!(f, "{key} {}: ", path.display())?;
                 match error {
                     LogFileError::NoDirectory => f.write_str("has no directory"),
                     LogFileError::NoFileName => f.write_str("has no file name"),
@@ -83,6 +108,7 @@ impl std::fmt::Display for LogError {
                 }
             }
             LogError::SyslogWriter(e) => write!(f, "cannot start the syslog writer: {e}"),
+            LogError::AccessWriter(e) => write!(f, "cannot start the access log writer: {e}"),
         }
     }
 }
@@ -93,6 +119,12 @@ impl std::error::Error for LogError {}
 /// not be opened.
 pub fn init(config: &LogConfig) -> Result<Logging, LogError> {
     let prepared = prepare(config)?;
+    let access_output = prepare_access(config)?;
+    let access = match crate::proxy::access::install() {
+        Some(queue) => Some(AccessWriter::start(queue, access_output).map_err(LogError::AccessWriter)?),
+        None => None,
+    };
+    crate::proxy::access::set_enabled(config.access);
     let (level_layer, level) = reload::Layer::new(level_filter(config.level));
     let (output_layer, output) = reload::Layer::new(prepared.layer);
     if let Err(e) = tracing_subscriber::registry()
@@ -106,6 +138,7 @@ pub fn init(config: &LogConfig) -> Result<Logging, LogError> {
         level,
         output,
         current: config.clone(),
+        access,
         _writer: prepared.writer,
     })
 }
@@ -114,10 +147,15 @@ pub fn init(config: &LogConfig) -> Result<Logging, LogError> {
 /// from the one in use (`current`). It opens files or starts a thread: a
 /// reload calls it off the runtime, hence not a method of `Logging`.
 pub fn prepare_change(current: &LogConfig, wanted: &LogConfig) -> Result<Option<Prepared>, LogError> {
-    if same_output(current, wanted) {
-        return Ok(None);
-    }
-    prepare(wanted).map(Some)
+    let main = match same_output(current, wanted) {
+        true => None,
+        false => Some(prepare(wanted)?),
+    };
+    let access = match access_file(current) == access_file(wanted) {
+        true => None,
+        false => Some(prepare_access(wanted)?),
+    };
+    Ok((main.is_some() || access.is_some()).then_some(Prepared { main, access }))
 }
 
 impl Logging {
@@ -131,7 +169,15 @@ impl Logging {
         if let Err(e) = self.level.reload(level_filter(config.level)) {
             tracing::warn!(error = %e, "cannot change the log level");
         }
-        if let Some(prepared) = prepared {
+        crate::proxy::access::set_enabled(config.access);
+        let Prepared { main, access } = prepared.unwrap_or(Prepared {
+            main: None,
+            access: None,
+        });
+        if let (Some(output), Some(writer)) = (access, &self.access) {
+            writer.switch(output);
+        }
+        if let Some(prepared) = main {
             if let Err(e) = self.output.reload(prepared.layer) {
                 tracing::warn!(error = %e, "cannot change the log output");
                 return;
@@ -147,6 +193,7 @@ impl Logging {
 
 fn same_output(a: &LogConfig, b: &LogConfig) -> bool {
     a.target == b.target
+        && a.format == b.format
         && match a.target {
             LogTarget::Stderr => true,
             LogTarget::File => a.file == b.file && a.rotation == b.rotation,
@@ -154,54 +201,81 @@ fn same_output(a: &LogConfig, b: &LogConfig) -> bool {
         }
 }
 
-fn prepare(config: &LogConfig) -> Result<Prepared, LogError> {
+fn prepare(config: &LogConfig) -> Result<MainOutput, LogError> {
     match config.target {
         LogTarget::Stderr => {
             let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-            let layer = tracing_subscriber::fmt::layer()
-                .with_writer(writer)
-                .with_target(false)
-                .with_ansi(std::io::stderr().is_terminal());
-            let layer: Output = if std::env::var_os("JOURNAL_STREAM").is_some() {
-                layer.without_time().boxed()
-            } else {
-                layer.boxed()
-            };
-            Ok(Prepared {
-                layer,
+            // Under systemd's journal, which stamps lines itself: no time
+            // (unless JSON, whose keys stay the same everywhere).
+            let time = std::env::var_os("JOURNAL_STREAM").is_none();
+            Ok(MainOutput {
+                layer: formatted(writer, config.format, time, std::io::stderr().is_terminal()),
                 writer: Some(guard),
             })
         }
         LogTarget::File => {
-            let appender = open_log_file(&config.file, config.rotation)?;
+            let appender = open_log_file(&config.file, config.rotation, false)?;
             let (writer, guard) = tracing_appender::non_blocking(appender);
-            let layer = tracing_subscriber::fmt::layer()
-                .with_writer(writer)
-                .with_target(false)
-                .with_ansi(false)
-                .boxed();
-            Ok(Prepared {
-                layer,
+            Ok(MainOutput {
+                layer: formatted(writer, config.format, true, false),
                 writer: Some(guard),
             })
         }
         LogTarget::Syslog => {
             let destination = config.syslog.clone();
-            Ok(Prepared {
-                layer: syslog::SyslogLayer::start(destination)?.boxed(),
+            Ok(MainOutput {
+                layer: syslog::SyslogLayer::start(destination, config.format)?.boxed(),
                 writer: None,
             })
         }
     }
 }
 
-/// Opens (creating the directory if needed) the log file; rotated files get
-/// a `.YYYY-MM-DD` or `.YYYY-MM-DD-HH` suffix.
-fn open_log_file(file: &Path, rotation: Rotation) -> Result<RollingFileAppender, LogError> {
-    let fail = |error: LogFileError| LogError::File {
-        path: file.to_path_buf(),
-        error,
+/// A fmt layer writing `format` lines to `writer`; the text format with or
+/// without a timestamp, in colour or not.
+fn formatted<S, W>(writer: W, format: LogFormat, time: bool, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_target(false)
+        .with_ansi(ansi && format == LogFormat::Text);
+    match (format, time) {
+        (LogFormat::Json, _) => layer.event_format(json::JsonLines).boxed(),
+        (LogFormat::Text, true) => layer.boxed(),
+        (LogFormat::Text, false) => layer.without_time().boxed(),
+    }
+}
+
+/// What decides the access log's own output: its file, rotation and
+/// format, when it has one and is on.
+fn access_file(config: &LogConfig) -> Option<(&Path, Rotation, LogFormat)> {
+    let file = config.access_file.as_deref().filter(|_| config.access)?;
+    Some((file, config.rotation, config.format))
+}
+
+/// The access log's output: a dispatcher writing its file (opened here,
+/// so an unwritable one fails the start or the reload), or `None` for the
+/// main log. The writer thread writes to the file directly: a slow disk
+/// backs up its queue, not a runtime worker.
+fn prepare_access(config: &LogConfig) -> Result<AccessOutput, LogError> {
+    let Some((file, rotation, format)) = access_file(config) else {
+        return Ok(None);
     };
+    let appender = open_log_file(file, rotation, true)?;
+    let file = access::AccessFile::new(appender, |pending: access::Pending| {
+        formatted(move || pending.clone(), format, true, false)
+    });
+    Ok(Some(std::sync::Arc::new(file)))
+}
+
+/// Opens (creating the directory if needed) the log file (`access`: the
+/// access log's); rotated files get a `.YYYY-MM-DD` or `.YYYY-MM-DD-HH`
+/// suffix.
+fn open_log_file(file: &Path, rotation: Rotation, access: bool) -> Result<RollingFileAppender, LogError> {
+    let fail = |error: LogFileError| file_error(file, error, access);
     let directory = file.parent().ok_or_else(|| fail(LogFileError::NoDirectory))?;
     let name = file.file_name().ok_or_else(|| fail(LogFileError::NoFileName))?;
     crate::config::paths::create_dirs(directory).map_err(|e| fail(LogFileError::Directory(e)))?;
@@ -226,20 +300,42 @@ pub fn check_log_file(config: &LogConfig) -> Result<(), LogError> {
     if config.target != LogTarget::File {
         return Ok(());
     }
-    let file = &config.file;
-    let fail = |error: LogFileError| LogError::File {
-        path: file.clone(),
-        error,
-    };
+    check_file(&config.file, config.rotation, false)
+}
+
+/// For `interlude check`: can `run` open `log.access_file` (when the access
+/// log is on)? As `check_log_file`.
+pub fn check_access_file(config: &LogConfig) -> Result<(), LogError> {
+    match access_file(config) {
+        Some((file, rotation, _)) => check_file(file, rotation, true),
+        None => Ok(()),
+    }
+}
+
+fn file_error(file: &Path, error: LogFileError, access: bool) -> LogError {
+    let path = file.to_path_buf();
+    if access {
+        LogError::AccessFile { path, error }
+    } else {
+        LogError::File { path, error }
+    }
+}
+
+fn check_file(file: &Path, rotation: Rotation, access: bool) -> Result<(), LogError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |error: LogFileError| file_error(file, error, access);
     let directory = file.parent().ok_or_else(|| fail(LogFileError::NoDirectory))?;
     let name = file.file_name().ok_or_else(|| fail(LogFileError::NoFileName))?;
     let created =
         crate::config::paths::create_dirs(directory).map_err(|e| fail(LogFileError::Directory(e)))?;
-    let current = directory.join(current_file_name(&name.to_string_lossy(), config.rotation));
+    let current = directory.join(current_file_name(&name.to_string_lossy(), rotation));
     let existed = current.exists();
+    // Non-blocking: a FIFO without a reader fails (ENXIO) rather than
+    // hanging the check.
     let opened = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(&current)
         .map_err(|error| {
             fail(LogFileError::Append {
@@ -265,7 +361,14 @@ fn current_file_name(name: &str, rotation: Rotation) -> String {
     }
 }
 
-fn level_filter(level: LogLevel) -> LevelFilter {
+/// The level filter: `level` for every event, but access lines always.
+fn level_filter(level: LogLevel) -> Targets {
+    Targets::new()
+        .with_default(level_filter_of(level))
+        .with_target(access::ACCESS_TARGET, LevelFilter::INFO)
+}
+
+fn level_filter_of(level: LogLevel) -> LevelFilter {
     match level {
         LogLevel::Error => LevelFilter::ERROR,
         LogLevel::Warn => LevelFilter::WARN,
@@ -295,7 +398,7 @@ mod tests {
                 "{rotation:?}: check left its directory"
             );
             let before = current_file_name("interlude.log", rotation);
-            drop(open_log_file(&config.file, rotation).unwrap());
+            drop(open_log_file(&config.file, rotation, false).unwrap());
             let after = current_file_name("interlude.log", rotation);
             let names: Vec<String> = std::fs::read_dir(top.path().join("logs"))
                 .unwrap()

@@ -21,6 +21,7 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 
+use crate::config::LogFormat as Format;
 use crate::config::SyslogDestination as Destination;
 
 /// Lines waiting for the worker; beyond this they are dropped.
@@ -33,18 +34,20 @@ pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 pub struct SyslogLayer {
     lines: SyncSender<(Severity, String)>,
+    /// `log.format`: with `json`, the message body is the JSON object.
+    format: Format,
 }
 
 impl SyslogLayer {
     /// Starts the worker for `destination`. Connecting happens there, so an
     /// absent server at start-up only means dropped lines until it appears.
-    pub fn start(destination: Destination) -> Result<SyslogLayer, super::LogError> {
+    pub fn start(destination: Destination, format: Format) -> Result<SyslogLayer, super::LogError> {
         let (lines, queue) = sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("interlude-syslog".into())
             .spawn(move || deliver(destination, queue))
             .map_err(super::LogError::SyslogWriter)?;
-        Ok(SyslogLayer { lines })
+        Ok(SyslogLayer { lines, format })
     }
 }
 
@@ -56,9 +59,15 @@ impl<S: Subscriber> Layer<S> for SyslogLayer {
             Level::INFO => Severity::LOG_INFO,
             _ => Severity::LOG_DEBUG,
         };
-        let mut line = Line::default();
-        event.record(&mut line);
-        match self.lines.try_send((severity, line.finish())) {
+        let line = match self.format {
+            Format::Text => {
+                let mut line = Line::default();
+                event.record(&mut line);
+                line.finish()
+            }
+            Format::Json => super::json::line(std::time::SystemTime::now(), event),
+        };
+        match self.lines.try_send((severity, line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 DROPPED.fetch_add(1, Relaxed);

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod access_log;
 mod backends;
 mod bounded_inputs;
 mod config_errors;

@@ -59,6 +59,14 @@ fn check_globals(config: &Config, issues: &mut Issues) {
             format!("log file {:?} must be an absolute path", config.log.file),
         );
     }
+    if let Some(file) = &config.log.access_file
+        && !file.is_absolute()
+    {
+        issues.add(
+            "log.access_file",
+            format!("access log file {file:?} must be an absolute path"),
+        );
+    }
     if let Address::Tcp(target) = &config.control.listen
         && !target.is_loopback()
         && config.control.token.as_deref().is_none_or(str::is_empty)

@@ -190,6 +190,26 @@ proxies:
 }
 
 #[test]
+fn the_access_file_is_an_absolute_path() {
+    assert_eq!(
+        paths("log: {access: true, access_file: logs/access.log}"),
+        ["log.access_file"]
+    );
+    let relative = &issues("log: {access_file: access.log}")[0];
+    assert!(
+        relative
+            .message
+            .contains("\"access.log\" must be an absolute path"),
+        "{}",
+        relative.message
+    );
+    assert!(
+        paths("log: {access: true, access_file: /var/log/interlude/access.log, format: json}").is_empty()
+    );
+    assert!(serde_yaml::from_str::<Config>("log: {format: xml}").is_err());
+}
+
+#[test]
 fn accept_proxy_needs_trusted_proxies_on_tcp_and_none_on_unix() {
     let yaml = "
 proxies:

@@ -73,6 +73,14 @@ impl ResponseBody {
         ResponseBody::Local(None)
     }
 
+    /// The backend that answered, if one did.
+    pub fn backend_answering(&self) -> Option<&Arc<crate::backends::Backend>> {
+        match self {
+            ResponseBody::Backend(body) => Some(body.exchange.in_flight.backend()),
+            ResponseBody::Local(_) => None,
+        }
+    }
+
     /// A backend's response that leaves its connection fit for another
     /// request: among other things, the request's body was all sent (so
     /// all read from the client).

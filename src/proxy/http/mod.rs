@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
@@ -40,6 +41,7 @@ use tracing::debug;
 use body::RequestBody;
 pub use route::VirtualHosts;
 
+use super::access::{self, AccessRecord, HttpDetail};
 use super::depart::{Carried, Enlisted, LiveConnection};
 use super::forward::{self, Traffic};
 use super::gate::{self, Admission, HeldTicket, MovedClient, RejectReason};
@@ -233,6 +235,24 @@ impl Drop for InService {
 struct Served {
     body: ResponseBody,
     _in_service: InService,
+    /// Its access record, written when hyper is done with the response;
+    /// counts the body's bytes meanwhile.
+    access: Option<Logged>,
+}
+
+/// A request's access record until its response has gone out.
+struct Logged {
+    started: std::time::Instant,
+    record: AccessRecord,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(Logged { started, mut record }) = self.access.take() {
+            record.duration += started.elapsed();
+            access::write(record);
+        }
+    }
 }
 
 impl hyper::body::Body for Served {
@@ -243,7 +263,15 @@ impl hyper::body::Body for Served {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<std::io::Result<hyper::body::Frame<Self::Data>>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let served = self.get_mut();
+        let frame = Pin::new(&mut served.body).poll_frame(cx);
+        if let (Some(logged), Poll::Ready(Some(Ok(frame)))) = (&mut served.access, &frame)
+            && let Some(data) = frame.data_ref()
+            && let access::Detail::Http(detail) = &mut logged.record.detail
+        {
+            detail.bytes += data.len() as u64;
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -595,7 +623,8 @@ async fn handle(
 ) -> Result<Response<Served>, Infallible> {
     let bodied = !hyper::body::Body::is_end_stream(request.body());
     let closes = wants_close(&request);
-    let mut response = answer(&connection, request).await;
+    let logged = access::start().map(|started| (started, request_detail(&request)));
+    let (mut response, proxy) = answer(&connection, request).await;
     // hyper is not left between requests after this one: it closes, or
     // the request's body may be partly unread (only a backend's reusable
     // answer proves it was all sent).
@@ -610,10 +639,45 @@ async fn handle(
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    let access = match logged {
+        // A request that moved is logged by the process it moved to.
+        Some((started, mut detail)) if response.extensions().get::<Moved>().is_none() => {
+            detail.status = response.status().as_u16();
+            let held = response.extensions_mut().remove::<Held>();
+            let record = AccessRecord {
+                client: connection.peer.clone(),
+                proxy: proxy.map(|proxy| proxy.name.clone()),
+                backend: response.body().backend_answering().cloned(),
+                // A parked request was held before it reached hyper.
+                duration: held
+                    .filter(|held| held.parked)
+                    .map_or(Duration::ZERO, |held| held.time),
+                held: held.map_or(Duration::ZERO, |held| held.time),
+                detail: access::Detail::Http(detail),
+            };
+            Some(Logged { started, record })
+        }
+        _ => None,
+    };
     Ok(response.map(|body| Served {
         body,
         _in_service: in_service,
+        access,
     }))
+}
+
+/// A request's strings for its access line: host (as routed), method,
+/// path with query, user agent.
+fn request_detail(request: &Request<Incoming>) -> HttpDetail {
+    let uri = request.uri();
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let agent = request
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let host = route::request_host(request).unwrap_or("");
+    HttpDetail::new(host, request.method().as_str(), path, agent)
 }
 
 /// Whether the client asked to close after this request (hyper then
@@ -640,7 +704,12 @@ fn connection_has(headers: &hyper::HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Response<ResponseBody> {
+/// The answer to `request`, and the proxy that gave it (`None`: no proxy
+/// serves its host).
+async fn answer(
+    connection: &ClientConnection,
+    request: Request<Incoming>,
+) -> (Response<ResponseBody>, Option<Arc<Proxy>>) {
     // Only ever the connection's first request.
     let parked = connection
         .first
@@ -648,7 +717,7 @@ async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Re
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .take();
     if let Some(refused) = refuse(&request) {
-        return refused;
+        return (refused, None);
     }
     let proxy = match &*connection.site.routes.borrow() {
         Routes::Http(hosts) => hosts.route(route::request_host(&request)).cloned(),
@@ -656,7 +725,10 @@ async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Re
         Routes::Tcp(_) => None,
     };
     let Some(proxy) = proxy else {
-        return local(StatusCode::NOT_FOUND, "no proxy here serves this host\n");
+        return (
+            local(StatusCode::NOT_FOUND, "no proxy here serves this host\n"),
+            None,
+        );
     };
     proxy.stats.accepted.fetch_add(1, Relaxed);
     let parked = parked.filter(|parked| parked.for_proxy(&proxy));
@@ -666,7 +738,16 @@ async fn answer(connection: &ClientConnection, request: Request<Incoming>) -> Re
     if response.extensions().get::<Moved>().is_none() {
         proxy.stats.count_response(response.status().as_u16());
     }
-    response
+    (response, Some(proxy))
+}
+
+/// How long a request was held by a pause, on its response (for its
+/// access line; only on a request that was held). `parked`: held before
+/// hyper read it, so before its service began.
+#[derive(Clone, Copy)]
+struct Held {
+    time: Duration,
+    parked: bool,
 }
 
 /// Marks the answer hyper is left with when a held request moved with its
@@ -746,10 +827,18 @@ async fn exchange(
         let bypassed = parked.is_none() && route::bypasses(&all.bypass, &request);
         (RequestSettings::of(&all), bypassed)
     };
+    let with_held = |mut response: Response<ResponseBody>, time: Duration, parked: bool| {
+        response.extensions_mut().insert(Held { time, parked });
+        response
+    };
     match parked {
         // Released: the gate has let it through already.
-        Some(First::Released(_)) => return forward(proxy, &settings, connection, request).await,
-        Some(First::Closed(_)) => return unavailable(&settings, "shutting down\n"),
+        Some(First::Released(_, held)) => {
+            return with_held(forward(proxy, &settings, connection, request).await, held, true);
+        }
+        Some(First::Closed(_, held)) => {
+            return with_held(unavailable(&settings, "shutting down\n"), held, true);
+        }
         None => {}
     }
     if !bypassed {
@@ -764,20 +853,33 @@ async fn exchange(
                 };
                 return unavailable(&settings, why);
             }
-            Admission::Hold(ticket) => match hold_request(proxy, connection, ticket, &request).await {
-                // The backends current at the release.
-                Hold::Released => settings = RequestSettings::of(&proxy.settings.borrow()),
-                // Nobody reads this answer; the connection is closing.
-                Hold::ClientLeft => return unavailable(&settings, "client left\n"),
-                Hold::Closed => return unavailable(&settings, "shutting down\n"),
-                // The connection left with an upgrade: hyper can write
-                // nothing more on it.
-                Hold::Moving => {
-                    let mut response = unavailable(&settings, "moved to the upgraded process\n");
-                    response.extensions_mut().insert(Moved);
-                    return response;
+            Admission::Hold(ticket) => {
+                let held_since = std::time::Instant::now();
+                match hold_request(proxy, connection, ticket, &request).await {
+                    // The backends current at the release.
+                    Hold::Released => {
+                        settings = RequestSettings::of(&proxy.settings.borrow());
+                        let response = forward(proxy, &settings, connection, request).await;
+                        return with_held(response, held_since.elapsed(), false);
+                    }
+                    // Nobody reads this answer; the connection is closing.
+                    Hold::ClientLeft => return unavailable(&settings, "client left\n"),
+                    Hold::Closed => {
+                        return with_held(
+                            unavailable(&settings, "shutting down\n"),
+                            held_since.elapsed(),
+                            false,
+                        );
+                    }
+                    // The connection left with an upgrade: hyper can write
+                    // nothing more on it.
+                    Hold::Moving => {
+                        let mut response = unavailable(&settings, "moved to the upgraded process\n");
+                        response.extensions_mut().insert(Moved);
+                        return response;
+                    }
                 }
-            },
+            }
         }
     }
     forward(proxy, &settings, connection, request).await
@@ -1093,8 +1195,18 @@ async fn tunnel(
         backend_to_client: &stats.bytes_in,
     };
     let kill = &exchange.in_flight.backend().kill;
-    let ended =
-        forward::forward_streams(&mut backend, &mut client, &backend_early, None, kill, traffic).await;
+    // A tunnel's bytes are not in the access line (it logs the request).
+    let mut tally = forward::Tally::default();
+    let ended = forward::forward_streams(
+        &mut backend,
+        &mut client,
+        &backend_early,
+        None,
+        kill,
+        traffic,
+        &mut tally,
+    )
+    .await;
     if let Err(e) = ended {
         debug!(error = %e, "upgraded connection ended with an error");
     }
@@ -1127,7 +1239,7 @@ async fn tunnel_plain(
         carried,
         None,
         tunnel,
-        traffic,
+        (traffic, &mut forward::Tally::default()),
     )
     .await;
     if let Some(Err(e)) = ended {

@@ -63,17 +63,18 @@ pub enum Parked<'a> {
 }
 
 /// How the hold of a parked request ended, for hyper's serving of it.
+/// Either way with how long it was held, for its access line.
 pub enum First {
     /// Released by `proxy`: forwarded without asking its gate again.
-    Released(Arc<Proxy>),
+    Released(Arc<Proxy>, Duration),
     /// `proxy` closed its held requests: answered 503 as any held request.
-    Closed(Arc<Proxy>),
+    Closed(Arc<Proxy>, Duration),
 }
 
 impl First {
     fn proxy(&self) -> &Arc<Proxy> {
         match self {
-            First::Released(proxy) | First::Closed(proxy) => proxy,
+            First::Released(proxy, _) | First::Closed(proxy, _) => proxy,
         }
     }
 
@@ -159,6 +160,7 @@ async fn hold<'a>(
     #[cfg(test)]
     let _parked = tests::Parking::enter();
     let (mut socket, mut early, mut ticket) = (socket, early, ticket);
+    let held_since = std::time::Instant::now();
     loop {
         let movable = proxy.gate.movable();
         let outcome = tokio::select! {
@@ -172,8 +174,8 @@ async fn hold<'a>(
             outcome = hold::hold(&mut ticket, &proxy.gate.close_held, Some(&movable.1), socket.hung_up()) => outcome,
         };
         let first = match outcome {
-            Hold::Released => First::Released(proxy),
-            Hold::Closed => First::Closed(proxy),
+            Hold::Released => First::Released(proxy, held_since.elapsed()),
+            Hold::Closed => First::Closed(proxy, held_since.elapsed()),
             Hold::ClientLeft => {
                 // As hyper's service would count it: accepted, answered
                 // 503 (to nobody), and dropped while held.
