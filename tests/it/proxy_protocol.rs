@@ -179,7 +179,11 @@ fn haproxy_in_front_gives_the_real_client() {
     let dir = tempdir();
     let backend = HttpBackend::tcp("app", |_| Reply::ok("ok"));
     let extra = "mode: http\naccept_proxy: true\ntrusted_proxies: [127.0.0.1/32]";
-    let yaml = one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[backend.address()], extra);
+    let yaml = one_proxy_config(dir.path(), "5s", "tcp://127.0.0.1:0", &[backend.address()], extra).replacen(
+        "  level: info\n",
+        "  level: info\n  access: true\n",
+        1,
+    );
     let daemon = Daemon::start(dir.path(), &yaml);
     let interlude = tcp_addr(&daemon.listen_addr("p"));
     let front = free_tcp_addr();
@@ -209,6 +213,9 @@ fn haproxy_in_front_gives_the_real_client() {
         "{:?}",
         request.headers
     );
+    // The access line names the client, not HAProxy.
+    let access = daemon.wait_for_line(" access ", WAIT);
+    assert!(access.contains(" client=127.0.0.2:"), "{access}");
     assert_eq!(proxy_protocol_errors(dir.path()), 0);
 }
 
