@@ -488,37 +488,71 @@ impl Daemon {
     }
 
     /// Serves a held client handed over (by the previous process, or back
-    /// from a failed upgrade) on its proxy; false if there is none. A
-    /// mode http client is served by its proxy's listening socket, from
-    /// the bytes of its held request.
+    /// from a failed upgrade) on its proxy, on the next connection worker
+    /// (its socket leaves this runtime's reactor for the worker's); false
+    /// if there is nowhere to serve it. A mode http client is served by
+    /// its proxy's listening socket, from the bytes of its held request.
+    /// Counted in its proxy's (or site's) connections from this call on, so
+    /// that a stop waits for it.
     fn serve_moved(&self, client: MovedClient) -> bool {
         let Some(running) = self.running.proxies.iter().find(|r| r.proxy.name == client.proxy) else {
             warn!(proxy = %client.proxy, "a held client handed over for a proxy this config does not have; closing it");
             return false;
         };
-        let peer = client.peer;
+        let MovedClient {
+            proxy: name,
+            socket,
+            early,
+            peer,
+        } = client;
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(proxy = %name, error = %e, "cannot take a held client off this runtime; closing it");
+                return false;
+            }
+        };
+        let registered = move |socket| {
+            Stream::from_std(socket)
+                .inspect_err(
+                    |e| warn!(proxy = %name, error = %e, "cannot register a held client; closing it"),
+                )
+                .ok()
+        };
         match running.config.mode {
             Mode::Tcp => {
                 let proxy = running.proxy.clone();
-                proxy
-                    .connections
-                    .spawn(proxy.clone().serve_moved(client.socket, peer, client.early));
+                let counted = proxy.connections.token();
+                self.workers.run(move || {
+                    let _counted = counted;
+                    if let Some(socket) = registered(socket) {
+                        proxy
+                            .connections
+                            .spawn(proxy.clone().serve_moved(socket, peer, early));
+                    }
+                });
                 true
             }
             Mode::Http => {
                 let Some(listener) = self.running.listeners.iter().find(|l| l.key == running.key) else {
-                    warn!(proxy = %client.proxy, "a held request handed over for a proxy that listens nowhere; closing it");
+                    warn!(proxy = %running.proxy.name, "a held request handed over for a proxy that listens nowhere; closing it");
                     return false;
                 };
                 let site = listener.site.clone();
                 let Routes::Http(hosts) = site.routes.borrow().clone() else {
-                    warn!(proxy = %client.proxy, "a held request handed over for a socket no longer mode http; closing it");
+                    warn!(proxy = %running.proxy.name, "a held request handed over for a socket no longer mode http; closing it");
                     return false;
                 };
                 let permits = Permits::admitted(&site);
-                let serving =
-                    http::serve_connection(site.clone(), hosts, client.socket, peer, permits, client.early);
-                site.connections.spawn(serving);
+                let counted = site.connections.token();
+                self.workers.run(move || {
+                    let _counted = counted;
+                    if let Some(socket) = registered(socket) {
+                        let serving =
+                            http::serve_connection(site.clone(), hosts, socket, peer, permits, early);
+                        site.connections.spawn(serving);
+                    }
+                });
                 true
             }
         }

@@ -329,12 +329,23 @@ impl Daemon {
                 None => command.env_remove(name),
             };
         }
-        let mut child = command
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+            .stderr(Stdio::piped());
+        // A binary just copied (upgrade tests) is "busy" while a process
+        // another test thread forks meanwhile still holds the copy's write
+        // descriptor, until that child's exec closes it: retry briefly.
+        let busy_until = Instant::now() + WAIT;
+        let mut child = loop {
+            match command.spawn() {
+                Ok(child) => break child,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < busy_until => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("spawn {}: {e}", program.display()),
+            }
+        };
         let (stderr, _) = Capture::drain(child.stderr.take().unwrap());
         let (stdout, _) = Capture::drain(child.stdout.take().unwrap());
         Daemon {
