@@ -409,6 +409,16 @@ mod tests {
 
     #[test]
     fn quotes_and_control_characters_are_escaped() {
+        let quoted = http("shop.example", "/a\"b", "test agent/1.0 \"quoted\"");
+        let text = direct(LogFormat::Text, &quoted);
+        assert!(
+            text.contains(r#" path="/a\"b" "#)
+                && text.ends_with(" user_agent=\"test agent/1.0 \\\"quoted\\\"\"\n"),
+            "{text}"
+        );
+        let slashed = http("shop.example", "/a\\b", "");
+        let text = direct(LogFormat::Text, &slashed);
+        assert!(text.contains(r#" path="/a\\b" "#), "{text}");
         let record = http("", "/a\"b\\c\td\u{1}\u{7f}é", "x \"y\"\n\u{1b}");
         let text = direct(LogFormat::Text, &record);
         assert!(
@@ -476,6 +486,8 @@ mod tests {
             http("shop.example", "/cart?id=3", "curl/8.5.0"),
             http(odd, odd, odd),
             http("", "/", ""),
+            http("quoted\"", "/a\"b", "test agent/1.0 \"quoted\""),
+            http("slashed\\", "/a\\b", "\\"),
         ];
         let mut unix = tcp();
         unix.client = Peer::Unix;
