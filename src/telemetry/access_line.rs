@@ -14,10 +14,12 @@
 //! day from the last line until the second changes.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::LogFormat;
 use crate::proxy::access::{AccessRecord, Detail};
+use crate::sockets::stream::Peer;
 
 /// `YYYY-MM-DDTHH:MM:SS.` of the second last formatted.
 pub struct Clock {
@@ -80,7 +82,7 @@ pub fn format(
 fn text(out: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, record: &AccessRecord) {
     clock.stamp(out, now);
     out.extend_from_slice(b"  INFO access client=");
-    let _ = write!(out, "{}", record.client);
+    client(out, &record.client);
     out.extend_from_slice(b" proxy=");
     out.extend_from_slice(record.proxy.as_deref().unwrap_or("-").as_bytes());
     match &record.detail {
@@ -137,7 +139,7 @@ fn json(out: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, record: &AccessRe
     clock.stamp(out, now);
     out.extend_from_slice(b"\",\"level\":\"info\",\"msg\":\"access\",\"client\":\"");
     // An address, or `unix`: nothing to escape.
-    let _ = write!(out, "{}", record.client);
+    client(out, &record.client);
     out.extend_from_slice(b"\",\"proxy\":\"");
     escaped(out, record.proxy.as_deref().unwrap_or("-"));
     match &record.detail {
@@ -193,6 +195,26 @@ fn json_durations(out: &mut Vec<u8>, record: &AccessRecord) {
     millis(out, record.duration, false);
     out.extend_from_slice(b",\"held_ms\":");
     millis(out, record.held, false);
+}
+
+/// Appends the client's address as `Peer`'s `Display` writes it; an IPv4
+/// one (the common case) without `fmt`.
+fn client(out: &mut Vec<u8>, peer: &Peer) {
+    match peer {
+        Peer::Tcp(SocketAddr::V4(address)) => {
+            for (at, octet) in address.ip().octets().into_iter().enumerate() {
+                if at > 0 {
+                    out.push(b'.');
+                }
+                integer(out, u64::from(octet));
+            }
+            out.push(b':');
+            integer(out, u64::from(address.port()));
+        }
+        peer => {
+            let _ = write!(out, "{peer}");
+        }
+    }
 }
 
 /// Appends `value` in decimal.
@@ -301,7 +323,6 @@ mod tests {
     use crate::config::BackendConfig;
     use crate::proxy::access::{End, HttpDetail, TcpDetail};
     use crate::sockets::address::Address;
-    use crate::sockets::stream::Peer;
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
 
