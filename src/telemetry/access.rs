@@ -5,25 +5,25 @@
 //! Its output is either the main log (`log.access_file: null`: the line is
 //! an ordinary info event of target `ACCESS_TARGET`, which the level filter
 //! always lets through, so it goes wherever and however the log goes), or
-//! a file of its own: a tracing dispatcher with one fmt layer (text or
-//! JSON, like the log) over a rolling file appender, rotated like
-//! `log.file`. The same event either way, so the line reads the same.
-//! A reload that changes the output swaps it between two records.
+//! a file of its own, rotated like `log.file`, whose lines `access_line`
+//! formats straight into a buffer (the same bytes the log's format makes
+//! of the event, without a tracing dispatcher per line). A reload that
+//! changes the output swaps it between two records.
 //!
-//! Lines for the file are formatted into a buffer and written out when
-//! the queue is empty or the buffer full: one write for many lines, not a
-//! system call per line.
+//! Lines for the file are written out when the queue is empty or the
+//! buffer full: one write for many lines, not a system call per line.
 
 use std::io::Write as _;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tracing_appender::rolling::RollingFileAppender;
 
-use tracing::Dispatch;
-
+use crate::config::LogFormat;
 use crate::proxy::access::{AccessRecord, Detail, Entry};
+
+use super::access_line;
 
 /// The target of access events.
 pub const ACCESS_TARGET: &str = "interlude_access";
@@ -41,61 +41,35 @@ const POLL: Duration = Duration::from_millis(5);
 /// daemon's writer sleeps).
 const POLLS_BEFORE_WAITING: u32 = 100;
 
-/// `log.access_file`, opened: a dispatcher whose fmt layer formats into
-/// `pending`, which the writer thread writes to the file.
+/// `log.access_file`, opened, and the format of its lines.
 pub struct AccessFile {
-    dispatch: Dispatch,
-    pending: Pending,
+    format: LogFormat,
     file: Mutex<RollingFileAppender>,
 }
 
 impl AccessFile {
-    /// The access file `file`, its lines formatted by a fmt layer that
-    /// `layer` builds over the given writer.
-    pub fn new<L>(file: RollingFileAppender, layer: impl FnOnce(Pending) -> L) -> AccessFile
-    where
-        L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
-    {
-        use tracing_subscriber::layer::SubscriberExt;
-        let pending = Pending::default();
-        let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer(pending.clone())));
+    /// The access file `file`, its lines in `format`.
+    pub fn new(file: RollingFileAppender, format: LogFormat) -> AccessFile {
         AccessFile {
-            dispatch,
-            pending,
+            format,
             file: Mutex::new(file),
         }
     }
 
-    /// Writes out what is formatted (the writer thread only).
-    fn write_out(&self) {
-        let lines = std::mem::take(&mut *self.pending.0.lock().unwrap_or_else(PoisonError::into_inner));
-        if !lines.is_empty() {
-            let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-            if file.write_all(&lines).and_then(|()| file.flush()).is_err() {
-                crate::proxy::access::DROPPED.fetch_add(
-                    lines.iter().filter(|&&b| b == b'\n').count() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            }
+    /// Writes out `lines` (the writer thread only) and empties it; lines
+    /// that cannot be written are counted as dropped.
+    fn write_out(&self, lines: &mut Vec<u8>) {
+        if lines.is_empty() {
+            return;
         }
-    }
-}
-
-/// Formatted lines not yet written (the fmt layer's writer).
-#[derive(Clone, Default)]
-pub struct Pending(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Pending {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if file.write_all(lines).and_then(|()| file.flush()).is_err() {
+            crate::proxy::access::DROPPED.fetch_add(
+                lines.iter().filter(|&&b| b == b'\n').count() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        lines.clear();
     }
 }
 
@@ -135,15 +109,17 @@ impl Drop for AccessWriter {
 }
 
 fn write_lines(queue: &Receiver<Entry>, output: &Mutex<AccessOutput>) {
-    // The file the last record went to, with lines perhaps not written.
+    // The file the last record went to, and its lines not yet written.
     let mut last: AccessOutput = None;
+    let mut pending: Vec<u8> = Vec::with_capacity(BATCH + 4096);
+    let mut clock = access_line::Clock::default();
     let mut empty_looks = 0;
     loop {
         let entry = match queue.try_recv() {
             Ok(entry) => entry,
             Err(TryRecvError::Empty) => {
                 if let Some(file) = &last {
-                    file.write_out();
+                    file.write_out(&mut pending);
                 }
                 if empty_looks < POLLS_BEFORE_WAITING {
                     empty_looks += 1;
@@ -166,29 +142,31 @@ fn write_lines(queue: &Receiver<Entry>, output: &Mutex<AccessOutput>) {
                 if let Some(previous) = &last
                     && !file.as_ref().is_some_and(|file| Arc::ptr_eq(file, previous))
                 {
-                    previous.write_out();
+                    previous.write_out(&mut pending);
                 }
                 match &file {
                     Some(file) => {
-                        tracing::dispatcher::with_default(&file.dispatch, || emit(&record));
-                        if file
-                            .pending
-                            .0
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .len()
-                            >= BATCH
-                        {
-                            file.write_out();
+                        access_line::format(
+                            &mut pending,
+                            &mut clock,
+                            file.format,
+                            SystemTime::now(),
+                            &record,
+                        );
+                        if pending.len() >= BATCH {
+                            file.write_out(&mut pending);
                         }
                     }
                     None => emit(&record),
                 }
+                // Dropped here, on this thread: its strings' memory is
+                // freed off the runtime.
+                drop(record);
                 last = file;
             }
             Entry::Flush(done) => {
                 if let Some(file) = &last {
-                    file.write_out();
+                    file.write_out(&mut pending);
                 }
                 let _ = done.try_send(());
             }

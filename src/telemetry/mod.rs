@@ -13,6 +13,7 @@
 //! swapped in.
 
 pub mod access;
+mod access_line;
 pub mod json;
 pub mod stats;
 pub mod syslog;
@@ -256,7 +257,7 @@ fn access_file(config: &LogConfig) -> Option<(&Path, Rotation, LogFormat)> {
     Some((file, config.rotation, config.format))
 }
 
-/// The access log's output: a dispatcher writing its file (opened here,
+/// The access log's output: its file (opened here,
 /// so an unwritable one fails the start or the reload), or `None` for the
 /// main log. The writer thread writes to the file directly: a slow disk
 /// backs up its queue, not a runtime worker.
@@ -265,10 +266,9 @@ fn prepare_access(config: &LogConfig) -> Result<AccessOutput, LogError> {
         return Ok(None);
     };
     let appender = open_log_file(file, rotation, true)?;
-    let file = access::AccessFile::new(appender, |pending: access::Pending| {
-        formatted(move || pending.clone(), format, true, false)
-    });
-    Ok(Some(std::sync::Arc::new(file)))
+    Ok(Some(std::sync::Arc::new(access::AccessFile::new(
+        appender, format,
+    ))))
 }
 
 /// Opens (creating the directory if needed) the log file (`access`: the
