@@ -111,7 +111,8 @@ fn start_nginx(dir: &Path) -> (Started, SocketAddr) {
         .arg(&prefix)
         .arg("-c")
         .arg(&conf_path)
-        .args(["-g", "daemon off;"]);
+        // One process: killing it at the end leaves no worker behind.
+        .args(["-g", "daemon off; master_process off;"]);
     (Started::spawn("nginx", &mut command, port), port)
 }
 
