@@ -36,6 +36,9 @@ fn wait_refused(daemon: &Daemon, endpoint: &Endpoint, within: Duration) -> Durat
             {
                 return started.elapsed();
             }
+            // Queued in the kernel as the listener closed: reset by that
+            // close, so not yet the refusal; poll on.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
             Err(e) => daemon.fail(&format!("connect after the stop signal failed oddly: {e}")),
             Ok(stream) => drop(stream),
         }
