@@ -353,33 +353,21 @@ impl Proxy {
         clock: Option<Box<Clock>>,
     ) {
         if let Some(accept) = &settings.accept_proxy {
-            match self
-                .read_proxy_header(&mut client, peer, accept, settings.connect_timeout)
-                .await
-            {
-                Some(client) => peer = client,
+            let timeout = settings.connect_timeout;
+            let Some(named) = self.read_proxy_header(&mut client, peer, accept, timeout).await else {
+                return;
+            };
+            peer = named;
+        }
+        let client = match &settings.tls {
+            None => Client::Plain(client),
+            Some(tls) => match self.accept_tls(client, &peer, tls).await {
+                Some(client) => client,
                 None => return,
-            }
-        }
-        match &settings.tls {
-            None => {
-                self.serve_client(
-                    Client::Plain(client),
-                    peer,
-                    settings,
-                    Vec::new(),
-                    Some(permits),
-                    clock,
-                )
-                .await
-            }
-            Some(tls) => {
-                if let Some(client) = self.accept_tls(client, &peer, tls).await {
-                    self.serve_client(client, peer, settings, Vec::new(), Some(permits), clock)
-                        .await;
-                }
-            }
-        }
+            },
+        };
+        self.serve_client(client, peer, settings, Vec::new(), Some(permits), clock)
+            .await;
     }
 
     /// `accept_proxy`: the client as the PROXY header at the start of

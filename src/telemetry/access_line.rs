@@ -323,7 +323,7 @@ mod tests {
     use crate::config::BackendConfig;
     use crate::proxy::access::{End, HttpDetail, TcpDetail};
     use crate::sockets::address::Address;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use tracing_subscriber::layer::SubscriberExt;
 
     /// 2026-12-06T03:00:00.123456Z
@@ -467,24 +467,13 @@ mod tests {
 
     /// The line `emit` makes of `record` through the log's own fmt layer.
     fn through_tracing(format: LogFormat, record: &AccessRecord) -> String {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
+        let sink = crate::telemetry::CapturedLines::default();
         let written = sink.clone();
         let layer = super::super::formatted(move || sink.clone(), format, true, false);
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
             super::super::access::emit(record)
         });
-        String::from_utf8(written.0.lock().unwrap().clone()).unwrap()
+        written.text()
     }
 
     /// `line` with its timestamp (checked for its shape) replaced by `TS`.

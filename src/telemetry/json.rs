@@ -151,29 +151,17 @@ impl fmt::Write for Escaped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
 
     /// The lines `emit` logs through a JSON fmt layer.
     fn lines(emit: impl FnOnce()) -> Vec<(String, serde_json::Value)> {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
+        let sink = crate::telemetry::CapturedLines::default();
         let written = sink.clone();
         let layer = tracing_subscriber::fmt::layer()
             .with_writer(move || sink.clone())
             .event_format(JsonLines);
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
-        let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        let text = written.text();
         text.lines()
             .map(|line| {
                 let value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));

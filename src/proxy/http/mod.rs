@@ -297,13 +297,11 @@ pub async fn serve_accepted(
     if let Some(first) = hosts.any() {
         let settings = first.settings.borrow().clone();
         if let Some(accept) = &settings.accept_proxy {
-            match first
-                .read_proxy_header(&mut client, peer, accept, settings.connect_timeout)
-                .await
-            {
-                Some(proxied) => peer = proxied,
-                None => return,
-            }
+            let timeout = settings.connect_timeout;
+            let Some(named) = first.read_proxy_header(&mut client, peer, accept, timeout).await else {
+                return;
+            };
+            peer = named;
         }
     }
     serve_connection(site, hosts, client, peer, permits, Vec::new()).await;
