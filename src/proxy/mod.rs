@@ -305,6 +305,15 @@ impl Proxy {
         until_zero(&self.stats.active, &self.idle).await;
     }
 
+    /// Whether a reload, deploy or drain replaced the backend list since
+    /// `seen` was read. A connection that found no backend to take it in the
+    /// list it started with asks this: a reload marks the leaving backends
+    /// draining in every older list too, so a list read just before the
+    /// reload can have none left to try.
+    pub(crate) fn backends_changed(&self, seen: &Arc<BackendSet>) -> bool {
+        !Arc::ptr_eq(&self.settings.borrow().backends, seen)
+    }
+
     /// Serves one accepted client to its end: through the gate (forward,
     /// hold or reject), then to a backend. `permits` count it against its
     /// connection limits until it ends.
@@ -540,6 +549,13 @@ impl Proxy {
                 Err(ConnectFailure::Local) if waited_from.elapsed() + pause < settings.connect_timeout => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                // None of the list it started with took it, and a reload
+                // changed the list meanwhile: the new one's turn.
+                Err(ConnectFailure::Refused | ConnectFailure::TimedOut)
+                    if self.backends_changed(&settings.backends) =>
+                {
+                    settings = self.settings.borrow().clone();
                 }
                 connected => break connected,
             }
@@ -849,6 +865,60 @@ mod tests {
         // class is 1536 (measured: RSS per held connection 1.86 KiB with a
         // 1200-byte future, 2.13 KiB with 1256).
         assert!(size <= 1200, "the per-connection future grew to {size} bytes");
+        proxy.retired.cancel();
+    }
+
+    /// A backend that writes `tag` to every connection it accepts.
+    async fn tagging(tag: u8) -> std::net::SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket.write_all(&[tag]).await;
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut tokio::io::empty(), &mut socket).await;
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        address
+    }
+
+    fn one_backend(address: std::net::SocketAddr) -> String {
+        format!("proxies: [{{name: p, listen: '127.0.0.1:1', backends: ['{address}']}}]")
+    }
+
+    /// A connection that read its settings just before a reload replaced
+    /// its only backend (which still carries connections, so it drains)
+    /// finds no backend in that list: it takes the reload's. Once, this
+    /// race closed a client in `tests/it/reload.rs`.
+    #[tokio::test]
+    async fn a_connection_racing_a_reload_reaches_the_new_backend() {
+        use tokio::io::AsyncReadExt;
+        let (old, new) = (tagging(b'O').await, tagging(b'N').await);
+        let proxy = test_proxy_from(&one_backend(old), Arc::default());
+        let settings = proxy.settings.borrow().clone();
+        let leaving = settings.backends.backends[0].clone();
+        let _carrying = crate::backends::InFlight::begin(&leaving);
+        let after: crate::config::Config = serde_yaml::from_str(&one_backend(new)).unwrap();
+        proxy.update(&after.proxies[0], &after.proxies[0].backends, None);
+        assert_eq!(leaving.role(), Role::Draining);
+
+        let (ours, mut client) = tokio::net::UnixStream::pair().unwrap();
+        let serving = proxy.clone().serve_client(
+            Client::Plain(Stream::Unix(ours)),
+            Peer::Unix,
+            settings,
+            Vec::new(),
+            None,
+            None,
+        );
+        tokio::spawn(serving);
+        let mut tag = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut tag)).await;
+        assert!(matches!(read, Ok(Ok(_))), "the client was closed: {read:?}");
+        assert_eq!(&tag, b"N");
         proxy.retired.cancel();
     }
 }

@@ -832,7 +832,7 @@ async fn exchange(
     match parked {
         // Released: the gate has let it through already.
         Some(First::Released(_, held)) => {
-            return with_held(forward(proxy, &settings, connection, request).await, held, true);
+            return with_held(forward(proxy, settings, connection, request).await, held, true);
         }
         Some(First::Closed(_, held)) => {
             return with_held(unavailable(&settings, "shutting down\n"), held, true);
@@ -857,7 +857,7 @@ async fn exchange(
                     // The backends current at the release.
                     Hold::Released => {
                         settings = RequestSettings::of(&proxy.settings.borrow());
-                        let response = forward(proxy, &settings, connection, request).await;
+                        let response = forward(proxy, settings, connection, request).await;
                         return with_held(response, held_since.elapsed(), false);
                     }
                     // Nobody reads this answer; the connection is closing.
@@ -880,7 +880,7 @@ async fn exchange(
             }
         }
     }
-    forward(proxy, &settings, connection, request).await
+    forward(proxy, settings, connection, request).await
 }
 
 /// A held request's ticket, counted as dropped if its client went away,
@@ -978,10 +978,12 @@ async fn client_leaves(connection: &ClientConnection) {
 /// the balance's order, an idle keep-alive connection first. A request is
 /// tried on the next connection or backend only while it has not been
 /// sent, or when it is idempotent and bodiless and a connection closed
-/// under it without an answer (the backend closed it as we sent).
+/// under it without an answer (the backend closed it as we sent). If none
+/// took it and a reload changed the backend list meanwhile, the new list
+/// is tried (the reload marked the old list's leaving backends draining).
 async fn forward(
     proxy: &Arc<Proxy>,
-    settings: &RequestSettings,
+    mut settings: RequestSettings,
     connection: &ClientConnection,
     mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
@@ -995,71 +997,77 @@ async fn forward(
     let retryable = framing == RequestFraming::Empty && is_idempotent(&parts.method);
     let mut body = (framing != RequestFraming::Empty).then(|| RequestBody::new(body, proxy.clone()));
     let mut timed_out = false;
-    let proxy_header = settings.send_proxy.map(|version| {
-        crate::sockets::proxy_protocol::encode_for(version, &connection.peer, connection.local)
-    });
-    let proxy_header = proxy_header.as_ref().map(|header| header.as_bytes());
-    for backend in settings.backends.candidates() {
-        let in_flight = InFlight::begin(backend);
-        loop {
-            let (mut upstream, fresh) = match upstream::connection(
-                backend,
-                &connection.attached,
-                &proxy.name,
-                settings.connect_timeout,
-                proxy_header,
-            )
-            .await
-            {
-                Ok(found) => found,
-                // Out of descriptors: no backend would do better, and none
-                // is to blame (their health stays): a 503, as for a pause.
-                Err(ConnectFailure::Local) => {
-                    debug!(proxy = %proxy.name, peer = %connection.peer, "out of local resources to reach a backend");
-                    return unavailable(settings, "out of resources, try again\n");
-                }
-                Err(failure) => {
-                    timed_out |= failure == ConnectFailure::TimedOut;
-                    break;
-                }
-            };
-            let sent = upstream.send(&head, body.as_mut(), framing, &parts.method, upgrade);
-            let result = match settings.idle_timeout {
-                Some(limit) => match tokio::time::timeout(limit, sent).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        debug!(proxy = %proxy.name, backend = %backend.address, "no response within idle_timeout");
-                        return local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
+    loop {
+        let proxy_header = settings.send_proxy.map(|version| {
+            crate::sockets::proxy_protocol::encode_for(version, &connection.peer, connection.local)
+        });
+        let proxy_header = proxy_header.as_ref().map(|header| header.as_bytes());
+        for backend in settings.backends.candidates() {
+            let in_flight = InFlight::begin(backend);
+            loop {
+                let (mut upstream, fresh) = match upstream::connection(
+                    backend,
+                    &connection.attached,
+                    &proxy.name,
+                    settings.connect_timeout,
+                    proxy_header,
+                )
+                .await
+                {
+                    Ok(found) => found,
+                    // Out of descriptors: no backend would do better, and none
+                    // is to blame (their health stays): a 503, as for a pause.
+                    Err(ConnectFailure::Local) => {
+                        debug!(proxy = %proxy.name, peer = %connection.peer, "out of local resources to reach a backend");
+                        return unavailable(&settings, "out of resources, try again\n");
                     }
-                },
-                None => sent.await,
-            };
-            match result {
-                Ok(response) => {
-                    in_flight.reached();
-                    let exchange = Exchange {
-                        in_flight,
-                        attached: connection.attached.clone(),
-                        active,
-                    };
-                    return respond(response, upstream, exchange, client_upgrade, connection);
-                }
-                Err(upstream::Failure::NoResponse(e)) if retryable => {
-                    debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "connection closed under a request; sending it again");
-                    if fresh {
+                    Err(failure) => {
+                        timed_out |= failure == ConnectFailure::TimedOut;
                         break;
                     }
-                }
-                Err(upstream::Failure::Client(e)) => {
-                    debug!(proxy = %proxy.name, peer = %connection.peer, error = %e, "the request's body could not be read");
-                    return bad_request("malformed request body\n");
-                }
-                Err(upstream::Failure::NoResponse(e) | upstream::Failure::Broken(e)) => {
-                    debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "request failed at the backend");
-                    return local(StatusCode::BAD_GATEWAY, "bad gateway\n");
+                };
+                let sent = upstream.send(&head, body.as_mut(), framing, &parts.method, upgrade);
+                let result = match settings.idle_timeout {
+                    Some(limit) => match tokio::time::timeout(limit, sent).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            debug!(proxy = %proxy.name, backend = %backend.address, "no response within idle_timeout");
+                            return local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
+                        }
+                    },
+                    None => sent.await,
+                };
+                match result {
+                    Ok(response) => {
+                        in_flight.reached();
+                        let exchange = Exchange {
+                            in_flight,
+                            attached: connection.attached.clone(),
+                            active,
+                        };
+                        return respond(response, upstream, exchange, client_upgrade, connection);
+                    }
+                    Err(upstream::Failure::NoResponse(e)) if retryable => {
+                        debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "connection closed under a request; sending it again");
+                        if fresh {
+                            break;
+                        }
+                    }
+                    Err(upstream::Failure::Client(e)) => {
+                        debug!(proxy = %proxy.name, peer = %connection.peer, error = %e, "the request's body could not be read");
+                        return bad_request("malformed request body\n");
+                    }
+                    Err(upstream::Failure::NoResponse(e) | upstream::Failure::Broken(e)) => {
+                        debug!(proxy = %proxy.name, backend = %backend.address, error = %e, "request failed at the backend");
+                        return local(StatusCode::BAD_GATEWAY, "bad gateway\n");
+                    }
                 }
             }
         }
+        if !proxy.backends_changed(&settings.backends) {
+            break;
+        }
+        settings = RequestSettings::of(&proxy.settings.borrow());
     }
     proxy.stats.connect_failures.fetch_add(1, Relaxed);
     debug!(proxy = %proxy.name, peer = %connection.peer, "no backend took the request");
@@ -1318,13 +1326,24 @@ mod tests {
         (address, seen_rx)
     }
 
+    /// The config of one mode http proxy `p` on `backends`.
+    fn http_proxy(backends: &[std::net::SocketAddr], extra: &str) -> String {
+        let backends: Vec<String> = backends.iter().map(|b| format!("'{b}'")).collect();
+        format!(
+            "proxies: [{{name: p, listen: '127.0.0.1:1', mode: http, backends: [{}], health_check: {{kind: none}}{extra}}}]",
+            backends.join(", ")
+        )
+    }
+
     /// A site serving one mode http proxy `p` on `backend`.
     fn site(backend: std::net::SocketAddr) -> (Arc<Site>, Arc<VirtualHosts>) {
-        let yaml = format!(
-            "proxies: [{{name: p, listen: '127.0.0.1:1', mode: http, backends: ['{backend}'], health_check: {{kind: none}}}}]"
-        );
+        site_of(&http_proxy(&[backend], ""))
+    }
+
+    /// A site serving the first proxy of `yaml`.
+    fn site_of(yaml: &str) -> (Arc<Site>, Arc<VirtualHosts>) {
         let departures = Arc::new(Departures::default());
-        let proxy = crate::proxy::test_proxy_from(&yaml, departures.clone());
+        let proxy = crate::proxy::test_proxy_from(yaml, departures.clone());
         proxy.retired.cancel();
         let hosts = Arc::new(VirtualHosts::new(vec![(vec![], proxy)]));
         let (_, routes) = watch::channel(Routes::Http(hosts.clone()));
@@ -1433,6 +1452,64 @@ mod tests {
     /// connection (whose buffers are 16 KiB): the first of a connection,
     /// and a next one on the same keep-alive connection (the pause began
     /// while it was idle).
+    /// A backend whose connects hang: its accept queue (one) is full.
+    async fn stalled() -> (std::net::SocketAddr, Vec<tokio::task::JoinHandle<()>>) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let address = socket.local_addr().expect("address");
+        let listener = socket.listen(0).expect("listen");
+        let fillers = (0..2)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let _connected =
+                        tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(address)).await;
+                    tokio::time::sleep(WAIT).await;
+                })
+            })
+            .collect();
+        tokio::spawn(async move {
+            let _listener = listener;
+            tokio::time::sleep(2 * WAIT).await;
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (address, fillers)
+    }
+
+    /// A request that read its settings before a reload replaced its
+    /// backends, and whose first backend timed out after the reload (which
+    /// marked the second, still busy, draining): the reload's list serves
+    /// it, not a 504.
+    #[tokio::test]
+    async fn a_request_racing_a_reload_reaches_the_new_backend() {
+        let (stalled, _fillers) = stalled().await;
+        let (leaving, _) = backend(None).await;
+        let (new, mut seen_new) = backend(None).await;
+        let (site, hosts) = site_of(&http_proxy(&[stalled, leaving], ", connect_timeout: 500ms"));
+        let proxy = hosts.any().cloned().expect("the proxy");
+        let old = proxy.settings.borrow().backends.clone();
+        let _carrying = InFlight::begin(&old.backends[1]);
+        let mut client = connect(&site, &hosts);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::timeout(WAIT, async {
+            while old.backends[0].active.load(Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the request is connecting to the stalled backend");
+        let after: crate::config::Config =
+            serde_yaml::from_str(&http_proxy(&[new], "")).expect("test config");
+        proxy.update(&after.proxies[0], &after.proxies[0].backends, None);
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        tokio::time::timeout(WAIT, seen_new.recv())
+            .await
+            .expect("the new backend saw the request");
+    }
+
     #[tokio::test]
     async fn held_requests_are_parked_outside_hyper_and_served_on_their_release() {
         let (proxy, mut client, mut seen) = held_first_request().await;
