@@ -279,6 +279,15 @@ fn open_log_file(file: &Path, rotation: Rotation, access: bool) -> Result<Rollin
     let directory = file.parent().ok_or_else(|| fail(LogFileError::NoDirectory))?;
     let name = file.file_name().ok_or_else(|| fail(LogFileError::NoFileName))?;
     crate::config::paths::create_dirs(directory).map_err(|e| fail(LogFileError::Directory(e)))?;
+    // The appender's own open blocks on a FIFO without a reader, which would
+    // hang the start or the reload: that FIFO is refused here first.
+    let current = directory.join(current_file_name(&name.to_string_lossy(), rotation));
+    let _probe = open_for_append(&current).map_err(|error| {
+        fail(LogFileError::Append {
+            current: current.clone(),
+            error,
+        })
+    })?;
     let rolling = match rotation {
         Rotation::Daily => Rolling::DAILY,
         Rotation::Hourly => Rolling::HOURLY,
@@ -322,7 +331,6 @@ fn file_error(file: &Path, error: LogFileError, access: bool) -> LogError {
 }
 
 fn check_file(file: &Path, rotation: Rotation, access: bool) -> Result<(), LogError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let fail = |error: LogFileError| file_error(file, error, access);
     let directory = file.parent().ok_or_else(|| fail(LogFileError::NoDirectory))?;
     let name = file.file_name().ok_or_else(|| fail(LogFileError::NoFileName))?;
@@ -330,24 +338,28 @@ fn check_file(file: &Path, rotation: Rotation, access: bool) -> Result<(), LogEr
         crate::config::paths::create_dirs(directory).map_err(|e| fail(LogFileError::Directory(e)))?;
     let current = directory.join(current_file_name(&name.to_string_lossy(), rotation));
     let existed = current.exists();
-    // Non-blocking: a FIFO without a reader fails (ENXIO) rather than
-    // hanging the check.
-    let opened = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&current)
-        .map_err(|error| {
-            fail(LogFileError::Append {
-                current: current.clone(),
-                error,
-            })
-        });
+    let opened = open_for_append(&current).map_err(|error| {
+        fail(LogFileError::Append {
+            current: current.clone(),
+            error,
+        })
+    });
     if opened.is_ok() && !existed {
         let _ = std::fs::remove_file(&current);
     }
     crate::config::paths::remove_created(&created);
     opened.map(drop)
+}
+
+/// Opens `current` for append, creating it. Non-blocking: a FIFO without
+/// a reader fails (ENXIO) rather than hanging the caller.
+fn open_for_append(current: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(current)
 }
 
 /// The name tracing-appender writes to now: `NAME.YYYY-MM-DD[-HH]` (UTC)

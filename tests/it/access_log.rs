@@ -455,6 +455,53 @@ fn mkfifo(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
+/// An access file that is a FIFO without a reader would block the open:
+/// the start fails at once, naming it, and so does a reload, which keeps
+/// the running config and serves on.
+#[test]
+fn an_access_fifo_without_a_reader_fails_the_start_and_the_reload_at_once() {
+    let dir = tempdir();
+    let fifo = mkfifo(&dir.path().join("access.fifo"));
+    let backend = TestServer::echo_tcp();
+    let config = |log: &str| {
+        format!(
+            "{}proxies:\n{}",
+            preamble_with_log(dir.path(), "1s", log),
+            proxy_entry("p", "tcp://127.0.0.1:0", &[backend.address()], ""),
+        )
+    };
+    let to_fifo = config(&format!("  access_file: {}\n  rotation: never\n", fifo.display()));
+    let mut refused = Daemon::start(dir.path(), &to_fifo);
+    let code = refused.wait_exit(WAIT);
+    assert!(!code.success(), "the start with a FIFO access file: {code:?}");
+    assert!(
+        refused.stderr().contains("access.fifo"),
+        "the error names the file: {}",
+        refused.stderr()
+    );
+    assert!(refused.age() < Duration::from_secs(5), "took {:?}", refused.age());
+
+    let to_file = config(&format!(
+        "  access_file: {}\n",
+        dir.path().join("access.log").display()
+    ));
+    let daemon = start_ready(dir.path(), &to_file);
+    let started = Instant::now();
+    let path = daemon.config.clone().expect("started from a config file");
+    replace_file(&path, &to_fifo);
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for_line("reload rejected", WAIT);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let doc = status(dir.path());
+    assert_eq!(doc["generation"], 1, "{doc}");
+    let mut stream = daemon.listen_addr("p").connect().unwrap();
+    assert_eq!(roundtrip(&mut stream, b"still served").unwrap(), b"still served");
+}
+
 /// An access file nobody reads (a FIFO whose reader never reads): once
 /// the pipe and the queue are full, lines are dropped and counted, and
 /// every request is still answered at once.
