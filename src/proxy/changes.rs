@@ -135,7 +135,11 @@ impl Proxy {
         for backend in leaving.adding {
             backend.kill.cancel();
         }
+        // Marked draining although nothing drains: a connection that read
+        // an older list (which shares them) must not start on a backend the
+        // config no longer names; finding none, it tries the current list.
         for backend in leaving.gone {
+            backend.set_role(Role::Draining);
             backend.close_idle();
         }
         for backend in leaving.draining {

@@ -305,11 +305,11 @@ impl Proxy {
         until_zero(&self.stats.active, &self.idle).await;
     }
 
-    /// Whether a reload, deploy or drain replaced the backend list since
-    /// `seen` was read. A connection that found no backend to take it in the
-    /// list it started with asks this: a reload marks the leaving backends
-    /// draining in every older list too, so a list read just before the
-    /// reload can have none left to try.
+    /// Whether a reload, deploy or drain rebuilt the backend list since
+    /// `seen` was read (the same backends included). A connection that found
+    /// no backend to take it in the list it read asks this: a reload marks
+    /// the backends that leave draining, and older lists share them, so a
+    /// list read just before the reload can have none left to try.
     pub(crate) fn backends_changed(&self, seen: &Arc<BackendSet>) -> bool {
         !Arc::ptr_eq(&self.settings.borrow().backends, seen)
     }
@@ -550,8 +550,8 @@ impl Proxy {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
-                // None of the list it started with took it, and a reload
-                // changed the list meanwhile: the new one's turn.
+                // None of the list it read took it, and a reload rebuilt
+                // the list meanwhile: the new one's turn.
                 Err(ConnectFailure::Refused | ConnectFailure::TimedOut)
                     if self.backends_changed(&settings.backends) =>
                 {
@@ -874,12 +874,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
+            // Each socket is kept open: the test reads the tag, not an end.
+            let mut open = Vec::new();
             while let Ok((mut socket, _)) = listener.accept().await {
                 let _ = socket.write_all(&[tag]).await;
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut tokio::io::empty(), &mut socket).await;
-                    std::future::pending::<()>().await;
-                });
+                open.push(socket);
             }
         });
         address
@@ -890,20 +889,27 @@ mod tests {
     }
 
     /// A connection that read its settings just before a reload replaced
-    /// its only backend (which still carries connections, so it drains)
-    /// finds no backend in that list: it takes the reload's. Once, this
-    /// race closed a client in `tests/it/reload.rs`.
+    /// its only backend finds no backend in that list: it takes the
+    /// reload's. The backend that left either still carries connections
+    /// (it drains) or carries none (it just goes). Once, this race closed
+    /// a client in `tests/it/reload.rs`.
     #[tokio::test]
     async fn a_connection_racing_a_reload_reaches_the_new_backend() {
+        for carrying in [true, false] {
+            let proxy = racing_a_reload(carrying).await;
+            proxy.retired.cancel();
+        }
+    }
+
+    async fn racing_a_reload(carrying: bool) -> Arc<Proxy> {
         use tokio::io::AsyncReadExt;
         let (old, new) = (tagging(b'O').await, tagging(b'N').await);
         let proxy = test_proxy_from(&one_backend(old), Arc::default());
         let settings = proxy.settings.borrow().clone();
         let leaving = settings.backends.backends[0].clone();
-        let _carrying = crate::backends::InFlight::begin(&leaving);
+        let _carrying = carrying.then(|| crate::backends::InFlight::begin(&leaving));
         let after: crate::config::Config = serde_yaml::from_str(&one_backend(new)).unwrap();
         proxy.update(&after.proxies[0], &after.proxies[0].backends, None);
-        assert_eq!(leaving.role(), Role::Draining);
 
         let (ours, mut client) = tokio::net::UnixStream::pair().unwrap();
         let serving = proxy.clone().serve_client(
@@ -917,8 +923,11 @@ mod tests {
         tokio::spawn(serving);
         let mut tag = [0u8; 1];
         let read = tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut tag)).await;
-        assert!(matches!(read, Ok(Ok(_))), "the client was closed: {read:?}");
-        assert_eq!(&tag, b"N");
-        proxy.retired.cancel();
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "carrying {carrying}: the client was closed: {read:?}"
+        );
+        assert_eq!(&tag, b"N", "carrying {carrying}");
+        proxy
     }
 }

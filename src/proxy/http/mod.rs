@@ -1448,10 +1448,6 @@ mod tests {
         (proxy, client, seen)
     }
 
-    /// A held request costs its socket and its bytes, not a hyper
-    /// connection (whose buffers are 16 KiB): the first of a connection,
-    /// and a next one on the same keep-alive connection (the pause began
-    /// while it was idle).
     /// A backend whose connects hang: its accept queue (one) is full.
     async fn stalled() -> (std::net::SocketAddr, Vec<tokio::task::JoinHandle<()>>) {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -1510,6 +1506,10 @@ mod tests {
             .expect("the new backend saw the request");
     }
 
+    /// A held request costs its socket and its bytes, not a hyper
+    /// connection (whose buffers are 16 KiB): the first of a connection,
+    /// and a next one on the same keep-alive connection (the pause began
+    /// while it was idle).
     #[tokio::test]
     async fn held_requests_are_parked_outside_hyper_and_served_on_their_release() {
         let (proxy, mut client, mut seen) = held_first_request().await;
