@@ -5,7 +5,10 @@
 //!
 //! Buffers are borrowed from a per-thread pool only while a read has data and
 //! go back as soon as the socket would block, so an idle connection holds no
-//! buffer and a busy one allocates nothing per read.
+//! buffer and a busy one allocates nothing per read. A direction whose read
+//! fills a whole buffer carries a bulk transfer: it splices through a pipe
+//! (borrowed the same way) instead, so its bytes never cross into user
+//! space, until a read comes in small again.
 //!
 //! Each direction keeps what it has read and not yet written outside its
 //! future (`Direction`): the copy can be stopped at any await, and what was
@@ -25,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::depart::{Carried, Departures, Enlisted, LiveBackend, LiveConnection};
 use super::wake::PollWhenWoken;
 use crate::backends::{Backend, Role};
+use crate::sockets::pipe::Pipe;
 use crate::sockets::stream::{Peer, Stream};
 
 /// Size of one copy buffer: large enough that bulk transfers make few
@@ -167,8 +171,8 @@ pub async fn forward(
     Ok(match stopped? {
         Stopped::Ended(ended) => ended,
         Stopped::Moving => Ended::Moving(Carried {
-            to_backend: up.unwritten(),
-            to_client: down.unwritten(),
+            to_backend: up.unwritten()?,
+            to_client: down.unwritten()?,
             client_closed: up.closed,
             backend_closed: down.closed,
             idle_for: activity.idle(),
@@ -348,38 +352,66 @@ struct Direction {
     closed: bool,
     closed_at: Option<Instant>,
     written: u64,
+    /// A read filled a whole buffer with more to come: a bulk transfer,
+    /// which goes through a pipe (splice) until a read comes in small.
+    splicing: bool,
+    /// The kernel cannot splice these sockets: copy for good.
+    splice_refused: bool,
 }
 
-/// Bytes read from one side: `buffer[start..end]` is not yet written.
-struct InHand {
-    buffer: PooledBuffer,
-    start: usize,
-    end: usize,
+/// Bytes read from one side and not yet written to the other.
+enum InHand {
+    /// `buffer[start..end]` is not yet written.
+    Buffer {
+        buffer: PooledBuffer,
+        start: usize,
+        end: usize,
+    },
+    /// Everything in the pipe is not yet written.
+    Pipe(Pipe),
+}
+
+impl InHand {
+    fn bytes(bytes: Vec<u8>) -> Option<InHand> {
+        let end = bytes.len();
+        (end > 0).then(|| InHand::Buffer {
+            buffer: PooledBuffer(Some(bytes.into_boxed_slice())),
+            start: 0,
+            end,
+        })
+    }
 }
 
 impl Direction {
     fn carrying(bytes: Vec<u8>, closed: bool) -> Direction {
-        let end = bytes.len();
         Direction {
-            in_hand: (end > 0).then(|| InHand {
-                buffer: PooledBuffer(Some(bytes.into_boxed_slice())),
-                start: 0,
-                end,
-            }),
+            in_hand: InHand::bytes(bytes),
             closed,
             closed_at: None,
             written: 0,
+            splicing: false,
+            splice_refused: false,
         }
     }
 
     /// What was read and not written, to travel with a moving connection.
-    fn unwritten(&mut self) -> Vec<u8> {
+    fn unwritten(&mut self) -> io::Result<Vec<u8>> {
         match self.in_hand.take() {
-            Some(mut hand) => hand.buffer.as_mut()[hand.start..hand.end].to_vec(),
-            None => Vec::new(),
+            Some(InHand::Buffer {
+                mut buffer,
+                start,
+                end,
+            }) => Ok(buffer.as_mut()[start..end].to_vec()),
+            Some(InHand::Pipe(mut pipe)) => pipe.take_bytes(),
+            None => Ok(Vec::new()),
         }
     }
 }
+
+/// A fill of a pipe below this is no bulk transfer any more: the direction
+/// goes back to reading into buffers (a splice costs more than a small
+/// read, and cannot tell that it drained the socket).
+const SPLICE_AT_LEAST: usize = 16 * 1024;
 
 /// One direction: read from `from`, write all of it to `to`; on EOF pass the
 /// half-close on and finish. What `state` holds from before goes first.
@@ -397,35 +429,106 @@ async fn pump(
     state.in_hand = None;
     loop {
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
-        let mut buffer = PooledBuffer::take();
-        loop {
-            let (n, drained) = match from.try_read_draining(buffer.as_mut()) {
-                Ok((0, _)) => {
-                    to.shutdown_write()?;
-                    state.closed = true;
-                    state.closed_at = Some(Instant::now());
-                    return Ok(());
-                }
-                Ok(read) => read,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            state.in_hand = Some(InHand {
-                buffer,
-                start: 0,
-                end: n,
-            });
-            write_in_hand(to, state, counter, activity).await?;
-            buffer = state
-                .in_hand
-                .take()
-                .map_or_else(PooledBuffer::take, |hand| hand.buffer);
-            if drained {
-                break;
-            }
+        let pipe = if state.splicing { Pipe::take() } else { None };
+        let at_end = match pipe {
+            Some(pipe) => splice_until_blocked(from, to, counter, activity, state, pipe).await?,
+            None => copy_until_blocked(from, to, counter, activity, state).await?,
+        };
+        if at_end {
+            to.shutdown_write()?;
+            state.closed = true;
+            state.closed_at = Some(Instant::now());
+            return Ok(());
         }
     }
+}
+
+/// Reads into a buffer and writes it on until `from` has nothing more (or
+/// turns out to carry a bulk transfer): true at end of stream. The buffer
+/// is held only for this.
+async fn copy_until_blocked(
+    from: &Stream,
+    to: &Stream,
+    counter: &AtomicU64,
+    activity: Option<&Activity>,
+    state: &mut Direction,
+) -> io::Result<bool> {
+    let mut buffer = PooledBuffer::take();
+    loop {
+        let (n, drained) = match from.try_read_draining(buffer.as_mut()) {
+            Ok((0, _)) => return Ok(true),
+            Ok(read) => read,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let bulk = n == BUFFER_SIZE && !state.splice_refused;
+        state.in_hand = Some(InHand::Buffer {
+            buffer,
+            start: 0,
+            end: n,
+        });
+        write_in_hand(to, state, counter, activity).await?;
+        buffer = match state.in_hand.take() {
+            Some(InHand::Buffer { buffer, .. }) => buffer,
+            _ => PooledBuffer::take(),
+        };
+        if bulk {
+            // Not drained: the socket stays ready, and the next round splices.
+            state.splicing = true;
+            return Ok(false);
+        }
+        if drained {
+            return Ok(false);
+        }
+    }
+}
+
+/// Splices from `from` through `pipe` into `to` until `from` has nothing
+/// more (or comes in small, or cannot be spliced): true at end of stream.
+/// The pipe is held only for this.
+async fn splice_until_blocked(
+    from: &Stream,
+    to: &Stream,
+    counter: &AtomicU64,
+    activity: Option<&Activity>,
+    state: &mut Direction,
+    mut pipe: Pipe,
+) -> io::Result<bool> {
+    loop {
+        let n = match pipe.fill_from(from) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if cannot_splice(&e) => {
+                // Nothing was read: the socket is still ready for a copy.
+                (state.splicing, state.splice_refused) = (false, true);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        state.in_hand = Some(InHand::Pipe(pipe));
+        write_in_hand(to, state, counter, activity).await?;
+        pipe = match state.in_hand.take() {
+            Some(InHand::Pipe(pipe)) => pipe,
+            // It fell back to a copy on the way out.
+            _ => return Ok(false),
+        };
+        if n < SPLICE_AT_LEAST {
+            state.splicing = false;
+            return Ok(false);
+        }
+    }
+}
+
+/// The kernel cannot splice this kind of socket (not an I/O error of the
+/// connection).
+fn cannot_splice(error: &io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(error),
+        Some(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP)
+    )
 }
 
 /// Writes what the direction has in hand, keeping count of what is written
@@ -436,16 +539,38 @@ async fn write_in_hand(
     counter: &AtomicU64,
     activity: Option<&Activity>,
 ) -> io::Result<()> {
-    let Direction { in_hand, written, .. } = state;
-    let Some(hand) = in_hand.as_mut() else {
-        return Ok(());
-    };
-    while hand.start < hand.end {
-        match to.try_write(&hand.buffer.as_mut()[hand.start..hand.end]) {
+    loop {
+        let written = match &mut state.in_hand {
+            None => return Ok(()),
+            Some(InHand::Buffer { buffer, start, end }) => {
+                if start == end {
+                    return Ok(());
+                }
+                let written = to.try_write(&buffer.as_mut()[*start..*end]);
+                if let Ok(n) = written {
+                    *start += n;
+                }
+                written
+            }
+            Some(InHand::Pipe(pipe)) => {
+                if pipe.held() == 0 {
+                    return Ok(());
+                }
+                match pipe.drain_into(to) {
+                    Err(e) if cannot_splice(&e) => {
+                        // Out through memory instead, and no more splicing.
+                        state.in_hand = InHand::bytes(pipe.take_bytes()?);
+                        (state.splicing, state.splice_refused) = (false, true);
+                        continue;
+                    }
+                    written => written,
+                }
+            }
+        };
+        match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
-                hand.start += n;
-                *written += n as u64;
+                state.written += n as u64;
                 counter.fetch_add(n as u64, Relaxed);
                 if let Some(activity) = activity {
                     activity.touch();
@@ -458,7 +583,6 @@ async fn write_in_hand(
             Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
 thread_local! {
@@ -597,6 +721,78 @@ mod tests {
         drop(backend);
         drop(writer.await.unwrap());
         assert_eq!(task.await.unwrap().0.unwrap(), Ended::Closed);
+    }
+
+    /// A bulk transfer over TCP both ways goes through pipes (when the
+    /// budget has one to lend) and arrives intact; small exchanges after it
+    /// still pass.
+    #[tokio::test]
+    async fn bulk_transfers_over_tcp_are_spliced_and_arrive_intact() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let pair = || async {
+            let (far, near) = tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
+            (far.unwrap(), near.unwrap().0)
+        };
+        let (mut client, client_near) = pair().await;
+        let (mut backend, backend_near) = pair().await;
+        let spliced_before = crate::sockets::pipe::spliced_here();
+        let task = tokio::spawn(async move {
+            let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+            let traffic = Traffic {
+                client_to_backend: &a,
+                backend_to_client: &b,
+            };
+            let mut tally = Tally::default();
+            let ended = forward(
+                &Stream::Tcp(client_near),
+                &Stream::Tcp(backend_near),
+                Carried::default(),
+                None,
+                &CancellationToken::new(),
+                None,
+                (traffic, &mut tally),
+            )
+            .await;
+            (ended, tally)
+        });
+        let up: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..5 * 1024 * 1024 + 3).map(|i| (i % 241) as u8).collect();
+        let (sent_up, sent_down) = (up.clone(), down.clone());
+        let (mut client_read, mut client_write) = client.split();
+        let (mut backend_read, mut backend_write) = backend.split();
+        let (got_up, got_down, (), ()) = tokio::join!(
+            async {
+                let mut got = vec![0u8; sent_up.len()];
+                backend_read.read_exact(&mut got).await.unwrap();
+                got
+            },
+            async {
+                let mut got = vec![0u8; sent_down.len()];
+                client_read.read_exact(&mut got).await.unwrap();
+                got
+            },
+            async { client_write.write_all(&sent_up).await.unwrap() },
+            async { backend_write.write_all(&sent_down).await.unwrap() },
+        );
+        assert!(got_up == up, "the client's bytes reached the backend intact");
+        assert!(got_down == down, "the backend's bytes reached the client intact");
+        client.write_all(b"small").await.unwrap();
+        let mut small = [0u8; 5];
+        backend.read_exact(&mut small).await.unwrap();
+        assert_eq!(&small, b"small");
+        drop((client, backend));
+        let (ended, tally) = task.await.unwrap();
+        assert_eq!(ended.unwrap(), Ended::Closed);
+        assert_eq!(
+            (tally.to_backend, tally.to_client),
+            (up.len() as u64 + 5, down.len() as u64)
+        );
+        let spliced = crate::sockets::pipe::spliced_here() - spliced_before;
+        assert!(
+            spliced > (up.len() + down.len()) as u64 / 2,
+            "most of the bulk went through pipes: {spliced} bytes"
+        );
     }
 
     #[tokio::test(start_paused = true)]

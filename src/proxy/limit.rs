@@ -19,6 +19,7 @@ use std::sync::atomic::{
 use tokio::sync::Notify;
 
 use crate::config::{Config, Mode};
+use crate::sockets::pipe;
 
 /// Connections counted against one maximum (0 = none).
 #[derive(Debug, Default)]
@@ -150,6 +151,7 @@ impl DaemonLimit {
     pub fn new(config: &Config) -> DaemonLimit {
         let open_files = open_files_limit();
         let (max, derived) = daemon_max(open_files, config);
+        pipe::set_budget(pipe::budget_for(open_files));
         DaemonLimit {
             limit: ConnectionLimit::new(max),
             derived: AtomicBool::new(derived),
@@ -161,6 +163,7 @@ impl DaemonLimit {
     pub fn update(&self, config: &Config) -> bool {
         let open_files = open_files_limit();
         let (max, derived) = daemon_max(open_files, config);
+        pipe::set_budget(pipe::budget_for(open_files));
         self.derived.store(derived, Relaxed);
         self.open_files.store(open_files, Relaxed);
         let changed = self.limit.max() != max;
@@ -206,13 +209,15 @@ const HTTP_POOL_RESERVE: usize = crate::backends::pool::MAX_IDLE_PER_BACKEND;
 /// ```text
 /// (open_files - reserve) / 2, at least 1
 /// reserve = 64 (process) + 64 (control connections)
+///         + 2 per pipe for bulk transfers (`pipe::budget_for`:
+///           one per 64 open files, at most 64)
 ///         + 2 per listening socket (it, and a client accepted
 ///           while the daemon-wide limit is reached)
 ///         + 1 per backend (its health check)
 ///         + 32 per mode-http backend (its idle keep-alive pool)
 /// ```
 pub fn derived_max(open_files: u64, config: &Config) -> usize {
-    let mut reserve = BASE_RESERVE + CONTROL_RESERVE;
+    let mut reserve = BASE_RESERVE + CONTROL_RESERVE + 2 * pipe::budget_for(open_files);
     for proxy in &config.proxies {
         reserve += 2 + proxy.backends.len();
         if proxy.mode == Mode::Http {
@@ -290,9 +295,11 @@ mod tests {
             "proxies: [{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2', '127.0.0.1:3']}]",
         )
         .expect("test config");
-        // 256 - (64 + 64 + 2 + 2) = 124, halved.
-        assert_eq!(derived_max(256, &config), 62);
+        // 268 - (64 + 64 + 2 * 4 pipes + 2 + 2) = 128, halved.
+        assert_eq!(derived_max(268, &config), 64);
         assert_eq!(derived_max(10, &config), 1);
-        assert_eq!(daemon_max(256, &config), (62, true));
+        assert_eq!(daemon_max(268, &config), (64, true));
+        // 20000 - (64 + 64 + 2 * 64 pipes + 2 + 2) = 19740, halved.
+        assert_eq!(derived_max(20000, &config), 9870);
     }
 }

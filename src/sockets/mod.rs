@@ -7,6 +7,7 @@ pub mod activation;
 pub mod address;
 pub mod exhaustion;
 pub mod inherited;
+pub mod pipe;
 pub mod proxy_protocol;
 pub mod stream;
 

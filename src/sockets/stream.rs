@@ -173,6 +173,16 @@ impl Stream {
         }
     }
 
+    /// Runs `io` (a non-blocking syscall on this socket) and, when it
+    /// says `WouldBlock`, clears the socket's readiness for `interest`, so
+    /// the next wait sleeps until the kernel reports a new event.
+    pub fn try_io<R>(&self, interest: Interest, io: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        match self {
+            Stream::Tcp(s) => s.try_io(interest, io),
+            Stream::Unix(s) => s.try_io(interest, io),
+        }
+    }
+
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_write(buf),
