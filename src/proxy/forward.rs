@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::depart::{Carried, Departures, Enlisted, LiveBackend, LiveConnection};
 use super::wake::PollWhenWoken;
 use crate::backends::{Backend, Role};
-use crate::sockets::pipe::Pipe;
+use crate::sockets::pipe::{Fill, Pipe};
 use crate::sockets::stream::{Peer, Stream};
 
 /// Size of one copy buffer: large enough that bulk transfers make few
@@ -431,7 +431,7 @@ async fn pump(
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
         let pipe = if state.splicing { Pipe::take() } else { None };
         let at_end = match pipe {
-            Some(pipe) => splice_until_blocked(from, to, counter, activity, state, pipe).await?,
+            Some(pipe) => splice_once(from, to, counter, activity, state, pipe).await?,
             None => copy_until_blocked(from, to, counter, activity, state).await?,
         };
         if at_end {
@@ -484,10 +484,13 @@ async fn copy_until_blocked(
     }
 }
 
-/// Splices from `from` through `pipe` into `to` until `from` has nothing
-/// more (or comes in small, or cannot be spliced): true at end of stream.
-/// The pipe is held only for this.
-async fn splice_until_blocked(
+/// Splices once from `from` through `pipe` into `to`, a copy buffer's
+/// worth at most (what a direction has in hand stays within what a live
+/// move carries): true at end of stream. One splice per readiness poll, so
+/// a transfer that never blocks still yields to the connection's other
+/// futures and the worker's other connections (the poll spends tokio's
+/// budget). The pipe is held only for this.
+async fn splice_once(
     from: &Stream,
     to: &Stream,
     counter: &AtomicU64,
@@ -495,31 +498,34 @@ async fn splice_until_blocked(
     state: &mut Direction,
     mut pipe: Pipe,
 ) -> io::Result<bool> {
-    loop {
-        let n = match pipe.fill_from(from) {
-            Ok(0) => return Ok(true),
-            Ok(n) => n,
+    let n = loop {
+        match pipe.fill_from(from, BUFFER_SIZE) {
+            Ok(Fill::Moved(n)) => break n,
+            Ok(Fill::End) => return Ok(true),
+            // Bytes only a read takes (urgent data): copy, the socket is
+            // still ready for it; a later bulk read splices again.
+            Ok(Fill::Stuck) => {
+                state.splicing = false;
+                return Ok(false);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if cannot_splice(&e) => {
                 // Nothing was read: the socket is still ready for a copy.
                 (state.splicing, state.splice_refused) = (false, true);
                 return Ok(false);
             }
             Err(e) => return Err(e),
-        };
-        state.in_hand = Some(InHand::Pipe(pipe));
-        write_in_hand(to, state, counter, activity).await?;
-        pipe = match state.in_hand.take() {
-            Some(InHand::Pipe(pipe)) => pipe,
-            // It fell back to a copy on the way out.
-            _ => return Ok(false),
-        };
-        if n < SPLICE_AT_LEAST {
-            state.splicing = false;
-            return Ok(false);
         }
+    };
+    state.in_hand = Some(InHand::Pipe(pipe));
+    write_in_hand(to, state, counter, activity).await?;
+    // Empty again: back to the pool while the socket is waited for.
+    state.in_hand = None;
+    if n < SPLICE_AT_LEAST {
+        state.splicing = false;
     }
+    Ok(false)
 }
 
 /// The kernel cannot splice this kind of socket (not an I/O error of the
@@ -625,7 +631,7 @@ impl Drop for PooledBuffer {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::UnixStream;
+    use tokio::net::{TcpStream, UnixStream};
 
     /// A client and a backend joined through `forward`, with the far ends
     /// returned to the test.
@@ -723,21 +729,25 @@ mod tests {
         assert_eq!(task.await.unwrap().0.unwrap(), Ended::Closed);
     }
 
-    /// A bulk transfer over TCP both ways goes through pipes (when the
-    /// budget has one to lend) and arrives intact; small exchanges after it
-    /// still pass.
-    #[tokio::test]
-    async fn bulk_transfers_over_tcp_are_spliced_and_arrive_intact() {
+    /// Two TCP connections on loopback: (far end, near end) each.
+    async fn tcp_pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let pair = || async {
-            let (far, near) = tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
-            (far.unwrap(), near.unwrap().0)
-        };
-        let (mut client, client_near) = pair().await;
-        let (mut backend, backend_near) = pair().await;
-        let spliced_before = crate::sockets::pipe::spliced_here();
-        let task = tokio::spawn(async move {
+        let mut pairs = Vec::new();
+        for _ in 0..2 {
+            let (far, near) = tokio::join!(TcpStream::connect(address), listener.accept());
+            pairs.push((far.unwrap(), near.unwrap().0));
+        }
+        let second = pairs.pop().unwrap();
+        (pairs.pop().unwrap(), second)
+    }
+
+    /// `forward` between two TCP connections, on this test's thread.
+    fn forward_tcp(
+        client_near: TcpStream,
+        backend_near: TcpStream,
+    ) -> tokio::task::JoinHandle<(io::Result<Ended>, Tally)> {
+        tokio::spawn(async move {
             let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
             let traffic = Traffic {
                 client_to_backend: &a,
@@ -755,32 +765,39 @@ mod tests {
             )
             .await;
             (ended, tally)
-        });
+        })
+    }
+
+    /// Sends `bytes` into `into` while reading as many from `out_of`: the
+    /// bytes read, and how many of them this thread spliced.
+    async fn through(into: &mut TcpStream, out_of: &mut TcpStream, bytes: &[u8]) -> (Vec<u8>, u64) {
+        let before = crate::sockets::pipe::spliced_here();
+        let mut got = vec![0u8; bytes.len()];
+        let (written, read) = tokio::join!(into.write_all(bytes), out_of.read_exact(&mut got));
+        written.unwrap();
+        read.unwrap();
+        (got, crate::sockets::pipe::spliced_here() - before)
+    }
+
+    /// A bulk transfer over TCP goes through pipes, each way, and arrives
+    /// intact; a small exchange after it passes too.
+    #[tokio::test]
+    async fn bulk_transfers_over_tcp_are_spliced_and_arrive_intact() {
+        let ((mut client, client_near), (mut backend, backend_near)) = tcp_pairs().await;
+        let task = forward_tcp(client_near, backend_near);
         let up: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..5 * 1024 * 1024 + 3).map(|i| (i % 241) as u8).collect();
-        let (sent_up, sent_down) = (up.clone(), down.clone());
-        let (mut client_read, mut client_write) = client.split();
-        let (mut backend_read, mut backend_write) = backend.split();
-        let (got_up, got_down, (), ()) = tokio::join!(
-            async {
-                let mut got = vec![0u8; sent_up.len()];
-                backend_read.read_exact(&mut got).await.unwrap();
-                got
-            },
-            async {
-                let mut got = vec![0u8; sent_down.len()];
-                client_read.read_exact(&mut got).await.unwrap();
-                got
-            },
-            async { client_write.write_all(&sent_up).await.unwrap() },
-            async { backend_write.write_all(&sent_down).await.unwrap() },
+        let (got, spliced) = through(&mut client, &mut backend, &up).await;
+        assert!(got == up, "the client's bytes reached the backend intact");
+        assert!(spliced > up.len() as u64 / 2, "up: only {spliced} bytes spliced");
+        let (got, spliced) = through(&mut backend, &mut client, &down).await;
+        assert!(got == down, "the backend's bytes reached the client intact");
+        assert!(
+            spliced > down.len() as u64 / 2,
+            "down: only {spliced} bytes spliced"
         );
-        assert!(got_up == up, "the client's bytes reached the backend intact");
-        assert!(got_down == down, "the backend's bytes reached the client intact");
-        client.write_all(b"small").await.unwrap();
-        let mut small = [0u8; 5];
-        backend.read_exact(&mut small).await.unwrap();
-        assert_eq!(&small, b"small");
+        let (small, _) = through(&mut client, &mut backend, b"small").await;
+        assert_eq!(small, b"small");
         drop((client, backend));
         let (ended, tally) = task.await.unwrap();
         assert_eq!(ended.unwrap(), Ended::Closed);
@@ -788,11 +805,80 @@ mod tests {
             (tally.to_backend, tally.to_client),
             (up.len() as u64 + 5, down.len() as u64)
         );
+    }
+
+    /// TCP urgent data in the middle of a spliced transfer: the bytes after
+    /// it still arrive, and the end too (a read drops the urgent byte, as
+    /// the copy path always did).
+    #[tokio::test]
+    async fn urgent_data_in_a_spliced_transfer_stalls_nothing() {
+        let ((mut client, client_near), (mut backend, backend_near)) = tcp_pairs().await;
+        let task = forward_tcp(client_near, backend_near);
+        let bulk: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let spliced_before = crate::sockets::pipe::spliced_here();
+        let sent = bulk.clone();
+        // All of it queued behind the bulk at once, so the urgent byte
+        // meets a direction that splices.
+        let writer = async move {
+            client.write_all(&sent).await.unwrap();
+            rustix::net::send(&client, b"!", rustix::net::SendFlags::OOB).unwrap();
+            client.write_all(b"tail").await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        };
+        let reader = async {
+            // Everything queued first: the proxy splices full pipes up to
+            // the urgent byte.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), backend.read_to_end(&mut got))
+                .await
+                .expect("the bytes after the urgent byte arrive, and the end")
+                .unwrap();
+            got
+        };
+        let (client, got) = tokio::join!(writer, reader);
         let spliced = crate::sockets::pipe::spliced_here() - spliced_before;
-        assert!(
-            spliced > (up.len() + down.len()) as u64 / 2,
-            "most of the bulk went through pipes: {spliced} bytes"
+        assert!(spliced > bulk.len() as u64 / 2, "only {spliced} bytes spliced");
+        assert_eq!(got.len(), bulk.len() + 4);
+        assert!(got[..bulk.len()] == bulk[..] && got.ends_with(b"tail"));
+        drop((client, backend));
+        assert_eq!(task.await.unwrap().0.unwrap(), Ended::Closed);
+    }
+
+    /// A direction that splices and meets TCP urgent data right after a
+    /// full fill (the case above reaches only by chance): the bytes after
+    /// the urgent byte, and the end, still pass.
+    #[tokio::test]
+    async fn a_splicing_direction_at_an_urgent_byte_copies_past_it() {
+        let ((mut client, client_near), (mut backend, backend_near)) = tcp_pairs().await;
+        let head = vec![b'h'; 2 * SPLICE_AT_LEAST];
+        client.write_all(&head).await.unwrap();
+        rustix::net::send(&client, b"!", rustix::net::SendFlags::OOB).unwrap();
+        client.write_all(b"tail").await.unwrap();
+        client.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut state = Direction::carrying(Vec::new(), false);
+        state.splicing = true;
+        let spliced_before = crate::sockets::pipe::spliced_here();
+        let counter = AtomicU64::new(0);
+        let (from, to) = (Stream::Tcp(client_near), Stream::Tcp(backend_near));
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            pump(&from, &to, &counter, None, &mut state),
+        )
+        .await
+        .expect("no stall at the urgent byte")
+        .unwrap();
+        assert_eq!(
+            crate::sockets::pipe::spliced_here() - spliced_before,
+            head.len() as u64
         );
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), head.len() + 4);
+        assert!(got.ends_with(b"tail"));
+        assert_eq!(counter.load(Relaxed), head.len() as u64 + 4);
     }
 
     #[tokio::test(start_paused = true)]

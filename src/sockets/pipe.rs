@@ -39,15 +39,14 @@ pub fn set_budget(pipes: usize) {
 
 static BUDGET: AtomicUsize = AtomicUsize::new(MAX_PIPES);
 
-/// Empty pipes a thread keeps for reuse; beyond this they are closed.
+/// Empty pipes a thread keeps for reuse, at most (and at most a quarter
+/// of the budget, so one thread's pool never keeps the others from one).
 const POOL_PER_THREAD: usize = 16;
 
-/// The capacity asked for each pipe, and so the most one splice moves:
-/// four times the default (and the copy buffer), which measured best on
-/// the bulk rows of `bench/run` (64, 128, 256, 512 KiB and 1 MiB tried).
-/// The kernel may refuse it (a user's pipe pages are limited:
-/// `/proc/sys/fs/pipe-user-pages-soft`); the pipe then keeps its default.
-const PIPE_SIZE: usize = 256 * 1024;
+/// The least a pipe must hold to be worth splicing through: the default
+/// pipe's 16 pages. A user over `/proc/sys/fs/pipe-user-pages-soft` gets
+/// pipes of a page or two, which would only add syscalls.
+const MIN_CAPACITY: usize = 64 * 1024;
 
 /// Pipes open now, pooled or lent.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
@@ -74,11 +73,10 @@ pub fn spliced_here() -> u64 {
     SPLICED_HERE.with(std::cell::Cell::get)
 }
 
-/// A pipe's two descriptors, both non-blocking, and what it can hold.
+/// A pipe's two descriptors, both non-blocking.
 struct Ends {
     read: OwnedFd,
     write: OwnedFd,
-    capacity: usize,
 }
 
 impl Drop for Ends {
@@ -91,6 +89,18 @@ impl Drop for Ends {
 fn count_one_within(open: &AtomicUsize, budget: usize) -> bool {
     open.fetch_update(Relaxed, Relaxed, |n| (n < budget).then_some(n + 1))
         .is_ok()
+}
+
+/// What a splice into a pipe did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Moved this many bytes (more than 0) into the pipe.
+    Moved(usize),
+    /// The socket's end of stream: it has nothing more to send.
+    End,
+    /// The socket has bytes splice does not take (TCP urgent data): a
+    /// read must take them.
+    Stuck,
 }
 
 /// A pipe on loan, and how many bytes are in it.
@@ -115,14 +125,12 @@ impl Pipe {
                 }
                 match rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) {
                     Ok((read, write)) => {
-                        let capacity = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
-                            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
-                            .unwrap_or(4096);
-                        Ends {
-                            read,
-                            write,
-                            capacity,
+                        let ends = Ends { read, write };
+                        let capacity = rustix::pipe::fcntl_getpipe_size(&ends.write).unwrap_or(0);
+                        if capacity < MIN_CAPACITY {
+                            return None;
                         }
+                        ends
                     }
                     Err(_) => {
                         OPEN.fetch_sub(1, Relaxed);
@@ -142,26 +150,45 @@ impl Pipe {
         self.held
     }
 
-    /// Moves what `from` has (up to the pipe's capacity) into the empty
-    /// pipe: the count, 0 at end of stream, `WouldBlock` when `from` has
-    /// nothing (its readiness is then cleared, as a read's would be).
-    pub fn fill_from(&mut self, from: &Stream) -> io::Result<usize> {
+    /// Moves what `from` has, at most `most` bytes, into the empty pipe.
+    /// `WouldBlock` when `from` has nothing (its readiness is then cleared,
+    /// as a read's would be).
+    pub fn fill_from(&mut self, from: &Stream, most: usize) -> io::Result<Fill> {
         let Some(ends) = &self.ends else {
             return Err(io::ErrorKind::BrokenPipe.into());
         };
         debug_assert_eq!(self.held, 0, "a pipe is filled only when empty");
-        let n = from.try_io(Interest::READABLE, || {
-            Ok(rustix::pipe::splice(
+        let spliced = from.try_io(Interest::READABLE, || {
+            let spliced = rustix::pipe::splice(
                 from.as_fd(),
                 None,
                 &ends.write,
                 None,
-                ends.capacity,
+                most,
                 SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
-            )?)
+            );
+            match spliced {
+                Ok(n) if n > 0 => Ok(Fill::Moved(n)),
+                // TCP's splice stops at urgent data (MSG_OOB) and says
+                // "nothing" (or "end" once a FIN is in) with bytes still
+                // queued behind it; a read passes the mark (and drops the
+                // urgent byte, as it always did here). A peek tells.
+                Ok(_) | Err(rustix::io::Errno::AGAIN) => {
+                    let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+                    match rustix::net::recv(from.as_fd(), &mut [0u8; 1], peek) {
+                        Ok((0, _)) => Ok(Fill::End),
+                        Ok(_) => Ok(Fill::Stuck),
+                        Err(rustix::io::Errno::AGAIN) => Err(io::ErrorKind::WouldBlock.into()),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Err(e) => Err(e.into()),
+            }
         })?;
-        self.held += n;
-        Ok(n)
+        if let Fill::Moved(n) = spliced {
+            self.held += n;
+        }
+        Ok(spliced)
     }
 
     /// Moves what the pipe holds into `to`, as much as it takes: the count
@@ -213,10 +240,11 @@ impl Drop for Pipe {
         let Some(ends) = self.ends.take() else { return };
         // A pipe still holding bytes (its connection failed mid-way) is
         // closed with them; only an empty one is fit to lend again.
-        if self.held == 0 && OPEN.load(Relaxed) <= BUDGET.load(Relaxed) {
+        let budget = BUDGET.load(Relaxed);
+        if self.held == 0 && OPEN.load(Relaxed) <= budget {
             POOL.with(|pool| {
                 let mut pool = pool.borrow_mut();
-                if pool.len() < POOL_PER_THREAD {
+                if pool.len() < POOL_PER_THREAD.min(budget / 4) {
                     pool.push(ends);
                 }
             });
@@ -230,36 +258,87 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
 
+    fn pooled_here() -> usize {
+        POOL.with(|pool| pool.borrow().len())
+    }
+
     #[tokio::test]
     async fn bytes_go_through_a_pipe_and_out_again_or_into_memory() {
         let (mut writer, from) = UnixStream::pair().unwrap();
         let (to, mut reader) = UnixStream::pair().unwrap();
         let (from, to) = (Stream::Unix(from), Stream::Unix(to));
-        let Some(mut pipe) = Pipe::take() else {
-            return; // other tests hold the whole budget: nothing to check
-        };
-        assert_eq!(
-            pipe.fill_from(&from).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        let mut pipe = Pipe::take().expect("a pipe within the budget");
         writer.write_all(b"spliced").await.unwrap();
         from.readable().await.unwrap();
-        assert_eq!(pipe.fill_from(&from).unwrap(), 7);
+        assert_eq!(pipe.fill_from(&from, 1024).unwrap(), Fill::Moved(7));
         assert_eq!(pipe.drain_into(&to).unwrap(), 7);
         let mut got = [0u8; 7];
         reader.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"spliced");
+        // Drained: splice itself says so, and the readiness is cleared.
+        assert_eq!(
+            pipe.fill_from(&from, 1024).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
 
-        writer.write_all(b"kept").await.unwrap();
+        writer.write_all(b"kept, at most 4").await.unwrap();
         from.readable().await.unwrap();
-        assert_eq!(pipe.fill_from(&from).unwrap(), 4);
+        assert_eq!(pipe.fill_from(&from, 4).unwrap(), Fill::Moved(4));
         assert_eq!(pipe.held(), 4);
         assert_eq!(pipe.take_bytes().unwrap(), b"kept");
         assert_eq!(pipe.held(), 0);
 
         drop(writer);
+        let mut rest = Vec::new();
+        loop {
+            from.readable().await.unwrap();
+            match pipe.fill_from(&from, 1024) {
+                Ok(Fill::Moved(_)) => rest.extend(pipe.take_bytes().unwrap()),
+                Ok(Fill::End) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(rest, b", at most 4");
+    }
+
+    /// Urgent data stops TCP's splice with bytes still queued: the socket
+    /// is told stuck, not drained, and not at its end.
+    #[tokio::test]
+    async fn tcp_urgent_data_is_stuck_not_drained() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (writer, accepted) = tokio::join!(
+            tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut writer, from) = (writer.unwrap(), Stream::Tcp(accepted.unwrap().0));
+        let mut pipe = Pipe::take().expect("a pipe within the budget");
+        rustix::net::send(&writer, b"!", rustix::net::SendFlags::OOB).unwrap();
+        writer.write_all(b"after").await.unwrap();
+        drop(writer);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         from.readable().await.unwrap();
-        assert_eq!(pipe.fill_from(&from).unwrap(), 0);
+        assert_eq!(pipe.fill_from(&from, 1024).unwrap(), Fill::Stuck);
+        let mut after = [0u8; 5];
+        assert_eq!(from.try_read(&mut after).unwrap(), 5, "a read passes the mark");
+        assert_eq!(&after, b"after");
+    }
+
+    #[tokio::test]
+    async fn only_an_empty_pipe_is_lent_again() {
+        let (mut writer, from) = UnixStream::pair().unwrap();
+        let from = Stream::Unix(from);
+        let mut pipe = Pipe::take().expect("a pipe within the budget");
+        let pooled = pooled_here();
+        writer.write_all(b"left in it").await.unwrap();
+        from.readable().await.unwrap();
+        assert!(matches!(pipe.fill_from(&from, 1024), Ok(Fill::Moved(_))));
+        drop(pipe);
+        assert_eq!(pooled_here(), pooled, "a pipe with bytes in it went to the pool");
+        let pipe = Pipe::take().expect("a pipe within the budget");
+        let pooled = pooled_here();
+        drop(pipe);
+        assert_eq!(pooled_here(), pooled + 1, "an empty pipe is kept for reuse");
     }
 
     #[test]
