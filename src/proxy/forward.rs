@@ -821,7 +821,7 @@ mod tests {
         // meets a direction that splices.
         let writer = async move {
             client.write_all(&sent).await.unwrap();
-            rustix::net::send(&client, b"!", rustix::net::SendFlags::OOB).unwrap();
+            crate::sockets::pipe::tests::send_urgent(&client, b"!").await;
             client.write_all(b"tail").await.unwrap();
             client.shutdown().await.unwrap();
             client
@@ -854,7 +854,7 @@ mod tests {
         let ((mut client, client_near), (mut backend, backend_near)) = tcp_pairs().await;
         let head = vec![b'h'; 2 * SPLICE_AT_LEAST];
         client.write_all(&head).await.unwrap();
-        rustix::net::send(&client, b"!", rustix::net::SendFlags::OOB).unwrap();
+        crate::sockets::pipe::tests::send_urgent(&client, b"!").await;
         client.write_all(b"tail").await.unwrap();
         client.shutdown().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;

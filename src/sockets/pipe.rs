@@ -14,7 +14,8 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
 
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
@@ -39,14 +40,35 @@ pub fn set_budget(pipes: usize) {
 
 static BUDGET: AtomicUsize = AtomicUsize::new(MAX_PIPES);
 
-/// Empty pipes a thread keeps for reuse, at most (and at most a quarter
-/// of the budget, so one thread's pool never keeps the others from one).
+/// Empty pipes a thread keeps for reuse, at most; all the pools together
+/// keep at most half the budget, so pools never keep a thread from a pipe.
 const POOL_PER_THREAD: usize = 16;
 
 /// The least a pipe must hold to be worth splicing through: the default
 /// pipe's 16 pages. A user over `/proc/sys/fs/pipe-user-pages-soft` gets
 /// pipes of a page or two, which would only add syscalls.
 const MIN_CAPACITY: usize = 64 * 1024;
+
+/// The size asked for each pipe. A fill moves at most a copy buffer (64
+/// KiB) whatever the size, but each packet fragment takes one of the pipe's
+/// slots (one per page of size): with segments of a real network's MTU
+/// (about 1.4 KiB each), 16 slots would stop a fill near 23 KiB.
+const PIPE_SIZE: usize = 256 * 1024;
+
+/// How long no pipe is opened after one came out under `MIN_CAPACITY`.
+const SMALL_PIPE_PAUSE_MS: u64 = 1000;
+
+/// When a pipe last came out too small, in ms since `START` (0: never).
+static SMALL_PIPE_AT: AtomicU64 = AtomicU64::new(0);
+
+static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn millis_since_start() -> u64 {
+    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Empty pipes kept in all the threads' pools together.
+static POOLED: AtomicUsize = AtomicUsize::new(0);
 
 /// Pipes open now, pooled or lent.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
@@ -57,7 +79,16 @@ static ENABLED: LazyLock<bool> =
     LazyLock::new(|| std::env::var("INTERLUDE_SPLICE").map_or(true, |value| value != "0"));
 
 thread_local! {
-    static POOL: RefCell<Vec<Ends>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Pool> = const { RefCell::new(Pool(Vec::new())) };
+}
+
+/// A thread's empty pipes, counted in `POOLED`.
+struct Pool(Vec<Ends>);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        POOLED.fetch_sub(self.0.len(), Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -116,33 +147,44 @@ impl Pipe {
         if !*ENABLED {
             return None;
         }
-        let pooled = POOL.with(|pool| pool.borrow_mut().pop());
+        let pooled = POOL.with(|pool| pool.borrow_mut().0.pop());
         let ends = match pooled {
-            Some(ends) => ends,
-            None => {
-                if !count_one_within(&OPEN, BUDGET.load(Relaxed)) {
-                    return None;
-                }
-                match rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) {
-                    Ok((read, write)) => {
-                        let ends = Ends { read, write };
-                        let capacity = rustix::pipe::fcntl_getpipe_size(&ends.write).unwrap_or(0);
-                        if capacity < MIN_CAPACITY {
-                            return None;
-                        }
-                        ends
-                    }
-                    Err(_) => {
-                        OPEN.fetch_sub(1, Relaxed);
-                        return None;
-                    }
-                }
+            Some(ends) => {
+                POOLED.fetch_sub(1, Relaxed);
+                ends
             }
+            None => Self::open()?,
         };
         Some(Pipe {
             ends: Some(ends),
             held: 0,
         })
+    }
+
+    /// A new pipe within the budget, of `PIPE_SIZE` if the kernel allows
+    /// and at least `MIN_CAPACITY`. After one came out smaller, none is
+    /// tried for `SMALL_PIPE_PAUSE` (each try costs four syscalls).
+    fn open() -> Option<Ends> {
+        let refused_at = SMALL_PIPE_AT.load(Relaxed);
+        if refused_at != 0 && millis_since_start().saturating_sub(refused_at) < SMALL_PIPE_PAUSE_MS {
+            return None;
+        }
+        if !count_one_within(&OPEN, BUDGET.load(Relaxed)) {
+            return None;
+        }
+        let Ok((read, write)) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) else {
+            OPEN.fetch_sub(1, Relaxed);
+            return None;
+        };
+        let ends = Ends { read, write };
+        let capacity = rustix::pipe::fcntl_setpipe_size(&ends.write, PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&ends.write))
+            .unwrap_or(0);
+        if capacity < MIN_CAPACITY {
+            SMALL_PIPE_AT.store(millis_since_start().max(1), Relaxed);
+            return None;
+        }
+        Some(ends)
     }
 
     /// Bytes in the pipe, read and not yet written on.
@@ -241,11 +283,13 @@ impl Drop for Pipe {
         // A pipe still holding bytes (its connection failed mid-way) is
         // closed with them; only an empty one is fit to lend again.
         let budget = BUDGET.load(Relaxed);
-        if self.held == 0 && OPEN.load(Relaxed) <= budget {
+        if self.held == 0 && OPEN.load(Relaxed) <= budget && count_one_within(&POOLED, (budget / 2).max(1)) {
             POOL.with(|pool| {
                 let mut pool = pool.borrow_mut();
-                if pool.len() < POOL_PER_THREAD.min(budget / 4) {
-                    pool.push(ends);
+                if pool.0.len() < POOL_PER_THREAD {
+                    pool.0.push(ends);
+                } else {
+                    POOLED.fetch_sub(1, Relaxed);
                 }
             });
         }
@@ -253,13 +297,28 @@ impl Drop for Pipe {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
 
+    /// Sends `byte` as TCP urgent data, waiting for room if need be.
+    pub(crate) async fn send_urgent(stream: &tokio::net::TcpStream, byte: &[u8]) {
+        loop {
+            stream.writable().await.unwrap();
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                Ok(rustix::net::send(stream, byte, rustix::net::SendFlags::OOB)?)
+            });
+            match sent {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("send MSG_OOB: {e}"),
+            }
+        }
+    }
+
     fn pooled_here() -> usize {
-        POOL.with(|pool| pool.borrow().len())
+        POOL.with(|pool| pool.borrow().0.len())
     }
 
     #[tokio::test]
@@ -313,12 +372,21 @@ mod tests {
         );
         let (mut writer, from) = (writer.unwrap(), Stream::Tcp(accepted.unwrap().0));
         let mut pipe = Pipe::take().expect("a pipe within the budget");
-        rustix::net::send(&writer, b"!", rustix::net::SendFlags::OOB).unwrap();
+        send_urgent(&writer, b"!").await;
         writer.write_all(b"after").await.unwrap();
         drop(writer);
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        from.readable().await.unwrap();
-        assert_eq!(pipe.fill_from(&from, 1024).unwrap(), Fill::Stuck);
+        // Until the bytes behind the urgent one are in (a loaded machine
+        // may deliver the urgent byte first): then stuck, not the end.
+        let fill = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                from.readable().await.unwrap();
+                match pipe.fill_from(&from, 1024) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    fill => return fill.unwrap(),
+                }
+            }
+        });
+        assert_eq!(fill.await.expect("the bytes arrive"), Fill::Stuck);
         let mut after = [0u8; 5];
         assert_eq!(from.try_read(&mut after).unwrap(), 5, "a read passes the mark");
         assert_eq!(&after, b"after");
