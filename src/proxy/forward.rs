@@ -646,8 +646,24 @@ mod tests {
         let (client_far, client_near) = UnixStream::pair().unwrap();
         let (backend_near, backend_far) = UnixStream::pair().unwrap();
         let kill = CancellationToken::new();
-        let task_kill = kill.clone();
-        let task = tokio::spawn(async move {
+        let task = spawn_forward(
+            Stream::Unix(client_near),
+            Stream::Unix(backend_near),
+            idle,
+            kill.clone(),
+        );
+        (client_far, backend_far, task, kill)
+    }
+
+    /// `forward` between the near ends of a client and a backend, on this
+    /// test's thread: how it ended, and its tally.
+    fn spawn_forward(
+        client_near: Stream,
+        backend_near: Stream,
+        idle: Option<Duration>,
+        kill: CancellationToken,
+    ) -> tokio::task::JoinHandle<(io::Result<Ended>, Tally)> {
+        tokio::spawn(async move {
             let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
             let traffic = Traffic {
                 client_to_backend: &a,
@@ -655,18 +671,17 @@ mod tests {
             };
             let mut tally = Tally::default();
             let ended = forward(
-                &Stream::Unix(client_near),
-                &Stream::Unix(backend_near),
+                &client_near,
+                &backend_near,
                 Carried::default(),
                 idle,
-                &task_kill,
+                &kill,
                 None,
                 (traffic, &mut tally),
             )
             .await;
             (ended, tally)
-        });
-        (client_far, backend_far, task, kill)
+        })
     }
 
     #[tokio::test]
@@ -747,25 +762,12 @@ mod tests {
         client_near: TcpStream,
         backend_near: TcpStream,
     ) -> tokio::task::JoinHandle<(io::Result<Ended>, Tally)> {
-        tokio::spawn(async move {
-            let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
-            let traffic = Traffic {
-                client_to_backend: &a,
-                backend_to_client: &b,
-            };
-            let mut tally = Tally::default();
-            let ended = forward(
-                &Stream::Tcp(client_near),
-                &Stream::Tcp(backend_near),
-                Carried::default(),
-                None,
-                &CancellationToken::new(),
-                None,
-                (traffic, &mut tally),
-            )
-            .await;
-            (ended, tally)
-        })
+        spawn_forward(
+            Stream::Tcp(client_near),
+            Stream::Tcp(backend_near),
+            None,
+            CancellationToken::new(),
+        )
     }
 
     /// Sends `bytes` into `into` while reading as many from `out_of`: the
@@ -773,7 +775,10 @@ mod tests {
     async fn through(into: &mut TcpStream, out_of: &mut TcpStream, bytes: &[u8]) -> (Vec<u8>, u64) {
         let before = crate::sockets::pipe::spliced_here();
         let mut got = vec![0u8; bytes.len()];
-        let (written, read) = tokio::join!(into.write_all(bytes), out_of.read_exact(&mut got));
+        let both = async { tokio::join!(into.write_all(bytes), out_of.read_exact(&mut got)) };
+        let (written, read) = tokio::time::timeout(Duration::from_secs(30), both)
+            .await
+            .expect("the bytes go through");
         written.unwrap();
         read.unwrap();
         (got, crate::sockets::pipe::spliced_here() - before)

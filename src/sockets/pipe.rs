@@ -187,6 +187,11 @@ impl Pipe {
         Some(ends)
     }
 
+    /// The pipe's descriptors: there until it is dropped.
+    fn ends(&self) -> io::Result<&Ends> {
+        self.ends.as_ref().ok_or_else(|| io::ErrorKind::BrokenPipe.into())
+    }
+
     /// Bytes in the pipe, read and not yet written on.
     pub fn held(&self) -> usize {
         self.held
@@ -196,9 +201,7 @@ impl Pipe {
     /// `WouldBlock` when `from` has nothing (its readiness is then cleared,
     /// as a read's would be).
     pub fn fill_from(&mut self, from: &Stream, most: usize) -> io::Result<Fill> {
-        let Some(ends) = &self.ends else {
-            return Err(io::ErrorKind::BrokenPipe.into());
-        };
+        let ends = self.ends()?;
         debug_assert_eq!(self.held, 0, "a pipe is filled only when empty");
         let spliced = from.try_io(Interest::READABLE, || {
             let spliced = rustix::pipe::splice(
@@ -236,9 +239,7 @@ impl Pipe {
     /// Moves what the pipe holds into `to`, as much as it takes: the count
     /// written, `WouldBlock` when `to` is full.
     pub fn drain_into(&mut self, to: &Stream) -> io::Result<usize> {
-        let Some(ends) = &self.ends else {
-            return Err(io::ErrorKind::BrokenPipe.into());
-        };
+        let ends = self.ends()?;
         let held = self.held;
         let n = to.try_io(Interest::WRITABLE, || {
             Ok(rustix::pipe::splice(
@@ -259,10 +260,8 @@ impl Pipe {
     /// What the pipe holds, read out into memory (for a connection that
     /// moves to another process with bytes in hand); the pipe is then empty.
     pub fn take_bytes(&mut self) -> io::Result<Vec<u8>> {
+        let ends = self.ends()?;
         let mut bytes = vec![0u8; self.held];
-        let Some(ends) = &self.ends else {
-            return Err(io::ErrorKind::BrokenPipe.into());
-        };
         let mut filled = 0;
         while filled < bytes.len() {
             match rustix::io::read(&ends.read, &mut bytes[filled..]) {
@@ -283,13 +282,11 @@ impl Drop for Pipe {
         // A pipe still holding bytes (its connection failed mid-way) is
         // closed with them; only an empty one is fit to lend again.
         let budget = BUDGET.load(Relaxed);
-        if self.held == 0 && OPEN.load(Relaxed) <= budget && count_one_within(&POOLED, (budget / 2).max(1)) {
+        if self.held == 0 && OPEN.load(Relaxed) <= budget {
             POOL.with(|pool| {
                 let mut pool = pool.borrow_mut();
-                if pool.0.len() < POOL_PER_THREAD {
+                if pool.0.len() < POOL_PER_THREAD && count_one_within(&POOLED, (budget / 2).max(1)) {
                     pool.0.push(ends);
-                } else {
-                    POOLED.fetch_sub(1, Relaxed);
                 }
             });
         }
@@ -348,17 +345,19 @@ pub(crate) mod tests {
         assert_eq!(pipe.held(), 0);
 
         drop(writer);
-        let mut rest = Vec::new();
-        loop {
-            from.readable().await.unwrap();
-            match pipe.fill_from(&from, 1024) {
-                Ok(Fill::Moved(_)) => rest.extend(pipe.take_bytes().unwrap()),
-                Ok(Fill::End) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                other => panic!("{other:?}"),
+        let rest = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut rest = Vec::new();
+            loop {
+                from.readable().await.unwrap();
+                match pipe.fill_from(&from, 1024) {
+                    Ok(Fill::Moved(_)) => rest.extend(pipe.take_bytes().unwrap()),
+                    Ok(Fill::End) => return rest,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    other => panic!("{other:?}"),
+                }
             }
-        }
-        assert_eq!(rest, b", at most 4");
+        });
+        assert_eq!(rest.await.expect("the rest and the end arrive"), b", at most 4");
     }
 
     /// Urgent data stops TCP's splice with bytes still queued: the socket

@@ -162,10 +162,7 @@ impl Stream {
             }
             Ok(n)
         };
-        let result = match self {
-            Stream::Tcp(s) => s.try_io(Interest::READABLE, read),
-            Stream::Unix(s) => s.try_io(Interest::READABLE, read),
-        };
+        let result = self.try_io(Interest::READABLE, read);
         match (result, short_read) {
             (_, Some(n)) => Ok((n, true)),
             (Ok(n), None) => Ok((n, false)),
@@ -202,11 +199,9 @@ impl Stream {
                 return Ok(());
             }
             // Clear the readiness we saw so the next wait sleeps until a new event.
-            let clear = || -> io::Result<()> { Err(io::ErrorKind::WouldBlock.into()) };
-            let _ = match self {
-                Stream::Tcp(s) => s.try_io(Interest::READABLE, clear),
-                Stream::Unix(s) => s.try_io(Interest::READABLE, clear),
-            };
+            let _ = self.try_io(Interest::READABLE, || -> io::Result<()> {
+                Err(io::ErrorKind::WouldBlock.into())
+            });
         }
     }
 
