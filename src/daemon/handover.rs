@@ -14,7 +14,9 @@
 //! → `done` → new: `adopted` → `commit` (the old has stopped accepting and
 //! told systemd the new pid). After that the old sends `live` packets (since
 //! version 2, to a peer of version 2 or later): its forwarded connections,
-//! each with its sockets and the bytes it had in hand; and the new may send
+//! each with its sockets and the bytes it had in hand (since version 3,
+//! bytes too many for the packet travel in a memory file of their own,
+//! `LiveEntry::bytes_fd`); and the new may send
 //! `resumed` for a proxy whose clients the old still holds (TLS, or
 //! requests that could not move), so the old releases them.
 //!
@@ -42,11 +44,26 @@ use tokio::net::UnixDatagram;
 
 use super::state::State;
 
-/// This build's protocol version (2: `live` connections).
-pub const VERSION: u32 = 2;
+/// This build's protocol version (2: `live` connections; 3: a live
+/// connection's bytes in a memory file).
+pub const VERSION: u32 = 3;
 
 /// The first version that takes `live` connections.
 pub const LIVE_SINCE: u32 = 2;
+
+/// The first version that reads a live connection's bytes from a memory
+/// file (`LiveEntry::bytes_fd`).
+pub const BYTES_FD_SINCE: u32 = 3;
+
+/// The most bytes in hand a live connection carries in its packet's
+/// payload, both ways together: a copy buffer each way, which a packet of
+/// `MAX_LIVE_PACKET` always holds. More (a splicing direction holds up to
+/// a pipe's fill) travel in a memory file, to a peer that reads one.
+pub const MAX_INLINE_BYTES: usize = 2 * 64 * 1024;
+
+/// The largest memory file of bytes in hand a receiver reads (far above
+/// two fills of a pipe: a bound against a corrupt size, not a budget).
+pub const MAX_BYTES_FILE: u64 = 16 * 1024 * 1024;
 
 /// The environment variable naming the new process's end of the socket.
 pub const HANDOVER_FD_ENV: &str = "INTERLUDE_HANDOVER_FD";
@@ -58,8 +75,8 @@ pub const MAX_FDS: usize = 253;
 /// socket buffer, which bounds a `SOCK_SEQPACKET` packet), but `live`.
 pub const MAX_PACKET: usize = 128 * 1024;
 
-/// The largest `live` packet: one connection's bytes in hand (a copy
-/// buffer each way, 64 KiB) and its entry always fit. Only a version that
+/// The largest `live` packet: one connection's bytes in hand inline
+/// (`MAX_INLINE_BYTES`) and its entry always fit. Only a version that
 /// reads `live` gets one, and reads into a buffer this large.
 pub const MAX_LIVE_PACKET: usize = 192 * 1024;
 
@@ -144,7 +161,8 @@ pub struct HeldClient {
 
 /// A live connection: `client` (and `backend.fd`) index the packet's
 /// descriptors; the spans are the bytes read from one side and not yet
-/// written to the other.
+/// written to the other, in the packet's payload or, with `bytes_fd`, in
+/// that memory file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LiveEntry {
     pub proxy: String,
@@ -167,6 +185,11 @@ pub struct LiveEntry {
     /// As `HeldClient::client_address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_address: Option<std::net::SocketAddr>,
+    /// Since version 3: the descriptor of a memory file whose contents the
+    /// spans index instead of the payload (more bytes in hand than
+    /// `MAX_INLINE_BYTES`). Sent only to a peer of `BYTES_FD_SINCE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_fd: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -566,9 +589,10 @@ mod tests {
     }
 
     /// A live packet may be larger than the others: one connection's bytes
-    /// in hand both ways always fit.
+    /// in hand inline (`MAX_INLINE_BYTES`) always fit.
     #[test]
     fn a_live_packet_holds_a_full_buffer_each_way() {
+        let half = MAX_INLINE_BYTES / 2;
         let entry = LiveEntry {
             proxy: "p".repeat(200),
             client: 0,
@@ -578,23 +602,43 @@ mod tests {
                 weight: 1,
                 draining: false,
             }),
-            to_backend: Span {
-                offset: 0,
-                len: 65536,
-            },
+            to_backend: Span { offset: 0, len: half },
             to_client: Span {
-                offset: 65536,
-                len: 65536,
+                offset: half,
+                len: MAX_INLINE_BYTES - half,
             },
             client_closed: false,
             backend_closed: false,
             idle_ms: u64::MAX,
             client_address: Some("[2001:db8::1]:65535".parse().expect("address")),
+            bytes_fd: None,
         };
         let live = Message::Live {
             connections: vec![entry],
         };
-        assert!(encode(&live, &vec![0; 2 * 65536]).is_ok());
+        assert!(encode(&live, &vec![0; MAX_INLINE_BYTES]).is_ok());
+    }
+
+    /// Version 3: a live connection's bytes in a memory file, its
+    /// descriptor named by `bytes_fd`; an entry without it reads as before.
+    #[test]
+    fn reads_the_version_3_bytes_file() {
+        const V3_LIVE: &str = r#"{"version":3,"message":{"kind":"live","connections":[{"proxy":"db","client":0,"backend":{"fd":1,"address":"127.0.0.1:5432","weight":1},"to_backend":{"offset":0,"len":262144},"to_client":{"offset":262144,"len":7},"bytes_fd":2},{"proxy":"db","client":3,"backend":null,"to_backend":{"offset":0,"len":2},"to_client":{"offset":2,"len":0}}]}}"#;
+        let (version, message, payload) = decode(&packet(V3_LIVE, b"ab")).expect("v3 live");
+        assert_eq!(version, 3);
+        let Message::Live { connections } = message else {
+            panic!("not live connections: {message:?}");
+        };
+        assert_eq!(connections[0].bytes_fd, Some(2));
+        assert_eq!(
+            connections[0].to_client,
+            Span {
+                offset: 262144,
+                len: 7
+            }
+        );
+        assert_eq!(connections[1].bytes_fd, None);
+        assert_eq!(connections[1].to_backend.of(&payload), Some(&b"ab"[..]));
     }
 
     /// A newer peer's answer with fields this version does not know.

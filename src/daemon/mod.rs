@@ -484,7 +484,7 @@ impl Daemon {
                 }
                 Err(e) => warn!(error = %e, "cannot take back a live connection; closing it"),
             };
-            relocate::send_live(&channel, &departures, arriving, stay).await;
+            relocate::send_live(&channel, handed.protocol, &departures, arriving, stay).await;
         };
         // The move runs within the stop's grace period: a connection busy
         // with a request when called keeps the move waiting, and the grace

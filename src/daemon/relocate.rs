@@ -7,9 +7,12 @@
 //! stops where no copy is half done and arrives here with its sockets and
 //! the bytes it had in hand. They go out in packets as they arrive, the
 //! most recently active first (an idle one does not notice the wait), each
-//! send bounded in time. If a send fails (the new process is gone or stuck),
-//! that packet's connections and every later one carry on in the old
-//! process, from what they had in hand: nothing is dropped.
+//! send bounded in time. Bytes in hand too many for a packet (a splicing
+//! direction's pipe holds up to a fill of 256 KiB) travel in a memory file
+//! of their own; a new process too old to read one leaves that connection
+//! here, and only that one. If a send fails (the new process is gone or
+//! stuck), that packet's connections and every later one carry on in the
+//! old process, from what they had in hand: nothing is dropped.
 //!
 //! The new process turns each entry back into a connection and serves it
 //! from where it stopped, on a connection worker like any accepted one: on
@@ -17,7 +20,8 @@
 //! between requests, as an HTTP connection whose next request starts with
 //! the bytes already read.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +30,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::Daemon;
-use super::handover::{Channel, LiveBackendEntry, LiveEntry, MAX_FDS, MAX_LIVE_PACKET, Message, Span};
+use super::handover::{
+    BYTES_FD_SINCE, Channel, LiveBackendEntry, LiveEntry, MAX_BYTES_FILE, MAX_FDS, MAX_INLINE_BYTES,
+    MAX_LIVE_PACKET, Message, Span,
+};
 use super::listeners::RunningListener;
 use crate::config::Mode;
 use crate::proxy::Proxy;
@@ -49,20 +56,42 @@ const POLL: Duration = Duration::from_millis(2);
 /// Room in a packet for all but the entries: length prefix, version, kind.
 const ENVELOPE_ROOM: usize = 128;
 
+/// A connection on its way, and the memory file carrying its bytes in hand
+/// when they are too many for a packet.
+struct Outgoing {
+    connection: LiveConnection,
+    bytes_file: Option<OwnedFd>,
+}
+
 /// The old process's side, once `departures` has begun (to `arriving`):
-/// calls the connections wave by wave and sends each to the new process as
-/// it arrives; `stay` serves here those that cannot go. Returns how many
-/// moved, once every wave was called and no connection that could move is
-/// left (a request in flight finishes first: the caller bounds the wait).
+/// calls the connections wave by wave and sends each to the new process (of
+/// handover protocol `peer`) as it arrives; `stay` serves here those that
+/// cannot go. Returns how many moved, once every wave was called and no
+/// connection that could move is left (a request in flight finishes first:
+/// the caller bounds the wait).
 pub(super) async fn send_live(
     channel: &Channel,
+    peer: u32,
     departures: &Departures,
     mut arriving: mpsc::UnboundedReceiver<LiveConnection>,
     stay: impl Fn(LiveConnection),
 ) -> u64 {
     let started = Instant::now();
     let mut moved = 0u64;
-    let mut pending: Vec<LiveConnection> = Vec::new();
+    let mut pending: Vec<Outgoing> = Vec::new();
+    let prepare = |connection: LiveConnection, pending: &mut Vec<Outgoing>| {
+        let bytes_file = bytes_file_for(&connection.carried, peer);
+        match bytes_file {
+            Ok(bytes_file) => pending.push(Outgoing {
+                connection,
+                bytes_file,
+            }),
+            Err(why) => {
+                warn!(proxy = %connection.proxy, "upgrade: a live connection stays here: {why}");
+                stay(connection);
+            }
+        }
+    };
     let mut next_wave = 0;
     let mut last_arrival = Instant::now();
     // The sink is closed: what is in `arriving` is all there will be.
@@ -71,14 +100,14 @@ pub(super) async fn send_live(
     loop {
         let before = pending.len();
         while let Ok(connection) = arriving.try_recv() {
-            pending.push(connection);
+            prepare(connection, &mut pending);
         }
         if pending.len() > before {
             last_arrival = Instant::now();
             // The busiest first: an idle connection does not notice the
             // wait, a streaming one does. (Stable and adaptive: cheap on
             // the sorted part already there.)
-            pending.sort_by_key(|connection| connection.carried.idle_for);
+            pending.sort_by_key(|out| out.connection.carried.idle_for);
         }
         if pending.is_empty() {
             if refused {
@@ -101,13 +130,13 @@ pub(super) async fn send_live(
                 continue;
             }
             tokio::select! {
-                Some(connection) = arriving.recv() => pending.push(connection),
+                Some(connection) = arriving.recv() => prepare(connection, &mut pending),
                 () = tokio::time::sleep(POLL) => {}
             }
             continue;
         }
         if broken {
-            pending.drain(..).for_each(&stay);
+            pending.drain(..).for_each(|out| stay(out.connection));
             continue;
         }
         let (message, payload, count) = live_packet(&pending);
@@ -146,22 +175,93 @@ pub(super) async fn send_live(
     moved
 }
 
+/// What carries a connection's bytes in hand to a peer of protocol
+/// `peer`: its packet (`None`), or a memory file when a packet cannot hold
+/// them. `Err` says why it cannot go (a peer too old for a memory file, or
+/// none could be made): the connection stays here.
+fn bytes_file_for(carried: &Carried, peer: u32) -> Result<Option<OwnedFd>, String> {
+    let bytes = carried.to_backend.len() + carried.to_client.len();
+    if bytes <= MAX_INLINE_BYTES {
+        return Ok(None);
+    }
+    if peer < BYTES_FD_SINCE {
+        return Err(format!(
+            "{bytes} bytes in hand, more than the new process (handover protocol {peer}) takes"
+        ));
+    }
+    bytes_file(&[&carried.to_backend, &carried.to_client])
+        .map(Some)
+        .map_err(|e| format!("cannot put its {bytes} bytes in hand in a memory file: {e}"))
+}
+
+/// A memory file holding `parts` one after the other.
+fn bytes_file(parts: &[&[u8]]) -> io::Result<OwnedFd> {
+    let file = rustix::fs::memfd_create(c"interlude-live", rustix::fs::MemfdFlags::CLOEXEC)?;
+    for part in parts {
+        let mut rest = *part;
+        while !rest.is_empty() {
+            match rustix::io::write(&file, rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(file)
+}
+
+/// A memory file's whole contents (read from its start: the sender's
+/// writes moved the offset it shares with us).
+fn read_bytes_file(file: &OwnedFd) -> io::Result<Vec<u8>> {
+    let size = rustix::fs::fstat(file)?.st_size;
+    let size = u64::try_from(size).ok().filter(|&size| size <= MAX_BYTES_FILE);
+    let Some(size) = size.and_then(|size| usize::try_from(size).ok()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a memory file of bytes in hand is too large",
+        ));
+    };
+    let mut bytes = vec![0u8; size];
+    let mut filled = 0;
+    while filled < size {
+        match rustix::io::pread(file, &mut bytes[filled..], filled as u64) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(bytes)
+}
+
 /// The descriptors of one connection, in the order its entry names them.
-fn descriptors(connection: &LiveConnection) -> impl Iterator<Item = BorrowedFd<'_>> {
-    std::iter::once(connection.client.as_fd()).chain(connection.backend.as_ref().map(|b| b.stream.as_fd()))
+fn descriptors(out: &Outgoing) -> impl Iterator<Item = BorrowedFd<'_>> {
+    let connection = &out.connection;
+    std::iter::once(connection.client.as_fd())
+        .chain(connection.backend.as_ref().map(|b| b.stream.as_fd()))
+        .chain(out.bytes_file.as_ref().map(AsFd::as_fd))
 }
 
 /// As many of `pending` (from the front) as fit one packet, measured: each
-/// entry's JSON, its bytes in hand, its descriptors. Returns the message,
-/// its payload and how many it carries (at least one).
-fn live_packet(pending: &[LiveConnection]) -> (Message, Vec<u8>, usize) {
+/// entry's JSON, its bytes in hand (unless a memory file carries them),
+/// its descriptors. Returns the message, its payload and how many it
+/// carries (at least one).
+fn live_packet(pending: &[Outgoing]) -> (Message, Vec<u8>, usize) {
     let mut entries = Vec::new();
     let mut payload = Vec::new();
     let mut header = ENVELOPE_ROOM;
     let mut fds = 0;
-    for connection in pending {
-        let wanted = 1 + usize::from(connection.backend.is_some());
+    for out in pending {
+        let connection = &out.connection;
+        let has_backend = connection.backend.is_some();
+        let wanted = 1 + usize::from(has_backend) + usize::from(out.bytes_file.is_some());
         let carried = &connection.carried;
+        // The spans index the memory file, or the payload from its end.
+        let (inline, start) = match out.bytes_file {
+            Some(_) => (0, 0),
+            None => (carried.to_backend.len() + carried.to_client.len(), payload.len()),
+        };
         let entry = LiveEntry {
             proxy: connection.proxy.to_string(),
             client: fds,
@@ -172,32 +272,37 @@ fn live_packet(pending: &[LiveConnection]) -> (Message, Vec<u8>, usize) {
                 draining: backend.draining,
             }),
             to_backend: Span {
-                offset: payload.len(),
+                offset: start,
                 len: carried.to_backend.len(),
             },
             to_client: Span {
-                offset: payload.len() + carried.to_backend.len(),
+                offset: start + carried.to_backend.len(),
                 len: carried.to_client.len(),
             },
             client_closed: carried.client_closed,
             backend_closed: carried.backend_closed,
             idle_ms: u64::try_from(carried.idle_for.as_millis()).unwrap_or(u64::MAX),
             client_address: connection.peer.tcp(),
+            bytes_fd: out
+                .bytes_file
+                .as_ref()
+                .map(|_| fds + 1 + usize::from(has_backend)),
         };
         let entry_size = serde_json::to_vec(&entry).map_or(usize::MAX, |json| json.len() + 1);
-        let bytes = carried.to_backend.len() + carried.to_client.len();
         let fits = fds + wanted <= MAX_FDS
             && header
                 .saturating_add(entry_size)
-                .saturating_add(payload.len() + bytes)
+                .saturating_add(payload.len() + inline)
                 <= MAX_LIVE_PACKET;
         // A first one that does not fit alone fails in `send`, saying so.
         if !fits && !entries.is_empty() {
             break;
         }
         header = header.saturating_add(entry_size);
-        payload.extend_from_slice(&carried.to_backend);
-        payload.extend_from_slice(&carried.to_client);
+        if out.bytes_file.is_none() {
+            payload.extend_from_slice(&carried.to_backend);
+            payload.extend_from_slice(&carried.to_client);
+        }
         fds += wanted;
         entries.push(entry);
     }
@@ -241,7 +346,23 @@ pub(super) fn live_connections(
                 }
             }
         };
-        let bytes = |span: Span| span.of(payload).unwrap_or_default().to_vec();
+        let file_bytes = match entry
+            .bytes_fd
+            .map(|index| take(index).map(|file| read_bytes_file(&file)))
+        {
+            None => None,
+            Some(Some(Ok(bytes))) => Some(bytes),
+            Some(None) => {
+                warn!(proxy = %entry.proxy, "a live connection arrived without its bytes in hand; closing it");
+                continue;
+            }
+            Some(Some(Err(e))) => {
+                warn!(proxy = %entry.proxy, error = %e, "cannot read a live connection's bytes in hand; closing it");
+                continue;
+            }
+        };
+        let source = file_bytes.as_deref().unwrap_or(payload);
+        let bytes = |span: Span| span.of(source).unwrap_or_default().to_vec();
         let peer = entry.client_address.map_or_else(|| client.peer(), Peer::Tcp);
         connections.push(LiveConnection {
             peer,
@@ -434,7 +555,10 @@ mod tests {
         answer(&departures, sent);
         let (sink, arriving) = mpsc::unbounded_channel();
         departures.begin(sink);
-        let moved = send_live(&ours, &departures, arriving, |_| panic!("none should stay")).await;
+        let moved = send_live(&ours, handover::VERSION, &departures, arriving, |_| {
+            panic!("none should stay")
+        })
+        .await;
         assert_eq!(moved, 2);
         let mut arrived = Vec::new();
         let mut packets = 0;
@@ -484,6 +608,104 @@ mod tests {
         }
     }
 
+    /// Bytes in hand for which a packet has no room (two pipes' fills)
+    /// travel in a memory file, in the same packet as a connection whose
+    /// bytes go inline; both arrive whole, each byte where it was.
+    #[tokio::test]
+    async fn bytes_too_many_for_a_packet_travel_in_a_memory_file() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        let theirs = Channel::new(theirs).expect("channel");
+        let departures = Arc::new(Departures::default());
+        let pattern =
+            |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i % 251) as u8 ^ seed).collect() };
+        let (big, _big_client, _big_backend) =
+            live("bulk", pattern(1, 256 * 1024), pattern(2, 256 * 1024 - 3));
+        let (small, _small_client, _small_backend) = live("db", pattern(3, 100), pattern(4, 5));
+        answer(&departures, vec![big, small]);
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.begin(sink);
+        let moved = send_live(&ours, handover::VERSION, &departures, arriving, |_| {
+            panic!("none should stay")
+        })
+        .await;
+        assert_eq!(moved, 2);
+        let mut arrived = Vec::new();
+        while arrived.len() < 2 {
+            let packet = theirs.recv().await.expect("a live packet");
+            let Message::Live { connections } = packet.message else {
+                panic!("not live: {:?}", packet.message);
+            };
+            assert!(
+                packet.payload.len() <= MAX_INLINE_BYTES,
+                "the big one's bytes are not inline"
+            );
+            arrived.extend(live_connections(connections, &packet.payload, packet.fds));
+        }
+        arrived.sort_by_key(|c| c.proxy.clone());
+        let (bulk, db) = (&arrived[0], &arrived[1]);
+        assert_eq!(&*bulk.proxy, "bulk");
+        assert!(
+            bulk.carried.to_backend == pattern(1, 256 * 1024),
+            "client to backend, intact"
+        );
+        assert!(
+            bulk.carried.to_client == pattern(2, 256 * 1024 - 3),
+            "backend to client, intact"
+        );
+        assert!(bulk.backend.is_some(), "with its backend");
+        assert_eq!(
+            (db.carried.to_backend.clone(), db.carried.to_client.clone()),
+            (pattern(3, 100), pattern(4, 5))
+        );
+    }
+
+    /// A new process too old to read a memory file of bytes: the connection
+    /// with too many bytes in hand for a packet stays here, with all of
+    /// them, and only it; the others move.
+    #[tokio::test]
+    async fn only_the_connection_too_big_for_an_older_peer_stays() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        let theirs = Channel::new(theirs).expect("channel");
+        let departures = Arc::new(Departures::default());
+        let (big, _big_client, _big_backend) = live("bulk", vec![7; 200 * 1024], vec![8; 10]);
+        let mut connections = vec![big];
+        let mut fars = Vec::new();
+        for i in 0..3u8 {
+            let (connection, client_far, backend_far) = live("db", vec![i; 10], Vec::new());
+            connections.push(connection);
+            fars.push((client_far, backend_far));
+        }
+        answer(&departures, connections);
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.begin(sink);
+        let stayed = Mutex::new(Vec::new());
+        let moved = send_live(&ours, BYTES_FD_SINCE - 1, &departures, arriving, |c| {
+            stayed.lock().unwrap().push(c)
+        })
+        .await;
+        assert_eq!(moved, 3, "the others moved");
+        let stayed = stayed.into_inner().unwrap();
+        assert_eq!(stayed.len(), 1);
+        assert_eq!(&*stayed[0].proxy, "bulk");
+        assert!(
+            stayed[0].carried.to_backend == vec![7; 200 * 1024],
+            "with all it had in hand"
+        );
+        assert_eq!(stayed[0].carried.to_client, vec![8; 10]);
+        let mut arrived = 0;
+        while arrived < 3 {
+            let packet = theirs.recv().await.expect("a live packet");
+            let Message::Live { connections } = packet.message else {
+                panic!("not live: {:?}", packet.message);
+            };
+            assert!(
+                connections.iter().all(|c| c.bytes_fd.is_none()),
+                "no memory file to an older peer"
+            );
+            arrived += connections.len();
+        }
+    }
+
     /// The new process is gone: every connection stays, none is lost. Those
     /// of the failed packet carry on here with what they had in hand; the
     /// rest are never called, or are given back when they answer.
@@ -503,7 +725,10 @@ mod tests {
         let (sink, arriving) = mpsc::unbounded_channel();
         departures.begin(sink);
         let stayed = Mutex::new(Vec::new());
-        let moved = send_live(&ours, &departures, arriving, |c| stayed.lock().unwrap().push(c)).await;
+        let moved = send_live(&ours, handover::VERSION, &departures, arriving, |c| {
+            stayed.lock().unwrap().push(c)
+        })
+        .await;
         assert_eq!(moved, 0);
         let stayed = stayed.into_inner().unwrap();
         assert!(
@@ -572,7 +797,10 @@ mod tests {
         });
         let (sink, arriving) = mpsc::unbounded_channel();
         departures.begin(sink);
-        let moved = send_live(&ours, &departures, arriving, |_| panic!("none should stay")).await;
+        let moved = send_live(&ours, handover::VERSION, &departures, arriving, |_| {
+            panic!("none should stay")
+        })
+        .await;
         assert_eq!(moved as usize, total);
         assert_eq!(receiving.await.expect("receiver"), total);
         let mut seen = seen.lock().unwrap().clone();
@@ -594,6 +822,12 @@ mod tests {
             let (connection, _, _) = live("db", Vec::new(), Vec::new());
             pending.push(connection);
         }
+        let pending: Vec<Outgoing> = (pending.into_iter())
+            .map(|connection| Outgoing {
+                bytes_file: bytes_file_for(&connection.carried, handover::VERSION).expect("inline"),
+                connection,
+            })
+            .collect();
         let (_, _, count) = live_packet(&pending);
         assert_eq!(count, MAX_FDS / 2);
         let (_, _, rest) = live_packet(&pending[count..]);

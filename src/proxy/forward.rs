@@ -36,6 +36,10 @@ use crate::sockets::stream::{Peer, Stream};
 const BUFFER_SIZE: usize = 64 * 1024;
 /// Buffers a worker thread keeps for reuse; beyond this they are freed.
 const POOL_PER_THREAD: usize = 64;
+/// The most one splice moves into a pipe: a pipe's worth (`pipe::PIPE_SIZE`),
+/// so a bulk transfer costs a quarter of the syscalls a copy buffer's
+/// worth would. A live move carries what a pipe holds in a memory file.
+const SPLICE_FILL: usize = crate::sockets::pipe::PIPE_SIZE;
 
 /// Why a forwarded connection ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -484,9 +488,8 @@ async fn copy_until_blocked(
     }
 }
 
-/// Splices once from `from` through `pipe` into `to`, a copy buffer's
-/// worth at most (what a direction has in hand stays within what a live
-/// move carries): true at end of stream. One splice per readiness poll, so
+/// Splices once from `from` through `pipe` into `to`, `SPLICE_FILL` at
+/// most: true at end of stream. One splice per readiness poll, so
 /// a transfer that never blocks still yields to the connection's other
 /// futures and the worker's other connections (the poll spends tokio's
 /// budget). The pipe is held only for this.
@@ -499,7 +502,7 @@ async fn splice_once(
     mut pipe: Pipe,
 ) -> io::Result<bool> {
     let n = loop {
-        match pipe.fill_from(from, BUFFER_SIZE) {
+        match pipe.fill_from(from, SPLICE_FILL) {
             Ok(Fill::Moved(n)) => break n,
             Ok(Fill::End) => return Ok(true),
             // Bytes only a read takes (urgent data): copy, the socket is
