@@ -18,7 +18,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -161,12 +161,28 @@ pub async fn forward(
     let touch = idle_timeout.map(|_| &activity);
     let mut up = Direction::carrying(carried.to_backend, carried.client_closed);
     let mut down = Direction::carrying(carried.to_client, carried.backend_closed);
+    // An atomic only because the task must be `Send`: one task touches it.
+    let open = AtomicU8::new(u8::from(!up.closed) + u8::from(!down.closed));
     let stopped = {
         // Each direction is polled only when its own socket woke it.
         let both_ways = async {
             tokio::try_join!(
-                PollWhenWoken::new(pump(client, backend, traffic.client_to_backend, touch, &mut up)),
-                PollWhenWoken::new(pump(backend, client, traffic.backend_to_client, touch, &mut down)),
+                PollWhenWoken::new(pump(
+                    client,
+                    backend,
+                    traffic.client_to_backend,
+                    touch,
+                    &mut up,
+                    &open
+                )),
+                PollWhenWoken::new(pump(
+                    backend,
+                    client,
+                    traffic.backend_to_client,
+                    touch,
+                    &mut down,
+                    &open
+                )),
             )
         };
         until_ended(both_ways, idle_timeout, &activity, kill, moving).await
@@ -419,12 +435,18 @@ const SPLICE_AT_LEAST: usize = 16 * 1024;
 
 /// One direction: read from `from`, write all of it to `to`; on EOF pass the
 /// half-close on and finish. What `state` holds from before goes first.
+/// `open`: the connection's directions not yet ended. The last to end
+/// passes no half-close: the connection ends with it, and closing `to`
+/// sends the same FIN (gracefully: the other direction has read `to` to its
+/// end, so nothing unread makes the close a reset). One syscall less per
+/// connection.
 async fn pump(
     from: &Stream,
     to: &Stream,
     counter: &AtomicU64,
     activity: Option<&Activity>,
     state: &mut Direction,
+    open: &AtomicU8,
 ) -> io::Result<()> {
     if state.closed {
         return Ok(());
@@ -439,7 +461,9 @@ async fn pump(
             None => copy_until_blocked(from, to, counter, activity, state).await?,
         };
         if at_end {
-            to.shutdown_write()?;
+            if open.fetch_sub(1, Relaxed) > 1 {
+                to.shutdown_write()?;
+            }
             state.closed = true;
             state.closed_at = Some(Instant::now());
             return Ok(());
@@ -873,7 +897,8 @@ mod tests {
         let (from, to) = (Stream::Tcp(client_near), Stream::Tcp(backend_near));
         tokio::time::timeout(
             Duration::from_secs(5),
-            pump(&from, &to, &counter, None, &mut state),
+            // The other direction still open: the half-close is passed on.
+            pump(&from, &to, &counter, None, &mut state, &AtomicU8::new(2)),
         )
         .await
         .expect("no stall at the urgent byte")
