@@ -741,7 +741,7 @@ async fn handshake(
             // it has exited, its end is closed and the read returns at
             // once, with its last words or end-of-file; the bound is for a
             // busy machine, where the runtime may be slow to get round to it.
-            let said = tokio::time::timeout(Duration::from_secs(2), channel.recv()).await;
+            let said = tokio::time::timeout(Duration::from_secs(2), last_words(&channel)).await;
             let status = match &e {
                 UpgradeError::Exited(_) => None,
                 _ => tokio::time::timeout(END_WAIT, process.child.wait()).await.ok(),
@@ -757,6 +757,16 @@ async fn handshake(
             process.end().await;
             Err(e)
         }
+    }
+}
+
+/// What a new process that failed said before it closed its end. If it
+/// exited with our offer unread, the kernel reports a reset before the
+/// packets still queued for us: read on past it, once.
+async fn last_words(channel: &Channel) -> Result<handover::Packet, HandoverError> {
+    match channel.recv().await {
+        Err(HandoverError::Closed) => channel.recv().await,
+        said => said,
     }
 }
 
@@ -1052,3 +1062,26 @@ fn held_clients(clients: Vec<HeldClient>, payload: &[u8], fds: Vec<OwnedFd>) -> 
 /// The proxies named in `staying` that the old process still holds
 /// clients of, kept until they resume here.
 pub type PredecessorHolds = BTreeSet<String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new process that fails with our offer unread in its socket: its
+    /// reason still comes through, behind the reset the kernel reports
+    /// first.
+    #[tokio::test]
+    async fn a_failure_is_read_when_the_offer_went_unread() {
+        let (ours, theirs) = handover::pair().expect("pair");
+        let theirs = Channel::new(theirs).expect("channel");
+        // Any message stands in for the offer: it is never read.
+        ours.send(&Message::Commit, &[], &[]).await.expect("offer");
+        let failed = Message::Failed {
+            error: "unknown field `bogus_key`".into(),
+        };
+        theirs.send(&failed, &[], &[]).await.expect("failed");
+        drop(theirs);
+        let said = last_words(&ours).await.expect("its last words");
+        assert_eq!(said.message, failed);
+    }
+}
