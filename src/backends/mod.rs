@@ -386,6 +386,7 @@ mod tests {
             IdleConnection {
                 stream: Stream::Unix(near),
                 buf: bytes::BytesMut::new(),
+                home: pool::this_thread(),
             }
         };
         let set = set(&["127.0.0.1:1"], Balance::Fallback);

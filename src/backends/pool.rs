@@ -1,12 +1,21 @@
 //! One backend's idle keep-alive connections (mode http), most recently
 //! used last, and the count of connections client connections keep aside
-//! for it. The lock is held for one push or pop. A pooled connection is
+//! for it. The lock is held for one push, or one look through the pool
+//! (at most `MAX_IDLE_PER_BACKEND`) and a removal. A pooled connection is
 //! only its socket and an empty read buffer (reused for its capacity):
 //! what the HTTP side needs to resume it, nothing of the HTTP side itself.
+//!
+//! A connection's socket is registered with the reactor of the worker
+//! thread that opened it, and its readiness is reported there: a request
+//! on another worker that took it would be woken across threads (a remote
+//! schedule and an eventfd write for each wake-up). So a connection is
+//! taken by its own thread first, by another only when its thread has
+//! none pooled (still cheaper than a new connection).
 
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::thread::ThreadId;
 
 use bytes::BytesMut;
 
@@ -24,6 +33,8 @@ pub struct IdleConnection {
     pub stream: Stream,
     /// Empty; kept for its capacity.
     pub buf: BytesMut,
+    /// The thread whose reactor its socket is registered with.
+    pub home: ThreadId,
 }
 
 #[derive(Default)]
@@ -46,8 +57,15 @@ impl IdlePool {
         drop(idle);
     }
 
+    /// The most recently pooled connection of this thread, else the most
+    /// recently pooled one.
     pub fn take(&self) -> Option<IdleConnection> {
-        self.lock().pop()
+        let here = this_thread();
+        let mut idle = self.lock();
+        match idle.iter().rposition(|connection| connection.home == here) {
+            Some(at) => Some(idle.remove(at)),
+            None => idle.pop(),
+        }
     }
 
     /// Pools `connection`, or closes it when the pool is full.
@@ -86,5 +104,46 @@ impl IdlePool {
     /// Connections kept aside for this backend now.
     pub fn kept(&self) -> usize {
         self.kept.load(Relaxed)
+    }
+}
+
+thread_local! {
+    static THIS_THREAD: ThreadId = std::thread::current().id();
+}
+
+/// The calling thread's id, without `thread::current()`'s reference count.
+pub fn this_thread() -> ThreadId {
+    THIS_THREAD.with(|id| *id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_thread_takes_its_own_connections_first() {
+        let elsewhere = std::thread::spawn(this_thread).join().expect("thread");
+        let here = this_thread();
+        let idle = |home, tag: usize| {
+            let (near, _far) = tokio::net::UnixStream::pair().expect("pair");
+            IdleConnection {
+                stream: Stream::Unix(near),
+                buf: BytesMut::with_capacity(tag),
+                home,
+            }
+        };
+        let pool = IdlePool::default();
+        pool.put(idle(elsewhere, 1));
+        pool.put(idle(here, 2));
+        pool.put(idle(elsewhere, 3));
+        let taken: Vec<(bool, usize)> = std::iter::from_fn(|| pool.take())
+            .map(|c| (c.home == here, c.buf.capacity()))
+            .collect();
+        // Its own first, then the others, most recently pooled first.
+        assert_eq!(
+            taken.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        assert!(taken[1].1 >= 3 && taken[2].1 < 3, "{taken:?}");
     }
 }

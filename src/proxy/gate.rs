@@ -7,10 +7,19 @@
 //! oneshot in a FIFO queue: released in arrival order, all at once or
 //! `release_rate` per second; during a paced release newcomers queue behind
 //! the held ones instead of jumping the line.
+//!
+//! A release of everything at once wakes each held connection on its own
+//! thread: the queue knows which runtime thread each one waits on (its
+//! lane), and the release sends one job per lane, which wakes that lane's
+//! connections from inside their runtime. Woken from the thread that
+//! resumes (the control API's), each of 10,000 connections would cost its
+//! worker a remote schedule: a lock of its inject queue and a write to its
+//! driver's eventfd.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::ThreadId;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::futures::Notified;
@@ -180,10 +189,89 @@ impl Drop for Movable {
 struct Inner {
     state: PauseState,
     policy: PauseConfig,
-    queue: VecDeque<oneshot::Sender<()>>,
+    queue: VecDeque<Queued>,
+    /// The threads (and their runtimes) the queued connections wait on.
+    lanes: Vec<Lane>,
     /// Bumped on every release, so a pacing task of an earlier resume stops.
     release_generation: u64,
 }
+
+/// A held connection in the queue: its release, and the lane it waits on
+/// (`NO_LANE`: outside any runtime, released from wherever the release runs).
+struct Queued {
+    release: oneshot::Sender<()>,
+    lane: u32,
+}
+
+const NO_LANE: u32 = u32::MAX;
+
+/// A thread held connections wait on, with the runtime it runs.
+struct Lane {
+    thread: ThreadId,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Inner {
+    /// The lane of the calling thread, added if new (a handful at most:
+    /// one per thread that serves connections).
+    fn lane_here(&mut self) -> u32 {
+        let thread = std::thread::current().id();
+        if let Some(index) = self.lanes.iter().position(|lane| lane.thread == thread) {
+            return index as u32;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return NO_LANE;
+        };
+        self.lanes.push(Lane { thread, runtime });
+        (self.lanes.len() - 1) as u32
+    }
+}
+
+/// Releases `queue` all at once, each lane's connections from a job on
+/// their own runtime, in queue order within a lane.
+fn release_all(queue: VecDeque<Queued>, lanes: Vec<Lane>) {
+    let mut by_lane: Vec<Vec<oneshot::Sender<()>>> = lanes.iter().map(|_| Vec::new()).collect();
+    for queued in queue {
+        match by_lane.get_mut(queued.lane as usize) {
+            Some(senders) => senders.push(queued.release),
+            // Held outside any runtime: now.
+            None => {
+                let _ = queued.release.send(());
+            }
+        }
+    }
+    for (lane, senders) in lanes.into_iter().zip(by_lane) {
+        if senders.is_empty() {
+            continue;
+        }
+        // A runtime shutting down drops the job: its senders dropped,
+        // its connections' holds end as closed (they end with it anyway).
+        drop(lane.runtime.spawn(async move {
+            let mut senders = senders.into_iter();
+            loop {
+                for sender in senders.by_ref().take(RELEASE_BATCH) {
+                    let _ = sender.send(());
+                }
+                if senders.len() == 0 {
+                    return;
+                }
+                // Back after the runtime's next look at its sockets: the
+                // connections released so far, and those their exchanges
+                // woke, run first.
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+}
+
+/// Held connections a lane's release wakes before it lets its runtime
+/// look at its sockets again. All at once, 10,000 connections opened
+/// 10,000 backend connections before any exchange ended: the backend's
+/// listen queue overflowed (3,025 listen drops, each a client's 1 s SYN
+/// retransmit), and in mode http no request found a pooled connection.
+/// Woken from another thread, a released connection waited behind the
+/// work its worker had woken itself; this keeps that bound.
+const RELEASE_BATCH: usize = 32;
 
 impl Gate {
     pub fn new(
@@ -203,6 +291,7 @@ impl Gate {
                 state,
                 policy: policy.clone(),
                 queue: VecDeque::new(),
+                lanes: Vec::new(),
                 release_generation: 0,
             }),
             held: Arc::new(AtomicU64::new(0)),
@@ -278,9 +367,10 @@ impl Gate {
         // Tickets of clients that left stay queued until a release skips
         // them; keep that garbage bounded during a long pause.
         if inner.queue.len() >= 2 * inner.policy.max_held.max(64) as usize {
-            inner.queue.retain(|sender| !sender.is_closed());
+            inner.queue.retain(|queued| !queued.release.is_closed());
         }
-        inner.queue.push_back(release);
+        let lane = inner.lane_here();
+        inner.queue.push_back(Queued { release, lane });
         self.held.fetch_add(1, Relaxed);
         Admission::Hold(HeldTicket {
             released,
@@ -338,11 +428,10 @@ impl Gate {
         let rate = inner.policy.release_rate;
         if rate == 0 {
             let queue = std::mem::take(&mut inner.queue);
+            let lanes = std::mem::take(&mut inner.lanes);
             self.slow_path.store(false, Relaxed);
             drop(inner);
-            for sender in queue {
-                let _ = sender.send(());
-            }
+            release_all(queue, lanes);
             return;
         }
         let generation = inner.release_generation;
@@ -369,8 +458,8 @@ impl Gate {
                             gate.slow_path.store(false, Relaxed);
                             return;
                         }
-                        Some(sender) => {
-                            if sender.send(()).is_ok() {
+                        Some(queued) => {
+                            if queued.release.send(()).is_ok() {
                                 break;
                             }
                         }
@@ -461,6 +550,38 @@ mod tests {
             ..PauseConfig::default()
         });
         assert!(matches!(gate.admit(), Admission::Reject(RejectReason::Paused)));
+    }
+
+    /// Held connections are released on the runtime they wait on, by a
+    /// job there, whichever thread resumes (here: one outside any runtime).
+    #[test]
+    fn a_release_wakes_held_connections_on_their_own_runtime() {
+        let gate = gate(PauseConfig::default());
+        gate.set_runtime(runtime());
+        let (admitted, all_admitted) = std::sync::mpsc::channel();
+        let worker_gate = gate.clone();
+        let worker = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let count = 3 * RELEASE_BATCH + 1;
+                let mut tickets: Vec<HeldTicket> = (0..count).map(|_| held(worker_gate.admit())).collect();
+                admitted.send(()).expect("send");
+                let mut released = 0;
+                for ticket in &mut tickets {
+                    released += usize::from(ticket.released().await);
+                }
+                (count, released)
+            })
+        });
+        all_admitted.recv().expect("admitted");
+        assert_eq!(gate.lock().lanes.len(), 1, "one lane: the worker's thread");
+        assert!(gate.set_runtime(None));
+        let (count, released) = worker.join().expect("worker");
+        assert_eq!(released, count);
+        assert!(gate.lock().lanes.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

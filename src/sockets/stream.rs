@@ -190,6 +190,8 @@ impl Stream {
     /// Returns when the peer has closed or reset (EPOLLRDHUP/HUP/ERR),
     /// leaving whatever it sends meanwhile unread.
     pub async fn hung_up(&self) -> io::Result<()> {
+        // Not `hung_up_noting` wrapped: a held connection's task carries
+        // this future, and every byte of it counts (see `proxy::tests`).
         loop {
             let ready = match self {
                 Stream::Tcp(s) => s.ready(Interest::READABLE).await?,
@@ -198,11 +200,33 @@ impl Stream {
             if ready.is_read_closed() || ready.is_error() {
                 return Ok(());
             }
-            // Clear the readiness we saw so the next wait sleeps until a new event.
-            let _ = self.try_io(Interest::READABLE, || -> io::Result<()> {
-                Err(io::ErrorKind::WouldBlock.into())
-            });
+            self.clear_read_readiness();
         }
+    }
+
+    /// `hung_up`, setting `cleared` if it ever cleared a read readiness
+    /// with bytes left unread: until registered again, this socket then
+    /// waits for bytes that arrive after them (edge-triggered).
+    pub async fn hung_up_noting(&self, cleared: &mut bool) -> io::Result<()> {
+        loop {
+            let ready = match self {
+                Stream::Tcp(s) => s.ready(Interest::READABLE).await?,
+                Stream::Unix(s) => s.ready(Interest::READABLE).await?,
+            };
+            if ready.is_read_closed() || ready.is_error() {
+                return Ok(());
+            }
+            self.clear_read_readiness();
+            *cleared = true;
+        }
+    }
+
+    /// Clears the read readiness seen, so the next wait sleeps until a
+    /// new event (bytes waiting are left unread).
+    fn clear_read_readiness(&self) {
+        let _ = self.try_io(Interest::READABLE, || -> io::Result<()> {
+            Err(io::ErrorKind::WouldBlock.into())
+        });
     }
 
     /// Sends FIN (half-close): the peer reads EOF, and can still send to us.

@@ -161,6 +161,14 @@ impl ClientSocket {
         })
     }
 
+    /// The TCP address the client connected to (`None`: a UNIX socket,
+    /// or one no longer here).
+    pub fn local_tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        let lent = self.upgrade().ok()?;
+        let lent = lock(&lent);
+        lent.client.as_ref()?.socket().local_tcp_addr()
+    }
+
     /// Whether the request just read can leave with its connection: a
     /// plain socket, and everything read since the last response kept.
     pub fn can_move(&self) -> bool {

@@ -60,8 +60,9 @@ use wire::RequestFraming;
 struct ClientConnection {
     site: Arc<Site>,
     peer: Peer,
-    /// The TCP address the client connected to (for `send_proxy`).
-    local: Option<std::net::SocketAddr>,
+    /// The TCP address the client connected to (for `send_proxy`): asked
+    /// of the socket only by a request that sends a PROXY header.
+    local: std::sync::OnceLock<Option<std::net::SocketAddr>>,
     /// The client's socket, to watch for a hang-up while a request is
     /// held (hyper owns the stream).
     socket: ClientSocket,
@@ -96,6 +97,13 @@ struct ClientConnection {
     handed_over: std::sync::Mutex<PollWhenWoken<WaitForCancellationFutureOwned>>,
     /// `handed_over` was seen cancelled (it stays so).
     handed_over_seen: AtomicBool,
+}
+
+impl ClientConnection {
+    /// The TCP address the client connected to, asked once.
+    fn local(&self) -> Option<std::net::SocketAddr> {
+        *self.local.get_or_init(|| self.socket.local_tcp_addr())
+    }
 }
 
 /// Why a connection leaves hyper between requests.
@@ -463,13 +471,12 @@ async fn serve<'a>(
 ) -> Left<'a> {
     let plain = matches!(client, crate::sockets::stream::Client::Plain(_));
     let may_move = enlisted.is_some() && plain;
-    let local = client.socket().local_tcp_addr();
     let (client, socket) = SharedClient::new(client, early);
     let connection = Arc::new(ClientConnection {
         site: site.clone(),
         identity: headers::ClientIdentity::new(peer, settings.tls.is_some()),
         peer: peer.clone(),
-        local,
+        local: std::sync::OnceLock::new(),
         socket,
         attached: Default::default(),
         permits,
@@ -999,7 +1006,7 @@ async fn forward(
     let mut timed_out = false;
     loop {
         let proxy_header = settings.send_proxy.map(|version| {
-            crate::sockets::proxy_protocol::encode_for(version, &connection.peer, connection.local)
+            crate::sockets::proxy_protocol::encode_for(version, &connection.peer, connection.local())
         });
         let proxy_header = proxy_header.as_ref().map(|header| header.as_bytes());
         for backend in settings.backends.candidates() {

@@ -161,6 +161,8 @@ async fn hold<'a>(
     let _parked = tests::Parking::enter();
     let (mut socket, mut early, mut ticket) = (socket, early, ticket);
     let held_since = std::time::Instant::now();
+    // Set once watching for the hang-up left bytes (a body) unread.
+    let mut readiness_cleared = false;
     loop {
         let movable = proxy.gate.movable();
         let outcome = tokio::select! {
@@ -171,7 +173,12 @@ async fn hold<'a>(
                 ticket.client_left(&proxy.stats.dropped_while_held);
                 return Parked::Done;
             }
-            outcome = hold::hold(&mut ticket, &proxy.gate.close_held, Some(&movable.1), socket.hung_up()) => outcome,
+            outcome = hold::hold(
+                &mut ticket,
+                &proxy.gate.close_held,
+                Some(&movable.1),
+                socket.hung_up_noting(&mut readiness_cleared),
+            ) => outcome,
         };
         let first = match outcome {
             Hold::Released => First::Released(proxy, held_since.elapsed()),
@@ -212,15 +219,21 @@ async fn hold<'a>(
                 }
             }
         };
-        // Watching for the hang-up cleared the socket's read readiness
-        // while body bytes may be waiting: registered again, it is
-        // reported afresh for hyper's first read.
-        let socket = match registered_again(socket) {
-            Ok(socket) => socket,
-            Err(e) => {
-                debug!(proxy = %first.proxy().name, peer = %peer, error = %e, "cannot serve a released request's socket");
-                return Parked::Done;
+        // If watching for the hang-up cleared the socket's read readiness
+        // while body bytes were waiting, it is registered again, so they
+        // are reported afresh for hyper's first read. Otherwise its
+        // readiness is as its last read left it (two epoll_ctl calls
+        // saved per released request).
+        let socket = if readiness_cleared {
+            match registered_again(socket) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    debug!(proxy = %first.proxy().name, peer = %peer, error = %e, "cannot serve a released request's socket");
+                    return Parked::Done;
+                }
             }
+        } else {
+            socket
         };
         return Parked::Serve {
             socket,
@@ -332,10 +345,13 @@ fn registered_again(socket: Stream) -> io::Result<Stream> {
 
 /// One read through a stack buffer, up to the head's limit (hyper answers
 /// a head that reaches it), so a parked request owns only what it sent.
+/// A short read clears the socket's read readiness (it was drained): a
+/// held request's watch then sleeps until the client sends or leaves, and
+/// its release need not register the socket again (see `hold`).
 fn read_into(socket: &Stream, early: &mut Vec<u8>) -> io::Result<usize> {
     let mut chunk = [0u8; 4096];
     let room = MAX_REQUEST_HEAD.saturating_sub(early.len()).clamp(1, chunk.len());
-    let n = socket.try_read(&mut chunk[..room])?;
+    let (n, _drained) = socket.try_read_draining(&mut chunk[..room])?;
     early.extend_from_slice(&chunk[..n]);
     Ok(n)
 }

@@ -46,6 +46,8 @@ pub struct BackendConnection {
     /// It began with a PROXY header naming one client: it serves that
     /// client connection only, never the backend's shared pool.
     pub(super) private: bool,
+    /// The thread whose reactor its socket is registered with.
+    home: std::thread::ThreadId,
 }
 
 impl BackendConnection {
@@ -54,6 +56,8 @@ impl BackendConnection {
             IdleConnection {
                 stream,
                 buf: BytesMut::new(),
+                // Registered by the connect, on this thread.
+                home: crate::backends::pool::this_thread(),
             },
             backend,
         )
@@ -68,6 +72,7 @@ impl BackendConnection {
             kill: PollWhenWoken::new(backend.kill.clone().cancelled_owned()),
             killed: false,
             private: false,
+            home: idle.home,
         }
     }
 
@@ -76,6 +81,7 @@ impl BackendConnection {
         IdleConnection {
             stream: self.stream,
             buf: self.buf,
+            home: self.home,
         }
     }
 
