@@ -189,6 +189,14 @@ fn bytes_file_for(carried: &Carried, peer: u32) -> Result<Option<OwnedFd>, Strin
             "{bytes} bytes in hand, more than the new process (handover protocol {peer}) takes"
         ));
     }
+    if bytes as u64 > MAX_BYTES_FILE {
+        return Err(format!(
+            "{bytes} bytes in hand, more than a memory file of them may hold"
+        ));
+    }
+    // Made as the connection arrives, so its bytes are held twice until its
+    // packet is sent: only a direction splicing holds more than a copy
+    // buffer, so at most `pipe::MAX_PIPES` connections, 512 KiB each.
     bytes_file(&[&carried.to_backend, &carried.to_client])
         .map(Some)
         .map_err(|e| format!("cannot put its {bytes} bytes in hand in a memory file: {e}"))
@@ -362,7 +370,11 @@ pub(super) fn live_connections(
             }
         };
         let source = file_bytes.as_deref().unwrap_or(payload);
-        let bytes = |span: Span| span.of(source).unwrap_or_default().to_vec();
+        let (Some(to_backend), Some(to_client)) = (entry.to_backend.of(source), entry.to_client.of(source))
+        else {
+            warn!(proxy = %entry.proxy, "a live connection arrived with its bytes in hand out of bounds; closing it");
+            continue;
+        };
         let peer = entry.client_address.map_or_else(|| client.peer(), Peer::Tcp);
         connections.push(LiveConnection {
             peer,
@@ -370,8 +382,8 @@ pub(super) fn live_connections(
             client,
             backend,
             carried: Carried {
-                to_backend: bytes(entry.to_backend),
-                to_client: bytes(entry.to_client),
+                to_backend: to_backend.to_vec(),
+                to_client: to_client.to_vec(),
                 client_closed: entry.client_closed,
                 backend_closed: entry.backend_closed,
                 idle_for: Duration::from_millis(entry.idle_ms),
@@ -657,6 +669,29 @@ mod tests {
             (db.carried.to_backend.clone(), db.carried.to_client.clone()),
             (pattern(3, 100), pattern(4, 5))
         );
+    }
+
+    /// An entry whose bytes in hand lie outside what came with it (a short
+    /// memory file, a corrupt span) is closed, not served with bytes missing.
+    #[tokio::test]
+    async fn bytes_out_of_bounds_close_the_connection() {
+        let (client, _client_far) = UnixStream::pair().expect("pair");
+        let client: OwnedFd = client.into_std().expect("std").into();
+        let entry = |len: usize| LiveEntry {
+            proxy: "db".into(),
+            client: 0,
+            backend: None,
+            to_backend: Span { offset: 0, len },
+            to_client: Span { offset: len, len: 0 },
+            client_closed: false,
+            backend_closed: false,
+            idle_ms: 0,
+            client_address: None,
+            bytes_fd: None,
+        };
+        let fd = || rustix::io::dup(&client).expect("dup");
+        assert_eq!(live_connections(vec![entry(4)], b"abcd", vec![fd()]).len(), 1);
+        assert!(live_connections(vec![entry(5)], b"abcd", vec![fd()]).is_empty());
     }
 
     /// A new process too old to read a memory file of bytes: the connection

@@ -4,9 +4,10 @@
 //! While open the gate costs one atomic load per connection. While paused or
 //! releasing, admissions and the resume take one small mutex, so a connection
 //! is never queued after the queue was drained. Held connections wait on a
-//! oneshot in a FIFO queue: released in arrival order, all at once or
-//! `release_rate` per second; during a paced release newcomers queue behind
-//! the held ones instead of jumping the line.
+//! oneshot in a FIFO queue: released all at once (in arrival order on
+//! each thread, the threads side by side) or `release_rate` per second in
+//! arrival order; during a paced release newcomers queue behind the held
+//! ones instead of jumping the line.
 //!
 //! A release of everything at once wakes each held connection on its own
 //! thread: the queue knows which runtime thread each one waits on (its
@@ -190,7 +191,8 @@ struct Inner {
     state: PauseState,
     policy: PauseConfig,
     queue: VecDeque<Queued>,
-    /// The threads (and their runtimes) the queued connections wait on.
+    /// The threads (and their runtimes) the queued connections wait on:
+    /// one per thread that ever held a connection, kept for the gate's life.
     lanes: Vec<Lane>,
     /// Bumped on every release, so a pacing task of an earlier resume stops.
     release_generation: u64,
@@ -206,6 +208,7 @@ struct Queued {
 const NO_LANE: u32 = u32::MAX;
 
 /// A thread held connections wait on, with the runtime it runs.
+#[derive(Clone)]
 struct Lane {
     thread: ThreadId,
     runtime: tokio::runtime::Handle,
@@ -215,7 +218,7 @@ impl Inner {
     /// The lane of the calling thread, added if new (a handful at most:
     /// one per thread that serves connections).
     fn lane_here(&mut self) -> u32 {
-        let thread = std::thread::current().id();
+        let thread = crate::backends::pool::this_thread();
         if let Some(index) = self.lanes.iter().position(|lane| lane.thread == thread) {
             return index as u32;
         }
@@ -227,40 +230,60 @@ impl Inner {
     }
 }
 
-/// Releases `queue` all at once, each lane's connections from a job on
-/// their own runtime, in queue order within a lane.
-fn release_all(queue: VecDeque<Queued>, lanes: Vec<Lane>) {
-    let mut by_lane: Vec<Vec<oneshot::Sender<()>>> = lanes.iter().map(|_| Vec::new()).collect();
-    for queued in queue {
-        match by_lane.get_mut(queued.lane as usize) {
-            Some(senders) => senders.push(queued.release),
-            // Held outside any runtime: now.
-            None => {
-                let _ = queued.release.send(());
+impl Gate {
+    /// Releases `queue` all at once, each lane's connections from a job on
+    /// their own runtime, in queue order within a lane. A job that finds
+    /// the proxy paused again before a batch puts the rest back at the
+    /// front of the queue, held as before: nothing reaches the backend
+    /// after the pause (a `wait-idle` that saw them held is not fooled).
+    fn release_all(self: &Arc<Self>, queue: VecDeque<Queued>, lanes: &[Lane]) {
+        let mut by_lane: Vec<Vec<oneshot::Sender<()>>> = lanes.iter().map(|_| Vec::new()).collect();
+        for queued in queue {
+            match by_lane.get_mut(queued.lane as usize) {
+                Some(senders) => senders.push(queued.release),
+                // Held outside any runtime: now.
+                None => {
+                    let _ = queued.release.send(());
+                }
             }
         }
-    }
-    for (lane, senders) in lanes.into_iter().zip(by_lane) {
-        if senders.is_empty() {
-            continue;
-        }
-        // A runtime shutting down drops the job: its senders dropped,
-        // its connections' holds end as closed (they end with it anyway).
-        drop(lane.runtime.spawn(async move {
-            let mut senders = senders.into_iter();
-            loop {
-                for sender in senders.by_ref().take(RELEASE_BATCH) {
-                    let _ = sender.send(());
-                }
-                if senders.len() == 0 {
-                    return;
-                }
-                // Back after the runtime's next look at its sockets: the
-                // connections released so far, and those their exchanges
-                // woke, run first.
-                tokio::task::yield_now().await;
+        for ((index, lane), senders) in lanes.iter().enumerate().zip(by_lane) {
+            if senders.is_empty() {
+                continue;
             }
-        }));
+            let gate = self.clone();
+            let lane_index = index as u32;
+            // A runtime shutting down drops the job: its senders dropped,
+            // its connections' holds end as closed (they end with it anyway).
+            drop(lane.runtime.spawn(async move {
+                let mut senders = senders.into_iter();
+                while senders.len() > 0 {
+                    if gate.close_held.is_cancelled() {
+                        // Stopping: held clients close, nothing is released.
+                        return;
+                    }
+                    {
+                        let mut inner = gate.lock();
+                        if inner.state.paused() {
+                            for release in senders.rev() {
+                                inner.queue.push_front(Queued {
+                                    release,
+                                    lane: lane_index,
+                                });
+                            }
+                            return;
+                        }
+                    }
+                    for sender in senders.by_ref().take(RELEASE_BATCH) {
+                        let _ = sender.send(());
+                    }
+                    // Back after the runtime's next look at its sockets: the
+                    // connections released so far, and those their exchanges
+                    // woke, run first.
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
     }
 }
 
@@ -428,10 +451,12 @@ impl Gate {
         let rate = inner.policy.release_rate;
         if rate == 0 {
             let queue = std::mem::take(&mut inner.queue);
-            let lanes = std::mem::take(&mut inner.lanes);
+            // Kept: a lane's index stays valid for connections a job puts
+            // back (and the lanes are a handful, one per thread).
+            let lanes: Vec<Lane> = inner.lanes.iter().map(Lane::clone).collect();
             self.slow_path.store(false, Relaxed);
             drop(inner);
-            release_all(queue, lanes);
+            self.release_all(queue, &lanes);
             return;
         }
         let generation = inner.release_generation;
@@ -581,7 +606,63 @@ mod tests {
         assert!(gate.set_runtime(None));
         let (count, released) = worker.join().expect("worker");
         assert_eq!(released, count);
-        assert!(gate.lock().lanes.is_empty());
+        assert!(gate.lock().queue.is_empty(), "nothing left held");
+    }
+
+    /// Paused again while a release is under way: those not yet released
+    /// stay held (nothing more reaches the backend), first in line for the
+    /// next resume, which releases them all.
+    #[test]
+    fn a_pause_during_a_release_holds_the_rest() {
+        let gate = gate(PauseConfig::default());
+        gate.set_runtime(runtime());
+        let count = 4 * RELEASE_BATCH;
+        let released = Arc::new(AtomicUsize::new(0));
+        let (admitted, all_admitted) = std::sync::mpsc::channel();
+        let (settled, repause_settled) = std::sync::mpsc::channel();
+        let (worker_gate, worker_released) = (gate.clone(), released.clone());
+        let worker = std::thread::spawn(move || {
+            let worker_runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            worker_runtime.block_on(async move {
+                let tasks: Vec<_> = (0..count)
+                    .map(|_| {
+                        let mut ticket = held(worker_gate.admit());
+                        let (gate, released) = (worker_gate.clone(), worker_released.clone());
+                        tokio::spawn(async move {
+                            if ticket.released().await && released.fetch_add(1, Relaxed) == 0 {
+                                // The first one released pauses the proxy again.
+                                gate.set_runtime(runtime());
+                            }
+                        })
+                    })
+                    .collect();
+                admitted.send(()).expect("send");
+                // The release's job runs, meets the pause, puts the rest back.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                settled.send(()).expect("send");
+                for task in tasks {
+                    task.await.expect("ticket task");
+                }
+            })
+        });
+        all_admitted.recv().expect("admitted");
+        assert!(gate.set_runtime(None), "resumed");
+        repause_settled.recv().expect("settled");
+        let early = released.load(Relaxed);
+        assert!(gate.lock().state.paused(), "paused again");
+        assert!(
+            (1..count).contains(&early),
+            "{early} of {count} released before the pause took hold"
+        );
+        assert_eq!(gate.lock().queue.len(), count - early, "the rest are held again");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(released.load(Relaxed), early, "nothing released while paused");
+        assert!(gate.set_runtime(None), "resumed again");
+        worker.join().expect("worker");
+        assert_eq!(released.load(Relaxed), count);
     }
 
     #[tokio::test(start_paused = true)]

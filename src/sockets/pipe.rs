@@ -50,8 +50,8 @@ const POOL_PER_THREAD: usize = 16;
 const MIN_CAPACITY: usize = 64 * 1024;
 
 /// The size asked for each pipe, and the most a fill moves. Larger fills
-/// mean fewer syscalls per byte (64 KiB fills measured 1.02-1.13 x
-/// HAProxy on one stream, 256 KiB 1.32-1.35, 1 MiB no better; bench/README),
+/// mean fewer syscalls per byte (on one stream, 64 KiB fills measured
+/// 1.02-1.09 x HAProxy, 256 KiB 1.32-1.40, 1 MiB 1.13; bench/README),
 /// and each packet fragment takes one of the pipe's slots (one per page of
 /// size): with segments of a real network's MTU (about 1.4 KiB each), the
 /// default 16 slots would stop a fill near 23 KiB.
