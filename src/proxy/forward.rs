@@ -660,6 +660,14 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpStream, UnixStream};
 
+    /// Runs a test's body within a bound: a forward that hangs fails the
+    /// test instead of hanging it.
+    async fn bounded<T>(body: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), body)
+            .await
+            .expect("the test did not finish within 30 s")
+    }
+
     /// A client and a backend joined through `forward`, with the far ends
     /// returned to the test.
     async fn joined(
@@ -713,62 +721,71 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_passes_through_and_the_reply_still_arrives() {
-        let (mut client, mut backend, task, _kill) = joined(None).await;
-        client.write_all(b"request").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        backend.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"request");
-        backend.write_all(b"reply").await.unwrap();
-        drop(backend);
-        let mut reply = Vec::new();
-        client.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, b"reply");
-        let (ended, tally) = task.await.unwrap();
-        assert_eq!(ended.unwrap(), Ended::Closed);
-        let expected = Tally {
-            to_backend: 7,
-            to_client: 5,
-            backend_closed_first: false,
-        };
-        assert_eq!(tally, expected);
+        bounded(async {
+            let (mut client, mut backend, task, _kill) = joined(None).await;
+            client.write_all(b"request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"request");
+            backend.write_all(b"reply").await.unwrap();
+            drop(backend);
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.unwrap();
+            assert_eq!(reply, b"reply");
+            let (ended, tally) = task.await.unwrap();
+            assert_eq!(ended.unwrap(), Ended::Closed);
+            let expected = Tally {
+                to_backend: 7,
+                to_client: 5,
+                backend_closed_first: false,
+            };
+            assert_eq!(tally, expected);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn the_tally_says_the_backend_closed_first() {
-        let (mut client, mut backend, task, _kill) = joined(None).await;
-        backend.write_all(b"bye").await.unwrap();
-        backend.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"bye");
-        drop(client);
-        let (ended, tally) = task.await.unwrap();
-        assert_eq!(ended.unwrap(), Ended::Closed);
-        let expected = Tally {
-            to_backend: 0,
-            to_client: 3,
-            backend_closed_first: true,
-        };
-        assert_eq!(tally, expected);
+        bounded(async {
+            let (mut client, mut backend, task, _kill) = joined(None).await;
+            backend.write_all(b"bye").await.unwrap();
+            backend.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"bye");
+            drop(client);
+            let (ended, tally) = task.await.unwrap();
+            assert_eq!(ended.unwrap(), Ended::Closed);
+            let expected = Tally {
+                to_backend: 0,
+                to_client: 3,
+                backend_closed_first: true,
+            };
+            assert_eq!(tally, expected);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn large_transfers_arrive_intact() {
-        let (mut client, mut backend, task, _kill) = joined(None).await;
-        let payload: Vec<u8> = (0..3 * BUFFER_SIZE + 17).map(|i| (i % 251) as u8).collect();
-        let sent = payload.clone();
-        let writer = tokio::spawn(async move {
-            client.write_all(&sent).await.unwrap();
-            client.shutdown().await.unwrap();
-            client
-        });
-        let mut got = Vec::new();
-        backend.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, payload);
-        drop(backend);
-        drop(writer.await.unwrap());
-        assert_eq!(task.await.unwrap().0.unwrap(), Ended::Closed);
+        bounded(async {
+            let (mut client, mut backend, task, _kill) = joined(None).await;
+            let payload: Vec<u8> = (0..3 * BUFFER_SIZE + 17).map(|i| (i % 251) as u8).collect();
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move {
+                client.write_all(&sent).await.unwrap();
+                client.shutdown().await.unwrap();
+                client
+            });
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, payload);
+            drop(backend);
+            drop(writer.await.unwrap());
+            assert_eq!(task.await.unwrap().0.unwrap(), Ended::Closed);
+        })
+        .await;
     }
 
     /// Two TCP connections on loopback: (far end, near end) each.
@@ -933,96 +950,102 @@ mod tests {
     /// every byte arrives once and in order, and the half-closes pass.
     #[tokio::test]
     async fn a_connection_stopped_to_move_again_and_again_loses_nothing() {
-        let (client_far, client_near) = UnixStream::pair().unwrap();
-        let (backend_near, backend_far) = UnixStream::pair().unwrap();
-        let (client_near, backend_near) = (Stream::Unix(client_near), Stream::Unix(backend_near));
-        let up: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        let down: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
-        /// Writes `send` then half-closes; reads slowly to the end.
-        fn end(socket: UnixStream, send: Vec<u8>) -> tokio::task::JoinHandle<Vec<u8>> {
-            tokio::spawn(async move {
-                let (mut read, mut write) = socket.into_split();
-                let writer = tokio::spawn(async move {
-                    write.write_all(&send).await.unwrap();
-                    write.shutdown().await.unwrap();
-                    write
-                });
-                let mut got = Vec::new();
-                let mut chunk = vec![0u8; 16 * 1024];
-                loop {
-                    let n = read.read(&mut chunk).await.unwrap();
-                    if n == 0 {
-                        break;
+        bounded(async {
+            let (client_far, client_near) = UnixStream::pair().unwrap();
+            let (backend_near, backend_far) = UnixStream::pair().unwrap();
+            let (client_near, backend_near) = (Stream::Unix(client_near), Stream::Unix(backend_near));
+            let up: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+            let down: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+            /// Writes `send` then half-closes; reads slowly to the end.
+            fn end(socket: UnixStream, send: Vec<u8>) -> tokio::task::JoinHandle<Vec<u8>> {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = socket.into_split();
+                    let writer = tokio::spawn(async move {
+                        write.write_all(&send).await.unwrap();
+                        write.shutdown().await.unwrap();
+                        write
+                    });
+                    let mut got = Vec::new();
+                    let mut chunk = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = read.read(&mut chunk).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&chunk[..n]);
+                        tokio::time::sleep(Duration::from_micros(200)).await;
                     }
-                    got.extend_from_slice(&chunk[..n]);
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                }
-                drop(writer.await.unwrap());
-                got
-            })
-        }
-        let client = end(client_far, up.clone());
-        let backend = end(backend_far, down.clone());
-        let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
-        let kill = CancellationToken::new();
-        let mut carried = Carried::default();
-        let mut tally = Tally::default();
-        let mut moves = 0;
-        loop {
-            let moving = CancellationToken::new();
-            let stop = moving.clone();
-            let stopper = tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(3)).await;
-                stop.cancel();
-            });
-            let traffic = Traffic {
-                client_to_backend: &a,
-                backend_to_client: &b,
-            };
-            let ended = forward(
-                &client_near,
-                &backend_near,
-                carried,
-                None,
-                &kill,
-                Some(&moving),
-                (traffic, &mut tally),
-            )
-            .await
-            .unwrap();
-            stopper.abort();
-            match ended {
-                Ended::Moving(rest) => {
-                    moves += 1;
-                    carried = rest;
-                }
-                Ended::Closed => break,
-                other => panic!("ended {other:?}"),
+                    drop(writer.await.unwrap());
+                    got
+                })
             }
-        }
-        assert!(moves >= 5, "moved only {moves} times");
-        drop((client_near, backend_near));
-        assert!(
-            backend.await.unwrap() == up,
-            "the client's bytes reached the backend intact"
-        );
-        assert!(
-            client.await.unwrap() == down,
-            "the backend's bytes reached the client intact"
-        );
-        assert_eq!(a.load(Relaxed), up.len() as u64);
-        assert_eq!(b.load(Relaxed), down.len() as u64);
-        // Across the stops, every byte counted once.
-        assert_eq!(
-            (tally.to_backend, tally.to_client),
-            (up.len() as u64, down.len() as u64)
-        );
+            let client = end(client_far, up.clone());
+            let backend = end(backend_far, down.clone());
+            let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+            let kill = CancellationToken::new();
+            let mut carried = Carried::default();
+            let mut tally = Tally::default();
+            let mut moves = 0;
+            loop {
+                let moving = CancellationToken::new();
+                let stop = moving.clone();
+                let stopper = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    stop.cancel();
+                });
+                let traffic = Traffic {
+                    client_to_backend: &a,
+                    backend_to_client: &b,
+                };
+                let ended = forward(
+                    &client_near,
+                    &backend_near,
+                    carried,
+                    None,
+                    &kill,
+                    Some(&moving),
+                    (traffic, &mut tally),
+                )
+                .await
+                .unwrap();
+                stopper.abort();
+                match ended {
+                    Ended::Moving(rest) => {
+                        moves += 1;
+                        carried = rest;
+                    }
+                    Ended::Closed => break,
+                    other => panic!("ended {other:?}"),
+                }
+            }
+            assert!(moves >= 5, "moved only {moves} times");
+            drop((client_near, backend_near));
+            assert!(
+                backend.await.unwrap() == up,
+                "the client's bytes reached the backend intact"
+            );
+            assert!(
+                client.await.unwrap() == down,
+                "the backend's bytes reached the client intact"
+            );
+            assert_eq!(a.load(Relaxed), up.len() as u64);
+            assert_eq!(b.load(Relaxed), down.len() as u64);
+            // Across the stops, every byte counted once.
+            assert_eq!(
+                (tally.to_backend, tally.to_client),
+                (up.len() as u64, down.len() as u64)
+            );
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn kill_ends_the_connection() {
-        let (_client, _backend, task, kill) = joined(None).await;
-        kill.cancel();
-        assert_eq!(task.await.unwrap().0.unwrap(), Ended::Killed);
+        bounded(async {
+            let (_client, _backend, task, kill) = joined(None).await;
+            kill.cancel();
+            assert_eq!(task.await.unwrap().0.unwrap(), Ended::Killed);
+        })
+        .await;
     }
 }
