@@ -5,8 +5,10 @@
 //! only its socket and an empty read buffer (reused for its capacity):
 //! what the HTTP side needs to resume it, nothing of the HTTP side itself.
 //!
-//! A connection's socket is registered with the reactor of the worker
-//! thread that opened it, and its readiness is reported there: a request
+//! With connection workers, a connection's socket is registered with the
+//! reactor of the worker thread that opened it, and its readiness is
+//! reported there (without workers all threads share one reactor, and the
+//! preference below costs nothing): a request
 //! on another worker that took it would be woken across threads (a remote
 //! schedule and an eventfd write for each wake-up). So a connection is
 //! taken by its own thread first, by another only when its thread has

@@ -351,7 +351,7 @@ fn registered_again(socket: Stream) -> io::Result<Stream> {
 fn read_into(socket: &Stream, early: &mut Vec<u8>) -> io::Result<usize> {
     let mut chunk = [0u8; 4096];
     let room = MAX_REQUEST_HEAD.saturating_sub(early.len()).clamp(1, chunk.len());
-    let (n, _drained) = socket.try_read_draining(&mut chunk[..room])?;
+    let (n, _) = socket.try_read_draining(&mut chunk[..room])?;
     early.extend_from_slice(&chunk[..n]);
     Ok(n)
 }
