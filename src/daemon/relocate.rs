@@ -549,6 +549,19 @@ mod tests {
         given_back
     }
 
+    /// Calls `connections` (as `answer` does) and sends them all to a new
+    /// process of this version; none may stay. Returns how many moved.
+    async fn move_all(ours: &Channel, connections: Vec<LiveConnection>) -> u64 {
+        let departures = Arc::new(Departures::default());
+        answer(&departures, connections);
+        let (sink, arriving) = mpsc::unbounded_channel();
+        departures.begin(sink);
+        send_live(ours, handover::VERSION, &departures, arriving, |_| {
+            panic!("none should stay")
+        })
+        .await
+    }
+
     /// Two connections whose bytes in hand fill most of a packet each
     /// travel in packets of their own and arrive whole: bytes, state,
     /// backend, and sockets that still reach their far ends.
@@ -556,7 +569,6 @@ mod tests {
     async fn live_connections_arrive_whole() {
         let (ours, theirs) = handover::pair().expect("pair");
         let theirs = Channel::new(theirs).expect("channel");
-        let departures = Arc::new(Departures::default());
         let mut fars = Vec::new();
         let mut sent = Vec::new();
         for i in 0..2u8 {
@@ -564,14 +576,7 @@ mod tests {
             sent.push(connection);
             fars.push((client_far, backend_far));
         }
-        answer(&departures, sent);
-        let (sink, arriving) = mpsc::unbounded_channel();
-        departures.begin(sink);
-        let moved = send_live(&ours, handover::VERSION, &departures, arriving, |_| {
-            panic!("none should stay")
-        })
-        .await;
-        assert_eq!(moved, 2);
+        assert_eq!(move_all(&ours, sent).await, 2);
         let mut arrived = Vec::new();
         let mut packets = 0;
         while arrived.len() < 2 {
@@ -627,20 +632,12 @@ mod tests {
     async fn bytes_too_many_for_a_packet_travel_in_a_memory_file() {
         let (ours, theirs) = handover::pair().expect("pair");
         let theirs = Channel::new(theirs).expect("channel");
-        let departures = Arc::new(Departures::default());
         let pattern =
             |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i % 251) as u8 ^ seed).collect() };
         let (big, _big_client, _big_backend) =
             live("bulk", pattern(1, 256 * 1024), pattern(2, 256 * 1024 - 3));
         let (small, _small_client, _small_backend) = live("db", pattern(3, 100), pattern(4, 5));
-        answer(&departures, vec![big, small]);
-        let (sink, arriving) = mpsc::unbounded_channel();
-        departures.begin(sink);
-        let moved = send_live(&ours, handover::VERSION, &departures, arriving, |_| {
-            panic!("none should stay")
-        })
-        .await;
-        assert_eq!(moved, 2);
+        assert_eq!(move_all(&ours, vec![big, small]).await, 2);
         let mut arrived = Vec::new();
         while arrived.len() < 2 {
             let packet = theirs.recv().await.expect("a live packet");
