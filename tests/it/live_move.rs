@@ -430,13 +430,29 @@ fn a_tls_stream_stays_in_the_old_process() {
     assert_eq!(backend.accepted(), 3, "the backend saw a new connection");
 }
 
+/// More bytes than every socket buffer on one direction's way can hold:
+/// the writer's send buffer, the proxy's receive and send buffers and the
+/// reader's receive buffer, each of which the kernel's autotuning may grow
+/// to its sysctl maximum (32 MiB of receive buffer on Debian 12), and 16 MiB
+/// more for the proxy's pipe and what is in flight.
+fn more_than_the_buffers_hold() -> u64 {
+    let most = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|line| line.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .unwrap_or(32 << 20)
+    };
+    2 * (most("/proc/sys/net/ipv4/tcp_rmem") + most("/proc/sys/net/ipv4/tcp_wmem")) + (16 << 20)
+}
+
 /// Bytes the proxy holds when the upgrade comes (read from one side, not
 /// yet written to the other, whose reader has stopped reading) travel with
-/// the connection: 16 MiB each way, written while neither reader reads,
-/// arrive intact and in order after the upgrade, each followed by EOF.
+/// the connection: more than the socket buffers hold each way, written
+/// while neither reader reads, arrive intact and in order after the
+/// upgrade, each followed by EOF.
 #[test]
 fn bytes_in_flight_both_ways_arrive_intact_across_an_upgrade() {
-    const SIZE: u64 = 16 * 1024 * 1024;
+    let size = more_than_the_buffers_hold();
     let dir = common::tempdir();
     let program = install(dir.path());
     let (backend, backend_ends) = backend_handing_over_its_connections();
@@ -454,7 +470,7 @@ fn bytes_in_flight_both_ways_arrive_intact_across_an_upgrade() {
     let send = |mut stream: Stream, seed: u64| {
         thread::spawn(move || {
             common::Pattern::new(seed)
-                .write_to(&mut stream, SIZE)
+                .write_to(&mut stream, size)
                 .and_then(|()| stream.shutdown_write())
                 .map_err(|e| format!("writer {seed}: {e}"))
         })
@@ -488,7 +504,7 @@ fn bytes_in_flight_both_ways_arrive_intact_across_an_upgrade() {
     assert_old_exits(&mut old, upgraded, "a stuck connection open");
 
     let check = |mut stream: Stream, seed: u64| {
-        thread::spawn(move || common::Pattern::new(seed).verify_from(&mut stream, SIZE))
+        thread::spawn(move || common::Pattern::new(seed).verify_from(&mut stream, size))
     };
     let at_backend = check(server, 1);
     let at_client = check(client, 2);
