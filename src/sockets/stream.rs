@@ -105,7 +105,10 @@ impl Stream {
     /// Connects to `address`; TCP streams get TCP_NODELAY.
     pub async fn connect(address: &Address) -> io::Result<Stream> {
         match address {
-            Address::Tcp(TcpTarget::Ip(addr)) => Ok(Stream::Tcp(connect_tcp(*addr).await?)),
+            // Boxed: every connection's task is sized by its largest state,
+            // and a held connection's must not grow by a connect's (see
+            // `proxy::tests::a_plain_connection_task_stays_small`).
+            Address::Tcp(TcpTarget::Ip(addr)) => Ok(Stream::Tcp(Box::pin(connect_tcp(*addr)).await?)),
             Address::Tcp(TcpTarget::Name { host, port }) => {
                 tcp(TcpStream::connect((host.as_str(), *port)).await?)
             }
