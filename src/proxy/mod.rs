@@ -860,11 +860,19 @@ mod tests {
             .clone()
             .serve(Stream::Unix(client), Peer::Unix, Permits::unlimited());
         let size = std::mem::size_of_val(&task);
-        // With tokio's task header and trailer, a future of 1160 bytes
-        // still fits jemalloc's 1280-byte size class; past it, the next
-        // class is 1536 (measured by `bench/run --rows held`: RSS per held
-        // connection 1.86 KiB with a 1160-byte future, 2.12 KiB with 1192).
-        assert!(size <= 1160, "the per-connection future grew to {size} bytes");
+        // A task is the future and 104 bytes of tokio's (header, scheduler
+        // and id, stage tag, trailer), rounded up to its 128-byte alignment:
+        // a future of up to 1176 bytes fits jemalloc's 1280-byte size
+        // class, past it the next is 1536. Measured by `bench/run --rows
+        // held`: RSS per held connection 1.86 KiB with a 1160-byte future,
+        // 2.12 KiB with 1192. The bound is the size measured to fit; a
+        // debug build lays the same future out in 1200 bytes (1240 for the
+        // release build's 1192), so the tests bound each profile's own.
+        let bound = if cfg!(debug_assertions) { 1200 } else { 1160 };
+        assert!(
+            size <= bound,
+            "the per-connection future grew to {size} bytes (at most {bound})"
+        );
         proxy.retired.cancel();
     }
 

@@ -251,9 +251,10 @@ impl Stream {
 }
 
 /// A TCP connection to `addr`, with TCP_NODELAY. A failed connect is told
-/// by the readiness it wakes with (error or hang-up), so a connect that
-/// works costs no `SO_ERROR` read, as tokio's would (one system call less
-/// per backend connection); only a failed one reads it, for its cause.
+/// by the readiness it wakes with (its write side closed), so a connect
+/// that works reads no `SO_ERROR` (tokio's connect always does: one system
+/// call more per backend connection); only a failed one reads it, for its
+/// cause.
 async fn connect_tcp(addr: std::net::SocketAddr) -> io::Result<TcpStream> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = if addr.is_ipv4() {
@@ -274,7 +275,10 @@ async fn connect_tcp(addr: std::net::SocketAddr) -> io::Result<TcpStream> {
     }
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
     let ready = stream.ready(Interest::WRITABLE).await?;
-    if ready.is_error() || ready.is_write_closed() {
+    // A failed connect wakes with EPOLLHUP, or EPOLLERR with EPOLLOUT,
+    // both of which tokio reports as the write side closed (its error flag
+    // is masked out unless asked for).
+    if ready.is_write_closed() {
         return Err(match stream.take_error()? {
             Some(e) => e,
             None => io::ErrorKind::NotConnected.into(),

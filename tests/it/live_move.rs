@@ -433,8 +433,9 @@ fn a_tls_stream_stays_in_the_old_process() {
 /// More bytes than every socket buffer on one direction's way can hold:
 /// the writer's send buffer, the proxy's receive and send buffers and the
 /// reader's receive buffer, each of which the kernel's autotuning may grow
-/// to its sysctl maximum (32 MiB of receive buffer on Debian 12), and 16 MiB
-/// more for the proxy's pipe and what is in flight.
+/// to its sysctl maximum (32 MiB of receive buffer on the machine this was
+/// written on), and 16 MiB more for the proxy's pipe and what is in flight.
+/// At most 512 MiB, for hosts tuned to huge buffers.
 fn more_than_the_buffers_hold() -> u64 {
     let most = |path: &str| {
         std::fs::read_to_string(path)
@@ -442,7 +443,8 @@ fn more_than_the_buffers_hold() -> u64 {
             .and_then(|line| line.split_whitespace().nth(2)?.parse::<u64>().ok())
             .unwrap_or(32 << 20)
     };
-    2 * (most("/proc/sys/net/ipv4/tcp_rmem") + most("/proc/sys/net/ipv4/tcp_wmem")) + (16 << 20)
+    let all = 2 * (most("/proc/sys/net/ipv4/tcp_rmem") + most("/proc/sys/net/ipv4/tcp_wmem")) + (16 << 20);
+    all.min(512 << 20)
 }
 
 /// Bytes the proxy holds when the upgrade comes (read from one side, not
