@@ -20,8 +20,10 @@
 //! between requests, as an HTTP connection whose next request starts with
 //! the bytes already read.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,42 +206,32 @@ fn bytes_file_for(carried: &Carried, peer: u32) -> Result<Option<OwnedFd>, Strin
 
 /// A memory file holding `parts` one after the other.
 fn bytes_file(parts: &[&[u8]]) -> io::Result<OwnedFd> {
-    let file = rustix::fs::memfd_create(c"interlude-live", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let mut file = File::from(rustix::fs::memfd_create(
+        c"interlude-live",
+        rustix::fs::MemfdFlags::CLOEXEC,
+    )?);
     for part in parts {
-        let mut rest = *part;
-        while !rest.is_empty() {
-            match rustix::io::write(&file, rest) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => rest = &rest[n..],
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        file.write_all(part)?;
     }
-    Ok(file)
+    Ok(file.into())
 }
 
 /// A memory file's whole contents (read from its start: the sender's
 /// writes moved the offset it shares with us).
-fn read_bytes_file(file: &OwnedFd) -> io::Result<Vec<u8>> {
-    let size = rustix::fs::fstat(file)?.st_size;
-    let size = u64::try_from(size).ok().filter(|&size| size <= MAX_BYTES_FILE);
-    let Some(size) = size.and_then(|size| usize::try_from(size).ok()) else {
+fn read_bytes_file(file: OwnedFd) -> io::Result<Vec<u8>> {
+    let file = File::from(file);
+    let size = file.metadata()?.len();
+    let Some(size) = (size <= MAX_BYTES_FILE)
+        .then(|| usize::try_from(size).ok())
+        .flatten()
+    else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a memory file of bytes in hand is too large",
         ));
     };
     let mut bytes = vec![0u8; size];
-    let mut filled = 0;
-    while filled < size {
-        match rustix::io::pread(file, &mut bytes[filled..], filled as u64) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    file.read_exact_at(&mut bytes, 0)?;
     Ok(bytes)
 }
 
@@ -354,10 +346,7 @@ pub(super) fn live_connections(
                 }
             }
         };
-        let file_bytes = match entry
-            .bytes_fd
-            .map(|index| take(index).map(|file| read_bytes_file(&file)))
-        {
+        let file_bytes = match entry.bytes_fd.map(|index| take(index).map(read_bytes_file)) {
             None => None,
             Some(Some(Ok(bytes))) => Some(bytes),
             Some(None) => {
@@ -549,6 +538,14 @@ mod tests {
         given_back
     }
 
+    /// The next packet the new process's end receives, within 10 s.
+    async fn next_packet(theirs: &Channel) -> handover::Packet {
+        tokio::time::timeout(Duration::from_secs(10), theirs.recv())
+            .await
+            .expect("a live packet within 10 s")
+            .expect("a live packet")
+    }
+
     /// Calls `connections` (as `answer` does) and sends them all to a new
     /// process of this version; none may stay. Returns how many moved.
     async fn move_all(ours: &Channel, connections: Vec<LiveConnection>) -> u64 {
@@ -580,7 +577,7 @@ mod tests {
         let mut arrived = Vec::new();
         let mut packets = 0;
         while arrived.len() < 2 {
-            let packet = theirs.recv().await.expect("a live packet");
+            let packet = next_packet(&theirs).await;
             let Message::Live { connections } = packet.message else {
                 panic!("not live: {:?}", packet.message);
             };
@@ -640,7 +637,7 @@ mod tests {
         assert_eq!(move_all(&ours, vec![big, small]).await, 2);
         let mut arrived = Vec::new();
         while arrived.len() < 2 {
-            let packet = theirs.recv().await.expect("a live packet");
+            let packet = next_packet(&theirs).await;
             let Message::Live { connections } = packet.message else {
                 panic!("not live: {:?}", packet.message);
             };
@@ -726,7 +723,7 @@ mod tests {
         assert_eq!(stayed[0].carried.to_client, vec![8; 10]);
         let mut arrived = 0;
         while arrived < 3 {
-            let packet = theirs.recv().await.expect("a live packet");
+            let packet = next_packet(&theirs).await;
             let Message::Live { connections } = packet.message else {
                 panic!("not live: {:?}", packet.message);
             };
@@ -819,7 +816,7 @@ mod tests {
         let receiving = tokio::spawn(async move {
             let mut arrived = 0;
             while arrived < total {
-                let packet = theirs.recv().await.expect("a live packet");
+                let packet = next_packet(&theirs).await;
                 let Message::Live { connections } = packet.message else {
                     panic!("not live");
                 };

@@ -668,6 +668,13 @@ mod tests {
             .expect("the test did not finish within 30 s")
     }
 
+    /// `task` ended as both sides closed, with `tally`.
+    async fn ended_closed(task: tokio::task::JoinHandle<(io::Result<Ended>, Tally)>, tally: Tally) {
+        let (ended, counted) = task.await.unwrap();
+        assert_eq!(ended.unwrap(), Ended::Closed);
+        assert_eq!(counted, tally);
+    }
+
     /// A client and a backend joined through `forward`, with the far ends
     /// returned to the test.
     async fn joined(
@@ -733,14 +740,15 @@ mod tests {
             let mut reply = Vec::new();
             client.read_to_end(&mut reply).await.unwrap();
             assert_eq!(reply, b"reply");
-            let (ended, tally) = task.await.unwrap();
-            assert_eq!(ended.unwrap(), Ended::Closed);
-            let expected = Tally {
-                to_backend: 7,
-                to_client: 5,
-                backend_closed_first: false,
-            };
-            assert_eq!(tally, expected);
+            ended_closed(
+                task,
+                Tally {
+                    to_backend: 7,
+                    to_client: 5,
+                    backend_closed_first: false,
+                },
+            )
+            .await;
         })
         .await;
     }
@@ -755,14 +763,15 @@ mod tests {
             client.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"bye");
             drop(client);
-            let (ended, tally) = task.await.unwrap();
-            assert_eq!(ended.unwrap(), Ended::Closed);
-            let expected = Tally {
-                to_backend: 0,
-                to_client: 3,
-                backend_closed_first: true,
-            };
-            assert_eq!(tally, expected);
+            ended_closed(
+                task,
+                Tally {
+                    to_backend: 0,
+                    to_client: 3,
+                    backend_closed_first: true,
+                },
+            )
+            .await;
         })
         .await;
     }

@@ -230,63 +230,6 @@ impl Inner {
     }
 }
 
-impl Gate {
-    /// Releases `queue` all at once, each lane's connections from a job on
-    /// their own runtime, in queue order within a lane. A job that finds
-    /// the proxy paused again before a batch puts the rest back at the
-    /// front of the queue, held as before: nothing reaches the backend
-    /// after the pause (a `wait-idle` that saw them held is not fooled).
-    fn release_all(self: &Arc<Self>, queue: VecDeque<Queued>, lanes: &[Lane]) {
-        let mut by_lane: Vec<Vec<oneshot::Sender<()>>> = lanes.iter().map(|_| Vec::new()).collect();
-        for queued in queue {
-            match by_lane.get_mut(queued.lane as usize) {
-                Some(senders) => senders.push(queued.release),
-                // Held outside any runtime: now.
-                None => {
-                    let _ = queued.release.send(());
-                }
-            }
-        }
-        for ((index, lane), senders) in lanes.iter().enumerate().zip(by_lane) {
-            if senders.is_empty() {
-                continue;
-            }
-            let gate = self.clone();
-            let lane_index = index as u32;
-            // A runtime shutting down drops the job: its senders dropped,
-            // its connections' holds end as closed (they end with it anyway).
-            drop(lane.runtime.spawn(async move {
-                let mut senders = senders.into_iter();
-                while senders.len() > 0 {
-                    if gate.close_held.is_cancelled() {
-                        // Stopping: held clients close, nothing is released.
-                        return;
-                    }
-                    {
-                        let mut inner = gate.lock();
-                        if inner.state.paused() {
-                            for release in senders.rev() {
-                                inner.queue.push_front(Queued {
-                                    release,
-                                    lane: lane_index,
-                                });
-                            }
-                            return;
-                        }
-                    }
-                    for sender in senders.by_ref().take(RELEASE_BATCH) {
-                        let _ = sender.send(());
-                    }
-                    // Back after the runtime's next look at its sockets: the
-                    // connections released so far, and those their exchanges
-                    // woke, run first.
-                    tokio::task::yield_now().await;
-                }
-            }));
-        }
-    }
-}
-
 /// Held connections a lane's release wakes before it lets its runtime
 /// look at its sockets again. All at once, 10,000 connections opened
 /// 10,000 backend connections before any exchange ended: the backend's
@@ -453,7 +396,7 @@ impl Gate {
             let queue = std::mem::take(&mut inner.queue);
             // Kept: a lane's index stays valid for connections a job puts
             // back (and the lanes are a handful, one per thread).
-            let lanes: Vec<Lane> = inner.lanes.iter().map(Lane::clone).collect();
+            let lanes = inner.lanes.clone();
             self.slow_path.store(false, Relaxed);
             drop(inner);
             self.release_all(queue, &lanes);
@@ -492,6 +435,61 @@ impl Gate {
                 }
             }
         });
+    }
+
+    /// Releases `queue` all at once, each lane's connections from a job on
+    /// their own runtime, in queue order within a lane. A job that finds
+    /// the proxy paused again before a batch puts the rest back at the
+    /// front of the queue, held as before: nothing reaches the backend
+    /// after the pause (a `wait-idle` that saw them held is not fooled).
+    fn release_all(self: &Arc<Self>, queue: VecDeque<Queued>, lanes: &[Lane]) {
+        let mut by_lane: Vec<Vec<oneshot::Sender<()>>> = lanes.iter().map(|_| Vec::new()).collect();
+        for queued in queue {
+            match by_lane.get_mut(queued.lane as usize) {
+                Some(senders) => senders.push(queued.release),
+                // Held outside any runtime: now.
+                None => {
+                    let _ = queued.release.send(());
+                }
+            }
+        }
+        for ((index, lane), senders) in lanes.iter().enumerate().zip(by_lane) {
+            if senders.is_empty() {
+                continue;
+            }
+            let gate = self.clone();
+            let lane_index = index as u32;
+            // A runtime shutting down drops the job: its senders dropped,
+            // its connections' holds end as closed (they end with it anyway).
+            drop(lane.runtime.spawn(async move {
+                let mut senders = senders.into_iter();
+                while senders.len() > 0 {
+                    if gate.close_held.is_cancelled() {
+                        // Stopping: held clients close, nothing is released.
+                        return;
+                    }
+                    {
+                        let mut inner = gate.lock();
+                        if inner.state.paused() {
+                            for release in senders.rev() {
+                                inner.queue.push_front(Queued {
+                                    release,
+                                    lane: lane_index,
+                                });
+                            }
+                            return;
+                        }
+                    }
+                    for sender in senders.by_ref().take(RELEASE_BATCH) {
+                        let _ = sender.send(());
+                    }
+                    // Back after the runtime's next look at its sockets: the
+                    // connections released so far, and those their exchanges
+                    // woke, run first.
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -577,6 +575,14 @@ mod tests {
         assert!(matches!(gate.admit(), Admission::Reject(RejectReason::Paused)));
     }
 
+    /// A connection worker's kind of runtime, for a thread of its own.
+    fn worker_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
     /// Held connections are released on the runtime they wait on, by a
     /// job there, whichever thread resumes (here: one outside any runtime).
     #[test]
@@ -586,22 +592,24 @@ mod tests {
         let (admitted, all_admitted) = std::sync::mpsc::channel();
         let worker_gate = gate.clone();
         let worker = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let runtime = worker_runtime();
             runtime.block_on(async move {
                 let count = 3 * RELEASE_BATCH + 1;
                 let mut tickets: Vec<HeldTicket> = (0..count).map(|_| held(worker_gate.admit())).collect();
                 admitted.send(()).expect("send");
-                let mut released = 0;
-                for ticket in &mut tickets {
-                    released += usize::from(ticket.released().await);
-                }
-                (count, released)
+                let released = tokio::time::timeout(Duration::from_secs(10), async {
+                    let mut released = 0;
+                    for ticket in &mut tickets {
+                        released += usize::from(ticket.released().await);
+                    }
+                    released
+                });
+                (count, released.await.expect("released within 10 s"))
             })
         });
-        all_admitted.recv().expect("admitted");
+        all_admitted
+            .recv_timeout(Duration::from_secs(10))
+            .expect("admitted");
         assert_eq!(gate.lock().lanes.len(), 1, "one lane: the worker's thread");
         assert!(gate.set_runtime(None));
         let (count, released) = worker.join().expect("worker");
@@ -622,11 +630,7 @@ mod tests {
         let (settled, repause_settled) = std::sync::mpsc::channel();
         let (worker_gate, worker_released) = (gate.clone(), released.clone());
         let worker = std::thread::spawn(move || {
-            let worker_runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            worker_runtime.block_on(async move {
+            worker_runtime().block_on(async move {
                 let tasks: Vec<_> = (0..count)
                     .map(|_| {
                         let mut ticket = held(worker_gate.admit());
@@ -643,14 +647,22 @@ mod tests {
                 // The release's job runs, meets the pause, puts the rest back.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 settled.send(()).expect("send");
-                for task in tasks {
-                    task.await.expect("ticket task");
-                }
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    for task in tasks {
+                        task.await.expect("ticket task");
+                    }
+                })
+                .await
+                .expect("released within 10 s");
             })
         });
-        all_admitted.recv().expect("admitted");
+        all_admitted
+            .recv_timeout(Duration::from_secs(10))
+            .expect("admitted");
         assert!(gate.set_runtime(None), "resumed");
-        repause_settled.recv().expect("settled");
+        repause_settled
+            .recv_timeout(Duration::from_secs(10))
+            .expect("settled");
         let early = released.load(Relaxed);
         assert!(gate.lock().state.paused(), "paused again");
         assert!(
