@@ -153,6 +153,22 @@ pub async fn serve(listener: Listener, config: ControlConfig, shared: Arc<Shared
     let connections = TaskTracker::new();
     let slots = Arc::new(Slots::default());
     let mut failing = false;
+    let acceptor = loop {
+        match listener.acceptor() {
+            Ok(acceptor) => break acceptor,
+            // Out of descriptors at the start: as for a failed accept.
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "control socket: cannot watch it; retrying");
+                    failing = true;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    };
     'accepting: loop {
         while !slots.make_room() {
             // Every connection is in a request: wait for one to end.
@@ -163,7 +179,7 @@ pub async fn serve(listener: Listener, config: ControlConfig, shared: Arc<Shared
         }
         let accepted = tokio::select! {
             () = stop.cancelled() => break 'accepting,
-            accepted = listener.accept() => accepted,
+            accepted = acceptor.accept() => accepted,
         };
         let stream = match accepted {
             Ok((stream, _)) => {

@@ -5,8 +5,7 @@
 //! proxy, or moves virtual hosts on and off a shared address, only replaces
 //! the socket's routes; the socket itself keeps accepting.
 
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -28,34 +27,33 @@ use crate::proxy::listener::{Heartbeat, Routes, Site, accept_loop};
 use crate::proxy::workers::Workers;
 use crate::sockets::stream::Listener;
 
-/// An accept loop, the socket it owns and the routes it serves.
+/// A listening socket, its accept loops (one per connection worker) and
+/// the routes they serve.
 pub(super) struct RunningListener {
     pub key: ListenKey,
     /// The address actually bound (a port 0 shows the chosen port).
     pub bound: Address,
     stop: CancellationToken,
-    task: JoinHandle<Listener>,
-    /// The last watchdog tick its accept loop answered.
+    loops: Vec<JoinHandle<()>>,
+    /// The last watchdog tick its accept loops answered.
     pub answered: Arc<AtomicU64>,
     routes: watch::Sender<Routes>,
     pub site: Arc<Site>,
-    /// A second descriptor for the socket, to offer an upgrade (`None`:
-    /// none could be made, out of descriptors; an upgrade then fails).
-    socket: Option<OwnedFd>,
+    /// Shared with the accept loops, and back in this hand alone once
+    /// they have ended.
+    listener: Arc<Listener>,
 }
 
 /// A socket no longer accepted on (an upgrade's new process accepts on it
 /// now), kept open until the upgrade commits or is undone.
 pub(super) struct HaltedListener {
     key: ListenKey,
-    /// `None` if its accept loop had panicked and the socket could not be
-    /// recovered from the spare descriptor.
-    listener: Option<Listener>,
+    listener: Arc<Listener>,
     site: Arc<Site>,
 }
 
 impl HaltedListener {
-    pub fn into_parts(self) -> (ListenKey, Option<Listener>, Arc<Site>) {
+    pub fn into_parts(self) -> (ListenKey, Arc<Listener>, Arc<Site>) {
         (self.key, self.listener, self.site)
     }
 
@@ -72,15 +70,15 @@ impl HaltedListener {
 }
 
 impl RunningListener {
-    /// Starts accepting on `listener` for `routes`, at most `max`
-    /// connections at once (0 = no limit) and within `daemon_limit`, once
-    /// `accepting` is cancelled. `kill` closes its HTTP connections (a
+    /// Starts accepting on `listener` for `routes`, on every connection
+    /// worker, at most `max` connections at once (0 = no limit) and within
+    /// `daemon_limit`, once `accepting` is cancelled. `kill` closes its HTTP connections (a
     /// child of the daemon's kill token); `departures` calls them to move
     /// (an upgrade).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         key: ListenKey,
-        listener: Listener,
+        listener: Arc<Listener>,
         (routes, max): (Routes, usize),
         daemon_limit: Arc<ConnectionLimit>,
         watchdog_ticks: &watch::Sender<u64>,
@@ -90,7 +88,6 @@ impl RunningListener {
         workers: Arc<Workers>,
     ) -> RunningListener {
         let bound = listener.local_address();
-        let socket = listener.as_fd().try_clone_to_owned().ok();
         let (routes, receiver) = watch::channel(routes);
         let site = Arc::new(Site {
             routes: receiver,
@@ -101,58 +98,58 @@ impl RunningListener {
             limit: ConnectionLimit::new(max),
             daemon_limit,
             departures,
-            workers,
         });
         let stop = CancellationToken::new();
         let answered = Arc::new(AtomicU64::new(*watchdog_ticks.borrow()));
-        let heartbeat = Heartbeat {
-            ticks: watchdog_ticks.subscribe(),
-            answered: answered.clone(),
-        };
-        // The accept loop is the site's first task; `stop` joins it (and
-        // gets the socket back) before the site's connections are waited on.
-        let task = site.connections.spawn(accept_loop(
-            site.clone(),
-            listener,
-            stop.clone(),
-            heartbeat,
-            accepting.clone(),
-        ));
+        // The accept loops are the site's first tasks; `stop` joins them
+        // before the site's connections are waited on.
+        let loops = workers.spawn_on_each(|| {
+            let heartbeat = Heartbeat {
+                ticks: watchdog_ticks.subscribe(),
+                answered: answered.clone(),
+            };
+            site.connections.track_future(accept_loop(
+                site.clone(),
+                listener.clone(),
+                stop.clone(),
+                heartbeat,
+                accepting.clone(),
+            ))
+        });
         RunningListener {
             key,
             bound,
             stop,
-            task,
+            loops,
             answered,
             routes,
             site,
-            socket,
+            listener,
         }
     }
 
     /// The listening socket, to offer an upgrade.
-    pub fn socket(&self) -> io::Result<BorrowedFd<'_>> {
-        self.socket
-            .as_ref()
-            .map(AsFd::as_fd)
-            .ok_or_else(|| io::Error::other(format!("no spare descriptor for {}", self.bound)))
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Stops the accept loops and waits for them to end.
+    async fn join_loops(&mut self) {
+        self.stop.cancel();
+        for accept_loop in self.loops.drain(..) {
+            // A loop that panicked has nothing to give back: the socket is
+            // still here.
+            drop(accept_loop.await);
+        }
     }
 
     /// Stops accepting but keeps the socket open and its HTTP connections
     /// serving: an upgrade's new process accepts on it now.
-    pub async fn halt(self) -> HaltedListener {
-        self.stop.cancel();
-        let listener = match self.task.await {
-            Ok(listener) => Some(listener),
-            // The accept loop panicked and took its socket with it: the
-            // descriptor kept for the upgrade stands in for it.
-            Err(_) => self
-                .socket
-                .and_then(|socket| Listener::adopt(socket, self.key.address(), false).ok()),
-        };
+    pub async fn halt(mut self) -> HaltedListener {
+        self.join_loops().await;
         HaltedListener {
             key: self.key,
-            listener,
+            listener: self.listener,
             site: self.site,
         }
     }
@@ -187,9 +184,9 @@ impl RunningListener {
     /// Stops accepting and closes the socket; HTTP connections are told to
     /// close when idle. Returns the site, whose connections the caller
     /// waits for.
-    pub async fn stop(self) -> Arc<Site> {
-        self.stop.cancel();
-        drop(self.task.await);
+    pub async fn stop(mut self) -> Arc<Site> {
+        self.join_loops().await;
+        drop(self.listener);
         info!(address = %self.bound, "listener closed");
         self.site.closing.cancel();
         self.site.connections.close();

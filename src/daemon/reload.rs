@@ -332,7 +332,7 @@ impl Daemon {
             if let Some(routes) = listeners::routes_for(&key, &next) {
                 listeners.push(RunningListener::start(
                     key,
-                    socket,
+                    Arc::new(socket),
                     routes,
                     self.daemon_limit.limit.clone(),
                     &self.watchdog_ticks,

@@ -160,8 +160,8 @@ where
     passed.log();
     let mut inherited = inherited_sockets(passed);
     raise_fd_limit();
-    // With connection workers, the daemon's own runtime accepts, checks
-    // health and answers the control socket: one thread does.
+    // With connection workers (which accept, too), the daemon's own runtime
+    // checks health and answers the control socket: one thread does.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if worker_count() > 0 {
         builder.worker_threads(1);
@@ -302,7 +302,7 @@ impl Daemon {
             accepting.cancel();
         }
         let (watchdog_ticks, _) = latest::channel(0u64);
-        let daemon_limit = Arc::new(DaemonLimit::new(&config));
+        let daemon_limit = Arc::new(DaemonLimit::new(&config, worker_count()));
         info!("connection limit: {}", daemon_limit.describe());
         if daemon_limit.exceeds_open_files(&config) {
             warn!(
@@ -345,7 +345,7 @@ impl Daemon {
             if let Some(routes) = listeners::routes_for(&key, &proxies) {
                 listeners.push(RunningListener::start(
                     key,
-                    socket,
+                    Arc::new(socket),
                     routes,
                     daemon_limit.limit.clone(),
                     &watchdog_ticks,

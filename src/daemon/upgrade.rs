@@ -289,7 +289,7 @@ impl Daemon {
                 proxy: listener.key.owner().map(str::to_string),
                 fd: fds.len(),
             });
-            fds.push(listener.socket()?.try_clone_to_owned()?);
+            fds.push(listener.socket().try_clone_to_owned()?);
         }
         let control = SocketEntry {
             address: self.config.control.listen.to_string(),
@@ -460,10 +460,6 @@ impl Daemon {
             self.retiring
                 .spawn(async move { retiring.connections.wait().await });
             site.connections.close();
-            let Some(listener) = listener else {
-                warn!(address = %key.address(), "a socket lost with its accept loop is not served again");
-                continue;
-            };
             if let Some(routes) = routes_for(&key, &self.running.proxies) {
                 self.running.listeners.push(RunningListener::start(
                     key,

@@ -144,25 +144,29 @@ pub struct DaemonLimit {
     pub derived: AtomicBool,
     /// The open-files limit the maximum was derived from.
     pub open_files: AtomicU64,
+    /// Threads that accept on every listening socket (see `derived_max`).
+    accepting_threads: usize,
 }
 
 impl DaemonLimit {
-    /// The limit `config` asks for, under the process's open-files limit.
-    pub fn new(config: &Config) -> DaemonLimit {
+    /// The limit `config` asks for, under the process's open-files limit,
+    /// for `accepting_threads` threads accepting on every listening socket.
+    pub fn new(config: &Config, accepting_threads: usize) -> DaemonLimit {
         let open_files = open_files_limit();
-        let (max, derived) = daemon_max(open_files, config);
+        let (max, derived) = daemon_max(open_files, config, accepting_threads);
         pipe::set_budget(pipe::budget_for(open_files));
         DaemonLimit {
             limit: ConnectionLimit::new(max),
             derived: AtomicBool::new(derived),
             open_files: AtomicU64::new(open_files),
+            accepting_threads,
         }
     }
 
     /// Applies a reloaded config's limit; true if the maximum changed.
     pub fn update(&self, config: &Config) -> bool {
         let open_files = open_files_limit();
-        let (max, derived) = daemon_max(open_files, config);
+        let (max, derived) = daemon_max(open_files, config, self.accepting_threads);
         pipe::set_budget(pipe::budget_for(open_files));
         self.derived.store(derived, Relaxed);
         self.open_files.store(open_files, Relaxed);
@@ -186,7 +190,8 @@ impl DaemonLimit {
     /// reserve under the open-files limit: descriptors may run out first.
     pub fn exceeds_open_files(&self, config: &Config) -> bool {
         let open_files = self.open_files.load(Relaxed);
-        !self.derived.load(Relaxed) && self.limit.max() > derived_max(open_files, config)
+        !self.derived.load(Relaxed)
+            && self.limit.max() > derived_max(open_files, config, self.accepting_threads)
     }
 }
 
@@ -211,15 +216,16 @@ const HTTP_POOL_RESERVE: usize = crate::backends::pool::MAX_IDLE_PER_BACKEND;
 /// reserve = 64 (process) + 64 (control connections)
 ///         + 2 per pipe for bulk transfers (`pipe::budget_for`:
 ///           one per 64 open files, at most 64)
-///         + 2 per listening socket (it, and a client accepted
-///           while the daemon-wide limit is reached)
+///         + per listening socket, 1 (it) and 2 per accepting
+///           thread (its descriptor for the socket, and a client
+///           accepted while the daemon-wide limit is reached)
 ///         + 1 per backend (its health check)
 ///         + 32 per mode-http backend (its idle keep-alive pool)
 /// ```
-pub fn derived_max(open_files: u64, config: &Config) -> usize {
+pub fn derived_max(open_files: u64, config: &Config, accepting_threads: usize) -> usize {
     let mut reserve = BASE_RESERVE + CONTROL_RESERVE + 2 * pipe::budget_for(open_files);
     for proxy in &config.proxies {
-        reserve += 2 + proxy.backends.len();
+        reserve += 1 + 2 * accepting_threads.max(1) + proxy.backends.len();
         if proxy.mode == Mode::Http {
             reserve += HTTP_POOL_RESERVE * proxy.backends.len();
         }
@@ -230,9 +236,9 @@ pub fn derived_max(open_files: u64, config: &Config) -> usize {
 
 /// The daemon-wide maximum `config` asks for: `limits.max_connections`, or
 /// derived from `open_files`. True when derived.
-pub fn daemon_max(open_files: u64, config: &Config) -> (usize, bool) {
+pub fn daemon_max(open_files: u64, config: &Config, accepting_threads: usize) -> (usize, bool) {
     match config.limits.max_connections {
-        0 => (derived_max(open_files, config), true),
+        0 => (derived_max(open_files, config, accepting_threads), true),
         set => (set as usize, false),
     }
 }
@@ -295,11 +301,11 @@ mod tests {
             "proxies: [{name: a, listen: '127.0.0.1:1', backends: ['127.0.0.1:2', '127.0.0.1:3']}]",
         )
         .expect("test config");
-        // 268 - (64 + 64 + 2 * 4 pipes + 2 + 2) = 128, halved.
-        assert_eq!(derived_max(268, &config), 64);
-        assert_eq!(derived_max(10, &config), 1);
-        assert_eq!(daemon_max(268, &config), (64, true));
-        // 20000 - (64 + 64 + 2 * 64 pipes + 2 + 2) = 19740, halved.
-        assert_eq!(derived_max(20000, &config), 9870);
+        // 268 - (64 + 64 + 2 * 4 pipes + (1 + 2 * 1 thread) + 2) = 127, halved.
+        assert_eq!(derived_max(268, &config, 1), 63);
+        assert_eq!(derived_max(10, &config, 1), 1);
+        assert_eq!(daemon_max(268, &config, 1), (63, true));
+        // 20000 - (64 + 64 + 2 * 64 pipes + (1 + 2 * 2 threads) + 2) = 19737, halved.
+        assert_eq!(derived_max(20000, &config, 2), 9868);
     }
 }

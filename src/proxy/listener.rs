@@ -1,5 +1,6 @@
-//! The accept loop of one listening socket: it only accepts and hands each
-//! connection to its own task, and it never dies on a failed accept.
+//! The accept loops of one listening socket, one on each connection worker
+//! (`workers.rs`): each only accepts and hands each connection to its own
+//! task on the same thread, and never dies on a failed accept.
 //!
 //! A socket serves one `mode: tcp` proxy, or one or more `mode: http`
 //! proxies told apart by `Host` (virtual hosts). Which ones is its `Routes`,
@@ -8,8 +9,9 @@
 //! Before each accept the loop takes a permit of the socket's connection
 //! limit, and after it one of the daemon-wide limit (`limit.rs`); at a
 //! limit it waits, and clients wait in the kernel's accept queue (at the
-//! daemon-wide limit, one accepted client per socket waits with them). The
-//! permits go with the connection's task and return when it ends.
+//! daemon-wide limit, one accepted client per socket and worker waits with
+//! them). The permits go with the connection's task and return when it
+//! ends.
 
 use std::io;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use tracing::{info, warn};
 use super::Proxy;
 use super::http::VirtualHosts;
 use super::limit::{ConnectionLimit, Permit};
-use crate::sockets::stream::Listener;
+use crate::sockets::stream::{Listener, Peer, Stream};
 
 /// Who serves the connections of one listening socket.
 #[derive(Clone)]
@@ -67,8 +69,6 @@ pub struct Site {
     /// plain HTTP connections move between requests, protocol switches'
     /// tunnels at any point.
     pub departures: Arc<super::depart::Departures>,
-    /// The threads its connections run on.
-    pub workers: Arc<super::workers::Workers>,
 }
 
 /// The permits one connection holds until it ends.
@@ -189,25 +189,45 @@ pub struct Heartbeat {
     pub answered: Arc<AtomicU64>,
 }
 
-/// Accepts until `stop` is cancelled, then hands the listening socket back.
+/// Accepts on `listener` until `stop` is cancelled, and serves each
+/// connection on the runtime it runs on: one such loop runs on each
+/// connection worker, all on the same socket (`Workers::spawn_on_each`).
 pub async fn accept_loop(
     site: Arc<Site>,
-    listener: Listener,
+    listener: Arc<Listener>,
     stop: CancellationToken,
     mut heartbeat: Heartbeat,
     accepting: CancellationToken,
-) -> Listener {
+) {
     // Until the process may accept, clients wait in the kernel's queue.
     loop {
         tokio::select! {
             biased;
-            () = stop.cancelled() => return listener,
+            () = stop.cancelled() => return,
             () = accepting.cancelled() => break,
             Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
         }
     }
     let address = listener.local_address();
     let mut backoff = Backoff::default();
+    let acceptor = loop {
+        match listener.acceptor() {
+            Ok(acceptor) => break acceptor,
+            // Out of descriptors (or the kernel's memory): the other
+            // workers accept meanwhile.
+            Err(e) => {
+                let pause = backoff.next();
+                if backoff.first() {
+                    warn!(%address, error = %e, "cannot watch a listening socket on this thread; retrying");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    };
+    backoff.reset();
     let mut at_limit = AtLimit {
         address: address.clone(),
         logged: None,
@@ -231,7 +251,7 @@ pub async fn accept_loop(
                 heartbeat.answer();
                 continue;
             }
-            accepted = listener.accept_std() => accepted,
+            accepted = acceptor.accept() => accepted,
         };
         drop(reserved);
         match accepted {
@@ -241,8 +261,8 @@ pub async fn accept_loop(
                     backoff.reset();
                 }
                 // At the daemon-wide limit this one client waits accepted
-                // (one descriptor per socket, in the reserve); the others
-                // wait in the kernel's queue.
+                // (one descriptor per socket and worker, in the reserve);
+                // the others wait in the kernel's queue.
                 let (daemon_permit, stopped) = match at_limit
                     .permit(&site, Reached::Daemon, &stop, &mut heartbeat)
                     .await
@@ -257,46 +277,7 @@ pub async fn accept_loop(
                     _socket: socket_permit,
                     _daemon: daemon_permit,
                 };
-                let routes = site.routes.borrow().clone();
-                match routes {
-                    Routes::Tcp(proxy) => {
-                        proxy.stats.accepted.fetch_add(1, Relaxed);
-                        site.workers.serve(client, move |client| {
-                            // `serve`'s own future, not wrapped in an async
-                            // block: a wrapper keeps the future it awaits
-                            // twice (rust-lang/rust#62958), and every held
-                            // connection would pay for the copy.
-                            proxy
-                                .connections
-                                .spawn(proxy.clone().serve(client, peer, permits));
-                        });
-                    }
-                    Routes::Http(hosts) => {
-                        let on = site.clone();
-                        site.workers.serve(client, move |client| {
-                            // Only a site that takes PROXY headers pays for
-                            // the wait for one in its connections' tasks.
-                            let accepts_proxy = hosts
-                                .any()
-                                .is_some_and(|first| first.settings.borrow().accept_proxy.is_some());
-                            if accepts_proxy {
-                                let connection =
-                                    super::http::serve_accepted(on.clone(), hosts, client, peer, permits);
-                                on.connections.spawn(connection);
-                            } else {
-                                let connection = super::http::serve_connection(
-                                    on.clone(),
-                                    hosts,
-                                    client,
-                                    peer,
-                                    permits,
-                                    Vec::new(),
-                                );
-                                on.connections.spawn(connection);
-                            }
-                        });
-                    }
-                }
+                serve(&site, client, peer, permits);
                 if stopped {
                     break;
                 }
@@ -317,7 +298,39 @@ pub async fn accept_loop(
             }
         }
     }
-    listener
+}
+
+/// Spawns the task that serves `client`, on this runtime, for the socket's
+/// routes of the moment.
+fn serve(site: &Arc<Site>, client: Stream, peer: Peer, permits: Permits) {
+    let routes = site.routes.borrow().clone();
+    match routes {
+        Routes::Tcp(proxy) => {
+            proxy.stats.accepted.fetch_add(1, Relaxed);
+            // `serve`'s own future, not wrapped in an async block: a
+            // wrapper keeps the future it awaits twice
+            // (rust-lang/rust#62958), and every held connection would pay
+            // for the copy.
+            proxy
+                .connections
+                .spawn(proxy.clone().serve(client, peer, permits));
+        }
+        Routes::Http(hosts) => {
+            // Only a site that takes PROXY headers pays for the wait for
+            // one in its connections' tasks.
+            let accepts_proxy = hosts
+                .any()
+                .is_some_and(|first| first.settings.borrow().accept_proxy.is_some());
+            if accepts_proxy {
+                let connection = super::http::serve_accepted(site.clone(), hosts, client, peer, permits);
+                site.connections.spawn(connection);
+            } else {
+                let connection =
+                    super::http::serve_connection(site.clone(), hosts, client, peer, permits, Vec::new());
+                site.connections.spawn(connection);
+            }
+        }
+    }
 }
 
 impl Heartbeat {

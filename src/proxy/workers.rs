@@ -1,13 +1,19 @@
 //! The threads accepted connections run on: one single-threaded runtime
 //! per core, each connection on one of them from its accept to its end.
 //!
-//! The daemon's own runtime accepts, and hands each accepted socket to a
-//! worker in turn. A connection's client and backend sockets, its timers
-//! and its task then live on that worker's thread: a wake-up never crosses
-//! cores and nothing is stolen, as in HAProxy's threads, and a worker's
-//! scheduler shares no queue or lock with the others. (tokio's
-//! multi-threaded scheduler moves tasks between cores whenever one is
-//! woken by the other core's I/O driver.)
+//! Every worker accepts on every listening socket (`spawn_on_each`), and
+//! serves what it accepted: a connection's client and backend sockets, its
+//! timers and its task live on the thread that accepted it, from its
+//! accept to its end. A wake-up never crosses cores and nothing is stolen,
+//! as in HAProxy's threads, and a worker's scheduler shares no queue or
+//! lock with the others. (tokio's multi-threaded scheduler moves tasks
+//! between cores whenever one is woken by the other core's I/O driver; an
+//! acceptor on the daemon's thread cost a thread switch and a hand-over
+//! per connection.) Which worker takes a new connection is whichever asks
+//! the socket first: a busy one asks later.
+//!
+//! Connections that do not come from an accept (an upgrade's moved ones)
+//! go to the workers in turn (`serve`, `run`).
 //!
 //! The systemd watchdog covers the workers too: each tick is a job on
 //! every worker, and a worker that has not run it by the next tick is
@@ -20,10 +26,11 @@ use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -36,10 +43,12 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 #[derive(Debug, Default)]
 pub struct Workers {
     lanes: Vec<mpsc::UnboundedSender<Job>>,
+    /// Per worker: its runtime, to spawn on from elsewhere.
+    runtimes: Vec<tokio::runtime::Handle>,
     /// Per worker: the last watchdog tick it ran.
     answered: Vec<Arc<AtomicU64>>,
     stop: CancellationToken,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 thread_local! {
@@ -66,13 +75,13 @@ impl Workers {
             // Built on its own thread, so that no runtime is ever dropped
             // here, inside the daemon's (tokio forbids it); the thread says
             // whether it could.
-            let (built, started) = std::sync::mpsc::sync_channel(1);
+            let (built, started) = std::sync::mpsc::sync_channel::<io::Result<tokio::runtime::Handle>>(1);
             let stop = workers.stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("interlude-conn-{index}"))
                 .spawn(move || run_worker(jobs, &stop, &built))?;
             match started.recv() {
-                Ok(Ok(())) => {}
+                Ok(Ok(runtime)) => workers.runtimes.push(runtime),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(io::Error::other("a connection worker thread ended at its start")),
             }
@@ -110,6 +119,23 @@ impl Workers {
             // here rather than drop it.
             (refused.0)();
         }
+    }
+
+    /// Spawns a task made by `task` on each worker's runtime (one on the
+    /// caller's if there is none), where it runs until it ends or the
+    /// workers shut down.
+    pub fn spawn_on_each<F>(&self, mut task: impl FnMut() -> F) -> Vec<JoinHandle<F::Output>>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if self.runtimes.is_empty() {
+            return vec![tokio::spawn(task())];
+        }
+        self.runtimes
+            .iter()
+            .map(|runtime| runtime.spawn(task()))
+            .collect()
     }
 
     /// Asks every worker to note `tick` (the watchdog's proof of life).
@@ -153,7 +179,7 @@ impl Workers {
 fn run_worker(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     stop: &CancellationToken,
-    built: &std::sync::mpsc::SyncSender<io::Result<()>>,
+    built: &std::sync::mpsc::SyncSender<io::Result<tokio::runtime::Handle>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -162,7 +188,7 @@ fn run_worker(
             return;
         }
     };
-    let _ = built.send(Ok(()));
+    let _ = built.send(Ok(runtime.handle().clone()));
     runtime.block_on(async {
         loop {
             tokio::select! {
@@ -243,6 +269,41 @@ mod tests {
         tokio::task::spawn_blocking(move || stopping.shutdown())
             .await
             .expect("shutdown");
+    }
+
+    /// `spawn_on_each` runs one task on each worker's thread; with no
+    /// workers, one on the caller's runtime.
+    #[tokio::test]
+    async fn a_task_on_each_worker() {
+        let workers = Arc::new(Workers::start(2).expect("workers"));
+        let on_each = workers.spawn_on_each(|| async { std::thread::current().name().map(str::to_owned) });
+        let mut threads = Vec::new();
+        for task in on_each {
+            threads.push(
+                tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .expect("ran")
+                    .expect("joined"),
+            );
+        }
+        threads.sort();
+        let names = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| Some(name.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(threads, names(&["interlude-conn-0", "interlude-conn-1"]));
+        let stopping = workers.clone();
+        tokio::task::spawn_blocking(move || stopping.shutdown())
+            .await
+            .expect("shutdown");
+
+        let inline = Workers::inline().spawn_on_each(|| async { 7 });
+        assert_eq!(inline.len(), 1);
+        for task in inline {
+            assert_eq!(task.await.expect("joined"), 7);
+        }
     }
 
     /// A worker whose runtime is blocked does not note the watchdog's tick

@@ -291,15 +291,27 @@ fn tcp(stream: TcpStream) -> io::Result<Stream> {
     Ok(Stream::Tcp(stream))
 }
 
-/// A bound listening socket. A UNIX listener removes its socket file when
-/// dropped, unless another process has replaced it meanwhile.
+/// A bound listening socket, registered with no runtime: each runtime that
+/// accepts on it makes its own `Acceptor`. (Registered where nobody
+/// accepts, every new connection would wake that runtime's thread for
+/// nothing.) A UNIX listener removes its socket file when dropped, unless
+/// another process has replaced it meanwhile.
 #[derive(Debug)]
 pub enum Listener {
-    // Polled for readiness and accepted from directly, not through tokio's
-    // listeners: an accepted socket is registered only by the runtime that
-    // serves it (a connection worker's), once.
-    Tcp(AsyncFd<std::net::TcpListener>),
-    Unix(AsyncFd<std::os::unix::net::UnixListener>, OwnedSocketFile),
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, OwnedSocketFile),
+}
+
+/// A listening socket registered with the runtime that made it, which
+/// accepts on it: a descriptor of its own for the same socket, so that
+/// several runtimes (the connection workers) can each accept on one
+/// socket, and each accepted connection starts on the runtime that serves
+/// it. Polled and accepted from directly, not through tokio's listeners:
+/// an accepted socket is registered once, by that runtime.
+#[derive(Debug)]
+pub struct Acceptor {
+    socket: AsyncFd<OwnedFd>,
+    unix: bool,
 }
 
 /// Who connected: the one place the client's address is read from (logs,
@@ -360,9 +372,7 @@ impl Listener {
                 socket.set_nodelay(true).map_err(io)?;
                 socket.bind(addr).map_err(io)?;
                 let listener = socket.listen(LISTEN_BACKLOG).map_err(io)?;
-                Ok(Listener::Tcp(
-                    watched(listener.into_std().map_err(io)?).map_err(io)?,
-                ))
+                Ok(Listener::Tcp(listener.into_std().map_err(io)?))
             }
             Address::Unix(path) => {
                 remove_stale_socket(path).await.map_err(fail)?;
@@ -370,7 +380,7 @@ impl Listener {
                 listener.set_nonblocking(true).map_err(io)?;
                 let meta = std::fs::metadata(path).map_err(io)?;
                 Ok(Listener::Unix(
-                    watched(listener).map_err(io)?,
+                    listener,
                     OwnedSocketFile {
                         path: path.clone(),
                         identity: Some((meta.dev(), meta.ino())),
@@ -398,7 +408,7 @@ impl Listener {
                 listener.set_nonblocking(true)?;
                 // Accepted sockets inherit it (see `bind`).
                 rustix::net::sockopt::set_tcp_nodelay(&listener, true)?;
-                Ok(Listener::Tcp(watched(listener)?))
+                Ok(Listener::Tcp(listener))
             }
             Address::Unix(path) => {
                 let listener = std::os::unix::net::UnixListener::from(fd);
@@ -408,7 +418,7 @@ impl Listener {
                     _ => None,
                 };
                 Ok(Listener::Unix(
-                    watched(listener)?,
+                    listener,
                     OwnedSocketFile {
                         path: path.clone(),
                         identity,
@@ -432,15 +442,15 @@ impl Listener {
     /// The listening socket, to hand over to another process.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
-            Listener::Tcp(l) => l.get_ref().as_fd(),
-            Listener::Unix(l, _) => l.get_ref().as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
         }
     }
 
     /// The address actually bound (a TCP port 0 becomes the chosen port).
     pub fn local_address(&self) -> Address {
         match self {
-            Listener::Tcp(l) => match l.get_ref().local_addr() {
+            Listener::Tcp(l) => match l.local_addr() {
                 Ok(addr) => Address::Tcp(TcpTarget::Ip(addr)),
                 Err(_) => Address::Tcp(TcpTarget::Ip(([0, 0, 0, 0], 0).into())),
             },
@@ -448,48 +458,49 @@ impl Listener {
         }
     }
 
-    /// The next connection, on this runtime.
+    /// An acceptor for this socket on the current runtime.
+    pub fn acceptor(&self) -> io::Result<Acceptor> {
+        let socket = self.as_fd().try_clone_to_owned()?;
+        // SAFETY: the `AsyncFd` owns `socket`, a descriptor of its own for
+        // an open socket, and closes it only after deregistering.
+        let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
+        Ok(Acceptor {
+            socket,
+            unix: matches!(self, Listener::Unix(..)),
+        })
+    }
+}
+
+impl Acceptor {
+    /// The next connection, registered with this runtime.
     pub async fn accept(&self) -> io::Result<(Stream, Peer)> {
         let (stream, peer) = self.accept_std().await?;
         Ok((Stream::from_std(stream)?, peer))
     }
 
-    /// The next connection, on no runtime yet (for the one that serves it).
-    /// Non-blocking and close-on-exec from the start (one system call); a
-    /// TCP one has TCP_NODELAY from the listener.
+    /// The next connection, on no runtime yet. Non-blocking and
+    /// close-on-exec from the start (one system call); a TCP one has
+    /// TCP_NODELAY from the listener.
     pub async fn accept_std(&self) -> io::Result<(StdStream, Peer)> {
         use rustix::net::{SocketFlags, acceptfrom_with};
         let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-        match self {
-            Listener::Tcp(l) => loop {
-                let mut ready = l.readable().await?;
-                if let Ok(accepted) = ready.try_io(|l| Ok(acceptfrom_with(l.get_ref(), flags)?)) {
-                    let (fd, from) = accepted?;
-                    let peer = from
-                        .and_then(|from| std::net::SocketAddr::try_from(from).ok())
-                        .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-                    return Ok((StdStream::Tcp(std::net::TcpStream::from(fd)), Peer::Tcp(peer)));
-                }
-            },
-            Listener::Unix(l, _) => loop {
-                let mut ready = l.readable().await?;
-                if let Ok(accepted) = ready.try_io(|l| Ok(acceptfrom_with(l.get_ref(), flags)?)) {
-                    let (fd, _) = accepted?;
+        loop {
+            let mut ready = self.socket.readable().await?;
+            if let Ok(accepted) = ready.try_io(|socket| Ok(acceptfrom_with(socket.get_ref(), flags)?)) {
+                let (fd, from) = accepted?;
+                if self.unix {
                     return Ok((
                         StdStream::Unix(std::os::unix::net::UnixStream::from(fd)),
                         Peer::Unix,
                     ));
                 }
-            },
+                let peer = from
+                    .and_then(|from| std::net::SocketAddr::try_from(from).ok())
+                    .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+                return Ok((StdStream::Tcp(std::net::TcpStream::from(fd)), Peer::Tcp(peer)));
+            }
         }
     }
-}
-
-/// A listening socket registered for readiness with this runtime.
-fn watched<L: AsFd + std::os::fd::AsRawFd>(listener: L) -> io::Result<AsyncFd<L>> {
-    // SAFETY: the `AsyncFd` owns `listener`, an open socket whose
-    // descriptor never changes, and closes it only after deregistering.
-    unsafe { AsyncFd::register(listener) }.map_err(|e| e.into_parts().1)
 }
 
 /// The socket file a UNIX listener created, identified by device and inode
@@ -799,6 +810,47 @@ mod tests {
         assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused, "{refused}");
     }
 
+    /// A listener belongs to no runtime (it is adopted here outside any):
+    /// each runtime that accepts on it makes its own acceptor, and two
+    /// runtimes on two threads each accept a connection from the one socket.
+    #[test]
+    fn runtimes_each_accept_on_one_listener() {
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = plain.local_addr().expect("address");
+        let address = Address::parse(&format!("tcp://{at}")).expect("address");
+        let listener =
+            std::sync::Arc::new(Listener::adopt(OwnedFd::from(plain), &address, false).expect("adopt"));
+        let (accepted, taken) = std::sync::mpsc::channel();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (listener, accepted) = (listener.clone(), accepted.clone());
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(async {
+                        let acceptor = listener.acceptor().expect("acceptor");
+                        let one = tokio::time::timeout(Duration::from_secs(10), acceptor.accept()).await;
+                        let _ = accepted.send(one.is_ok_and(|one| one.is_ok()));
+                    });
+                })
+            })
+            .collect();
+        let _clients: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(at).expect("connect"))
+            .collect();
+        for _ in 0..2 {
+            let one = taken
+                .recv_timeout(Duration::from_secs(15))
+                .expect("an accept loop ended");
+            assert!(one, "a runtime did not accept its connection");
+        }
+        for thread in threads {
+            thread.join().expect("thread");
+        }
+    }
+
     /// An accepted TCP socket has TCP_NODELAY from its listener, bound or
     /// adopted, without a system call of its own.
     #[tokio::test]
@@ -816,7 +868,8 @@ mod tests {
                 panic!("a TCP address");
             };
             let _client = TcpStream::connect(at).await.expect("connect");
-            let (accepted, _) = listener.accept_std().await.expect("accept");
+            let acceptor = listener.acceptor().expect("acceptor");
+            let (accepted, _) = acceptor.accept_std().await.expect("accept");
             let StdStream::Tcp(accepted) = accepted else {
                 panic!("a TCP socket");
             };

@@ -395,3 +395,50 @@ fn idle_timeout_spares_active_connection() {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The voluntary context switches of the daemon's own threads (the main
+/// thread and its runtime's, not the connection workers, nor the log
+/// writers with their flush ticks): how often they slept and were woken.
+fn switches_of_the_daemons_own_threads(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads");
+    let mut switches = 0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if name.trim_end() != "interlude" && !name.starts_with("interlude-daemo") {
+            continue;
+        }
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        switches += status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|count| count.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    switches
+}
+
+/// A connection is accepted by the connection worker that serves it: 300
+/// connections one after another wake none of the daemon's own threads
+/// (accepted on the daemon's own thread and handed to a worker, each woke
+/// that thread at least once).
+#[test]
+fn connections_are_accepted_on_the_threads_that_serve_them() {
+    const CONNECTIONS: u64 = 300;
+    let dir = tempdir();
+    let server = TestServer::echo_tcp();
+    let daemon = start_proxy(dir.path(), ANY_PORT, &[server.address()], "");
+    let endpoint = daemon.listen_addr("p");
+    assert_echo(&mut endpoint.must_connect(), b"first");
+    let before = switches_of_the_daemons_own_threads(daemon.pid());
+    for i in 0..CONNECTIONS {
+        assert_echo(&mut endpoint.must_connect(), format!("client {i}").as_bytes());
+    }
+    let woken = switches_of_the_daemons_own_threads(daemon.pid()) - before;
+    // Timers (the proxy has no health checks) wake them a few times.
+    assert!(
+        woken < CONNECTIONS / 3,
+        "the daemon's own threads were woken {woken} times for {CONNECTIONS} connections"
+    );
+    assert_eq!(server.accepted() as u64, CONNECTIONS + 1);
+}

@@ -1363,7 +1363,6 @@ mod tests {
             limit: ConnectionLimit::new(0),
             daemon_limit: ConnectionLimit::new(0),
             departures,
-            workers: Default::default(),
         });
         (site, hosts)
     }
