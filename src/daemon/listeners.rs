@@ -111,6 +111,7 @@ impl RunningListener {
             site.connections.track_future(accept_loop(
                 site.clone(),
                 listener.clone(),
+                workers.clone(),
                 stop.clone(),
                 heartbeat,
                 accepting.clone(),

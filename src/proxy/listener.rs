@@ -1,6 +1,7 @@
 //! The accept loops of one listening socket, one on each connection worker
 //! (`workers.rs`): each only accepts and hands each connection to its own
-//! task on the same thread, and never dies on a failed accept.
+//! task on the same thread (on another if this one is busier than the
+//! least loaded), and never dies on a failed accept.
 //!
 //! A socket serves one `mode: tcp` proxy, or one or more `mode: http`
 //! proxies told apart by `Host` (virtual hosts). Which ones is its `Routes`,
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 use super::Proxy;
 use super::http::VirtualHosts;
 use super::limit::{ConnectionLimit, Permit};
+use super::workers::Workers;
 use crate::sockets::stream::{Listener, Peer, Stream};
 
 /// Who serves the connections of one listening socket.
@@ -190,11 +192,13 @@ pub struct Heartbeat {
 }
 
 /// Accepts on `listener` until `stop` is cancelled, and serves each
-/// connection on the runtime it runs on: one such loop runs on each
-/// connection worker, all on the same socket (`Workers::spawn_on_each`).
+/// connection on the runtime it runs on, or on a less loaded worker
+/// (`Workers::elsewhere`): one such loop runs on each connection worker,
+/// all on the same socket (`Workers::spawn_on_each`).
 pub async fn accept_loop(
     site: Arc<Site>,
     listener: Arc<Listener>,
+    workers: Arc<Workers>,
     stop: CancellationToken,
     mut heartbeat: Heartbeat,
     accepting: CancellationToken,
@@ -251,7 +255,7 @@ pub async fn accept_loop(
                 heartbeat.answer();
                 continue;
             }
-            accepted = acceptor.accept() => accepted,
+            accepted = acceptor.accept_std() => accepted,
         };
         drop(reserved);
         match accepted {
@@ -277,7 +281,16 @@ pub async fn accept_loop(
                     _socket: socket_permit,
                     _daemon: daemon_permit,
                 };
-                serve(&site, client, peer, permits);
+                match workers.elsewhere() {
+                    None => match Stream::from_std(client) {
+                        Ok(client) => serve(&site, client, peer, permits),
+                        Err(e) => warn!(error = %e, "cannot register an accepted connection; closing it"),
+                    },
+                    Some(lane) => {
+                        let site = site.clone();
+                        workers.serve_on(lane, client, move |client| serve(&site, client, peer, permits));
+                    }
+                }
                 if stopped {
                     break;
                 }
