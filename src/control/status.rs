@@ -43,7 +43,7 @@ pub struct LimitsStatus {
     pub open_files: u64,
     /// Client connections open now, across every proxy.
     pub connections: u64,
-    /// Times an accept loop stopped at this limit.
+    /// Times an accept loop stopped at this limit full of connections.
     pub limit_reached: u64,
 }
 

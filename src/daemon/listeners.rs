@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -34,6 +34,9 @@ pub(super) struct RunningListener {
     /// The address actually bound (a port 0 shows the chosen port).
     pub bound: Address,
     stop: CancellationToken,
+    /// Stops the loops if this is dropped without `halt` or `stop` (a
+    /// start that fails after its listeners started).
+    _stop_on_drop: DropGuard,
     loops: Vec<JoinHandle<()>>,
     /// The last watchdog tick its accept loops answered.
     pub answered: Arc<AtomicU64>,
@@ -43,6 +46,9 @@ pub(super) struct RunningListener {
     /// they have ended.
     listener: Arc<Listener>,
 }
+
+/// How long stopping a listener waits for its accept loops.
+const LOOPS_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// A socket no longer accepted on (an upgrade's new process accepts on it
 /// now), kept open until the upgrade commits or is undone.
@@ -97,6 +103,7 @@ impl RunningListener {
             kill,
             limit: ConnectionLimit::new(max),
             daemon_limit,
+            limit_log: Default::default(),
             departures,
         });
         let stop = CancellationToken::new();
@@ -120,6 +127,7 @@ impl RunningListener {
         RunningListener {
             key,
             bound,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             loops,
             answered,
@@ -134,13 +142,21 @@ impl RunningListener {
         self.listener.as_fd()
     }
 
-    /// Stops the accept loops and waits for them to end.
+    /// Stops the accept loops and waits for them to end, within a bound:
+    /// a loop whose worker is blocked (the watchdog says so) is left, and
+    /// keeps the socket open until it ends.
     async fn join_loops(&mut self) {
         self.stop.cancel();
-        for accept_loop in self.loops.drain(..) {
-            // A loop that panicked has nothing to give back: the socket is
-            // still here.
-            drop(accept_loop.await);
+        let loops = std::mem::take(&mut self.loops);
+        let joined = async {
+            for accept_loop in loops {
+                // A loop that panicked has nothing to give back: the socket
+                // is still here.
+                drop(accept_loop.await);
+            }
+        };
+        if tokio::time::timeout(LOOPS_STOP_WAIT, joined).await.is_err() {
+            warn!(address = %self.bound, wait = ?LOOPS_STOP_WAIT, "an accept loop did not stop in time (its connection worker is blocked); going on without it");
         }
     }
 

@@ -202,8 +202,9 @@ impl Registry {
             .min_by_key(|(at, _)| *at)
     }
 
-    /// Listeners whose accept loop has not answered the watchdog tick
-    /// `expected`.
+    /// Listeners none of whose accept loops has answered the watchdog tick
+    /// `expected` (a loop on a blocked worker is caught by the workers'
+    /// own tick).
     pub fn stuck_listeners(&self, expected: u64) -> Vec<String> {
         self.listeners
             .iter()

@@ -302,7 +302,8 @@ impl Daemon {
             accepting.cancel();
         }
         let (watchdog_ticks, _) = latest::channel(0u64);
-        let daemon_limit = Arc::new(DaemonLimit::new(&config, worker_count()));
+        let worker_count = worker_count();
+        let daemon_limit = Arc::new(DaemonLimit::new(&config, worker_count));
         info!("connection limit: {}", daemon_limit.describe());
         if daemon_limit.exceeds_open_files(&config) {
             warn!(
@@ -311,12 +312,10 @@ impl Daemon {
         }
         let (proxy_event_sender, proxy_events) = mpsc::unbounded_channel();
         let departures = Arc::new(Departures::default());
-        let workers = Arc::new(
-            Workers::start(worker_count()).map_err(|error| StartError::Runtime {
-                what: "start the connection worker threads",
-                error,
-            })?,
-        );
+        let workers = Arc::new(Workers::start(worker_count).map_err(|error| StartError::Runtime {
+            what: "start the connection worker threads",
+            error,
+        })?);
         let mut proxies = Vec::with_capacity(config.proxies.len());
         for proxy_config in &config.proxies {
             let restored = saved

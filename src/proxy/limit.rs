@@ -2,11 +2,12 @@
 //! (counted per listening socket) and the daemon-wide
 //! `limits.max_connections` (derived from the open-files limit unless set).
 //!
-//! A limit is an atomic count and a maximum. An accept loop takes a
-//! `Permit` of its socket's limit before it calls `accept`, and one of the
-//! daemon-wide limit right after (so that an idle socket holds none); the
-//! connection's task holds them until it ends. At a limit the loop waits,
-//! so new clients wait in the kernel's accept queue and none is refused.
+//! A limit is an atomic count and a maximum. An accept loop (one per
+//! connection worker on each socket) takes a `Permit` of its socket's
+//! limit before it calls `accept`, and one of the daemon-wide limit right
+//! after (so that an idle socket holds none); the connection's task holds
+//! them until it ends. At a limit the loop waits, so new clients wait in
+//! the kernel's accept queue and none is refused.
 //! Taking and dropping a permit are atomic operations only: the `Notify`
 //! that wakes a waiting loop is touched only when the count was at the
 //! limit, so no lock is shared across connections below it.
@@ -25,13 +26,13 @@ use crate::sockets::pipe;
 #[derive(Debug, Default)]
 pub struct ConnectionLimit {
     open: AtomicUsize,
-    /// Permits an accept loop holds for the connection it has yet to
+    /// Permits accept loops hold for the connections they have yet to
     /// accept: counted against the limit, but no connection.
     reserved: AtomicUsize,
     max: AtomicUsize,
     /// Woken when a permit is returned at the limit, or the maximum changes.
     freed: Notify,
-    /// Times an accept loop stopped at this limit (one per episode).
+    /// Times an accept loop stopped at this limit full of connections.
     pub reached: AtomicU64,
 }
 
@@ -61,6 +62,13 @@ impl ConnectionLimit {
         debug_assert!(std::ptr::eq(&*permit.0, self));
         self.reserved.fetch_add(1, Relaxed);
         Reserved(self)
+    }
+
+    /// True when connections alone (not the permits accept loops hold
+    /// for their next client) fill the limit.
+    pub fn full_of_connections(&self) -> bool {
+        let max = self.max();
+        max != 0 && self.open() >= max
     }
 
     /// The maximum; 0 = none.

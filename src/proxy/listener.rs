@@ -15,8 +15,8 @@
 //! ends.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use super::Proxy;
 use super::http::VirtualHosts;
 use super::limit::{ConnectionLimit, Permit};
-use super::workers::Workers;
+use super::workers::{Workers, serve_here};
 use crate::sockets::stream::{Listener, Peer, Stream};
 
 /// Who serves the connections of one listening socket.
@@ -67,6 +67,8 @@ pub struct Site {
     pub limit: Arc<ConnectionLimit>,
     /// `limits.max_connections`, shared by every socket.
     pub daemon_limit: Arc<ConnectionLimit>,
+    /// Its accept loops' log of stops at a limit.
+    pub limit_log: Mutex<LimitLog>,
     /// The process's call for live connections to move (an upgrade):
     /// plain HTTP connections move between requests, protocol switches'
     /// tunnels at any point.
@@ -97,6 +99,18 @@ impl Permits {
             _daemon: site.daemon_limit.admit(),
         }
     }
+}
+
+/// How often a socket may log that it reached a limit: a loop that hovers
+/// at its limit reaches it at every close.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A socket's log of the stops at its limits, shared by its accept loops:
+/// at most one line a minute.
+#[derive(Debug, Default)]
+pub struct LimitLog {
+    logged: Option<Instant>,
+    unlogged: u64,
 }
 
 /// Which limit stopped the accept loop.
@@ -132,45 +146,36 @@ impl Site {
             }
         }
     }
-}
 
-/// How often a socket may log that it reached a limit: a loop that hovers
-/// at its limit reaches it at every close.
-const LIMIT_LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// The accept loop's side of the limits: counts each stop, logs at most
-/// one line a minute.
-struct AtLimit {
-    address: crate::config::Address,
-    logged: Option<Instant>,
-    unlogged: u64,
-}
-
-impl AtLimit {
     /// A permit of `which`: at once if it has room, else once a connection
-    /// closes (counted as one stop), answering the watchdog meanwhile.
-    /// `None` when `stop` is cancelled first.
+    /// closes, answering the watchdog meanwhile. `None` when `stop` is
+    /// cancelled first. A stop counts (and is logged) only when the limit
+    /// is full of connections: a permit another accept loop holds for its
+    /// next client (one per worker) leaves this loop waiting, unreported.
     async fn permit(
-        &mut self,
-        site: &Site,
+        &self,
         which: Reached,
+        address: &crate::config::Address,
         stop: &CancellationToken,
         heartbeat: &mut Heartbeat,
     ) -> Option<Permit> {
-        let limit = site.limit_of(which);
+        let limit = self.limit_of(which);
         if let Some(permit) = limit.try_acquire() {
             return Some(permit);
         }
-        site.count_reached(which);
-        self.unlogged += 1;
-        if self.logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
-            let key = match which {
-                Reached::Socket => "max_connections",
-                Reached::Daemon => "limits.max_connections",
-            };
-            warn!(address = %self.address, limit = key, max = limit.max(), times = self.unlogged, "connection limit reached: not accepting until connections close (new clients wait in the kernel's queue)");
-            self.logged = Some(Instant::now());
-            self.unlogged = 0;
+        if limit.full_of_connections() {
+            self.count_reached(which);
+            let mut log = self.limit_log.lock().unwrap_or_else(PoisonError::into_inner);
+            log.unlogged += 1;
+            if log.logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
+                let key = match which {
+                    Reached::Socket => "max_connections",
+                    Reached::Daemon => "limits.max_connections",
+                };
+                warn!(address = %address, limit = key, max = limit.max(), times = log.unlogged, "connection limit reached: not accepting until connections close (new clients wait in the kernel's queue)");
+                log.logged = Some(Instant::now());
+                log.unlogged = 0;
+            }
         }
         loop {
             tokio::select! {
@@ -224,25 +229,24 @@ pub async fn accept_loop(
                 if backoff.first() {
                     warn!(%address, error = %e, "cannot watch a listening socket on this thread; retrying");
                 }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(pause) => {}
+                let retry = tokio::time::sleep(pause);
+                tokio::pin!(retry);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
+                        () = &mut retry => break,
+                    }
                 }
             }
         }
-    };
-    backoff.reset();
-    let mut at_limit = AtLimit {
-        address: address.clone(),
-        logged: None,
-        unlogged: 0,
     };
     loop {
         // The socket's own limit before accepting: its clients wait in the
         // kernel's queue. The daemon-wide one after: taken before, an idle
         // socket would keep a permit that a busy one waits for.
-        let Some(socket_permit) = at_limit
-            .permit(&site, Reached::Socket, &stop, &mut heartbeat)
+        let Some(socket_permit) = site
+            .permit(Reached::Socket, &address, &stop, &mut heartbeat)
             .await
         else {
             break;
@@ -267,8 +271,8 @@ pub async fn accept_loop(
                 // At the daemon-wide limit this one client waits accepted
                 // (one descriptor per socket and worker, in the reserve);
                 // the others wait in the kernel's queue.
-                let (daemon_permit, stopped) = match at_limit
-                    .permit(&site, Reached::Daemon, &stop, &mut heartbeat)
+                let (daemon_permit, stopped) = match site
+                    .permit(Reached::Daemon, &address, &stop, &mut heartbeat)
                     .await
                 {
                     Some(permit) => (permit, false),
@@ -282,10 +286,7 @@ pub async fn accept_loop(
                     _daemon: daemon_permit,
                 };
                 match workers.elsewhere() {
-                    None => match Stream::from_std(client) {
-                        Ok(client) => serve(&site, client, peer, permits),
-                        Err(e) => warn!(error = %e, "cannot register an accepted connection; closing it"),
-                    },
+                    None => serve_here(client, |client| serve(&site, client, peer, permits)),
                     Some(lane) => {
                         let site = site.clone();
                         workers.serve_on(lane, client, move |client| serve(&site, client, peer, permits));
@@ -348,7 +349,9 @@ fn serve(site: &Arc<Site>, client: Stream, peer: Peer, permits: Permits) {
 
 impl Heartbeat {
     fn answer(&mut self) {
-        self.answered.store(*self.ticks.borrow_and_update(), Relaxed);
+        // Several loops answer into one: a loop that was slow to run does
+        // not put back an older tick.
+        self.answered.fetch_max(*self.ticks.borrow_and_update(), Relaxed);
     }
 }
 

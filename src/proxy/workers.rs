@@ -19,7 +19,7 @@
 //! clients, and a fifth fewer requests served.
 //!
 //! Connections that do not come from an accept (an upgrade's moved ones)
-//! go to the workers in turn (`serve`, `run`).
+//! go to the workers in turn (`run`).
 //!
 //! The systemd watchdog covers the workers too: each tick is a job on
 //! every worker, and a worker that has not run it by the next tick is
@@ -41,7 +41,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::sockets::stream::{StdStream, Stream};
-
 /// Work for a worker: runs on its thread, inside its runtime.
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -60,7 +59,7 @@ pub struct Workers {
 }
 
 thread_local! {
-    /// The lane the next connection accepted on this thread goes to.
+    /// The lane the next job run from this thread goes to (`Workers::run`).
     static NEXT_LANE: Cell<usize> = const { Cell::new(0) };
     /// The index of the worker this thread is (`None`: not a worker).
     static THIS_WORKER: Cell<Option<usize>> = const { Cell::new(None) };
@@ -111,16 +110,6 @@ impl Workers {
         Ok(workers)
     }
 
-    /// Runs `serve` with `client` on the next worker in turn (on the
-    /// caller's runtime if there is none), where it is registered. `serve`
-    /// spawns the connection's task, which then lives on that worker.
-    pub fn serve(&self, client: StdStream, serve: impl FnOnce(Stream) + Send + 'static) {
-        self.run(move || match Stream::from_std(client) {
-            Ok(client) => serve(client),
-            Err(e) => warn!(error = %e, "cannot register an accepted connection; closing it"),
-        });
-    }
-
     /// The worker a connection accepted on this thread should run on
     /// instead of this one: the least loaded, if this one has more than
     /// `BALANCE_SLACK` tasks more than it (tasks alive on its runtime, and
@@ -132,7 +121,9 @@ impl Workers {
             self.runtimes[worker].metrics().num_alive_tasks() + self.pending[worker].load(Relaxed)
         };
         let mine = load(here);
+        // A worker whose thread is gone (it panicked) runs nothing.
         let (least, fewest) = (0..self.runtimes.len())
+            .filter(|&worker| !self.lanes[worker].is_closed())
             .map(|worker| (worker, load(worker)))
             .min_by_key(|&(_, load)| load)?;
         (mine > fewest + BALANCE_SLACK).then_some(least)
@@ -144,16 +135,10 @@ impl Workers {
     pub fn serve_on(&self, lane: usize, client: StdStream, serve: impl FnOnce(Stream) + Send + 'static) {
         let pending = self.pending[lane].clone();
         pending.fetch_add(1, Relaxed);
-        let job = move || {
-            match Stream::from_std(client) {
-                Ok(client) => serve(client),
-                Err(e) => warn!(error = %e, "cannot register an accepted connection; closing it"),
-            }
+        self.send_to(lane, move || {
+            serve_here(client, serve);
             pending.fetch_sub(1, Relaxed);
-        };
-        if let Err(refused) = self.lanes[lane].send(Box::new(job)) {
-            (refused.0)();
-        }
+        });
     }
 
     /// Runs `job` on the next worker in turn, inside its runtime (on the
@@ -168,9 +153,13 @@ impl Workers {
             next.set(lane + 1);
             lane
         });
+        self.send_to(lane, job);
+    }
+
+    /// Runs `job` on worker `lane`; if that worker is gone (at the very end
+    /// of a stop, or after a panic), here rather than not at all.
+    fn send_to(&self, lane: usize, job: impl FnOnce() + Send + 'static) {
         if let Err(refused) = self.lanes[lane].send(Box::new(job)) {
-            // The worker is gone (only at the very end of a stop): serve it
-            // here rather than drop it.
             (refused.0)();
         }
     }
@@ -224,6 +213,15 @@ impl Workers {
                 warn!("a connection worker thread panicked");
             }
         }
+    }
+}
+
+/// Registers `client` with this thread's runtime and gives it to `serve`,
+/// which spawns its task; one that cannot be registered is closed.
+pub fn serve_here(client: StdStream, serve: impl FnOnce(Stream)) {
+    match Stream::from_std(client) {
+        Ok(client) => serve(client),
+        Err(e) => warn!(error = %e, "cannot register an accepted connection; closing it"),
     }
 }
 
@@ -298,19 +296,21 @@ mod tests {
             let (accepted, _) = listener.accept().await.expect("accept");
             let (threads, served) = (threads.clone(), served.clone());
             let accepted = StdStream::Tcp(accepted.into_std().expect("off the test's runtime"));
-            workers.serve(accepted, move |client| {
-                threads
-                    .lock()
-                    .unwrap()
-                    .push(std::thread::current().name().map(str::to_owned));
-                tokio::spawn(async move {
-                    let Stream::Tcp(mut client) = client else { return };
-                    let mut byte = [0u8; 1];
-                    if client.read_exact(&mut byte).await.is_ok() {
-                        served.fetch_add(1, SeqCst);
-                        let _ = client.write_all(&byte).await;
-                    }
-                });
+            workers.run(move || {
+                serve_here(accepted, move |client| {
+                    threads
+                        .lock()
+                        .unwrap()
+                        .push(std::thread::current().name().map(str::to_owned));
+                    tokio::spawn(async move {
+                        let Stream::Tcp(mut client) = client else { return };
+                        let mut byte = [0u8; 1];
+                        if client.read_exact(&mut byte).await.is_ok() {
+                            served.fetch_add(1, SeqCst);
+                            let _ = client.write_all(&byte).await;
+                        }
+                    });
+                })
             });
         }
         for (i, client) in clients.iter_mut().enumerate() {

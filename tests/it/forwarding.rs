@@ -418,16 +418,17 @@ fn switches_of_the_daemons_own_threads(pid: i32) -> u64 {
     switches
 }
 
-/// A connection is accepted by the connection worker that serves it: 300
-/// connections one after another wake none of the daemon's own threads
-/// (accepted on the daemon's own thread and handed to a worker, each woke
-/// that thread at least once).
+/// Connections are accepted by the connection workers: 300 connections one
+/// after another wake none of the daemon's own threads (accepted on the
+/// daemon's own thread and handed to a worker, each woke that thread at
+/// least once).
 #[test]
-fn connections_are_accepted_on_the_threads_that_serve_them() {
+fn connections_are_accepted_by_the_connection_workers() {
     const CONNECTIONS: u64 = 300;
     let dir = tempdir();
     let server = TestServer::echo_tcp();
-    let daemon = start_proxy(dir.path(), ANY_PORT, &[server.address()], "");
+    let yaml = one_proxy_config(dir.path(), "2s", ANY_PORT, &[server.address()], "");
+    let daemon = Daemon::start_with_env(dir.path(), &yaml, &[("INTERLUDE_WORKERS", Some("2"))]);
     let endpoint = daemon.listen_addr("p");
     assert_echo(&mut endpoint.must_connect(), b"first");
     let before = switches_of_the_daemons_own_threads(daemon.pid());

@@ -621,3 +621,44 @@ fn a_long_poll_outlasts_the_control_head_timeout() {
         started.elapsed()
     );
 }
+
+/// `max_connections: 1` on a daemon with two connection workers, both
+/// accepting on the socket: with no client at all, the limit is not
+/// reported reached (the one permit is held by one worker's accept loop
+/// for its next client, and the other waits for it, unreported); a
+/// client that takes it is served, and one more waits.
+#[test]
+fn accept_loops_waiting_for_a_permit_do_not_report_the_limit() {
+    let dir = tempdir();
+    let server = TestServer::echo_tcp();
+    let yaml = one_proxy_config(
+        dir.path(),
+        "5s",
+        "tcp://127.0.0.1:0",
+        &[server.address()],
+        "max_connections: 1",
+    );
+    let daemon = Daemon::start_with_env(dir.path(), &yaml, &[("INTERLUDE_WORKERS", Some("2"))]);
+    daemon.wait_for_line("started: ", WAIT);
+    let address = daemon.listen_addr("p");
+    thread::sleep(QUIET);
+    let entry = proxy_status(dir.path(), "p");
+    assert_eq!(u64_of(&entry, "limit_reached"), 0, "{entry}");
+    assert!(
+        !daemon.stderr().contains("connection limit reached"),
+        "{}",
+        daemon.stderr()
+    );
+    let mut first = client(&address, b"first");
+    assert!(echoed(&mut first, b"first", WAIT));
+    let mut second = client(&address, b"second");
+    assert!(
+        !echoed(&mut second, b"second", QUIET),
+        "served beyond max_connections: 1"
+    );
+    drop(first);
+    assert!(
+        echoed(&mut second, b"second", WAIT),
+        "not served once the first closed"
+    );
+}

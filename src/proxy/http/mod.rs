@@ -1362,6 +1362,7 @@ mod tests {
             kill: CancellationToken::new(),
             limit: ConnectionLimit::new(0),
             daemon_limit: ConnectionLimit::new(0),
+            limit_log: Default::default(),
             departures,
         });
         (site, hosts)
