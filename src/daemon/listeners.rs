@@ -104,6 +104,7 @@ impl RunningListener {
             limit: ConnectionLimit::new(max),
             daemon_limit,
             limit_log: Default::default(),
+            accept_failing: Default::default(),
             departures,
         });
         let stop = CancellationToken::new();
@@ -143,8 +144,10 @@ impl RunningListener {
     }
 
     /// Stops the accept loops and waits for them to end, within a bound:
-    /// a loop whose worker is blocked (the watchdog says so) is left, and
-    /// keeps the socket open until it ends.
+    /// a loop whose worker is blocked is left, and keeps the socket open
+    /// (its clients queued, a new bind of the address refused) until it
+    /// ends. Each listener waits on its own: with a worker blocked, a stop
+    /// takes this bound per listener.
     async fn join_loops(&mut self) {
         self.stop.cancel();
         let loops = std::mem::take(&mut self.loops);
@@ -156,7 +159,7 @@ impl RunningListener {
             }
         };
         if tokio::time::timeout(LOOPS_STOP_WAIT, joined).await.is_err() {
-            warn!(address = %self.bound, wait = ?LOOPS_STOP_WAIT, "an accept loop did not stop in time (its connection worker is blocked); going on without it");
+            warn!(address = %self.bound, wait = ?LOOPS_STOP_WAIT, "an accept loop did not stop in time (its connection worker is blocked); going on without it, the socket stays open until it ends");
         }
     }
 

@@ -56,12 +56,22 @@ impl ConnectionLimit {
             .saturating_sub(self.reserved.load(Relaxed))
     }
 
-    /// Marks `permit` as held for a connection not yet accepted, until the
-    /// returned guard is dropped.
-    pub fn reserve_for_accept<'a>(&'a self, permit: &Permit) -> Reserved<'a> {
-        debug_assert!(std::ptr::eq(&*permit.0, self));
-        self.reserved.fetch_add(1, Relaxed);
-        Reserved(self)
+    /// A permit for the next connection an accept loop takes, if the
+    /// limit has room now. It counts in `reserved` from before it counts
+    /// in `open` until the connection is accepted (`Reserved::accepted`),
+    /// so `open()` never takes it for a connection, not even for an
+    /// instant: another loop checking `full_of_connections` meanwhile
+    /// sees no more connections than there are.
+    pub fn try_reserve(self: &Arc<Self>) -> Option<Reserved> {
+        self.reserved.fetch_add(1, AcqRel);
+        if !self.try_count() {
+            self.reserved.fetch_sub(1, AcqRel);
+            return None;
+        }
+        Some(Reserved {
+            limit: self.clone(),
+            accepted: false,
+        })
     }
 
     /// True when connections alone (not the permits accept loops hold
@@ -86,14 +96,19 @@ impl ConnectionLimit {
 
     /// A permit if the limit has room now.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        self.try_count().then(|| Permit(self.clone()))
+    }
+
+    /// Counts one more in `open` if the limit has room now.
+    fn try_count(&self) -> bool {
         let mut open = self.open.load(Acquire);
         loop {
             let max = self.max.load(Acquire);
             if max != 0 && open >= max {
-                return None;
+                return false;
             }
             match self.open.compare_exchange_weak(open, open + 1, AcqRel, Acquire) {
-                Ok(_) => return Some(Permit(self.clone())),
+                Ok(_) => return true,
                 Err(now) => open = now,
             }
         }
@@ -108,14 +123,20 @@ impl ConnectionLimit {
 
     /// A permit, once the limit has room.
     pub async fn acquire(self: &Arc<Self>) -> Permit {
+        self.once_free(ConnectionLimit::try_acquire).await
+    }
+
+    /// What `take` gives (a permit, or a reserved one), once the limit
+    /// has room for it.
+    pub async fn once_free<T>(self: &Arc<Self>, take: impl Fn(&Arc<Self>) -> Option<T>) -> T {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             // Registered before checking, so a permit returned in between
             // is not missed.
             freed.as_mut().enable();
-            if let Some(permit) = self.try_acquire() {
-                return permit;
+            if let Some(taken) = take(self) {
+                return taken;
             }
             freed.await;
         }
@@ -123,12 +144,29 @@ impl ConnectionLimit {
 }
 
 /// A permit an accept loop holds for its next connection (see
-/// `ConnectionLimit::reserve_for_accept`).
-pub struct Reserved<'a>(&'a ConnectionLimit);
+/// `ConnectionLimit::try_reserve`): counted against the limit, not as a
+/// connection.
+pub struct Reserved {
+    limit: Arc<ConnectionLimit>,
+    accepted: bool,
+}
 
-impl Drop for Reserved<'_> {
+impl Reserved {
+    /// The connection is accepted: the permit counts it from now on.
+    pub fn accepted(mut self) -> Permit {
+        self.accepted = true;
+        Permit(self.limit.clone())
+    }
+}
+
+impl Drop for Reserved {
     fn drop(&mut self) {
-        self.0.reserved.fetch_sub(1, Relaxed);
+        if !self.accepted {
+            // Returned unused: out of `open` before out of `reserved`, so
+            // that it is never counted as a connection in between.
+            drop(Permit(self.limit.clone()));
+        }
+        self.limit.reserved.fetch_sub(1, AcqRel);
     }
 }
 
@@ -301,6 +339,29 @@ mod tests {
             .expect("joined");
         let more: Vec<_> = (0..100).filter_map(|_| limit.try_acquire()).collect();
         assert_eq!(more.len(), 100);
+    }
+
+    /// A permit reserved for the next accept counts against the limit but
+    /// not as a connection, also after a failed try; accepted, it does;
+    /// unused, it is returned.
+    #[test]
+    fn a_reserved_permit_is_no_connection_until_accepted() {
+        let limit = ConnectionLimit::new(1);
+        let reserved = limit.try_reserve().expect("room");
+        assert_eq!(limit.open(), 0);
+        assert!(limit.try_reserve().is_none());
+        assert!(limit.try_acquire().is_none());
+        assert!(
+            !limit.full_of_connections(),
+            "a reservation taken for a connection"
+        );
+        let permit = reserved.accepted();
+        assert_eq!(limit.open(), 1);
+        assert!(limit.full_of_connections());
+        drop(permit);
+        drop(limit.try_reserve().expect("room again"));
+        assert_eq!(limit.open(), 0);
+        assert!(limit.try_acquire().is_some(), "an unused reservation returned");
     }
 
     #[test]

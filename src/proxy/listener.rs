@@ -15,7 +15,7 @@
 //! ends.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -69,6 +69,9 @@ pub struct Site {
     pub daemon_limit: Arc<ConnectionLimit>,
     /// Its accept loops' log of stops at a limit.
     pub limit_log: Mutex<LimitLog>,
+    /// Its accept loops whose accepts fail now (out of descriptors): the
+    /// first to fail says so, the last to recover says that.
+    pub accept_failing: AtomicUsize,
     /// The process's call for live connections to move (an upgrade):
     /// plain HTTP connections move between requests, protocol switches'
     /// tunnels at any point.
@@ -147,21 +150,23 @@ impl Site {
         }
     }
 
-    /// A permit of `which`: at once if it has room, else once a connection
+    /// What `take` takes of limit `which` (a permit, or one reserved for
+    /// the next accept): at once if it has room, else once a connection
     /// closes, answering the watchdog meanwhile. `None` when `stop` is
     /// cancelled first. A stop counts (and is logged) only when the limit
     /// is full of connections: a permit another accept loop holds for its
     /// next client (one per worker) leaves this loop waiting, unreported.
-    async fn permit(
+    async fn permit<T>(
         &self,
         which: Reached,
+        take: fn(&Arc<ConnectionLimit>) -> Option<T>,
         address: &crate::config::Address,
         stop: &CancellationToken,
         heartbeat: &mut Heartbeat,
-    ) -> Option<Permit> {
+    ) -> Option<T> {
         let limit = self.limit_of(which);
-        if let Some(permit) = limit.try_acquire() {
-            return Some(permit);
+        if let Some(taken) = take(limit) {
+            return Some(taken);
         }
         if limit.full_of_connections() {
             self.count_reached(which);
@@ -182,7 +187,7 @@ impl Site {
                 biased;
                 () = stop.cancelled() => return None,
                 Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
-                permit = limit.acquire() => return Some(permit),
+                taken = limit.once_free(take) => return Some(taken),
             }
         }
     }
@@ -241,38 +246,54 @@ pub async fn accept_loop(
             }
         }
     };
+    backoff.reset();
     loop {
         // The socket's own limit before accepting: its clients wait in the
         // kernel's queue. The daemon-wide one after: taken before, an idle
         // socket would keep a permit that a busy one waits for.
-        let Some(socket_permit) = site
-            .permit(Reached::Socket, &address, &stop, &mut heartbeat)
+        let Some(reserved) = site
+            .permit(
+                Reached::Socket,
+                ConnectionLimit::try_reserve,
+                &address,
+                &stop,
+                &mut heartbeat,
+            )
             .await
         else {
             break;
         };
-        let reserved = site.limit.reserve_for_accept(&socket_permit);
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            Ok(()) = heartbeat.ticks.changed() => {
-                heartbeat.answer();
-                continue;
+        let accepted = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break None,
+                Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
+                accepted = acceptor.accept_std() => break Some(accepted),
             }
-            accepted = acceptor.accept_std() => accepted,
         };
-        drop(reserved);
+        let Some(accepted) = accepted else {
+            break;
+        };
         match accepted {
             Ok((client, peer)) => {
+                let socket_permit = reserved.accepted();
                 if backoff.failures > 0 {
-                    info!(%address, failures = backoff.failures, "accepting again");
+                    if site.accept_failing.fetch_sub(1, Relaxed) == 1 {
+                        info!(%address, failures = backoff.failures, "accepting again");
+                    }
                     backoff.reset();
                 }
                 // At the daemon-wide limit this one client waits accepted
                 // (one descriptor per socket and worker, in the reserve);
                 // the others wait in the kernel's queue.
                 let (daemon_permit, stopped) = match site
-                    .permit(Reached::Daemon, &address, &stop, &mut heartbeat)
+                    .permit(
+                        Reached::Daemon,
+                        ConnectionLimit::try_acquire,
+                        &address,
+                        &stop,
+                        &mut heartbeat,
+                    )
                     .await
                 {
                     Some(permit) => (permit, false),
@@ -300,9 +321,10 @@ pub async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors or memory: wait for connections to
                 // close rather than spin; the kernel keeps queueing meanwhile.
-                // One line when it starts, one when accepting works again.
+                // One line when it starts, one when accepting works again
+                // (for the socket, whichever of its loops fail).
                 let pause = backoff.next();
-                if backoff.first() {
+                if backoff.first() && site.accept_failing.fetch_add(1, Relaxed) == 0 {
                     warn!(%address, error = %e, "accept failed; backing off until it works again");
                 }
                 tokio::select! {
@@ -311,6 +333,9 @@ pub async fn accept_loop(
                 }
             }
         }
+    }
+    if backoff.failures > 0 {
+        site.accept_failing.fetch_sub(1, Relaxed);
     }
 }
 

@@ -1363,6 +1363,7 @@ mod tests {
             limit: ConnectionLimit::new(0),
             daemon_limit: ConnectionLimit::new(0),
             limit_log: Default::default(),
+            accept_failing: Default::default(),
             departures,
         });
         (site, hosts)
