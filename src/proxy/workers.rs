@@ -267,8 +267,8 @@ fn run_worker(
 /// the first connect timeout (3 s by default) or request-head timeout
 /// (10 s) it set after: about one eventfd write per two new connections,
 /// one per four HTTP requests. With a timer always due within this, only
-/// timeouts shorter than it still do; it costs each worker one wake-up a
-/// second.
+/// timeouts shorter than it still do. It costs each worker a wake-up a
+/// second (with that same eventfd write when it re-arms after firing).
 const TIMER_FLOOR: Duration = Duration::from_secs(1);
 
 /// How long a worker waits for its blocking work (a name lookup) at the end.
