@@ -182,14 +182,7 @@ impl Site {
                 log.unlogged = 0;
             }
         }
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => return None,
-                Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
-                taken = limit.once_free(take) => return Some(taken),
-            }
-        }
+        heartbeat.answering(stop, limit.once_free(take)).await
     }
 }
 
@@ -214,13 +207,8 @@ pub async fn accept_loop(
     accepting: CancellationToken,
 ) {
     // Until the process may accept, clients wait in the kernel's queue.
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            () = accepting.cancelled() => break,
-            Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
-        }
+    if heartbeat.answering(&stop, accepting.cancelled()).await.is_none() {
+        return;
     }
     let address = listener.local_address();
     let mut backoff = Backoff::default();
@@ -234,14 +222,12 @@ pub async fn accept_loop(
                 if backoff.first() {
                     warn!(%address, error = %e, "cannot watch a listening socket on this thread; retrying");
                 }
-                let retry = tokio::time::sleep(pause);
-                tokio::pin!(retry);
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
-                        () = &mut retry => break,
-                    }
+                if heartbeat
+                    .answering(&stop, tokio::time::sleep(pause))
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
             }
         }
@@ -263,15 +249,7 @@ pub async fn accept_loop(
         else {
             break;
         };
-        let accepted = loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break None,
-                Ok(()) = heartbeat.ticks.changed() => heartbeat.answer(),
-                accepted = acceptor.accept_std() => break Some(accepted),
-            }
-        };
-        let Some(accepted) = accepted else {
+        let Some(accepted) = heartbeat.answering(&stop, acceptor.accept_std()).await else {
             break;
         };
         match accepted {
@@ -373,6 +351,20 @@ fn serve(site: &Arc<Site>, client: Stream, peer: Peer, permits: Permits) {
 }
 
 impl Heartbeat {
+    /// What `work` gives, answering ticks meanwhile; `None` if `stop` is
+    /// cancelled first.
+    async fn answering<T>(&mut self, stop: &CancellationToken, work: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                Ok(()) = self.ticks.changed() => self.answer(),
+                done = &mut work => return Some(done),
+            }
+        }
+    }
+
     fn answer(&mut self) {
         // Several loops answer into one: a loop that was slow to run does
         // not put back an older tick.

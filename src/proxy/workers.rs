@@ -32,7 +32,6 @@ use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -41,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::sockets::stream::{StdStream, Stream};
+
 /// Work for a worker: runs on its thread, inside its runtime.
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -50,6 +50,9 @@ pub struct Workers {
     lanes: Vec<mpsc::UnboundedSender<Job>>,
     /// Per worker: its runtime, to spawn on from elsewhere.
     runtimes: Vec<tokio::runtime::Handle>,
+    /// Per worker: its runtime's counts (made once: `Handle::metrics`
+    /// clones the handle, a shared count, at every call).
+    metrics: Vec<tokio::runtime::RuntimeMetrics>,
     /// Per worker: the last watchdog tick it ran.
     answered: Vec<Arc<AtomicU64>>,
     /// Per worker: connections handed to it that it has not started yet.
@@ -98,7 +101,10 @@ impl Workers {
                     run_worker(jobs, &stop, &built)
                 })?;
             match started.recv() {
-                Ok(Ok(runtime)) => workers.runtimes.push(runtime),
+                Ok(Ok(runtime)) => {
+                    workers.metrics.push(runtime.metrics());
+                    workers.runtimes.push(runtime);
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(io::Error::other("a connection worker thread ended at its start")),
             }
@@ -117,9 +123,8 @@ impl Workers {
     /// is not a worker).
     pub fn elsewhere(&self) -> Option<usize> {
         let here = THIS_WORKER.get().filter(|&here| here < self.runtimes.len())?;
-        let load = |worker: usize| {
-            self.runtimes[worker].metrics().num_alive_tasks() + self.pending[worker].load(Relaxed)
-        };
+        let load =
+            |worker: usize| self.metrics[worker].num_alive_tasks() + self.pending[worker].load(Relaxed);
         let mine = load(here);
         // A worker whose thread is gone (it panicked) runs nothing.
         let (least, fewest) = (0..self.runtimes.len())
