@@ -20,6 +20,7 @@ mod http;
 mod http_load;
 mod idle;
 mod procfs;
+mod relay;
 mod reload;
 mod rr;
 mod serve;
@@ -106,12 +107,22 @@ enum Mode {
     Upgrade(upgrade::Args),
     /// Print N free loopback TCP ports (below the ephemeral range), one line.
     Freeports(freeports::Args),
+    /// The least a TCP proxy can do: a ceiling for the small-request rows.
+    ///
+    /// One epoll loop and one SO_REUSEPORT listener per --threads;
+    /// each client's backend connected in the accept; then read once, write
+    /// whole, each way. No limits, timeouts or state shared between threads.
+    Relay(relay::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
     if let Mode::Freeports(a) = &cli.mode {
         freeports::run(a.count);
+        return;
+    }
+    if let Mode::Relay(a) = cli.mode {
+        relay::run(a, cli.threads);
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -137,7 +148,7 @@ fn main() {
         Mode::HttpFloor(a) => rt.block_on(floor::run(a, true)),
         Mode::ReloadLatency(a) => rt.block_on(reload::run(a)),
         Mode::Upgrade(a) => rt.block_on(upgrade::run(a)),
-        Mode::Freeports(_) => {}
+        Mode::Freeports(_) | Mode::Relay(_) => {}
     }
     // Do not wait for tasks still blocked in I/O: the measurement is over.
     exit(0);
