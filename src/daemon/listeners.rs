@@ -78,9 +78,9 @@ impl HaltedListener {
 impl RunningListener {
     /// Starts accepting on `listener` for `routes`, on every connection
     /// worker, at most `max` connections at once (0 = no limit) and within
-    /// `daemon_limit`, once `accepting` is cancelled. `kill` closes its HTTP connections (a
-    /// child of the daemon's kill token); `departures` calls them to move
-    /// (an upgrade).
+    /// `daemon_limit`, once `accepting` is cancelled. `kill` closes its
+    /// HTTP connections (a child of the daemon's kill token); `departures`
+    /// calls them to move (an upgrade).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         key: ListenKey,

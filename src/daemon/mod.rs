@@ -330,8 +330,8 @@ impl Daemon {
 
     /// Pings the watchdog only if every listener's accept loops (one of
     /// them, at least) and every connection worker answered the previous
-    /// tick (one that is not being polled
-    /// must stop the pings), then sends the next tick.
+    /// tick (one that is not being polled must stop the pings), then sends
+    /// the next tick.
     fn watchdog_round(&mut self) {
         let expected = *self.watchdog_ticks.borrow();
         let stuck = self.running.stuck_listeners(expected);

@@ -218,15 +218,10 @@ pub async fn accept_loop(
             // Out of descriptors (or the kernel's memory): the other
             // workers accept meanwhile.
             Err(e) => {
-                let pause = backoff.next();
-                if backoff.first() {
+                if !backoff.failing() {
                     warn!(%address, error = %e, "cannot watch a listening socket on this thread; retrying");
                 }
-                if heartbeat
-                    .answering(&stop, tokio::time::sleep(pause))
-                    .await
-                    .is_none()
-                {
+                if !backoff.wait(&mut heartbeat, &stop).await {
                     return;
                 }
             }
@@ -255,7 +250,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 let socket_permit = reserved.accepted();
-                if backoff.failures > 0 {
+                if backoff.failing() {
                     if site.accept_failing.fetch_sub(1, Relaxed) == 1 {
                         info!(%address, failures = backoff.failures, "accepting again");
                     }
@@ -301,18 +296,16 @@ pub async fn accept_loop(
                 // close rather than spin; the kernel keeps queueing meanwhile.
                 // One line when it starts, one when accepting works again
                 // (for the socket, whichever of its loops fail).
-                let pause = backoff.next();
-                if backoff.first() && site.accept_failing.fetch_add(1, Relaxed) == 0 {
+                if !backoff.failing() && site.accept_failing.fetch_add(1, Relaxed) == 0 {
                     warn!(%address, error = %e, "accept failed; backing off until it works again");
                 }
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
+                if !backoff.wait(&mut heartbeat, &stop).await {
+                    break;
                 }
             }
         }
     }
-    if backoff.failures > 0 {
+    if backoff.failing() {
         site.accept_failing.fetch_sub(1, Relaxed);
     }
 }
@@ -380,20 +373,29 @@ fn is_per_connection(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 
-/// Exponential back-off from 5 ms to 1 s between failed accepts.
+/// Exponential back-off from 5 ms to 1 s between failed accepts (or
+/// failed tries to watch the socket).
 #[derive(Default)]
 struct Backoff {
     failures: u32,
 }
 
 impl Backoff {
-    fn next(&mut self) -> Duration {
+    /// Counts a failure and waits the pause it calls for, answering the
+    /// watchdog meanwhile (a loop backing off is alive); false if `stop`
+    /// came first.
+    async fn wait(&mut self, heartbeat: &mut Heartbeat, stop: &CancellationToken) -> bool {
         self.failures += 1;
-        Duration::from_millis(5u64 << (self.failures - 1).min(8)).min(Duration::from_secs(1))
+        let pause = Duration::from_millis(5u64 << (self.failures - 1).min(8)).min(Duration::from_secs(1));
+        heartbeat
+            .answering(stop, tokio::time::sleep(pause))
+            .await
+            .is_some()
     }
 
-    fn first(&self) -> bool {
-        self.failures == 1
+    /// Failures since the last success.
+    fn failing(&self) -> bool {
+        self.failures > 0
     }
 
     fn reset(&mut self) {
